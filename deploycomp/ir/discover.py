@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import NotAViTError
+from .shapes import probe_shapes
 from .structure import BlockStructure, ChannelSlice, Structure, StructureGraphBuilder
 
 # Ops that move or rescale data without mixing channels across heads.
@@ -39,6 +40,19 @@ STREAM_DOWN_OPS = {"Add", "LayerNormalization", "Gather", "Slice", "Squeeze", "U
 
 def _is_const(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None
+
+
+def _is_shape_derived(value: ir.Value | None, depth: int = 12) -> bool:
+    """Computed only from constants and tensor *shapes* (e.g. a 1/sqrt(head_dim) scale an
+    exporter derives from ``Shape(q)``): constant for a given architecture."""
+    if value is None or _is_const(value):
+        return True
+    node = value.producer()
+    if node is None or depth == 0:
+        return False
+    if node.op_type in ("Shape", "Size"):
+        return True
+    return all(_is_shape_derived(v, depth - 1) for v in node.inputs)
 
 
 def _array(value: ir.Value) -> np.ndarray:
@@ -106,7 +120,7 @@ def as_projection(node: ir.Node | None) -> Projection | None:
 def _data_input(node: ir.Node) -> ir.Value | None:
     """The input that carries activations through a layout op (the others are constants)."""
     if node.op_type in ("Mul", "Div"):
-        live = [v for v in node.inputs[:2] if v is not None and not _is_const(v)]
+        live = [v for v in node.inputs[:2] if v is not None and not _is_shape_derived(v)]
         return live[0] if len(live) == 1 else None
     if node.op_type == "Concat":
         live = [v for v in node.inputs if v is not None and not _is_const(v)]
@@ -194,7 +208,7 @@ def find_attention(softmax: ir.Node) -> Attention | None:
             break
         if node.op_type not in SCORE_OPS:
             return None
-        live = [v for v in node.inputs if v is not None and not _is_const(v)]
+        live = [v for v in node.inputs if v is not None and not _is_shape_derived(v)]
         if node.op_type == "Add":
             terms += [v for v in node.inputs if _is_const(v) and v.is_initializer()]
             if len(live) == 2:  # bias computed at run time: find the table behind it
@@ -205,7 +219,7 @@ def find_attention(softmax: ir.Node) -> Attention | None:
                 tables += [t for t in (_gathered_table(v) for v in side) if t is not None]
                 live = main
         if node.op_type == "Where":
-            live = [v for v in node.inputs[1:] if v is not None and not _is_const(v)]
+            live = [v for v in node.inputs[1:] if v is not None and not _is_shape_derived(v)]
         if len(live) != 1:
             return None
         value = live[0]
@@ -290,33 +304,19 @@ def find_mlp_partner(proj: Projection, claimed: set[int]) -> Projection | None:
     return partner
 
 
-def probe_shapes(model: ir.Model, names: list[str]) -> dict[str, tuple[int, ...]]:
-    """Run the graph once at batch 1 on ONNX Runtime and return the shapes of ``names``."""
-    import onnx
-    import onnxruntime as ort
-
-    proto = ir.serde.serialize_model(model)
-    existing = {o.name for o in proto.graph.output}
-    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0]
-    shape = [1] + [d if isinstance(d, int) else 1 for d in inp.shape[1:]]
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    outs = sess.run(names, {inp.name: x})
-    return {n: tuple(o.shape) for n, o in zip(names, outs)}
-
-
 def discover(model: ir.Model, family: str | None = None) -> Structure:
     """Find the blocks and coupled groups of a ViT graph, or raise NotAViTError."""
     graph = model.graph
     order = {id(n): i for i, n in enumerate(graph)}
-    attentions = [a for a in (find_attention(n) for n in graph if n.op_type == "Softmax") if a is not None]
+    softmaxes = [n for n in graph if n.op_type == "Softmax"]
+    attentions = [a for a in (find_attention(n) for n in softmaxes) if a is not None]
     if not attentions:
         raise NotAViTError("no self-attention (MatMul -> Softmax -> MatMul with q/k/v projections) found")
     attentions.sort(key=lambda a: order[id(a.softmax)])
+    first, last = order[id(attentions[0].softmax)], order[id(attentions[-1].softmax)]
+    unread = [n.name for n in softmaxes if first < order[id(n)] < last and all(a.softmax is not n for a in attentions)]
+    if unread:  # never report a structure with a block silently missing
+        raise NotAViTError(f"attention at Softmax '{unread[0]}' could not be read (unsupported op pattern)")
 
     claimed: set[int] = set()
     for a in attentions:

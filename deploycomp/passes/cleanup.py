@@ -29,6 +29,7 @@ class CleanupPass(Pass):
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
         before = model.graph.num_nodes()
         common.InlinePass()(model)
+        common.IdentityEliminationPass()(model)
         folded = fold_parameter_transposes(model)
         ir.passes.PassManager(
             [

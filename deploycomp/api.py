@@ -1,0 +1,219 @@
+"""The Python API: the same verbs as the CLI (compile, inspect, bench).
+
+>>> import deploycomp
+>>> manifest = deploycomp.compile("timm:deit_tiny_patch16_224", "out/")
+>>> structure = deploycomp.inspect("out/")
+>>> rows = deploycomp.bench("out/", baselines=["deit_tiny"])
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import secrets
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from . import __version__
+from .artifact import MANIFEST, atomic_output_dir, check_output_dir, read_manifest, write_json
+from .backends.base import get_backend
+from .errors import DeployCompError
+from .ir.structure import Structure
+from .passes.base import DEFAULT_INVARIANTS, CompileContext, Pass, Pipeline
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class CompileOptions:
+    """Everything ``compile`` can be told; defaults are the embedded default (ort-cpu, fp32)."""
+
+    target: str = "ort-cpu"
+    weights: str | None = None
+    opset: int = 18
+    threads: int | None = None  # intra-op threads of the target session; default: all usable cores
+    fuse: bool = False  # ONNX Runtime transformer fusions (see passes/fuse.py: off until it measures faster)
+    tolerance: float = 1e-4  # relative L2 of the logits vs the reference, float32
+    verify_batches: tuple[int, ...] = (1, 3)
+    measure_rounds: int = 5  # batch-1 latency of the artifact measured after emitting (0: skip)
+    seed: int | None = None  # verification inputs; None draws a fresh seed (recorded in the manifest)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm overrides, e.g. depth, img_size
+
+
+def default_passes(options: CompileOptions) -> list[Pass]:
+    from .passes.cleanup import CleanupPass
+    from .passes.discover import DiscoverPass
+    from .passes.fuse import OrtFusionPass
+    from .passes.verify import VerifyPass
+
+    passes: list[Pass] = [CleanupPass(), DiscoverPass()]
+    if options.fuse:
+        passes.append(OrtFusionPass())
+    passes.append(VerifyPass())
+    return passes
+
+
+def compile(source: str, output: str | Path, options: CompileOptions | None = None,
+            progress: Progress | None = None) -> dict[str, Any]:
+    """Compile ``source`` (``timm:<name>`` or a ``.onnx`` path) into a verified artifact at ``output``."""
+    from .frontend import load_source
+    from .report import render_report
+
+    options = options or CompileOptions()
+    say = progress or (lambda stage: None)
+    output = Path(output)
+    backend = get_backend(options.target, threads=options.threads)
+    check_output_dir(output)
+
+    say("load")
+    src = load_source(source, options.weights, options.model_kwargs, options.opset)
+    ctx = CompileContext(
+        family=src.family, reference=src.reference, reference_kind=src.reference_kind, backend=backend,
+        verify_batches=tuple(options.verify_batches), tolerance=options.tolerance,
+        seed=options.seed if options.seed is not None else secrets.randbelow(2**31),
+    )
+    model = Pipeline(default_passes(options), DEFAULT_INVARIANTS, progress=say)(src.model, ctx)
+    structure: Structure = ctx.structure
+
+    say("emit")
+    from .ir.shapes import matmul_flops
+
+    manifest: dict[str, Any] = {
+        "deploycomp_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"model": src.name, "family": structure.family, "reference": src.reference_kind, **src.meta},
+        "target": backend.fingerprint(),
+        "input": {"name": model.graph.inputs[0].name, "shape": _dims(model.graph.inputs[0])},
+        "output": {"name": model.graph.outputs[0].name, "shape": _dims(model.graph.outputs[0])},
+        "totals": {"params": _param_count(model), "gflops_per_image": matmul_flops(model) / 1e9},
+        "structure": structure.summary(),
+        "parity": ctx.results["parity"],
+        "passes": ctx.log,
+        "options": {k: v for k, v in asdict(options).items() if k not in ("weights", "model_kwargs")},
+    }
+    with atomic_output_dir(output) as staging:
+        manifest.update(backend.emit(model, staging))
+        if options.measure_rounds:
+            say("measure")
+            manifest["latency"] = measure_artifact(staging / manifest["files"]["model"], manifest, options.measure_rounds)
+        manifest["files"]["report"] = "report.md"
+        manifest["files"]["manifest"] = MANIFEST
+        (staging / "report.md").write_text(render_report(manifest), encoding="utf-8")
+        write_json(staging / MANIFEST, manifest)
+    return manifest
+
+
+def measure_artifact(model_path: Path, manifest: dict, rounds: int) -> dict[str, Any]:
+    """Batch-1 latency of the artifact with its recorded session options."""
+    from .bench.harness import measure_interleaved, ort_candidate, stats
+
+    shape = tuple(d if isinstance(d, int) else 1 for d in manifest["input"]["shape"])
+    cand = ort_candidate("artifact", "deploycomp", Path(model_path).read_bytes(), shape, manifest["session_options"])
+    times = measure_interleaved([cand], batch=1, rounds=rounds, iters=3, warmup=2)
+    return {"batch": 1, **stats(times["artifact"])}
+
+
+def inspect(path: str | Path) -> Structure:
+    """The ViT structure of an ONNX file or an artifact directory, as the compiler sees it."""
+    from .frontend import load_onnx_file
+    from .passes.cleanup import CleanupPass
+    from .passes.discover import DiscoverPass
+
+    path = Path(path)
+    if path.is_dir():
+        manifest = read_manifest(path)
+        path = path / manifest["files"]["model"]
+    src = load_onnx_file(path)
+    ctx = CompileContext()
+    Pipeline([CleanupPass(), DiscoverPass()], DEFAULT_INVARIANTS)(src.model, ctx)
+    return ctx.structure
+
+
+BASELINE_ALIASES = {
+    "deit_tiny": "deit_tiny_patch16_224",
+    "deit_small": "deit_small_patch16_224",
+    "deit_base": "deit_base_patch16_224",
+    "swin_tiny": "swin_tiny_patch4_window7_224",
+    "swin_small": "swin_small_patch4_window7_224",
+}
+
+
+def baseline_name(alias: str) -> str:
+    from .frontend.timm_models import timm_spec
+
+    name = BASELINE_ALIASES.get(alias.removeprefix("timm:"), alias.removeprefix("timm:"))
+    return timm_spec(name).name
+
+
+def bench(artifact: str | Path | None = None, baselines: list[str] = (), *, threads: int | None = None,
+          rounds: int = 10, iters: int = 3, throughput_batch: int = 8, kinds: tuple[str, ...] = ("torch", "ort"),
+          output_json: str | Path | None = None, model_kwargs: dict | None = None,
+          progress: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+    """Measure the artifact and baselines interleaved in one run: batch-1 latency and batch-N throughput.
+
+    ``kinds`` picks the baseline flavours: ``torch`` (timm in torch eager) and ``ort`` (the plain
+    export in ONNX Runtime with default session options).
+    """
+    from .backends.fingerprint import host_fingerprint, usable_cores
+    from .bench.harness import measure_interleaved, ort_candidate, summarize, torch_candidate
+    from .frontend.export import export_to_onnx
+    from .frontend.timm_models import build_timm_model, timm_spec
+    from .ir.shapes import matmul_flops
+
+    threads = threads or usable_cores()
+    candidates = []
+    if artifact is not None:
+        manifest = read_manifest(Path(artifact))
+        model_path = Path(artifact) / manifest["files"]["model"]
+        shape = tuple(d if isinstance(d, int) else 1 for d in manifest["input"]["shape"])
+        config = {**manifest["session_options"], "intra_op_threads": threads}
+        candidates.append(ort_candidate(f"deploycomp:{manifest['source']['model']}", "deploycomp", model_path.read_bytes(),
+                                        shape, config, manifest["source"]["model"], manifest["totals"]["gflops_per_image"]))
+    for alias in baselines:
+        name = baseline_name(alias)
+        spec = timm_spec(name)
+        module = build_timm_model(name, model_kwargs=model_kwargs)
+        img = (model_kwargs or {}).get("img_size", spec.img_size)
+        shape = (1, spec.in_chans, img, img)
+        onnx_model = export_to_onnx(module, shape)
+        gflops = matmul_flops(onnx_model) / 1e9
+        if "torch" in kinds:
+            candidates.append(torch_candidate(f"torch:{name}", module, shape, threads, name, gflops))
+        if "ort" in kinds:
+            config = {"intra_op_threads": threads, "optimization_level": "all", "providers": ["CPUExecutionProvider"]}
+            candidates.append(ort_candidate(f"ort:{name}", "ort", ir.serde.serialize_model(onnx_model).SerializeToString(),
+                                            shape, config, name, gflops))
+    if not candidates:
+        raise DeployCompError("nothing to bench: give an artifact directory and/or --baselines")
+
+    tick = (lambda phase: (lambda: progress(phase, rounds))) if progress else (lambda phase: None)
+    latency = measure_interleaved(candidates, batch=1, rounds=rounds, iters=iters, progress=tick("batch 1"))
+    throughput = measure_interleaved(candidates, batch=throughput_batch, rounds=rounds, iters=max(1, iters - 1),
+                                     progress=tick(f"batch {throughput_batch}"))
+    rows = summarize(candidates, latency, throughput, throughput_batch)
+    result = {
+        "deploycomp_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": {**host_fingerprint(), "threads": threads},
+        "protocol": {"rounds": rounds, "iters_per_round": iters, "interleaved": True, "throughput_batch": throughput_batch},
+        "rows": rows,
+    }
+    if output_json is not None:
+        Path(output_json).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(output_json).with_suffix(".json.tmp")
+        write_json(tmp, result)
+        tmp.replace(output_json)
+    return result
+
+
+def _dims(value: ir.Value) -> list[int | str]:
+    return [d if isinstance(d, int) else str(d) for d in value.shape]
+
+
+def _param_count(model: ir.Model) -> int:
+    return int(sum(int(np.prod(v.const_value.shape)) for v in model.graph.initializers.values()
+                   if v.const_value is not None and v.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+                   and len(v.const_value.shape) > 0))

@@ -1,0 +1,115 @@
+"""ONNX Runtime targets: ``ort-cpu`` (the embedded default) and ``ort-cuda``.
+
+The artifact is the compiled ``model.onnx`` in standard ops plus the session options it was
+verified and measured with; ``deploycomp`` records those options in the manifest so a deployment
+can reproduce them (``session_options_for``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import DeployCompError
+from .base import Runner, register_backend
+from .fingerprint import host_fingerprint, usable_cores
+
+OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+              "all": "ORT_ENABLE_ALL"}
+
+
+def session_options_for(config: dict[str, Any]):
+    """Build ``onnxruntime.SessionOptions`` from the dict a manifest records."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(config["intra_op_threads"])
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[config["optimization_level"]])
+    opts.log_severity_level = 3
+    return opts
+
+
+def model_bytes(model: ir.Model | bytes | Path) -> bytes:
+    if isinstance(model, bytes):
+        return model
+    if isinstance(model, (str, Path)):
+        return Path(model).read_bytes()
+    return ir.serde.serialize_model(model).SerializeToString()
+
+
+class OrtBackend:
+    """ONNX Runtime with one execution provider."""
+
+    name = "ort"
+    provider = "CPUExecutionProvider"
+    extra: str = ""
+
+    def __init__(self, threads: int | None = None, optimization_level: str = "all"):
+        if optimization_level not in OPT_LEVELS:
+            raise DeployCompError(f"unknown optimization level '{optimization_level}': use one of {', '.join(OPT_LEVELS)}")
+        self.session_config = {
+            "intra_op_threads": threads or usable_cores(),
+            "optimization_level": optimization_level,
+            "execution_mode": "sequential",
+            "providers": [self.provider],
+        }
+
+    def check_available(self) -> None:
+        import onnxruntime as ort
+
+        have = ort.get_available_providers()
+        if self.provider not in have:
+            raise DeployCompError(
+                f"target '{self.name}' needs ONNX Runtime's {self.provider} ({self.extra}); "
+                f"this onnxruntime has {', '.join(have)}"
+            )
+
+    def fingerprint(self) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        return {
+            "target": self.name,
+            **host_fingerprint(),
+            "threads": self.session_config["intra_op_threads"],
+            "backend": "onnxruntime",
+            "backend_version": ort.__version__,
+            "provider": self.provider,
+        }
+
+    def session(self, model: ir.Model | bytes | Path, **overrides):
+        import onnxruntime as ort
+
+        config = {**self.session_config, **overrides}
+        return ort.InferenceSession(model_bytes(model), session_options_for(config), providers=[self.provider])
+
+    def runner(self, model: ir.Model | bytes | Path, **overrides) -> Runner:
+        sess = self.session(model, **overrides)
+        name = sess.get_inputs()[0].name
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+        return run
+
+    def emit(self, model: ir.Model, out_dir: Path) -> dict[str, Any]:
+        path = Path(out_dir) / "model.onnx"
+        ir.save(model, path)
+        return {"files": {"model": path.name}, "session_options": dict(self.session_config)}
+
+
+@register_backend("ort-cpu")
+class OrtCpuBackend(OrtBackend):
+    name = "ort-cpu"
+    provider = "CPUExecutionProvider"
+
+
+@register_backend("ort-cuda")
+class OrtCudaBackend(OrtBackend):
+    name = "ort-cuda"
+    provider = "CUDAExecutionProvider"
+    extra = "install the 'gpu' extra (onnxruntime-gpu) on a machine with an NVIDIA GPU"

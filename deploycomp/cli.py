@@ -1,0 +1,177 @@
+"""The ``deploycomp`` command line (typer + rich).
+
+Every user error is one line on stderr and exit code 2; ``--debug`` keeps the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+# torch's OpenMP threads must not spin while ONNX Runtime is being timed in the same process.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import ast  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.markdown import Markdown  # noqa: E402
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from .errors import DeployCompError  # noqa: E402
+
+app = typer.Typer(
+    help="deploycomp: compile Vision Transformers (timm DeiT/Swin, ViT ONNX graphs) into fast, verified "
+    "artifacts for a target device. Start with:  deploycomp compile timm:deit_tiny_patch16_224 -o out/",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+STATE = {"debug": False}
+
+COMPILE_STAGES = ["load", "cleanup", "discover", "ort_fusion", "verify", "emit", "measure"]
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")):
+    STATE["debug"] = debug
+
+
+def _parse_model_args(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise DeployCompError(f"--model-arg takes KEY=VALUE, got '{item}'")
+        key, raw = item.split("=", 1)
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
+
+
+@app.command("compile")
+def compile_cmd(
+    model: str = typer.Argument(..., help="timm:<name> (e.g. timm:deit_small_patch16_224) or a path to a ViT .onnx file."),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write (replaced atomically)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="State dict (.safetensors or .pth, weights only) for a timm model."),
+    target: str = typer.Option("ort-cpu", "--target", help="Target backend: ort-cpu (default), ort-cuda."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads of the target session (default: all cores)."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset to export at."),
+    fuse: bool = typer.Option(False, "--fuse/--no-fuse", help="Apply ONNX Runtime's transformer fusions (off: not measurably faster on CPU)."),
+    tolerance: float = typer.Option(1e-4, "--tolerance", help="Max relative L2 error of the logits vs the reference."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the verification inputs (default: fresh)."),
+    model_arg: list[str] = typer.Option([], "--model-arg", help="timm constructor override KEY=VALUE (repeatable), e.g. depth=6."),
+    no_measure: bool = typer.Option(False, "--no-measure", help="Skip measuring the artifact's latency."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Do not print the report."),
+):
+    """Compile a model into a verified artifact: model.onnx + manifest.json + report.md."""
+    from .api import CompileOptions, compile as do_compile
+
+    options = CompileOptions(target=target, weights=str(weights) if weights else None, opset=opset, threads=threads,
+                             fuse=fuse, tolerance=tolerance, seed=seed, model_kwargs=_parse_model_args(model_arg),
+                             measure_rounds=0 if no_measure else 5)
+    stages = [s for s in COMPILE_STAGES if (s != "ort_fusion" or fuse) and (s != "measure" or not no_measure)]
+    with _progress() as progress:
+        task = progress.add_task("compile", total=len(stages))
+
+        def step(stage: str) -> None:
+            done = stages.index(stage) if stage in stages else 0
+            progress.update(task, completed=done, description=f"compile: {stage}")
+
+        manifest = do_compile(model, output, options, progress=step)
+        progress.update(task, completed=len(stages), description="compile: done")
+    if not quiet:
+        console.print(Markdown((Path(output) / manifest["files"]["report"]).read_text(encoding="utf-8")))
+    console.print(f"[green]wrote[/green] {output}/ ({', '.join(manifest['files'].values())})")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    path: Path = typer.Argument(..., help="A ViT .onnx file or an artifact directory."),
+    groups: bool = typer.Option(False, "--groups", help="Also list NViT's coupled groups and their tensor slices."),
+):
+    """Print the ViT structure the compiler sees: per block EMB, heads, QK/V dim per head, MLP dim."""
+    from .api import inspect as do_inspect
+
+    structure = do_inspect(path)
+    table = Table(title=f"{path}: {structure.family}, {len(structure.blocks)} blocks, EMB per stage {structure.stage_embs}")
+    for col in ("block", "stage", "EMB", "heads", "QK/head", "V/head", "MLP", "tokens", "seq", "GFLOPs"):
+        table.add_column(col, justify="right")
+    for row in structure.table():
+        table.add_row(*(str(row[k]) for k in ("index", "stage", "emb", "heads", "qk_dim", "v_dim", "mlp_dim", "tokens",
+                                              "sequences", "gflops")))
+    console.print(table)
+    if groups:
+        for g in structure.groups():
+            data = structure.graph.nodes[g]
+            slices = "; ".join(f"{s.tensor}[axis {s.axis}]" for s in structure.slices(g))
+            console.print(f"[bold]{g}[/bold] ({data['kind']}, {data['units']} units): {slices}")
+
+
+@app.command("bench")
+def bench_cmd(
+    artifact: Optional[Path] = typer.Argument(None, help="Artifact directory written by compile (optional)."),
+    baselines: str = typer.Option("", "--baselines", help="Comma-separated timm baselines: deit_tiny,deit_small,deit_base,swin_tiny,swin_small."),
+    kinds: str = typer.Option("torch,ort", "--kinds", help="Baseline flavours: torch (eager), ort (plain export)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads for every candidate (default: all cores)."),
+    rounds: int = typer.Option(10, "--rounds", help="Interleaved rounds; each runs every candidate --iters times."),
+    iters: int = typer.Option(3, "--iters", help="Runs per candidate per round."),
+    batch: int = typer.Option(8, "--batch", help="Batch size of the throughput measurement."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Where to write the JSON results (default: <artifact>/bench.json, else bench.json)."),
+):
+    """Measure latency (batch 1: median, p90) and throughput (batch N) of an artifact and baselines, interleaved."""
+    from .api import bench as do_bench
+
+    names = [b.strip() for b in baselines.split(",") if b.strip()]
+    json_out = json_out or ((artifact / "bench.json") if artifact else Path("bench.json"))
+    with _progress() as progress:
+        tasks = {}
+
+        def tick(phase: str, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(f"bench {phase}", total=total)
+            progress.advance(tasks[phase])
+
+        result = do_bench(artifact, names, threads=threads, rounds=rounds, iters=iters, throughput_batch=batch,
+                          kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()), output_json=json_out, progress=tick)
+    console.print(bench_table(result))
+    console.print(f"[green]wrote[/green] {json_out}")
+
+
+def bench_table(result: dict) -> Table:
+    host = result["host"]
+    tb = result["protocol"]["throughput_batch"]
+    table = Table(title=f"{host['cpu_model']}, {host['threads']} threads; interleaved, {result['protocol']['rounds']} rounds")
+    for col in ("candidate", "b1 median ms", "b1 p90 ms", f"b{tb} img/s (p10-p90)", "GFLOP/s b1"):
+        table.add_column(col, justify="right" if col != "candidate" else "left")
+    for r in result["rows"]:
+        lat, tp = r["latency_b1"], r.get("throughput", {})
+        table.add_row(r["name"], f"{lat['median_ms']:.2f}", f"{lat['p90_ms']:.2f}",
+                      f"{tp.get('median_img_s', 0):.1f} ({tp.get('p10_img_s', 0):.1f}-{tp.get('p90_img_s', 0):.1f})",
+                      f"{r['achieved_gflop_s_b1']:.1f}" if "achieved_gflop_s_b1" in r else "-")
+    return table
+
+
+def _progress() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True)
+
+
+def main() -> None:
+    try:
+        app()  # click's standalone mode reports usage errors itself (exit 2)
+    except DeployCompError as exc:
+        if STATE["debug"]:
+            raise
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The short human report written next to every artifact (report.md) and printed by the CLI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+BLOCK_COLUMNS = ("index", "stage", "emb", "heads", "qk_dim", "v_dim", "mlp_dim", "tokens", "sequences", "gflops")
+
+
+def structure_markdown(blocks: list[dict]) -> str:
+    head = "| block | stage | EMB | heads | QK/head | V/head | MLP | tokens | seq | GFLOPs |"
+    rule = "|" + "---|" * len(BLOCK_COLUMNS)
+    rows = ["| " + " | ".join(str(b[c]) for c in BLOCK_COLUMNS) + " |" for b in blocks]
+    return "\n".join([head, rule, *rows])
+
+
+def render_report(m: dict[str, Any]) -> str:
+    src, tgt, parity = m["source"], m["target"], m["parity"]
+    lines = [
+        f"# deploycomp report: {src['model']} -> {tgt['target']}",
+        "",
+        f"- source: `{src['model']}` ({src['family']}), weights: {src.get('weights', 'from the ONNX file')}",
+        f"- target: {tgt['target']} on {tgt['cpu_model']} ({tgt['cores']} cores, {tgt['threads']} threads), "
+        f"{tgt['backend']} {tgt['backend_version']}",
+        f"- params: {m['totals']['params'] / 1e6:.2f} M, matmul GFLOPs/image: {m['totals']['gflops_per_image']:.3f}",
+        f"- input `{m['input']['name']}` {m['input']['shape']}, output `{m['output']['name']}` {m['output']['shape']}",
+    ]
+    if "latency" in m:
+        lat = m["latency"]
+        lines.append(f"- measured latency at batch 1: median {lat['median_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms "
+                     f"({lat['n']} runs)")
+    checks = ", ".join(f"batch {c['batch']}: {c['rel_l2']:.2e}" for c in parity["checks"])
+    lines += [
+        f"- verification vs the {parity['reference']} reference (relative L2 <= {parity['tolerance']:g}, seed "
+        f"{parity['seed']}): {checks} - passed",
+        "",
+        "## Structure",
+        "",
+        structure_markdown(m["structure"]["blocks"]),
+        "",
+        "## Passes",
+        "",
+        "| pass | modified | seconds | nodes after |",
+        "|---|---|---|---|",
+        *[f"| {p['pass']} | {p['modified']} | {p['seconds']} | {p['nodes']} |" for p in m["passes"]],
+        "",
+    ]
+    return "\n".join(lines)
