@@ -27,10 +27,12 @@ def check_output_dir(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise DeployCompError(f"output directory {out} is not empty and holds no deploycomp artifact; refusing to overwrite")
     parent = out.resolve().parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK) or (out.is_dir() and not os.access(out, os.W_OK)):
+    try:  # a real probe: permission bits do not tell for root, read-only mounts or /proc
+        parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".probe", dir=parent))
+    except OSError as exc:
+        raise DeployCompError(f"output directory is not writable: {out} ({exc.strerror})") from None
+    if out.is_dir() and not os.access(out, os.W_OK):
         raise DeployCompError(f"output directory is not writable: {out}")
 
 

@@ -124,6 +124,7 @@ def bench_cmd(
     iters: int = typer.Option(3, "--iters", help="Runs per candidate per round."),
     batch: int = typer.Option(8, "--batch", help="Batch size of the throughput measurement."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Where to write the JSON results (default: <artifact>/bench.json, else bench.json)."),
+    model_arg: list[str] = typer.Option([], "--model-arg", help="timm constructor override KEY=VALUE for the baselines (repeatable)."),
 ):
     """Measure latency (batch 1: median, p90) and throughput (batch N) of an artifact and baselines, interleaved."""
     from .api import bench as do_bench
@@ -139,7 +140,8 @@ def bench_cmd(
             progress.advance(tasks[phase])
 
         result = do_bench(artifact, names, threads=threads, rounds=rounds, iters=iters, throughput_batch=batch,
-                          kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()), output_json=json_out, progress=tick)
+                          kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()), output_json=json_out,
+                          model_kwargs=_parse_model_args(model_arg), progress=tick)
     console.print(bench_table(result))
     console.print(f"[green]wrote[/green] {json_out}")
 

@@ -1,0 +1,139 @@
+"""The deploycomp command end to end on a tiny model, and every bad input: one line, exit 2, nothing left."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from .conftest import TINY, tiny_module
+
+DEIT = f"timm:{TINY['deit'][0]}"
+DEIT_ARGS = [arg for k, v in TINY["deit"][1].items() for arg in ("--model-arg", f"{k}={v}")]
+
+
+def cli(*args, cwd=None):
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "deploycomp.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def test_compile_inspect_bench(tmp_path):
+    out = tmp_path / "out"
+    r = cli("compile", DEIT, *DEIT_ARGS, "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "deploycomp report" in r.stdout and "passed" in r.stdout
+    r = cli("inspect", out)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.strip().startswith("│")]
+    assert len(rows) == 2 and all("192" in row and "768" in row for row in rows)
+    r = cli("inspect", out, "--groups")
+    assert "block0.heads (heads, 3 units)" in r.stdout
+    r = cli("bench", out, "--baselines", "deit_tiny", *DEIT_ARGS, "--rounds", "2", "--iters", "1", "--batch", "2")
+    assert r.returncode == 0, r.stderr
+    result = json.loads((out / "bench.json").read_text())
+    names = [row["name"] for row in result["rows"]]
+    assert names == [f"deploycomp:{DEIT}", "torch:deit_tiny_patch16_224", "ort:deit_tiny_patch16_224"]
+    for row in result["rows"]:
+        assert row["latency_b1"]["n"] == 2 and row["latency_b1"]["median_ms"] > 0
+        assert row["throughput"]["batch"] == 2 and row["throughput"]["median_img_s"] > 0
+    assert "deploycomp:" in r.stdout
+
+
+def test_help_is_there():
+    r = cli("--help")
+    assert r.returncode == 0
+    for verb in ("compile", "inspect", "bench"):
+        assert verb in r.stdout
+    r = cli("compile", "--help")
+    assert "--weights" in r.stdout and "--target" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    module = tiny_module("deit")
+    good = d / "good.pth"
+    torch.save(module.state_dict(), good)
+    (d / "truncated.pth").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    from safetensors.torch import save_file
+
+    save_file(module.state_dict(), str(d / "good.safetensors"))
+    (d / "truncated.safetensors").write_bytes((d / "good.safetensors").read_bytes()[:1000])
+    state = module.state_dict()
+    torch.save({("renamed." + k): v for k, v in state.items()}, d / "wrong_keys.pth")
+    shapes = dict(state)
+    shapes["head.weight"] = torch.zeros(10, shapes["head.weight"].shape[1])
+    torch.save(shapes, d / "wrong_shapes.pth")
+    (d / "garbage.onnx").write_bytes(b"this is not a protobuf")
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(5))
+    cnn(torch.randn(1, 3, 8, 8))
+    torch.onnx.export(cnn.eval(), (torch.randn(1, 3, 8, 8),), str(d / "cnn.onnx"), dynamo=False, opset_version=17,
+                      input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    return d
+
+
+BAD = {
+    "missing weights": (["--weights", "{d}/nope.pth"], "weights file not found"),
+    "truncated pth": (["--weights", "{d}/truncated.pth"], "corrupt or unreadable checkpoint"),
+    "truncated safetensors": (["--weights", "{d}/truncated.safetensors"], "corrupt or unreadable checkpoint"),
+    "wrong keys": (["--weights", "{d}/wrong_keys.pth"], "missing keys .*unexpected keys"),
+    "wrong shapes": (["--weights", "{d}/wrong_shapes.pth"], r"shape mismatch head.weight \(10, 192\) vs \(1000, 192\)"),
+    "unknown target": (["--target", "tpu-v9"], "unknown target 'tpu-v9': available targets are ort-cpu, ort-cuda"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_timm_inputs(tmp_path, bad_files, case):
+    import re
+
+    extra, message = BAD[case]
+    out = tmp_path / "out"
+    r = cli("compile", DEIT, *DEIT_ARGS, *(a.format(d=bad_files) for a in extra), "-o", out)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("model,message", [
+    ("timm:vit_giant_patch14_224", "unknown model 'timm:vit_giant_patch14_224': supported are"),
+    ("{d}/missing.onnx", "model file not found"),
+    ("{d}/garbage.onnx", "not a valid ONNX model"),
+    ("{d}/cnn.onnx", "not a ViT: no self-attention"),
+])
+def test_bad_models(tmp_path, bad_files, model, message):
+    out = tmp_path / "out"
+    r = cli("compile", model.format(d=bad_files), "-o", out)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_inspect_non_vit(bad_files):
+    r = cli("inspect", bad_files / "cnn.onnx")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: not a ViT:")
+
+
+@pytest.mark.parametrize("where", ["/proc/deploycomp-test/out", "{tmp}/file/out"])
+def test_unwritable_output(tmp_path, where):
+    (tmp_path / "file").write_text("a file, not a directory")
+    r = cli("compile", DEIT, *DEIT_ARGS, "-o", where.format(tmp=tmp_path))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.strip().startswith("error: output directory is not writable")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    r = cli("compile", DEIT, *DEIT_ARGS, "-o", out)
+    assert r.returncode == 2 and "refusing to overwrite" in r.stderr
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]

@@ -1,0 +1,134 @@
+"""compile end to end through the API: parity, manifest, the verification gate, weights, ONNX input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import deploycomp
+from deploycomp.errors import DeployCompError, VerificationError
+from deploycomp.passes.base import Pass, PassResult
+
+from .conftest import TINY, input_shape, run_ort, tiny_module
+
+
+def options(family, **kw):
+    return deploycomp.CompileOptions(model_kwargs=dict(TINY[family][1]), measure_rounds=1, **kw)
+
+
+@pytest.mark.parametrize("family", ["deit", "swin"])
+def test_artifact_matches_torch(tmp_path, family):
+    out = tmp_path / "out"
+    manifest = deploycomp.compile(f"timm:{TINY[family][0]}", out, options(family))
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "report.md"]
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["parity"] == manifest["parity"]
+    checks = manifest["parity"]["checks"]
+    assert [c["batch"] for c in checks] == [1, 3] and all(c["rel_l2"] <= 1e-4 for c in checks)
+    assert manifest["parity"]["reference"] == "torch"
+    tgt = manifest["target"]
+    for key in ("cpu_model", "cores", "threads", "backend_version", "target"):
+        assert tgt[key]
+    assert manifest["session_options"]["optimization_level"] == "all"
+    assert manifest["deploycomp_version"] == deploycomp.__version__
+    assert len(manifest["structure"]["blocks"]) == (2 if family == "deit" else 4)
+    assert manifest["latency"]["median_ms"] > 0
+    # the artifact runs at a batch size verification did not use
+    x = np.random.default_rng(7).standard_normal((5, *input_shape(family)[1:])).astype(np.float32)
+    assert run_ort(out / "model.onnx", x).shape == (5, 1000)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_weights_are_loaded_and_verified(tmp_path, suffix):
+    module = tiny_module("deit", seed=3)
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(module.state_dict(), str(path))
+    else:
+        torch.save({"model": module.state_dict()}, path)
+    out = tmp_path / "out"
+    deploycomp.compile(f"timm:{TINY['deit'][0]}", out, options("deit", weights=str(path)))
+    x = np.random.default_rng(0).standard_normal((2, *input_shape("deit")[1:])).astype(np.float32)
+    with torch.inference_mode():
+        want = module(torch.from_numpy(x)).numpy()
+    got = run_ort(out / "model.onnx", x)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
+
+
+def test_onnx_file_input(tmp_path, exported):
+    path, module = exported("swin", "torchscript")
+    out = tmp_path / "out"
+    manifest = deploycomp.compile(str(path), out, deploycomp.CompileOptions(measure_rounds=0))
+    assert manifest["parity"]["reference"] == "onnx"
+    assert manifest["structure"]["family"] == "swin"
+    x = np.random.default_rng(0).standard_normal((2, *input_shape("swin")[1:])).astype(np.float32)
+    with torch.inference_mode():
+        want = module(torch.from_numpy(x)).numpy()
+    got = run_ort(out / "model.onnx", x)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
+
+
+class PerturbWeight(Pass):
+    """A wrong rewrite: scales one weight, as a buggy pass would."""
+
+    name = "perturb"
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def run(self, model, ctx):
+        import onnx_ir as ir
+
+        value = next(v for n, v in model.graph.initializers.items() if n.endswith("fc1.weight"))
+        value.const_value = ir.tensor(value.const_value.numpy() * self.scale, name=value.name)
+        return PassResult(model, True)
+
+
+def test_verification_gate_refuses_a_wrong_rewrite(tmp_path, monkeypatch):
+    from deploycomp import api
+
+    real = api.default_passes
+
+    def with_bug(opts):
+        passes = real(opts)
+        return passes[:-1] + [PerturbWeight(1.01), passes[-1]]
+
+    monkeypatch.setattr(api, "default_passes", with_bug)
+    out = tmp_path / "out"
+    with pytest.raises(VerificationError, match="relative L2 error .* > 0.0001"):
+        deploycomp.compile(f"timm:{TINY['deit'][0]}", out, options("deit"))
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no staging directory left behind either
+
+
+def test_failed_compile_keeps_the_previous_artifact(tmp_path, monkeypatch):
+    from deploycomp import api
+
+    out = tmp_path / "out"
+    deploycomp.compile(f"timm:{TINY['deit'][0]}", out, options("deit"))
+    before = (out / "manifest.json").read_text()
+    real = api.default_passes
+    monkeypatch.setattr(api, "default_passes", lambda o: real(o)[:-1] + [PerturbWeight(2.0), real(o)[-1]])
+    with pytest.raises(VerificationError):
+        deploycomp.compile(f"timm:{TINY['deit'][0]}", out, options("deit"))
+    assert (out / "manifest.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_ort_fusion_pass_is_verified(tmp_path):
+    manifest = deploycomp.compile(f"timm:{TINY['deit'][0]}", tmp_path / "out", options("deit", fuse=True))
+    fusion = next(p for p in manifest["passes"] if p["pass"] == "ort_fusion")
+    assert fusion["modified"] and fusion["fused_ops"]
+    assert all(c["rel_l2"] <= 1e-4 for c in manifest["parity"]["checks"])
+
+
+def test_output_path_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(DeployCompError, match="not a directory"):
+        deploycomp.compile(f"timm:{TINY['deit'][0]}", f, options("deit"))
