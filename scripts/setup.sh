@@ -8,21 +8,31 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 SUDO=""
 if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+
+quiet() {  # run a command, show its output only if it fails
+  if ! "$@" >"$LOG" 2>&1; then
+    grep -v "^WARNING: Location" "$LOG" | tail -40 >&2
+    echo "setup failed: $*" >&2
+    exit 1
+  fi
+}
 
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   echo "== installing Debian package dataset-fashion-mnist"
-  if ! apt-cache show dataset-fashion-mnist >/dev/null 2>&1; then $SUDO apt-get update -qq; fi
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  apt-cache show dataset-fashion-mnist >/dev/null 2>&1 || quiet $SUDO apt-get update -qq
+  quiet env DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist
 fi
 
 if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv with $($PY --version)"
-  $PY -m venv .venv
+  quiet "$PY" -m venv .venv
 fi
 echo "== installing torch 2.14.1, torchvision 0.29.1"
-.venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import torch, torchvision" || { echo "torch/torchvision do not import" >&2; exit 1; }
+quiet .venv/bin/python -m pip install --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
+quiet .venv/bin/python -c "import torch, torchvision"
 echo "== installing deploycomp[dev]"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/deploycomp --help >/dev/null
+quiet .venv/bin/python -m pip install --disable-pip-version-check -e ".[dev]"
+quiet .venv/bin/deploycomp --help
 echo "== ready: .venv/bin/deploycomp"

@@ -105,3 +105,18 @@ def test_cleanup_unshares_deduplicated_initializers(tmp_path):
         if data["type"] == "tensor":
             blocks = {structure.graph.nodes[g].get("block") for g in structure.graph.predecessors(tensor)} - {None}
             assert len(blocks) <= 1, tensor
+
+
+def test_export_checks_batch_axis_and_opset(exported):
+    from deploycomp.errors import DeployCompError
+    from deploycomp.frontend.export import check_exported
+
+    path, _ = exported("deit", "dynamo")
+    model = ir.load(path)
+    check_exported(model, 18)
+    with pytest.raises(DeployCompError, match="exporter produced opset 18, asked for 17"):
+        check_exported(model, 17)
+    value = model.graph.inputs[0]
+    value.shape = ir.Shape([1, *list(value.shape)[1:]])
+    with pytest.raises(DeployCompError, match="exporter fixed the batch axis of 'pixel_values'"):
+        check_exported(model, 18)

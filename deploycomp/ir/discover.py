@@ -18,6 +18,7 @@ once on ONNX Runtime at batch 1 (robust to exporters whose reshape targets are c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -143,42 +144,37 @@ def _chunk_of(node: ir.Node, value: ir.Value) -> int | None:
     return None
 
 
-def trace_to_projection(value: ir.Value) -> tuple[Projection, int | None] | None:
-    """Walk up from an attention operand to the projection that produced it."""
-    chunk = None
-    for _ in range(64):
+def _walk_up(value: ir.Value, limit: int = 64) -> Iterator[tuple[ir.Node, ir.Value]]:
+    """Producers upstream of ``value`` through layout ops, each with the value it produced; the
+    first non-layout producer is yielded last."""
+    for _ in range(limit):
         node = value.producer()
         if node is None:
-            return None
+            return
+        yield node, value
+        if node.op_type not in LAYOUT_OPS:
+            return
+        value = _data_input(node)
+        if value is None:
+            return
+
+
+def trace_to_projection(value: ir.Value) -> tuple[Projection, int | None] | None:
+    """Walk up from an attention operand to the projection that produced it (and which of a
+    fused q/k/v it selects)."""
+    chunk = None
+    for node, produced in _walk_up(value):
         proj = as_projection(node)
         if proj is not None:
             return proj, chunk
-        if node.op_type not in LAYOUT_OPS:
-            return None
-        selected = _chunk_of(node, value)
-        if selected is not None and chunk is None:
-            chunk = selected
-        nxt = _data_input(node)
-        if nxt is None:
-            return None
-        value = nxt
+        if chunk is None:
+            chunk = _chunk_of(node, produced)
     return None
 
 
 def trace_to_layernorm(value: ir.Value) -> ir.Node | None:
     """The LayerNormalization that feeds a projection input through layout ops, if any."""
-    for _ in range(64):
-        node = value.producer()
-        if node is None:
-            return None
-        if node.op_type == "LayerNormalization":
-            return node
-        if node.op_type not in LAYOUT_OPS:
-            return None
-        value = _data_input(node)
-        if value is None:
-            return None
-    return None
+    return next((node for node, _ in _walk_up(value) if node.op_type == "LayerNormalization"), None)
 
 
 @dataclass
@@ -248,19 +244,10 @@ def _leads_to_matmul(value: ir.Value, depth: int = 8) -> bool:
 
 def _gathered_table(value: ir.Value) -> ir.Value | None:
     """The initializer behind a score bias computed at run time (a gathered table), heads last."""
-    for _ in range(16):
-        if _is_const(value) and value.is_initializer():
-            return value
-        node = value.producer()
-        if node is None:
-            return None
-        if node.op_type == "Gather" and _is_const(node.inputs[0]) and node.inputs[0].is_initializer():
-            return node.inputs[0]
-        if node.op_type not in LAYOUT_OPS:
-            return None
-        value = _data_input(node)
-        if value is None:
-            return None
+    for node, _ in _walk_up(value):
+        data = node.inputs[0] if node.op_type == "Gather" else _data_input(node) if node.op_type in LAYOUT_OPS else None
+        if _is_const(data) and data.is_initializer():
+            return data
     return None
 
 
@@ -279,26 +266,33 @@ def _forward_to_projection(value: ir.Value) -> Projection | None:
     return None
 
 
-def find_mlp_partner(proj: Projection, claimed: set[int]) -> Projection | None:
-    """fc2 for an fc1: the single projection reached from ``proj`` through element-wise ops."""
+def _walk_down(start: ir.Value, follow) -> Iterator[tuple[ir.Value, ir.Node]]:
+    """Every node reachable downstream of ``start`` once, with the value it was reached by; the
+    walk goes on through the outputs of the nodes for which ``follow(node)`` holds."""
     seen: set[int] = set()
-    frontier = [proj.output]
-    partner = None
-    while frontier:
-        value = frontier.pop()
+    stack = [start]
+    while stack:
+        value = stack.pop()
         for node in value.consumers():
             if id(node) in seen:
                 continue
             seen.add(id(node))
-            other = as_projection(node) if node.op_type in ("MatMul", "Gemm") else None
-            if other is not None and node.inputs[0] is value:
-                if partner is not None and partner.node is not other.node:
-                    return None
-                partner = other
-                continue
-            if node.op_type not in ELEMENTWISE_OPS:
+            yield value, node
+            if follow(node):
+                stack.extend(node.outputs)
+
+
+def find_mlp_partner(proj: Projection, claimed: set[int]) -> Projection | None:
+    """fc2 for an fc1: the single projection reached from ``proj`` through element-wise ops."""
+    partner = None
+    for value, node in _walk_down(proj.output, lambda n: n.op_type in ELEMENTWISE_OPS):
+        other = as_projection(node) if node.op_type in ("MatMul", "Gemm") else None
+        if other is not None and node.inputs[0] is value:
+            if partner is not None and partner.node is not other.node:
                 return None
-            frontier.extend(node.outputs)
+            partner = other
+        elif node.op_type not in ELEMENTWISE_OPS:
+            return None
     if partner is None or id(partner.node) in claimed or partner.in_dim != proj.out_dim:
         return None
     return partner
@@ -510,35 +504,20 @@ def _couple_stage_exit(builder: StructureGraphBuilder, block: BlockStructure, fc
     """Couple what reads the stage's stream after its last block: final norm and head, or patch merging."""
     group = f"stage{block.stage}.emb"
     emb = block.emb
-    seen: set[int] = set()
-    stack = [fc2.output]
-    while stack:
-        value = stack.pop()
-        for node in value.consumers():
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            proj = as_projection(node) if node.op_type in ("MatMul", "Gemm") else None
-            if proj is not None:
-                if id(node) in claimed:
-                    continue
-                if proj.in_dim == emb:  # the classifier head
-                    builder.couple(group, ChannelSlice(proj.weight.name, proj.in_axis))
-                elif proj.in_dim % emb == 0 and block.stage + 1 < len(stage_embs):  # patch merging
-                    k = proj.in_dim // emb
-                    builder.couple(group, ChannelSlice(proj.weight.name, proj.in_axis, 0, 1, emb, k))
-                    nxt = f"stage{block.stage + 1}.emb"
-                    if nxt not in builder.graph:
-                        builder.group(nxt, "emb", stage_embs[block.stage + 1], stage=block.stage + 1)
-                    if proj.out_dim != stage_embs[block.stage + 1]:
-                        raise NotAViTError(f"patch merging '{node.name}' gives {proj.out_dim}, next stage reads "
-                                           f"{stage_embs[block.stage + 1]}")
-                    builder.couple(nxt, ChannelSlice(proj.weight.name, proj.out_axis))
-                    if proj.bias is not None:
-                        builder.couple(nxt, ChannelSlice(proj.bias.name, 0))
-                continue
-            if node.op_type not in STREAM_DOWN_OPS:
-                continue
-            if node.op_type == "LayerNormalization":
-                _couple_layernorm(builder, group, node, emb)
-            stack.extend(node.outputs)
+    for _, node in _walk_down(fc2.output, lambda n: n.op_type in STREAM_DOWN_OPS):
+        if node.op_type == "LayerNormalization":
+            _couple_layernorm(builder, group, node, emb)
+        proj = as_projection(node) if node.op_type in ("MatMul", "Gemm") else None
+        if proj is None or id(node) in claimed:
+            continue
+        if proj.in_dim == emb:  # the classifier head
+            builder.couple(group, ChannelSlice(proj.weight.name, proj.in_axis))
+        elif proj.in_dim % emb == 0 and block.stage + 1 < len(stage_embs):  # patch merging
+            nxt_emb = stage_embs[block.stage + 1]
+            if proj.out_dim != nxt_emb:
+                raise NotAViTError(f"patch merging '{node.name}' gives {proj.out_dim}, next stage reads {nxt_emb}")
+            builder.couple(group, ChannelSlice(proj.weight.name, proj.in_axis, 0, 1, emb, proj.in_dim // emb))
+            nxt = f"stage{block.stage + 1}.emb"
+            builder.couple(nxt, ChannelSlice(proj.weight.name, proj.out_axis))
+            if proj.bias is not None:
+                builder.couple(nxt, ChannelSlice(proj.bias.name, 0))
