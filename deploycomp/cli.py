@@ -146,6 +146,67 @@ def bench_cmd(
     console.print(f"[green]wrote[/green] {json_out}")
 
 
+@app.command("profile")
+def profile_cmd(
+    target: str = typer.Option("ort-cpu", "--target", help="Target backend to profile."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: all cores)."),
+    batch: int = typer.Option(1, "--batch", help="Batch size the table is measured at."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Precision (fp32)."),
+    grid: str = typer.Option("deit-base", "--grid", help="Grid preset: deit-base (EMB<=768, H<=12, QK/V<=64, MLP<=3072, tokens<=197) or tiny."),
+    tables: Path = typer.Option(Path("latency_tables"), "--tables", help="Root directory of the latency tables."),
+    validate: int = typer.Option(0, "--validate", help="After profiling, validate on N random architectures (compile + measure)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the validation architectures."),
+    force: bool = typer.Option(False, "--force", help="Use a table even if its device fingerprint does not match."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Where to write the validation report (JSON)."),
+):
+    """Measure the ViT parts on this device into latency_tables/<target>/<device>.json (resumable)."""
+    from .backends.base import get_backend
+    from .latency.profiler import device_fingerprint, profile
+    from .latency.table import load_table, table_path
+
+    backend = get_backend(target, threads=threads)
+    path = table_path(tables, device_fingerprint(backend, batch, dtype))
+    if force and path.is_file():
+        table = load_table(path, force=True)
+    else:
+        with _progress() as progress:
+            task = progress.add_task(f"profile {target} b{batch}", total=None)
+            table = profile(backend, tables, batch=batch, dtype=dtype, grid=grid,
+                            progress=lambda done, total: progress.update(task, completed=done, total=total))
+        console.print(f"[green]table[/green] {table.path} ({table.profiling_seconds:.0f} s of profiling)")
+    if validate:
+        from .latency.validate import random_archs, validate as run_validation
+
+        table = load_table(table.path or path, device_fingerprint(backend, batch, dtype), force=force)
+        fixed = table.fixed
+        archs = random_archs(validate, seed, img_size=fixed["img_size"], patch=fixed["patch"],
+                             num_classes=fixed["num_classes"], grid=table.grid)
+        with _progress() as progress:
+            task = progress.add_task("validate", total=None)
+            report = run_validation(table, backend, archs, progress=lambda s: progress.update(task, description=f"validate: {s}"))
+        console.print(validation_table(report))
+        json_out = json_out or Path(f"latency_validation_b{batch}.json")
+        from .artifact import write_json
+
+        write_json(json_out, report)
+        console.print(f"[green]wrote[/green] {json_out}")
+
+
+def validation_table(report: dict) -> Table:
+    t, f = report["table_model"], report["flops_model"]
+    table = Table(title=f"{report['n']} random architectures, batch {report['fingerprint']['batch']}: table model "
+                        f"median {t['median_ape_pct']:.1f} % / p90 {t['p90_ape_pct']:.1f} % error; FLOPs model "
+                        f"median {f['median_ape_pct']:.1f} % / p90 {f['p90_ape_pct']:.1f} %")
+    for col in ("#", "GFLOPs", "min tokens", "measured ms (p10-p90)", "table ms", "error %", "FLOPs ms"):
+        table.add_column(col, justify="right")
+    for i, r in enumerate(report["rows"]):
+        m = r["measured"]
+        table.add_row(str(i), f"{r['gflops']:.2f}", str(min(b["tokens"] for b in r["arch"]["blocks"])),
+                      f"{m['median_ms']:.2f} ({m['p10_ms']:.2f}-{m['p90_ms']:.2f})", f"{r['predicted_ms']:.2f}",
+                      f"{r['ape_pct']:.1f}", f"{r['flops_predicted_ms']:.2f}")
+    return table
+
+
 def bench_table(result: dict) -> Table:
     host = result["host"]
     tb = result["protocol"]["throughput_batch"]

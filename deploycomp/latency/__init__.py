@@ -1,0 +1,1 @@
+"""Latency model: measured lookup tables of ViT parts, interpolated and summed per architecture."""

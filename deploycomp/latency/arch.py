@@ -1,0 +1,80 @@
+"""A ViT architecture as the latency model sees it: per-block dims and token counts.
+
+NViT-style pruning makes every block different (heads, QK and V dim per head, MLP width) while
+the embedding dim stays global; semantic tokens reduce the token count mid-network. ``ViTArch``
+describes exactly that, and ``FlexViT`` is a torch model of any such architecture (used to
+validate predictions against whole exported models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BlockArch:
+    heads: int
+    qk_dim: int
+    v_dim: int
+    mlp_dim: int
+    tokens: int  # sequence length the block runs on (cls included)
+
+
+@dataclass(frozen=True)
+class ViTArch:
+    emb: int
+    blocks: tuple[BlockArch, ...]
+    img_size: int = 224
+    patch: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+
+    @property
+    def patches(self) -> int:
+        return (self.img_size // self.patch) ** 2
+
+    @classmethod
+    def uniform(cls, emb: int, depth: int, heads: int, head_dim: int, mlp_dim: int, **kw) -> "ViTArch":
+        tokens = (kw.get("img_size", 224) // kw.get("patch", 16)) ** 2 + 1
+        return cls(emb, tuple(BlockArch(heads, head_dim, head_dim, mlp_dim, tokens) for _ in range(depth)), **kw)
+
+    def flops(self) -> float:
+        """Matmul FLOPs per image (2 x MACs), the quantity a FLOPs-based latency model uses."""
+        e = self.emb
+        total = 2.0 * self.patches * e * self.in_chans * self.patch**2 + 2.0 * e * self.num_classes
+        for b in self.blocks:
+            n, h = b.tokens, b.heads
+            total += 2.0 * (n * e * h * (2 * b.qk_dim + b.v_dim) + h * n * n * (b.qk_dim + b.v_dim)
+                            + n * h * b.v_dim * e + 2 * n * e * b.mlp_dim)
+        return total
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViTArch":
+        return cls(**{**d, "blocks": tuple(BlockArch(**b) for b in d["blocks"])})
+
+
+def random_arch(rng: np.random.Generator, grid: dict, depth: int = 12, reduce_tokens: bool = False,
+                img_size: int = 224, patch: int = 16, num_classes: int = 1000) -> ViTArch:
+    """A random non-uniform architecture inside a profiling grid (NViT-like: global EMB, every
+    block's heads / QK / V / MLP drawn independently; optionally fewer tokens after a random block)."""
+    att, mlp = grid["attention"], grid["mlp"]
+
+    def draw(values, step):
+        return int(rng.choice(np.arange(min(values), max(values) + 1, step)))
+
+    patches = (img_size // patch) ** 2
+    emb = draw(grid["mlp"]["emb"], 64 if max(mlp["emb"]) >= 256 else 8)
+    cut = int(rng.integers(depth // 4, 3 * depth // 4 + 1)) if reduce_tokens else depth
+    reduced = draw([min(att["tokens"]), patches], 1) if reduce_tokens else patches + 1
+    dim_step = 8 if max(att["qk_dim"]) >= 32 else 4
+    blocks = tuple(
+        BlockArch(heads=draw(att["heads"], 1), qk_dim=draw(att["qk_dim"], dim_step), v_dim=draw(att["v_dim"], dim_step),
+                  mlp_dim=draw(mlp["mlp_dim"], 64 if max(mlp["mlp_dim"]) >= 1024 else 16),
+                  tokens=patches + 1 if i < cut else reduced)
+        for i in range(depth))
+    return ViTArch(emb, blocks, img_size=img_size, patch=patch, num_classes=num_classes)

@@ -1,0 +1,115 @@
+"""ONNX micro-graphs of the parts of a ViT, with the op patterns the compiler emits.
+
+Each builder returns a standalone ``onnx.ModelProto`` with a symbolic batch axis, random weights
+and the same ops, in the same order and layout, as the corresponding part of a FlexViT exported
+by the dynamo exporter and cleaned by deploycomp (``tests/test_latency.py`` checks that chaining
+the parts gives the op counts of the real export). The profiler times these; the predictor sums
+them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 18
+
+
+class _Graph:
+    """A small helper around onnx.helper for building one graph."""
+
+    def __init__(self, seed: int = 0):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.rng = np.random.default_rng(seed)
+        self._n = 0
+
+    def name(self, prefix: str) -> str:
+        self._n += 1
+        return f"{prefix}_{self._n}"
+
+    def const(self, array, prefix: str = "c") -> str:
+        name = self.name(prefix)
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def weight(self, *shape: int) -> str:
+        return self.const((self.rng.standard_normal(shape) * 0.02).astype(np.float32), "w")
+
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        out = self.name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def model(self, x: str, x_shape: list, y: str, y_shape: list) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, "part",
+            [helper.make_tensor_value_info(x, TensorProto.FLOAT, x_shape)],
+            [helper.make_tensor_value_info(y, TensorProto.FLOAT, y_shape)],
+            self.inits,
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=9)
+
+    # -- layers as the exporter writes them --------------------------------------------------
+    def layernorm(self, x: str, emb: int) -> str:
+        return self.op("LayerNormalization", x, self.const(np.ones(emb, np.float32)),
+                       self.const(np.zeros(emb, np.float32)), axis=-1, epsilon=1e-6)
+
+    def linear(self, x: str, d_in: int, d_out: int) -> str:
+        return self.op("Add", self.op("MatMul", x, self.weight(d_in, d_out)), self.weight(d_out))
+
+    def heads(self, x: str, tokens: int, heads: int, dim: int) -> str:
+        shaped = self.op("Reshape", x, self.const(np.array([-1, tokens, heads, dim], np.int64)))
+        return self.op("Transpose", shaped, perm=[0, 2, 1, 3])
+
+
+def attention_part(tokens: int, emb: int, heads: int, qk_dim: int, v_dim: int, seed: int = 0) -> onnx.ModelProto:
+    """x + proj(softmax(q k^T * s) v) with q, k, v from LayerNorm(x): one block's attention half."""
+    g = _Graph(seed)
+    x = "x"
+    y = g.layernorm(x, emb)
+    q = g.heads(g.linear(y, emb, heads * qk_dim), tokens, heads, qk_dim)
+    k = g.heads(g.linear(y, emb, heads * qk_dim), tokens, heads, qk_dim)
+    v = g.heads(g.linear(y, emb, heads * v_dim), tokens, heads, v_dim)
+    q = g.op("Mul", q, g.const(np.array(qk_dim**-0.5, np.float32)))
+    scores = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2]))
+    ctx = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)
+    ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3]), g.const(np.array([-1, tokens, heads * v_dim], np.int64)))
+    out = g.op("Add", x, g.linear(ctx, heads * v_dim, emb))
+    return g.model(x, ["batch", tokens, emb], out, ["batch", tokens, emb])
+
+
+def mlp_part(tokens: int, emb: int, mlp_dim: int, seed: int = 0) -> onnx.ModelProto:
+    """x + fc2(gelu(fc1(LayerNorm(x)))), GELU in the exact erf form the exporter writes."""
+    g = _Graph(seed)
+    x = "x"
+    h = g.linear(g.layernorm(x, emb), emb, mlp_dim)
+    erf = g.op("Erf", g.op("Div", h, g.const(np.array(np.sqrt(2.0), np.float32))))
+    gelu = g.op("Mul", h, g.op("Mul", g.const(np.array(0.5, np.float32)), g.op("Add", erf, g.const(np.array(1.0, np.float32)))))
+    out = g.op("Add", x, g.linear(gelu, mlp_dim, emb))
+    return g.model(x, ["batch", tokens, emb], out, ["batch", tokens, emb])
+
+
+def stem_part(emb: int, img_size: int = 224, patch: int = 16, in_chans: int = 3, seed: int = 0) -> onnx.ModelProto:
+    """Patch embedding Conv, flatten, cls token and position embedding."""
+    g = _Graph(seed)
+    n = (img_size // patch) ** 2
+    x = "x"
+    conv = g.op("Conv", x, g.weight(emb, in_chans, patch, patch), g.weight(emb), kernel_shape=[patch, patch],
+                strides=[patch, patch])
+    seq = g.op("Transpose", g.op("Reshape", conv, g.const(np.array([0, emb, n], np.int64))), perm=[0, 2, 1])
+    batch = g.op("Slice", g.op("Shape", x), g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64)))
+    cls_shape = g.op("Concat", batch, g.const(np.array([1, emb], np.int64)), axis=0)
+    cls = g.op("Expand", g.weight(1, 1, emb), cls_shape)
+    out = g.op("Add", g.op("Concat", cls, seq, axis=1), g.weight(1, n + 1, emb))
+    return g.model(x, ["batch", in_chans, img_size, img_size], out, ["batch", n + 1, emb])
+
+
+def head_part(tokens: int, emb: int, num_classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
+    """Final LayerNorm, the cls token, the classifier."""
+    g = _Graph(seed)
+    x = "x"
+    cls = g.op("Gather", g.layernorm(x, emb), g.const(np.array(0, np.int64)), axis=1)
+    out = g.op("Gemm", cls, g.weight(num_classes, emb), g.weight(num_classes), transB=1)
+    return g.model(x, ["batch", tokens, emb], out, ["batch", num_classes])

@@ -1,0 +1,73 @@
+"""Predict the latency of any ViT architecture from a latency table.
+
+latency(arch) = stem(EMB) + sum over blocks of attention(tokens, EMB, H, QK, V) + mlp(tokens,
+EMB, MLP) + head(tokens, EMB), each part interpolated multilinearly over its grid (NViT keys its
+table by EMB, H, QK, V, MLP; ours adds the token count, which semantic tokens change mid-network).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.interpolate import RegularGridInterpolator
+
+from ..errors import DeployCompError
+from .arch import ViTArch
+from .table import PART_KEYS, LatencyTable
+
+
+@dataclass
+class Prediction:
+    total_ms: float
+    stem_ms: float
+    head_ms: float
+    attention_ms: list[float]
+    mlp_ms: list[float]
+    outside_grid: list[str]
+
+
+class LatencyPredictor:
+    def __init__(self, table: LatencyTable):
+        if not table.complete:
+            raise DeployCompError(f"latency table {table.path} is incomplete: resume `deploycomp profile` first")
+        self.table = table
+        self._interp = {}
+        for part, keys in PART_KEYS.items():
+            axes = [np.asarray(table.grid[part][k], dtype=float) for k in keys]
+            values = np.empty([len(a) for a in axes])
+            for point in table.points(part):
+                idx = tuple(table.grid[part][k].index(v) for k, v in zip(keys, point))
+                values[idx] = table.median(part, point)
+            self._interp[part] = RegularGridInterpolator(axes, values, method="linear", bounds_error=False,
+                                                         fill_value=None)
+
+    def part_ms(self, part: str, point) -> float:
+        return float(self._interp[part](np.asarray([point], dtype=float))[0])
+
+    def _outside(self, part: str, point) -> list[str]:
+        out = []
+        for k, v in zip(PART_KEYS[part], point):
+            lo, hi = min(self.table.grid[part][k]), max(self.table.grid[part][k])
+            if not lo <= v <= hi:
+                out.append(f"{part}.{k}={v} outside [{lo}, {hi}]")
+        return out
+
+    def predict(self, arch: ViTArch) -> Prediction:
+        fixed = self.table.fixed
+        if (arch.img_size, arch.patch, arch.in_chans, arch.num_classes) != (
+                fixed["img_size"], fixed["patch"], fixed["in_chans"], fixed["num_classes"]):
+            raise DeployCompError(f"latency table profiles {fixed['img_size']}px/{fixed['patch']} inputs and "
+                                  f"{fixed['num_classes']} classes; the architecture has {arch.img_size}px/{arch.patch}, "
+                                  f"{arch.num_classes} classes")
+        e = arch.emb
+        outside = self._outside("stem", (e,))
+        attn, mlp = [], []
+        for b in arch.blocks:
+            a_pt, m_pt = (b.tokens, e, b.heads, b.qk_dim, b.v_dim), (b.tokens, e, b.mlp_dim)
+            outside += self._outside("attention", a_pt) + self._outside("mlp", m_pt)
+            attn.append(self.part_ms("attention", a_pt))
+            mlp.append(self.part_ms("mlp", m_pt))
+        last = arch.blocks[-1].tokens if arch.blocks else arch.patches + 1
+        stem, head = self.part_ms("stem", (e,)), self.part_ms("head", (last, e))
+        return Prediction(stem + head + sum(attn) + sum(mlp), stem, head, attn, mlp, sorted(set(outside)))

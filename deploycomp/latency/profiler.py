@@ -1,0 +1,124 @@
+"""Profile the parts of a ViT on a target and fill a latency table.
+
+Every grid point is an ONNX micro-graph (``micrographs.py``) run by the target backend with the
+session options artifacts are deployed with. Noise handling: warm-up runs, several timed repeats,
+and several *passes* over the whole grid, each in a new random order, so that slow drift of the
+machine spreads over all points instead of biasing a region of the grid; the table keeps every
+sample and reports the median. The table is saved every few seconds; a killed profile resumes from
+the last save.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import DeployCompError
+from . import micrographs
+from .table import PART_KEYS, LatencyTable, load_table, save_table, table_path
+
+# The DeiT-B search space: EMB <= 768, H <= 12, QK/V <= 64, MLP <= 3072, tokens <= 197.
+GRIDS: dict[str, dict[str, dict[str, list[int]]]] = {
+    "deit-base": {
+        "attention": {"tokens": [5, 17, 50, 101, 197], "emb": [192, 384, 576, 768], "heads": [1, 3, 6, 9, 12],
+                      "qk_dim": [16, 32, 48, 64], "v_dim": [16, 32, 48, 64]},
+        "mlp": {"tokens": [5, 17, 50, 101, 197], "emb": [192, 384, 576, 768],
+                "mlp_dim": [128, 384, 768, 1536, 2304, 3072]},
+        "stem": {"emb": [192, 384, 576, 768]},
+        "head": {"tokens": [5, 17, 50, 101, 197], "emb": [192, 384, 576, 768]},
+    },
+    # a small grid for tests and quick looks
+    "tiny": {
+        "attention": {"tokens": [5, 17], "emb": [32, 64], "heads": [1, 2], "qk_dim": [8, 16], "v_dim": [8, 16]},
+        "mlp": {"tokens": [5, 17], "emb": [32, 64], "mlp_dim": [32, 128]},
+        "stem": {"emb": [32, 64]},
+        "head": {"tokens": [5, 17], "emb": [32, 64]},
+    },
+}
+FIXED = {"deit-base": {"img_size": 224, "patch": 16, "in_chans": 3, "num_classes": 1000},
+         "tiny": {"img_size": 64, "patch": 16, "in_chans": 3, "num_classes": 10}}
+DEFAULT_PROTOCOL = {"warmup": 2, "repeats": 5, "passes": 2}
+
+
+def build_part(part: str, point: tuple[int, ...], fixed: dict[str, Any]):
+    if part == "attention":
+        return micrographs.attention_part(*point)
+    if part == "mlp":
+        return micrographs.mlp_part(*point)
+    if part == "stem":
+        return micrographs.stem_part(point[0], fixed["img_size"], fixed["patch"], fixed["in_chans"])
+    if part == "head":
+        return micrographs.head_part(point[0], point[1], fixed["num_classes"])
+    raise ValueError(part)
+
+
+def part_input(part: str, point: tuple[int, ...], fixed: dict[str, Any], batch: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    if part == "stem":
+        shape = (batch, fixed["in_chans"], fixed["img_size"], fixed["img_size"])
+    else:
+        shape = (batch, point[0], point[1])
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def time_part(backend, part: str, point, fixed, batch: int, warmup: int, repeats: int) -> list[float]:
+    """Milliseconds of ``repeats`` runs of one part after ``warmup`` runs."""
+    model = build_part(part, point, fixed)
+    sess = backend.session(model.SerializeToString())
+    feed = {sess.get_inputs()[0].name: part_input(part, point, fixed, batch)}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def device_fingerprint(backend, batch: int, dtype: str) -> dict[str, Any]:
+    return {**backend.fingerprint(), "batch": batch, "dtype": dtype}
+
+
+def profile(backend, root, batch: int = 1, dtype: str = "fp32", grid: str = "deit-base",
+            protocol: dict[str, int] | None = None, save_every_s: float = 10.0,
+            progress: Callable[[int, int], None] | None = None, path=None) -> LatencyTable:
+    """Fill (or resume) the table of this device at ``root``; return it when complete."""
+    if dtype != "fp32":
+        raise DeployCompError(f"dtype {dtype} is not supported yet on this target; profile fp32")
+    if grid not in GRIDS:
+        raise DeployCompError(f"unknown grid '{grid}': use one of {', '.join(GRIDS)}")
+    fp = device_fingerprint(backend, batch, dtype)
+    path = path or table_path(root, fp)
+    protocol = {**DEFAULT_PROTOCOL, **(protocol or {})}
+    table = LatencyTable(fp, GRIDS[grid], FIXED[grid], {**protocol, "grid_name": grid})
+    if path.is_file():  # resume: keep what a previous run of the same grid measured
+        old = load_table(path, fp)
+        if old.grid == table.grid and old.protocol.get("repeats") == protocol["repeats"]:
+            table.entries, table.profiling_seconds = old.entries, old.profiling_seconds
+    work = [(part, p) for part in PART_KEYS for p in table.points(part)]
+    total = len(work) * protocol["passes"]
+    done = sum(min(len(table.samples(part, p)) // protocol["repeats"], protocol["passes"]) for part, p in work)
+    rng = np.random.default_rng(int(time.time()))
+    start, last_save = time.perf_counter(), time.perf_counter()
+    base_seconds = table.profiling_seconds
+    if progress:
+        progress(done, total)
+    for pass_index in range(protocol["passes"]):
+        todo = [w for w in work if len(table.samples(*w)) // protocol["repeats"] <= pass_index]
+        for idx in rng.permutation(len(todo)):
+            part, point = todo[idx]
+            table.add_samples(part, point, time_part(backend, part, point, table.fixed, batch,
+                                                     protocol["warmup"], protocol["repeats"]))
+            done += 1
+            if progress:
+                progress(done, total)
+            if time.perf_counter() - last_save > save_every_s:
+                table.profiling_seconds = base_seconds + time.perf_counter() - start
+                save_table(table, path)
+                last_save = time.perf_counter()
+    table.profiling_seconds = base_seconds + time.perf_counter() - start
+    save_table(table, path)
+    return table
