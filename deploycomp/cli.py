@@ -173,7 +173,7 @@ def profile_cmd(
             task = progress.add_task(f"profile {target} b{batch}", total=None)
             table = profile(backend, tables, batch=batch, dtype=dtype, grid=grid,
                             progress=lambda done, total: progress.update(task, completed=done, total=total))
-        console.print(f"[green]table[/green] {table.path} ({table.profiling_seconds:.0f} s of profiling)")
+        console.print(f"[green]table[/green] {table.path} ({table.profiling_seconds:.1f} s of profiling)")
     if validate:
         from .latency.validate import random_archs, validate as run_validation
 

@@ -1,0 +1,172 @@
+"""Latency tables: micro-graph fidelity, profiling with resume, device refusal, prediction."""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from deploycomp.backends.base import get_backend
+from deploycomp.errors import DeployCompError
+from deploycomp.frontend.export import export_to_onnx
+from deploycomp.latency import micrographs
+from deploycomp.latency.arch import BlockArch, ViTArch
+from deploycomp.latency.flexvit import FlexViT
+from deploycomp.latency.predictor import LatencyPredictor
+from deploycomp.latency.profiler import GRIDS, device_fingerprint, profile
+from deploycomp.latency.table import LatencyTable, load_table, save_table, table_path
+from deploycomp.passes.base import CompileContext
+from deploycomp.passes.cleanup import CleanupPass
+
+COMPUTE_OPS = ("MatMul", "Gemm", "Conv", "Softmax", "LayerNormalization", "Erf", "Transpose", "Mul", "Div", "Add")
+TINY_ARCH = ViTArch(32, (BlockArch(2, 8, 16, 64, 17), BlockArch(1, 16, 8, 32, 5)), img_size=64, patch=16,
+                    num_classes=10)
+
+
+def _compute_ops(ops) -> collections.Counter:
+    return collections.Counter(op for op in ops if op in COMPUTE_OPS)
+
+
+def test_micrographs_have_the_ops_of_the_compiled_graph():
+    """Chaining the profiled parts gives the compute ops of the real export, op for op."""
+    import torch
+
+    torch.manual_seed(0)
+    model = export_to_onnx(FlexViT(TINY_ARCH).eval(), (1, 3, 64, 64))
+    CleanupPass().run(model, CompileContext())
+    exported = _compute_ops(n.op_type for n in model.graph)
+    parts = [micrographs.stem_part(32, 64, 16, 3), micrographs.head_part(5, 32, 10)]
+    for b in TINY_ARCH.blocks:
+        parts += [micrographs.attention_part(b.tokens, 32, b.heads, b.qk_dim, b.v_dim),
+                  micrographs.mlp_part(b.tokens, 32, b.mlp_dim)]
+    built = _compute_ops(n.op_type for p in parts for n in p.graph.node)
+    assert built == exported
+
+
+def test_micrographs_run_at_any_batch():
+    from .conftest import run_ort
+
+    for part, x in ((micrographs.attention_part(17, 32, 2, 8, 16), (3, 17, 32)),
+                    (micrographs.mlp_part(5, 32, 64), (2, 5, 32)),
+                    (micrographs.stem_part(32, 64, 16, 3), (2, 3, 64, 64)),
+                    (micrographs.head_part(5, 32, 10), (2, 5, 32))):
+        out = run_ort(ir.serde.deserialize_model(part), np.random.default_rng(0).standard_normal(x).astype(np.float32))
+        assert out.shape[0] == x[0] and np.isfinite(out).all()
+
+
+@pytest.fixture()
+def backend():
+    return get_backend("ort-cpu", threads=1)
+
+
+def test_profile_resumes_and_refuses_other_devices(tmp_path, backend):
+    protocol = {"warmup": 0, "repeats": 1, "passes": 2}
+    seen = []
+
+    class Killed(Exception):
+        pass
+
+    def kill_after(done, total):
+        seen.append((done, total))
+        if done == 7:
+            raise Killed
+
+    with pytest.raises(Killed):
+        profile(backend, tmp_path, grid="tiny", protocol=protocol, save_every_s=0, progress=kill_after)
+    path = table_path(tmp_path, device_fingerprint(backend, 1, "fp32"))
+    partial = load_table(path, device_fingerprint(backend, 1, "fp32"))
+    assert not partial.complete
+    measured = sum(len(e["samples_ms"]) for part in partial.entries.values() for e in part.values())
+    assert measured == 6  # points 1..6 were saved before the kill at the 7th
+
+    resumed = []
+    table = profile(backend, tmp_path, grid="tiny", protocol=protocol, save_every_s=0,
+                    progress=lambda done, total: resumed.append(done))
+    assert resumed[0] == 6 and table.complete
+    total = seen[0][1]
+    assert resumed[-1] == total
+    on_disk = json.loads(path.read_text())
+    assert on_disk["complete"] and on_disk["fingerprint"]["batch"] == 1 and on_disk["profiling_seconds"] > 0
+    for part in on_disk["entries"].values():
+        for entry in part.values():
+            assert len(entry["samples_ms"]) == 2 and entry["median_ms"] > 0
+
+    other = dict(table.fingerprint, cpu_model="Some Other CPU", threads=64)
+    with pytest.raises(DeployCompError, match="measured on another device .*cpu_model.*threads"):
+        load_table(path, other)
+    assert load_table(path, other, force=True).complete
+
+
+def test_concurrent_saves_do_not_corrupt(tmp_path, backend):
+    fp = device_fingerprint(backend, 1, "fp32")
+    path = tmp_path / "t.json"
+    grid = GRIDS["tiny"]
+
+    def writer(seed):
+        rng = np.random.default_rng(seed)
+        t = LatencyTable(fp, grid, {"img_size": 64, "patch": 16, "in_chans": 3, "num_classes": 10},
+                         {"warmup": 0, "repeats": 1, "passes": 1})
+        for point in t.points("mlp"):
+            t.add_samples("mlp", point, [float(rng.random())])
+            save_table(t, path)
+
+    threads = [threading.Thread(target=writer, args=(s,)) for s in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    table = load_table(path, fp)
+    assert len(table.entries["mlp"]) == len(table.points("mlp"))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def _synthetic_table(fp) -> LatencyTable:
+    """A table whose entries are a multilinear function of the keys: interpolation must be exact."""
+    grid = GRIDS["tiny"]
+    t = LatencyTable(fp, grid, {"img_size": 64, "patch": 16, "in_chans": 3, "num_classes": 10},
+                     {"warmup": 0, "repeats": 1, "passes": 1})
+    for part in grid:
+        for point in t.points(part):
+            t.add_samples(part, point, [0.1 + 0.001 * float(np.prod(point)) + 0.01 * sum(point)])
+    return t
+
+
+def test_predictor_sums_interpolated_parts(backend):
+    t = _synthetic_table(device_fingerprint(backend, 1, "fp32"))
+    pred = LatencyPredictor(t)
+    f = lambda *p: 0.1 + 0.001 * float(np.prod(p)) + 0.01 * sum(p)  # noqa: E731
+    arch = ViTArch(48, (BlockArch(2, 12, 10, 80, 17), BlockArch(1, 8, 16, 48, 9)), img_size=64, patch=16,
+                   num_classes=10)
+    p = pred.predict(arch)
+    want = f(48) + f(9, 48) + f(17, 48, 2, 12, 10) + f(17, 48, 80) + f(9, 48, 1, 8, 16) + f(9, 48, 48)
+    assert p.total_ms == pytest.approx(want, rel=1e-9)
+    assert p.outside_grid == []
+    far = ViTArch(128, arch.blocks, img_size=64, patch=16, num_classes=10)
+    assert any("emb=128" in o for o in pred.predict(far).outside_grid)
+    with pytest.raises(DeployCompError, match="profiles 64px/16 inputs"):
+        pred.predict(ViTArch(48, arch.blocks))
+
+
+def test_incomplete_table_is_refused(backend):
+    t = _synthetic_table(device_fingerprint(backend, 1, "fp32"))
+    t.entries["mlp"].pop(next(iter(t.entries["mlp"])))
+    with pytest.raises(DeployCompError, match="incomplete"):
+        LatencyPredictor(t)
+
+
+def test_validate_compiles_and_measures(tmp_path, backend):
+    from deploycomp.latency.validate import random_archs, validate
+
+    protocol = {"warmup": 1, "repeats": 2, "passes": 1}
+    table = profile(backend, tmp_path, grid="tiny", protocol=protocol)
+    archs = random_archs(2, seed=1, grid=table.grid, img_size=64, patch=16, num_classes=10, depth=3)
+    assert archs[0].blocks[-1].tokens == 17 and archs[1].blocks[-1].tokens < 17
+    report = validate(table, backend, archs, rounds=2, iters=1)
+    assert report["n"] == 2 and len(report["rows"]) == 2
+    for row in report["rows"]:
+        assert row["measured"]["median_ms"] > 0 and row["predicted_ms"] > 0 and row["outside_grid"] == []
+    assert report["table_model"]["median_ape_pct"] >= 0
