@@ -61,6 +61,8 @@ def candidates_for(alias: str, threads: int, workdir: Path):
     cands = [
         torch_candidate("torch eager", module, shape, threads, name, gflops),
         ort_candidate("ort plain", "ort", plain_bytes, shape, session, name, gflops),
+        # the plain graph with deploycomp's session options: separates graph from session effects
+        ort_candidate("ort plain, no spinning", "ort", plain_bytes, shape, {**session, "allow_spinning": False}, name, gflops),
         ort_candidate("ort optimize_model(vit)", "ort", ort_optimized_bytes(plain), shape, session, name, gflops),
     ]
     compiled = {}

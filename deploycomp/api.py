@@ -35,6 +35,7 @@ class CompileOptions:
     weights: str | None = None
     opset: int = 18
     threads: int | None = None  # intra-op threads of the target session; default: all usable cores
+    allow_spinning: bool = False  # ONNX Runtime worker threads spin-wait between runs (measured slower here)
     fuse: bool = False  # ONNX Runtime transformer fusions (see passes/fuse.py: off until it measures faster)
     tolerance: float = 1e-4  # relative L2 of the logits vs the reference, float32
     verify_batches: tuple[int, ...] = (1, 3)
@@ -65,7 +66,7 @@ def compile(source: str, output: str | Path, options: CompileOptions | None = No
     options = options or CompileOptions()
     say = progress or (lambda stage: None)
     output = Path(output)
-    backend = get_backend(options.target, threads=options.threads)
+    backend = get_backend(options.target, threads=options.threads, allow_spinning=options.allow_spinning)
     check_output_dir(output)
 
     say("load")

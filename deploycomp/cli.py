@@ -62,6 +62,7 @@ def compile_cmd(
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict (.safetensors or .pth, weights only) for a timm model."),
     target: str = typer.Option("ort-cpu", "--target", help="Target backend: ort-cpu (default), ort-cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads of the target session (default: all cores)."),
+    spinning: bool = typer.Option(False, "--spinning/--no-spinning", help="Let ONNX Runtime worker threads spin-wait (off: measured slower on 2 cores)."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset to export at."),
     fuse: bool = typer.Option(False, "--fuse/--no-fuse", help="Apply ONNX Runtime's transformer fusions (off: not measurably faster on CPU)."),
     tolerance: float = typer.Option(1e-4, "--tolerance", help="Max relative L2 error of the logits vs the reference."),
@@ -74,6 +75,7 @@ def compile_cmd(
     from .api import CompileOptions, compile as do_compile
 
     options = CompileOptions(target=target, weights=str(weights) if weights else None, opset=opset, threads=threads,
+                             allow_spinning=spinning,
                              fuse=fuse, tolerance=tolerance, seed=seed, model_kwargs=_parse_model_args(model_arg),
                              measure_rounds=0 if no_measure else 5)
     stages = [s for s in COMPILE_STAGES if (s != "ort_fusion" or fuse) and (s != "measure" or not no_measure)]
@@ -150,6 +152,7 @@ def bench_cmd(
 def profile_cmd(
     target: str = typer.Option("ort-cpu", "--target", help="Target backend to profile."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: all cores)."),
+    spinning: bool = typer.Option(False, "--spinning/--no-spinning", help="Profile with ONNX Runtime's spin-waiting threads (match your deployment)."),
     batch: int = typer.Option(1, "--batch", help="Batch size the table is measured at."),
     dtype: str = typer.Option("fp32", "--dtype", help="Precision (fp32)."),
     grid: str = typer.Option("deit-base", "--grid", help="Grid preset: deit-base (EMB<=768, H<=12, QK/V<=64, MLP<=3072, tokens<=197) or tiny."),
@@ -164,7 +167,7 @@ def profile_cmd(
     from .latency.profiler import device_fingerprint, profile
     from .latency.table import load_table, table_path
 
-    backend = get_backend(target, threads=threads)
+    backend = get_backend(target, threads=threads, allow_spinning=spinning)
     path = table_path(tables, device_fingerprint(backend, batch, dtype))
     if force and path.is_file():
         table = load_table(path, force=True)
@@ -183,7 +186,7 @@ def profile_cmd(
                              num_classes=fixed["num_classes"], grid=table.grid)
         with _progress() as progress:
             task = progress.add_task("validate", total=None)
-            report = run_validation(table, backend, archs, progress=lambda s: progress.update(task, description=f"validate: {s}"))
+            report = run_validation(table, backend, archs, rounds=8, progress=lambda s: progress.update(task, description=f"validate: {s}"))
         console.print(validation_table(report))
         json_out = json_out or Path(f"latency_validation_b{batch}.json")
         from .artifact import write_json
@@ -193,17 +196,20 @@ def profile_cmd(
 
 
 def validation_table(report: dict) -> Table:
-    t, f = report["table_model"], report["flops_model"]
-    table = Table(title=f"{report['n']} random architectures, batch {report['fingerprint']['batch']}: table model "
-                        f"median {t['median_ape_pct']:.1f} % / p90 {t['p90_ape_pct']:.1f} % error; FLOPs model "
-                        f"median {f['median_ape_pct']:.1f} % / p90 {f['p90_ape_pct']:.1f} %")
-    for col in ("#", "GFLOPs", "min tokens", "measured ms (p10-p90)", "table ms", "error %", "FLOPs ms"):
+    t, c, f = report["table_model"], report["table_model_calibrated"], report["flops_model"]
+    table = Table(title=f"{report['n']} random architectures, batch {report['fingerprint']['batch']}: error median / p90 - "
+                        f"table {t['median_ape_pct']:.1f} / {t['p90_ape_pct']:.1f} %, table x drift "
+                        f"{report['calibration']['scale']:.3f}: {c['median_ape_pct']:.1f} / {c['p90_ape_pct']:.1f} %, "
+                        f"FLOPs (best constant) {f['median_ape_pct']:.1f} / {f['p90_ape_pct']:.1f} %")
+    for col in ("#", "GFLOPs", "min tokens", "measured ms (p10-p90)", "table ms", "error %", "calibrated ms", "error %",
+                "FLOPs ms"):
         table.add_column(col, justify="right")
     for i, r in enumerate(report["rows"]):
         m = r["measured"]
         table.add_row(str(i), f"{r['gflops']:.2f}", str(min(b["tokens"] for b in r["arch"]["blocks"])),
                       f"{m['median_ms']:.2f} ({m['p10_ms']:.2f}-{m['p90_ms']:.2f})", f"{r['predicted_ms']:.2f}",
-                      f"{r['ape_pct']:.1f}", f"{r['flops_predicted_ms']:.2f}")
+                      f"{r['ape_pct']:.1f}", f"{r['calibrated_ms']:.2f}", f"{r['calibrated_ape_pct']:.1f}",
+                      f"{r['flops_predicted_ms']:.2f}")
     return table
 
 

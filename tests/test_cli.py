@@ -137,3 +137,26 @@ def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
     r = cli("compile", DEIT, *DEIT_ARGS, "-o", out)
     assert r.returncode == 2 and "refusing to overwrite" in r.stderr
     assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+
+
+def test_profile_tiny_grid_then_refuse_another_device(tmp_path):
+    r = cli("profile", "--grid", "tiny", "--tables", tmp_path, "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    (table,) = (tmp_path / "ort-cpu").glob("*.json")
+    data = json.loads(table.read_text())
+    assert data["complete"] and data["fingerprint"]["threads"] == 1
+    data["fingerprint"]["cpu_model"] = "Another CPU"
+    table.write_text(json.dumps(data))
+    r = cli("profile", "--grid", "tiny", "--tables", tmp_path, "--threads", "1")
+    assert r.returncode == 2 and "measured on another device (cpu_model" in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dtype", "fp16"], "dtype fp16 is not supported"),
+    (["--grid", "huge"], "unknown grid 'huge'"),
+    (["--target", "tpu"], "unknown target 'tpu'"),
+])
+def test_profile_bad_options(tmp_path, args, message):
+    r = cli("profile", "--tables", tmp_path, *args)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not any(tmp_path.rglob("*.json"))

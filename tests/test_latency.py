@@ -170,3 +170,6 @@ def test_validate_compiles_and_measures(tmp_path, backend):
     for row in report["rows"]:
         assert row["measured"]["median_ms"] > 0 and row["predicted_ms"] > 0 and row["outside_grid"] == []
     assert report["table_model"]["median_ape_pct"] >= 0
+    assert report["calibration"]["scale"] > 0 and len(report["calibration"]["points"]) == 4
+    for row in report["rows"]:
+        assert row["calibrated_ms"] == pytest.approx(row["predicted_ms"] * report["calibration"]["scale"], rel=1e-6)

@@ -31,6 +31,8 @@ def session_options_for(config: dict[str, Any]):
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[config["optimization_level"]])
     opts.log_severity_level = 3
+    if not config.get("allow_spinning", True):
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
@@ -49,13 +51,19 @@ class OrtBackend:
     provider = "CPUExecutionProvider"
     extra: str = ""
 
-    def __init__(self, threads: int | None = None, optimization_level: str = "all"):
+    def __init__(self, threads: int | None = None, optimization_level: str = "all", allow_spinning: bool = False):
         if optimization_level not in OPT_LEVELS:
             raise DeployCompError(f"unknown optimization level '{optimization_level}': use one of {', '.join(OPT_LEVELS)}")
         self.session_config = {
             "intra_op_threads": threads or usable_cores(),
             "optimization_level": optimization_level,
             "execution_mode": "sequential",
+            # Off by default: with spinning, idle workers of one session busy-wait and steal the 2 cores
+            # from the next session's run, which made interleaved measurements of several sessions
+            # (profiling, validation, bench) unusable (p90 93 ms vs 60 ms for DeiT-S). The price, in
+            # the interleaved baseline run (benchmarks/results/baselines.json), is 6-9 % batch-1
+            # latency of a single deployed session; --spinning turns it on (re-profile to match).
+            "allow_spinning": allow_spinning,
             "providers": [self.provider],
         }
 
@@ -76,6 +84,7 @@ class OrtBackend:
             "target": self.name,
             **host_fingerprint(),
             "threads": self.session_config["intra_op_threads"],
+            "allow_spinning": self.session_config["allow_spinning"],
             "backend": "onnxruntime",
             "backend_version": ort.__version__,
             "provider": self.provider,

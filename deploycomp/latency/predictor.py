@@ -53,7 +53,8 @@ class LatencyPredictor:
                 out.append(f"{part}.{k}={v} outside [{lo}, {hi}]")
         return out
 
-    def predict(self, arch: ViTArch) -> Prediction:
+    def predict(self, arch: ViTArch, scale: float = 1.0) -> Prediction:
+        """Predicted latency; ``scale`` (a measured now/at-profile-time ratio) corrects for device drift."""
         fixed = self.table.fixed
         if (arch.img_size, arch.patch, arch.in_chans, arch.num_classes) != (
                 fixed["img_size"], fixed["patch"], fixed["in_chans"], fixed["num_classes"]):
@@ -70,4 +71,6 @@ class LatencyPredictor:
             mlp.append(self.part_ms("mlp", m_pt))
         last = arch.blocks[-1].tokens if arch.blocks else arch.patches + 1
         stem, head = self.part_ms("stem", (e,)), self.part_ms("head", (last, e))
+        attn, mlp = [a * scale for a in attn], [m * scale for m in mlp]
+        stem, head = stem * scale, head * scale
         return Prediction(stem + head + sum(attn) + sum(mlp), stem, head, attn, mlp, sorted(set(outside)))

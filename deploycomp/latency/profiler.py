@@ -39,7 +39,18 @@ GRIDS: dict[str, dict[str, dict[str, list[int]]]] = {
 }
 FIXED = {"deit-base": {"img_size": 224, "patch": 16, "in_chans": 3, "num_classes": 1000},
          "tiny": {"img_size": 64, "patch": 16, "in_chans": 3, "num_classes": 10}}
-DEFAULT_PROTOCOL = {"warmup": 2, "repeats": 5, "passes": 2}
+# Eight passes of two: each point's median mixes eight moments of the profile, so a slow minute
+# of the machine moves it less. Validation at batch 1 here: 2 passes x 5 repeats gave 12 % median /
+# 27 % p90 error, 4 x 3 gave 5.6 % / 12 % (one EMB-576 point still 15 % off a re-measurement).
+DEFAULT_PROTOCOL = {"warmup": 2, "repeats": 2, "passes": 8}
+
+
+def calibration_points(grid: dict[str, dict[str, list[int]]]) -> list[tuple[str, tuple[int, ...]]]:
+    """Grid points re-measured next to the models being validated: the widest attention and MLP at
+    every EMB with all tokens. Their ratio now/at-profile-time measures the device's state."""
+    att, mlp = grid["attention"], grid["mlp"]
+    return ([("attention", (max(att["tokens"]), e, max(att["heads"]), max(att["qk_dim"]), max(att["v_dim"])))
+             for e in att["emb"]] + [("mlp", (max(mlp["tokens"]), e, max(mlp["mlp_dim"]))) for e in mlp["emb"]])
 
 
 def build_part(part: str, point: tuple[int, ...], fixed: dict[str, Any]):
@@ -96,7 +107,7 @@ def profile(backend, root, batch: int = 1, dtype: str = "fp32", grid: str = "dei
     table = LatencyTable(fp, GRIDS[grid], FIXED[grid], {**protocol, "grid_name": grid})
     if path.is_file():  # resume: keep what a previous run of the same grid measured
         old = load_table(path, fp)
-        if old.grid == table.grid and old.protocol.get("repeats") == protocol["repeats"]:
+        if old.grid == table.grid and old.protocol == table.protocol:
             table.entries, table.profiling_seconds = old.entries, old.profiling_seconds
     work = [(part, p) for part in PART_KEYS for p in table.points(part)]
     total = len(work) * protocol["passes"]

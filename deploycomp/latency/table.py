@@ -25,7 +25,8 @@ from ..errors import DeployCompError
 SCHEMA = "deploycomp.latency_table"
 VERSION = 1
 # Fingerprint fields that must agree for a table to describe this device.
-MATCH_KEYS = ("target", "cpu_model", "threads", "backend", "backend_version", "provider", "batch", "dtype")
+MATCH_KEYS = ("target", "cpu_model", "threads", "allow_spinning", "backend", "backend_version", "provider", "batch",
+              "dtype")
 PART_KEYS = {
     "attention": ("tokens", "emb", "heads", "qk_dim", "v_dim"),
     "mlp": ("tokens", "emb", "mlp_dim"),
@@ -138,7 +139,8 @@ def save_table(table: LatencyTable, path: Path) -> None:
                 on_disk = LatencyTable.from_json(json.loads(path.read_text(encoding="utf-8")), path)
             except (json.JSONDecodeError, DeployCompError):
                 on_disk = None
-            if on_disk is not None and on_disk.grid == table.grid and not mismatches(on_disk.fingerprint, table.fingerprint):
+            if (on_disk is not None and on_disk.grid == table.grid and on_disk.protocol == table.protocol
+                    and not mismatches(on_disk.fingerprint, table.fingerprint)):
                 for part, points in on_disk.entries.items():
                     for key, entry in points.items():
                         mine = table.entries.get(part, {}).get(key, {}).get("samples_ms", [])
@@ -149,5 +151,6 @@ def save_table(table: LatencyTable, path: Path) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(table.to_json(), f, indent=1, sort_keys=True)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a table is meant to be shared
         os.replace(tmp, path)
     table.path = path

@@ -3,7 +3,7 @@
 Random non-uniform architectures (per-block heads / QK / V / MLP drawn independently, half of them
 with the token count reduced after a random block) are built as FlexViT, exported, compiled by
 deploycomp, and measured interleaved; the prediction error is reported per model with its median
-and p90. A FLOPs-proportional model (ms per FLOP fitted on the same models) is reported alongside,
+and p90, raw and corrected for the device's drift since profiling (see ``validate``). A FLOPs-proportional model (ms per FLOP fitted on the same models) is reported alongside,
 to show what the table adds.
 """
 
@@ -38,13 +38,32 @@ def compile_arch(arch: ViTArch, workdir: Path, name: str, threads: int) -> Path:
     return out / "model.onnx"
 
 
+def _part_candidate(part: str, point, fixed, session_config: dict):
+    from ..bench.harness import Candidate
+    from .profiler import build_part, part_input
+
+    def make(batch: int):
+        import onnxruntime as ort
+
+        from ..backends.ort import session_options_for
+
+        sess = ort.InferenceSession(build_part(part, point, fixed).SerializeToString(), session_options_for(session_config),
+                                    providers=session_config.get("providers", ["CPUExecutionProvider"]))
+        feed = {sess.get_inputs()[0].name: part_input(part, point, fixed, batch)}
+        return lambda: sess.run(None, feed)
+
+    return Candidate(f"{part}{tuple(point)}", "calibration", make)
+
+
 def measure_models(paths: list[Path], shape: tuple[int, ...], session_config: dict, batch: int, rounds: int,
-                   iters: int, progress: Callable[[], None] | None = None) -> list[dict[str, float]]:
+                   iters: int, calibration=(), fixed=None) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """Whole models and calibration parts, all interleaved in one measurement."""
     from ..bench.harness import measure_interleaved, ort_candidate, stats
 
-    cands = [ort_candidate(str(i), "model", p.read_bytes(), shape, session_config) for i, p in enumerate(paths)]
-    times = measure_interleaved(cands, batch, rounds=rounds, iters=iters, progress=progress)
-    return [stats(times[c.name]) for c in cands]
+    models = [ort_candidate(str(i), "model", p.read_bytes(), shape, session_config) for i, p in enumerate(paths)]
+    parts = [_part_candidate(part, point, fixed, session_config) for part, point in calibration]
+    times = measure_interleaved(models + parts, batch, rounds=rounds, iters=iters)
+    return [stats(times[c.name]) for c in models], [stats(times[c.name]) for c in parts]
 
 
 def summarize_errors(pred: np.ndarray, meas: np.ndarray) -> dict[str, float]:
@@ -55,10 +74,18 @@ def summarize_errors(pred: np.ndarray, meas: np.ndarray) -> dict[str, float]:
 
 def validate(table: LatencyTable, backend, archs: list[ViTArch], rounds: int = 5, iters: int = 2,
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Predict, compile and measure ``archs``; report raw and drift-calibrated prediction errors.
+
+    Raw: the table's numbers as profiled. Calibrated: scaled by how much faster or slower the
+    calibration points (a few grid points, re-measured interleaved with the models) run now than
+    when they were profiled; the scale is reported, so is the raw error.
+    """
+    from .profiler import calibration_points
+
     say = progress or (lambda s: None)
     predictor = LatencyPredictor(table)
     batch, threads = table.fingerprint["batch"], table.fingerprint["threads"]
-    preds = [predictor.predict(a) for a in archs]
+    calibration = calibration_points(table.grid)
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for i, arch in enumerate(archs):
@@ -66,19 +93,28 @@ def validate(table: LatencyTable, backend, archs: list[ViTArch], rounds: int = 5
             paths.append(compile_arch(arch, Path(tmp), f"arch{i}", threads))
         say("measure")
         shape = (1, archs[0].in_chans, archs[0].img_size, archs[0].img_size)
-        measured = measure_models(paths, shape, backend.session_config, batch, rounds, iters)
+        measured, cal = measure_models(paths, shape, backend.session_config, batch, rounds, iters, calibration,
+                                       table.fixed)
+    ratios = np.array([c["median_ms"] / table.median(part, point) for c, (part, point) in zip(cal, calibration)])
+    scale = float(np.exp(np.mean(np.log(ratios))))
+    raw = [predictor.predict(a) for a in archs]
+    calibrated = [predictor.predict(a, scale) for a in archs]
     meas = np.array([m["median_ms"] for m in measured])
-    pred = np.array([p.total_ms for p in preds])
     flops = np.array([a.flops() for a in archs])
     # FLOPs-proportional baseline, given its best single constant (least squares in relative error)
-    ms_per_flop = float(np.sum(meas * flops / meas**2) / np.sum(flops**2 / meas**2))
-    rows = [{"arch": a.to_dict(), "gflops": f / 1e9, "predicted_ms": p.total_ms, "measured": m,
-             "ape_pct": abs(p.total_ms - m["median_ms"]) / m["median_ms"] * 100,
+    ms_per_flop = float(np.sum(flops / meas) / np.sum(flops**2 / meas**2))
+    rows = [{"arch": a.to_dict(), "gflops": f / 1e9, "predicted_ms": p.total_ms, "calibrated_ms": c.total_ms,
+             "measured": m, "ape_pct": abs(p.total_ms - m["median_ms"]) / m["median_ms"] * 100,
+             "calibrated_ape_pct": abs(c.total_ms - m["median_ms"]) / m["median_ms"] * 100,
              "flops_predicted_ms": f * ms_per_flop, "outside_grid": p.outside_grid}
-            for a, p, m, f in zip(archs, preds, measured, flops)]
+            for a, p, c, m, f in zip(archs, raw, calibrated, measured, flops)]
     return {"fingerprint": table.fingerprint, "table": str(table.path), "n": len(archs),
             "protocol": {"rounds": rounds, "iters": iters, "interleaved": True},
-            "table_model": summarize_errors(pred, meas),
+            "calibration": {"scale": scale, "points": [{"part": part, "point": list(point), "now": c,
+                                                        "profiled_median_ms": table.median(part, point)}
+                                                       for c, (part, point) in zip(cal, calibration)]},
+            "table_model": summarize_errors(np.array([p.total_ms for p in raw]), meas),
+            "table_model_calibrated": summarize_errors(np.array([c.total_ms for c in calibrated]), meas),
             "flops_model": {**summarize_errors(flops * ms_per_flop, meas), "ms_per_gflop": ms_per_flop * 1e9},
             "rows": rows}
 
