@@ -14,9 +14,6 @@ from dataclasses import asdict, dataclass, field
 import networkx as nx
 import numpy as np
 
-GROUP_KINDS = ("emb", "heads", "qk", "v", "mlp")
-
-
 @dataclass(frozen=True)
 class ChannelSlice:
     """Which indices along ``axis`` of initializer ``tensor`` belong to each unit of a group.
@@ -78,9 +75,6 @@ class Structure:
 
     def slices(self, group: str) -> list[ChannelSlice]:
         return [d["slice"] for _, _, d in self.graph.out_edges(group, data=True)]
-
-    def coupled_groups(self, tensor: str) -> list[str]:
-        return list(self.graph.predecessors(f"tensor:{tensor}"))
 
     def table(self) -> list[dict]:
         return [

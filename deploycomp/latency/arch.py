@@ -35,11 +35,6 @@ class ViTArch:
     def patches(self) -> int:
         return (self.img_size // self.patch) ** 2
 
-    @classmethod
-    def uniform(cls, emb: int, depth: int, heads: int, head_dim: int, mlp_dim: int, **kw) -> "ViTArch":
-        tokens = (kw.get("img_size", 224) // kw.get("patch", 16)) ** 2 + 1
-        return cls(emb, tuple(BlockArch(heads, head_dim, head_dim, mlp_dim, tokens) for _ in range(depth)), **kw)
-
     def flops(self) -> float:
         """Matmul FLOPs per image (2 x MACs), the quantity a FLOPs-based latency model uses."""
         e = self.emb
@@ -52,10 +47,6 @@ class ViTArch:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ViTArch":
-        return cls(**{**d, "blocks": tuple(BlockArch(**b) for b in d["blocks"])})
 
 
 def random_arch(rng: np.random.Generator, grid: dict, depth: int = 12, reduce_tokens: bool = False,
