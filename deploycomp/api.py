@@ -12,7 +12,7 @@ import datetime as _dt
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -23,6 +23,9 @@ from .backends.base import get_backend
 from .errors import DeployCompError
 from .ir.structure import Structure
 from .passes.base import DEFAULT_INVARIANTS, CompileContext, Pass, Pipeline
+
+if TYPE_CHECKING:
+    from .learn.train import TrainConfig
 
 Progress = Callable[[str], None]
 
@@ -42,6 +45,8 @@ class CompileOptions:
     measure_rounds: int = 5  # batch-1 latency of the artifact measured after emitting (0: skip)
     seed: int | None = None  # verification inputs; None draws a fresh seed (recorded in the manifest)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm overrides, e.g. depth, img_size
+    data: str | None = None  # labelled data (fashion-mnist or an image folder): top-1 before/after on the target
+    eval_samples: int | None = None  # first N test samples only
 
 
 def default_passes(options: CompileOptions) -> list[Pass]:
@@ -71,6 +76,7 @@ def compile(source: str, output: str | Path, options: CompileOptions | None = No
 
     say("load")
     src = load_source(source, options.weights, options.model_kwargs, options.opset)
+    test_data = load_eval_data(options.data, src.input_shape, options.eval_samples) if options.data else None
     ctx = CompileContext(
         family=src.family, reference=src.reference, reference_kind=src.reference_kind, backend=backend,
         verify_batches=tuple(options.verify_batches), tolerance=options.tolerance,
@@ -97,6 +103,10 @@ def compile(source: str, output: str | Path, options: CompileOptions | None = No
     }
     with atomic_output_dir(output) as staging:
         manifest.update(backend.emit(model, staging))
+        if options.data:
+            say("evaluate")
+            manifest["accuracy"] = evaluate_compiled(src.reference, src.reference_kind,
+                                                     backend.runner(staging / manifest["files"]["model"]), test_data)
         if options.measure_rounds:
             say("measure")
             manifest["latency"] = measure_artifact(staging / manifest["files"]["model"], manifest, options.measure_rounds)
@@ -105,6 +115,25 @@ def compile(source: str, output: str | Path, options: CompileOptions | None = No
         (staging / "report.md").write_text(render_report(manifest), encoding="utf-8")
         write_json(staging / MANIFEST, manifest)
     return manifest
+
+
+def load_eval_data(data: str, input_shape: tuple[int, ...], samples: int | None = None):
+    """The labelled test split the compile report scores, checked against the model's input geometry."""
+    from .learn.data import check_geometry, load_data
+
+    test = load_data(data, "test", img_size=input_shape[-1], in_chans=input_shape[1])
+    check_geometry(test, input_shape)
+    return test.subset(range(min(samples, len(test)))) if samples else test
+
+
+def evaluate_compiled(reference, reference_kind: str, artifact_runner, test) -> dict[str, Any]:
+    """Top-1 of the reference (torch, or the input graph) and of the artifact on its backend, same samples."""
+    from .learn.evaluate import evaluate_runner
+
+    before = evaluate_runner(reference, test)
+    after = evaluate_runner(artifact_runner, test)
+    return {"data": test.name, "samples": len(test), "reference": reference_kind, "reference_top1": before,
+            "artifact_top1": after, "delta_pt": after - before}
 
 
 def measure_artifact(model_path: Path, manifest: dict, rounds: int) -> dict[str, Any]:
@@ -161,7 +190,7 @@ def bench(artifact: str | Path | None = None, baselines: list[str] = (), *, thre
     from .backends.fingerprint import host_fingerprint, usable_cores
     from .bench.harness import measure_interleaved, ort_candidate, summarize, torch_candidate
     from .frontend.export import export_to_onnx
-    from .frontend.timm_models import build_timm_model, timm_spec
+    from .frontend.timm_models import build_timm_model, timm_input_shape, timm_spec
     from .ir.shapes import matmul_flops
 
     threads = threads or usable_cores()
@@ -177,8 +206,7 @@ def bench(artifact: str | Path | None = None, baselines: list[str] = (), *, thre
         name = baseline_name(alias)
         spec = timm_spec(name)
         module = build_timm_model(name, model_kwargs=model_kwargs)
-        img = (model_kwargs or {}).get("img_size", spec.img_size)
-        shape = (1, spec.in_chans, img, img)
+        shape = timm_input_shape(spec, model_kwargs)
         onnx_model = export_to_onnx(module, shape)
         gflops = matmul_flops(onnx_model) / 1e9
         if "torch" in kinds:
@@ -218,3 +246,115 @@ def _param_count(model: ir.Model) -> int:
     return int(sum(int(np.prod(v.const_value.shape)) for v in model.graph.initializers.values()
                    if v.const_value is not None and v.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
                    and len(v.const_value.shape) > 0))
+
+
+def train(model: str, out: str | Path, config: "TrainConfig | None" = None, *, data: str = "fashion-mnist",
+          weights: str | None = None, model_kwargs: dict | None = None, teacher_logits: str | None = None,
+          teacher: str | None = None, teacher_weights: str | None = None, train_subset: int | None = None,
+          test_subset: int | None = None, threads: int | None = None, resume: bool = True,
+          log: Callable[[str], None] | None = None, progress=None) -> dict[str, Any]:
+    """Train or fine-tune ``timm:<name>`` on ``data`` into ``out`` (checkpoint, weights, metrics).
+
+    Runs alone or under ``torchrun`` (DDP). A teacher is either stored top-K logits
+    (``teacher_logits``, TinyViT) or a live model (``teacher`` + ``teacher_weights``).
+    """
+    import time
+
+    import torch
+
+    from .backends.fingerprint import host_fingerprint, usable_cores
+    from .frontend.timm_models import build_timm_model, timm_input_shape, timm_spec
+    from .learn.data import load_data
+    from .learn.distill import LiveTeacher, StoredTeacher
+    from .learn.distributed import close_world, init_world
+    from .learn.train import METRICS, TrainConfig, fit
+
+    config = config or TrainConfig()
+    name = model.removeprefix("timm:")
+    spec = timm_spec(name)
+    world = init_world()
+    try:
+        torch.set_num_threads(threads or max(1, usable_cores() // world.size))
+        torch.manual_seed(config.seed)
+        module = build_timm_model(name, Path(weights) if weights else None, model_kwargs)
+        kwargs = model_kwargs or {}
+        _, chans, img, _ = timm_input_shape(spec, kwargs)
+        train_set, test_set = load_data(data, "train", img, chans), load_data(data, "test", img, chans)
+        if train_subset:
+            train_set = train_set.subset(torch.arange(min(train_subset, len(train_set))))
+        if test_subset:
+            test_set = test_set.subset(torch.arange(min(test_subset, len(test_set))))
+        source = None
+        if teacher_logits and teacher:
+            raise DeployCompError("give stored teacher logits or a live teacher, not both")
+        if teacher_logits:
+            source = StoredTeacher(teacher_logits)
+            source.check_compatible(train_set, config.view, config.epochs)
+        elif teacher:
+            source = LiveTeacher(build_timm_model(teacher.removeprefix("timm:"), Path(teacher_weights) if teacher_weights else None))
+        run_info = {"model": f"timm:{name}", "model_kwargs": {k: str(v) for k, v in kwargs.items()},
+                    "init_weights": str(weights), "data": data, "train_samples": len(train_set),
+                    "teacher": teacher_logits and f"stored:{teacher_logits}" or (teacher and f"live:{teacher}") or ""}
+        t0 = time.monotonic()
+        result = fit(module, train_set, test_set, config, out_dir=out, teacher=source, world=world,
+                     resume=resume, run_info=run_info, log=log, progress=progress)
+        metrics = {
+            "deploycomp_version": __version__, **run_info, "model_kwargs": kwargs, "init_weights": weights,
+            "test_samples": len(test_set),
+            "config": asdict(config), "world_size": world.size, "threads_per_process": torch.get_num_threads(),
+            "host": host_fingerprint(), "finished": result.finished, "test_accuracy": result.test_accuracy,
+            "train_seconds": result.train_seconds, "wall_seconds_this_call": time.monotonic() - t0,
+            "history": result.history,
+        }
+        if world.is_main:
+            write_json(Path(out) / METRICS, metrics)
+        return metrics
+    finally:
+        close_world(world)
+
+
+def store_logits(teacher: str, out: str | Path, *, weights: str | None = None, data: str = "fashion-mnist",
+                 epochs: int, topk: int = 5, seed: int = 0, max_shift: int = 2, flip: bool = True,
+                 train_subset: int | None = None, model_kwargs: dict | None = None, progress=None) -> dict[str, Any]:
+    """Store ``teacher``'s top-K probabilities for every training view of ``epochs`` epochs (TinyViT)."""
+    import time
+
+    import torch
+
+    from .backends.fingerprint import usable_cores
+    from .frontend.timm_models import build_timm_model, timm_input_shape, timm_spec
+    from .learn.data import load_data
+    from .learn.distill import ViewSpec, store_teacher_logits
+
+    name = teacher.removeprefix("timm:")
+    spec = timm_spec(name)
+    torch.set_num_threads(usable_cores())
+    module = build_timm_model(name, Path(weights) if weights else None, model_kwargs)
+    _, chans, img, _ = timm_input_shape(spec, model_kwargs)
+    train_set = load_data(data, "train", img, chans)
+    if train_subset:
+        train_set = train_set.subset(range(min(train_subset, len(train_set))))
+    t0 = time.monotonic()
+    info = store_teacher_logits(module, train_set, out, epochs=epochs, view=ViewSpec(seed, max_shift, flip), topk=topk,
+                                progress=progress)
+    return {**info, "seconds": time.monotonic() - t0}
+
+
+def evaluate(model: str, *, data: str = "fashion-mnist", weights: str | None = None, samples: int | None = None,
+             model_kwargs: dict | None = None) -> dict[str, Any]:
+    """Top-1 on the test split: an artifact directory on its backend, or ``timm:<name>`` in torch."""
+    from .learn.evaluate import evaluate_artifact, evaluate_module
+
+    if model.startswith("timm:"):
+        from .frontend.timm_models import build_timm_model, timm_input_shape, timm_spec
+
+        spec = timm_spec(model.removeprefix("timm:"))
+        module = build_timm_model(spec.name, Path(weights) if weights else None, model_kwargs)
+        test = load_eval_data(data, timm_input_shape(spec, model_kwargs), samples)
+        return {"model": model, "data": test.name, "samples": len(test), "runtime": "torch",
+                "top1": evaluate_module(module, test)}
+    manifest = read_manifest(Path(model))
+    shape = tuple(d if isinstance(d, int) else 1 for d in manifest["input"]["shape"])
+    test = load_eval_data(data, shape, samples)
+    return {"model": model, "data": test.name, "samples": len(test), "runtime": manifest["target"]["target"],
+            "top1": evaluate_artifact(model, test)}

@@ -34,7 +34,7 @@ console = Console()
 err_console = Console(stderr=True)
 STATE = {"debug": False}
 
-COMPILE_STAGES = ["load", "cleanup", "discover", "ort_fusion", "verify", "emit", "measure"]
+COMPILE_STAGES = ["load", "cleanup", "discover", "ort_fusion", "verify", "emit", "evaluate", "measure"]
 
 
 @app.callback()
@@ -69,6 +69,8 @@ def compile_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the verification inputs (default: fresh)."),
     model_arg: list[str] = typer.Option([], "--model-arg", help="timm constructor override KEY=VALUE (repeatable), e.g. depth=6."),
     no_measure: bool = typer.Option(False, "--no-measure", help="Skip measuring the artifact's latency."),
+    data: Optional[str] = typer.Option(None, "--data", help="Labelled data for top-1 before/after on the target: fashion-mnist or an image folder (DIR/<class>/<img>, or DIR/val/...)."),
+    eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help="Evaluate on the first N test samples only (default: all)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Do not print the report."),
 ):
     """Compile a model into a verified artifact: model.onnx + manifest.json + report.md."""
@@ -77,8 +79,9 @@ def compile_cmd(
     options = CompileOptions(target=target, weights=str(weights) if weights else None, opset=opset, threads=threads,
                              allow_spinning=spinning,
                              fuse=fuse, tolerance=tolerance, seed=seed, model_kwargs=_parse_model_args(model_arg),
-                             measure_rounds=0 if no_measure else 5)
-    stages = [s for s in COMPILE_STAGES if (s != "ort_fusion" or fuse) and (s != "measure" or not no_measure)]
+                             measure_rounds=0 if no_measure else 5, data=data, eval_samples=eval_samples)
+    stages = [s for s in COMPILE_STAGES if (s != "ort_fusion" or fuse) and (s != "measure" or not no_measure)
+              and (s != "evaluate" or data)]
     with _progress() as progress:
         task = progress.add_task("compile", total=len(stages))
 
@@ -193,6 +196,95 @@ def profile_cmd(
 
         write_json(json_out, report)
         console.print(f"[green]wrote[/green] {json_out}")
+
+
+@app.command("train")
+def train_cmd(
+    model: str = typer.Argument(..., help="timm:<name>, e.g. timm:deit_fmnist_patch4_28 (the proxy DeiT)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Run directory: checkpoint.pt (resumable), model.safetensors, metrics.json."),
+    data: str = typer.Option("fashion-mnist", "--data", help="fashion-mnist or an image folder (DIR/train, DIR/val)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Initial weights (fine-tuning)."),
+    model_arg: list[str] = typer.Option([], "--model-arg", help="timm constructor override KEY=VALUE (repeatable)."),
+    epochs: int = typer.Option(20, "--epochs"),
+    batch_size: int = typer.Option(128, "--batch-size", help="Global batch, split over torchrun processes."),
+    lr: float = typer.Option(1e-3, "--lr"),
+    weight_decay: float = typer.Option(0.05, "--weight-decay"),
+    warmup_epochs: float = typer.Option(1.0, "--warmup-epochs"),
+    label_smoothing: float = typer.Option(0.1, "--label-smoothing"),
+    seed: int = typer.Option(0, "--seed", help="Seeds init, data order and augmentation views."),
+    teacher_logits: Optional[Path] = typer.Option(None, "--teacher-logits", help="Stored top-K teacher logits (deploycomp store-logits)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Live teacher timm:<name> (slower than stored logits)."),
+    teacher_weights: Optional[Path] = typer.Option(None, "--teacher-weights", help="Weights of the live teacher."),
+    kd_weight: float = typer.Option(1.0, "--kd-weight", help="Share of the loss from the teacher's soft targets."),
+    train_subset: Optional[int] = typer.Option(None, "--train-subset", help="Use the first N training samples."),
+    test_subset: Optional[int] = typer.Option(None, "--test-subset", help="Evaluate on the first N test samples."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop (checkpointed) after N steps in this call."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads per process (default: cores / processes)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt if present."),
+):
+    """Train or fine-tune a model (alone or under torchrun -m deploycomp train ...), with optional distillation."""
+    from .api import train as do_train
+    from .learn.train import TrainConfig
+
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                         label_smoothing=label_smoothing, seed=seed, kd_weight=kd_weight, max_steps=max_steps)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    with _progress() as progress:
+        task = progress.add_task("train", total=None, visible=main_rank)
+
+        def tick(step: int, total: int, info: dict) -> None:
+            progress.update(task, completed=step, total=total, description=f"epoch {info['epoch']} loss {info['loss']:.4f}")
+
+        metrics = do_train(model, out, config, data=data, weights=str(weights) if weights else None,
+                           model_kwargs=_parse_model_args(model_arg), teacher_logits=str(teacher_logits) if teacher_logits else None,
+                           teacher=teacher, teacher_weights=str(teacher_weights) if teacher_weights else None,
+                           train_subset=train_subset, test_subset=test_subset, threads=threads, resume=resume,
+                           log=lambda line: progress.console.print(line, markup=False, highlight=False), progress=tick)
+    if main_rank:
+        state = "finished" if metrics["finished"] else "stopped (resume with the same command)"
+        acc = f", test top-1 {metrics['test_accuracy']:.2f} %" if metrics["test_accuracy"] is not None else ""
+        console.print(f"[green]{state}[/green]{acc}; {metrics['train_seconds'] / 60:.1f} min of training; wrote {out}/")
+
+
+@app.command("store-logits")
+def store_logits_cmd(
+    teacher: str = typer.Argument(..., help="Teacher timm:<name>."),
+    out: Path = typer.Option(..., "-o", "--out", help="Teacher logits file to write (atomically)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Teacher weights."),
+    model_arg: list[str] = typer.Option([], "--model-arg", help="timm constructor override KEY=VALUE (repeatable)."),
+    data: str = typer.Option("fashion-mnist", "--data", help="fashion-mnist or an image folder."),
+    epochs: int = typer.Option(..., "--epochs", help="Epochs of the student run the records must cover."),
+    topk: int = typer.Option(5, "--topk", help="Probabilities kept per sample (TinyViT keeps 10 of 1000)."),
+    seed: int = typer.Option(0, "--seed", help="The student run's --seed (decides the augmentation views)."),
+    train_subset: Optional[int] = typer.Option(None, "--train-subset", help="Use the first N training samples."),
+):
+    """Store a teacher's top-K softmax (fp16) per sample and epoch, for distillation without the teacher (TinyViT)."""
+    from .api import store_logits
+
+    with _progress() as progress:
+        task = progress.add_task("store-logits", total=None)
+        info = store_logits(teacher, out, weights=str(weights) if weights else None, data=data, epochs=epochs, topk=topk,
+                            seed=seed, train_subset=train_subset, model_kwargs=_parse_model_args(model_arg),
+                            progress=lambda done, total: progress.update(task, completed=done, total=total))
+    console.print(f"[green]wrote[/green] {out}: {info['num_samples']} samples x {info['epochs']} epochs, top-{info['topk']}, "
+                  f"{info['bytes_per_sample_epoch']} bytes per sample and epoch, {info['file_bytes'] / 1e6:.1f} MB, "
+                  f"{info['seconds']:.0f} s")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: str = typer.Argument(..., help="An artifact directory (run on its target) or timm:<name> (torch)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Weights of a timm model."),
+    model_arg: list[str] = typer.Option([], "--model-arg", help="timm constructor override KEY=VALUE (repeatable)."),
+    data: str = typer.Option("fashion-mnist", "--data", help="fashion-mnist or an image folder."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Use the first N test samples."),
+):
+    """Top-1 accuracy on the test split, of a compiled artifact on its backend or of a timm model in torch."""
+    from .api import evaluate
+
+    result = evaluate(model, data=data, weights=str(weights) if weights else None, samples=samples,
+                      model_kwargs=_parse_model_args(model_arg))
+    console.print(f"{model}: top-1 {result['top1']:.2f} % on {result['samples']} samples of {result['data']} ({result['runtime']})")
 
 
 def validation_table(report: dict) -> Table:

@@ -29,6 +29,11 @@ def render_report(m: dict[str, Any]) -> str:
         lat = m["latency"]
         lines.append(f"- measured latency at batch 1: median {lat['median_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms "
                      f"({lat['n']} runs)")
+    if "accuracy" in m:
+        acc = m["accuracy"]
+        lines.append(f"- top-1 on {acc['samples']} samples of {acc['data']}: {acc['reference']} reference "
+                     f"{acc['reference_top1']:.2f} %, artifact on {tgt['target']} {acc['artifact_top1']:.2f} % "
+                     f"({acc['delta_pt']:+.2f} pt)")
     checks = ", ".join(f"batch {c['batch']}: {c['rel_l2']:.2e}" for c in parity["checks"])
     lines += [
         f"- verification vs the {parity['reference']} reference (relative L2 <= {parity['tolerance']:g}, seed "

@@ -44,14 +44,12 @@ def _load_timm(name: str, weights, model_kwargs, opset: int) -> Source:
     import torch
 
     from .export import export_to_onnx
-    from .timm_models import build_timm_model, timm_spec
+    from .timm_models import build_timm_model, timm_input_shape, timm_spec
 
     spec = timm_spec(name)
     module = build_timm_model(name, Path(weights) if weights else None, model_kwargs)
     kwargs = model_kwargs or {}
-    img = kwargs.get("img_size", spec.img_size)
-    img = (img, img) if isinstance(img, int) else tuple(img)
-    input_shape = (1, int(kwargs.get("in_chans", spec.in_chans)), *map(int, img))
+    input_shape = timm_input_shape(spec, kwargs)
     model = export_to_onnx(module, input_shape, opset)
 
     def reference(x: np.ndarray) -> np.ndarray:

@@ -29,8 +29,17 @@ TIMM_MODELS: dict[str, TimmModelSpec] = {
         TimmModelSpec("deit_base_patch16_224", "deit"),
         TimmModelSpec("swin_tiny_patch4_window7_224", "swin"),
         TimmModelSpec("swin_small_patch4_window7_224", "swin"),
+        TimmModelSpec("deit_fmnist_patch4_28", "deit", img_size=28, in_chans=1),  # frontend/proxy.py
     )
 }
+
+
+def timm_input_shape(spec: TimmModelSpec, model_kwargs: dict[str, Any] | None = None) -> tuple[int, int, int, int]:
+    """(1, C, H, W) the model takes, after constructor overrides (img_size, in_chans)."""
+    kwargs = model_kwargs or {}
+    img = kwargs.get("img_size", spec.img_size)
+    h, w = (img, img) if isinstance(img, int) else tuple(img)
+    return (1, int(kwargs.get("in_chans", spec.in_chans)), int(h), int(w))
 
 
 def timm_spec(name: str) -> TimmModelSpec:
@@ -46,6 +55,8 @@ def timm_spec(name: str) -> TimmModelSpec:
 def build_timm_model(name: str, weights: Path | None = None, model_kwargs: dict[str, Any] | None = None):
     """Create a timm model (random init, no download) and load a state dict strictly if given."""
     import timm
+
+    from . import proxy  # noqa: F401  (registers the proxy model with timm)
 
     spec = timm_spec(name)
     kwargs = dict(model_kwargs or {})

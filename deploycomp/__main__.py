@@ -1,0 +1,5 @@
+"""``python -m deploycomp`` (and ``torchrun -m deploycomp train ...``) runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,157 @@
+"""Knowledge distillation as in TinyViT: the teacher's sparse soft labels, stored once, read back.
+
+A one-off pass runs the teacher on exactly the augmented views the student will see (the view
+seed is derived from (run seed, epoch, sample index) and stored with each record) and keeps the
+top-K softmax probabilities (fp16) and class indices (int16). Records have a fixed size, so a
+rank reads its samples by seeking. Training rebuilds a dense target by spreading the missing mass
+1 - sum(top-K) uniformly over the other classes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import DeployCompError
+from .data import ImageSet, augment, view_seeds
+
+MAGIC = b"DCKDLOG1"
+ALIGN = 64
+
+
+def record_dtype(topk: int) -> np.dtype:
+    return np.dtype([("seed", "<i8"), ("prob", "<f2", (topk,)), ("index", "<i2", (topk,))])
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """What decides the augmented view of sample i in epoch e; stored logits are only valid for it."""
+
+    seed: int
+    max_shift: int = 2
+    flip: bool = True
+
+    def seeds(self, epoch: int, indices: torch.Tensor) -> torch.Tensor:
+        return view_seeds(self.seed, epoch, indices)
+
+    def view(self, images: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        return augment(images, seeds, self.max_shift, self.flip)
+
+
+def dense_targets(prob: torch.Tensor, index: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Top-K probabilities [B, K] at ``index`` -> dense [B, C]; the missing mass spread evenly."""
+    prob = prob.float()
+    k = prob.shape[1]
+    rest = (1.0 - prob.sum(1, keepdim=True)).clamp_min(0.0) / max(num_classes - k, 1)
+    out = rest.expand(-1, num_classes).clone() if k < num_classes else torch.zeros(prob.shape[0], num_classes)
+    return out.scatter_(1, index.long(), prob)
+
+
+def store_teacher_logits(teacher: torch.nn.Module, data: ImageSet, path: str | Path, *, epochs: int,
+                         view: ViewSpec, topk: int, batch_size: int = 128,
+                         progress: Callable[[int, int], None] | None = None) -> dict:
+    """Run ``teacher`` on every sample's view in each of ``epochs`` epochs; write the top-K file atomically."""
+    path = Path(path)
+    n = len(data)
+    teacher.eval()
+    with torch.inference_mode():
+        num_classes = int(teacher(data.normalize(data.images[:1])).shape[1])
+    if not 0 < topk <= num_classes or num_classes > np.iinfo(np.int16).max:
+        raise DeployCompError(f"top-K must be in 1..{num_classes} (got {topk})")
+    header = {"format": 1, "num_samples": n, "num_classes": num_classes, "topk": topk, "epochs": epochs,
+              "seed": view.seed, "max_shift": view.max_shift, "flip": view.flip, "data": data.name}
+    blob = json.dumps(header).encode()
+    offset = -(-(len(MAGIC) + 4 + len(blob)) // ALIGN) * ALIGN
+    dtype = record_dtype(topk)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + len(blob).to_bytes(4, "little") + blob)
+            f.write(b"\0" * (offset - f.tell()))
+        with open(tmp, "r+b") as f:
+            f.truncate(offset + dtype.itemsize * epochs * n)
+        records = np.memmap(tmp, dtype=dtype, mode="r+", offset=offset, shape=(epochs, n))
+        done, total = 0, epochs * n
+        with torch.inference_mode():
+            for epoch in range(epochs):
+                for start in range(0, n, batch_size):
+                    idx = torch.arange(start, min(start + batch_size, n))
+                    seeds = view.seeds(epoch, idx)
+                    probs = teacher(data.normalize(view.view(data.images[idx], seeds))).softmax(-1)
+                    top = probs.topk(topk, dim=1)
+                    rec = records[epoch, start:start + len(idx)]
+                    rec["seed"] = seeds.numpy()
+                    rec["prob"] = top.values.numpy().astype(np.float16)
+                    rec["index"] = top.indices.numpy().astype(np.int16)
+                    done += len(idx)
+                    if progress:
+                        progress(done, total)
+        records.flush()
+        del records
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {**header, "bytes_per_sample_epoch": dtype.itemsize, "file_bytes": path.stat().st_size}
+
+
+class StoredTeacher:
+    """Soft targets read from a top-K file (memory-mapped; each rank touches only its samples)."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(MAGIC) + 4)
+                if len(head) < len(MAGIC) + 4 or head[:len(MAGIC)] != MAGIC:
+                    raise DeployCompError(f"not a deploycomp teacher-logits file: {path}")
+                self.header = json.loads(f.read(int.from_bytes(head[len(MAGIC):], "little")))
+        except FileNotFoundError:
+            raise DeployCompError(f"teacher logits file not found: {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DeployCompError(f"corrupt teacher logits file (header): {path}") from None
+        h = self.header
+        dtype = record_dtype(h["topk"])
+        offset = -(-(len(MAGIC) + 4 + len(json.dumps(h).encode())) // ALIGN) * ALIGN
+        expected = offset + dtype.itemsize * h["epochs"] * h["num_samples"]
+        if path.stat().st_size != expected:
+            raise DeployCompError(f"corrupt teacher logits file {path}: {path.stat().st_size} bytes, expected {expected}")
+        self.records = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(h["epochs"], h["num_samples"]))
+        self.path = path
+
+    @property
+    def view(self) -> ViewSpec:
+        return ViewSpec(self.header["seed"], self.header["max_shift"], self.header["flip"])
+
+    def check_compatible(self, data: ImageSet, view: ViewSpec, epochs: int) -> None:
+        h = self.header
+        if h["num_samples"] != len(data) or view != self.view:
+            raise DeployCompError(
+                f"teacher logits {self.path} were stored for {h['num_samples']} samples of {h['data']} with "
+                f"{self.view}; this run has {len(data)} samples of {data.name} with {view}")
+        if epochs > h["epochs"]:
+            raise DeployCompError(f"teacher logits {self.path} cover {h['epochs']} epochs; this run trains {epochs}")
+
+    def targets(self, epoch: int, indices: torch.Tensor, seeds: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        rec = self.records[epoch, indices.numpy()]
+        if not np.array_equal(rec["seed"], seeds.numpy()):
+            raise DeployCompError(f"teacher logits {self.path} do not match this run's augmentation seeds")
+        return dense_targets(torch.from_numpy(rec["prob"].astype(np.float32)),
+                             torch.from_numpy(rec["index"].astype(np.int64)), self.header["num_classes"])
+
+
+class LiveTeacher:
+    """Soft targets from running the teacher on the student's batch (the slow path stored logits replace)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module.eval()
+
+    def targets(self, epoch: int, indices: torch.Tensor, seeds: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.module(x).softmax(-1)

@@ -1,0 +1,334 @@
+"""Learning substrate: data, seeded views, stored teacher logits, resumable training, DDP, evaluation."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deploycomp.errors import DeployCompError
+from deploycomp.learn.checkpoint import save_checkpoint
+from deploycomp.learn.data import augment, load_fashion_mnist, view_seeds
+from deploycomp.learn.distill import (LiveTeacher, StoredTeacher, ViewSpec, dense_targets, record_dtype,
+                                      store_teacher_logits)
+from deploycomp.learn.train import CHECKPOINT, TrainConfig, fit
+
+PROXY = "timm:deit_fmnist_patch4_28"
+TINY_PROXY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+TINY_ARGS = [a for k, v in TINY_PROXY.items() for a in ("--model-arg", f"{k}={v}")]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    return load_fashion_mnist("train"), load_fashion_mnist("test")
+
+
+def tiny_proxy(seed: int = 0):
+    from deploycomp.frontend.timm_models import build_timm_model
+
+    torch.manual_seed(seed)
+    return build_timm_model("deit_fmnist_patch4_28", model_kwargs=TINY_PROXY)
+
+
+def rel_diff(a: dict, b: dict) -> float:
+    """Relative L2 distance of two state dicts taken as one vector."""
+    va = torch.cat([a[k].flatten().double() for k in sorted(b)])
+    vb = torch.cat([b[k].flatten().double() for k in sorted(b)])
+    return float((va - vb).norm() / vb.norm())
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+def test_fashion_mnist_is_the_real_data_set(fmnist):
+    train, test = fmnist
+    assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
+    assert train.images.dtype == torch.uint8
+    assert torch.bincount(train.labels).tolist() == [6000] * 10
+    assert torch.bincount(test.labels).tolist() == [1000] * 10
+    x = train.normalize(train.images[:20000])
+    assert abs(float(x.mean())) < 0.02 and abs(float(x.std()) - 1) < 0.02  # the recorded mean/std fit
+
+
+def test_missing_or_corrupt_data_gets_one_clear_error(tmp_path):
+    with pytest.raises(DeployCompError, match="dataset-fashion-mnist"):
+        load_fashion_mnist("train", root=tmp_path)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        with gzip.open(tmp_path / name, "wb") as f:
+            f.write(bytes([0, 0, 8, 3]) + (60000).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\0" * 100)
+    with pytest.raises(DeployCompError, match="corrupt data file"):
+        load_fashion_mnist("train", root=tmp_path)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DeployCompError, match="corrupt data file"):
+        load_fashion_mnist("train", root=tmp_path)
+
+
+def test_image_folder_loader(tmp_path, fmnist):
+    from PIL import Image
+
+    from deploycomp.learn.data import load_data
+
+    train, _ = fmnist
+    for i in range(6):
+        d = tmp_path / "val" / train.classes[int(train.labels[i])].replace("/", "-")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(train.images[i, 0].numpy()).save(d / f"{i}.png")
+    data = load_data(str(tmp_path), "test", img_size=28, in_chans=1)
+    assert data.images.shape == (6, 1, 28, 28) and len(set(data.labels.tolist())) == len(data.classes)
+    assert {tuple(im.flatten().tolist()) for im in data.images} == {tuple(train.images[i].flatten().tolist()) for i in range(6)}
+    with pytest.raises(DeployCompError, match="not found"):
+        load_data(str(tmp_path / "nope"), "test")
+
+
+# ---- seeded views --------------------------------------------------------------------------
+
+def test_view_seeds_are_reproducible_and_distinct():
+    idx = torch.arange(1000)
+    a = view_seeds(0, 3, idx)
+    assert torch.equal(a, view_seeds(0, 3, idx))
+    assert len(set(a.tolist())) == 1000
+    assert (a != view_seeds(0, 4, idx)).all() and (a != view_seeds(1, 3, idx)).all()
+    assert (a >= 0).all()
+
+
+def test_augment_is_an_exact_shift_and_flip():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    span = 5
+    # seed encodes dy = s % 5 - 2, dx = (s // 5) % 5 - 2, flip = (s // 25) % 2
+    identity = torch.full((4,), 2 + 2 * span)
+    assert torch.equal(augment(x, identity), x)
+    down = torch.full((4,), 3 + 2 * span)  # dy = +1: content moves one row down, zero fill at the top
+    out = augment(x, down)
+    assert torch.equal(out[:, :, 1:], x[:, :, :-1]) and (out[:, :, 0] == 0).all()
+    flipped = augment(x, identity + 25)
+    assert torch.equal(flipped, x.flip(-1))
+    seeds = view_seeds(7, 0, torch.arange(4))
+    assert torch.equal(augment(x, seeds), augment(x.clone(), seeds.clone()))
+
+
+# ---- stored teacher logits -----------------------------------------------------------------
+
+def test_dense_targets_spread_the_missing_mass():
+    probs = torch.tensor([[0.5, 0.3], [0.9, 0.05]])
+    index = torch.tensor([[2, 0], [1, 3]])
+    dense = dense_targets(probs, index, 5)
+    assert torch.allclose(dense.sum(1), torch.ones(2))
+    assert torch.allclose(dense[0], torch.tensor([0.3, 0.2 / 3, 0.5, 0.2 / 3, 0.2 / 3]))
+    assert torch.allclose(dense[1, [1, 3]], torch.tensor([0.9, 0.05]))
+    full = torch.tensor([[0.7, 0.2, 0.1]])
+    assert torch.allclose(dense_targets(full, torch.tensor([[2, 0, 1]]), 3), torch.tensor([[0.2, 0.1, 0.7]]))
+
+
+def test_stored_logits_roundtrip_and_refusals(tmp_path, fmnist):
+    train, _ = fmnist
+    data = train.subset(range(300))
+    teacher = tiny_proxy(1)
+    view = ViewSpec(seed=5)
+    path = tmp_path / "t.kd"
+    info = store_teacher_logits(teacher, data, path, epochs=2, view=view, topk=3, batch_size=128)
+    assert info["bytes_per_sample_epoch"] == record_dtype(3).itemsize == 8 + 3 * 2 + 3 * 2
+    assert not list(tmp_path.glob(".*tmp"))
+    stored = StoredTeacher(path)
+    stored.check_compatible(data, view, epochs=2)
+    idx = torch.tensor([299, 0, 17, 150])
+    for epoch in (0, 1):
+        seeds = view.seeds(epoch, idx)
+        x = data.normalize(view.view(data.images[idx], seeds))
+        live = LiveTeacher(teacher).targets(epoch, idx, seeds, x)
+        top = live.topk(3, dim=1)
+        expect = dense_targets(top.values, top.indices, 10)
+        got = stored.targets(epoch, idx, seeds, x)
+        assert torch.allclose(got, expect, atol=1e-3), (got - expect).abs().max()
+    with pytest.raises(DeployCompError, match="augmentation seeds"):
+        stored.targets(0, idx, ViewSpec(seed=6).seeds(0, idx), x)
+    with pytest.raises(DeployCompError, match="cover 2 epochs"):
+        stored.check_compatible(data, view, epochs=3)
+    with pytest.raises(DeployCompError, match="stored for"):
+        stored.check_compatible(data, ViewSpec(seed=6), epochs=2)
+    broken = tmp_path / "broken.kd"
+    broken.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DeployCompError, match="corrupt teacher logits"):
+        StoredTeacher(broken)
+    (tmp_path / "other.bin").write_bytes(b"something else entirely")
+    with pytest.raises(DeployCompError, match="not a deploycomp teacher-logits"):
+        StoredTeacher(tmp_path / "other.bin")
+
+
+def test_kd_from_stored_full_logits_trains_like_the_live_teacher(tmp_path, fmnist):
+    """With K = all classes the stored targets are the live ones up to fp16: the student sees the same views."""
+    train, _ = fmnist
+    data = train.subset(range(256))
+    teacher = tiny_proxy(1)
+    config = TrainConfig(epochs=1, batch_size=64, seed=3, warmup_epochs=0, save_every_s=1e9)
+    runs = []
+    for source in ("live", "stored", "other views"):
+        student = tiny_proxy(2)
+        if source == "other views":  # control: the same teacher, but the views of another seed
+            config = TrainConfig(**{**config.__dict__, "seed": 4})
+            t = LiveTeacher(teacher)
+        elif source == "live":
+            t = LiveTeacher(teacher)
+        else:
+            store_teacher_logits(teacher, data, tmp_path / "full.kd", epochs=1, view=config.view, topk=10)
+            t = StoredTeacher(tmp_path / "full.kd")
+        result = fit(student, data, None, config, teacher=t)
+        runs.append((result.history[-1]["train_loss"], student.state_dict()))
+    (loss_live, w_live), (loss_stored, w_stored), (_, w_other) = runs
+    assert abs(loss_live - loss_stored) < 1e-3 * loss_live
+    start = tiny_proxy(2).state_dict()
+    moved = rel_diff(w_live, start)
+    assert rel_diff(w_stored, w_live) < 0.02 * moved < rel_diff(w_other, w_live)
+
+
+# ---- training: resume, atomic checkpoints --------------------------------------------------
+
+def test_resume_after_interruption_reaches_the_same_weights(tmp_path, fmnist):
+    train, test = fmnist
+    data, held = train.subset(range(320)), test.subset(range(100))
+    config = TrainConfig(epochs=2, batch_size=32, seed=1, warmup_epochs=0.5, save_every_s=0.0)
+    whole = tiny_proxy()
+    full = fit(whole, data, held, config, out_dir=tmp_path / "whole")
+    assert full.finished and len(full.history) == 2 and (tmp_path / "whole" / "model.safetensors").is_file()
+
+    part = tiny_proxy()
+    stop = TrainConfig(**{**config.__dict__, "max_steps": 13})  # mid-epoch 2 (10 steps per epoch)
+    first = fit(part, data, held, stop, out_dir=tmp_path / "split")
+    assert not first.finished and (tmp_path / "split" / CHECKPOINT).is_file()
+    resumed = tiny_proxy(seed=99)  # a fresh process would start from other weights: the checkpoint must win
+    second = fit(resumed, data, held, config, out_dir=tmp_path / "split")
+    assert second.finished and [r["epoch"] for r in second.history] == [1, 2]
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert second.history[-1]["test_accuracy"] == full.history[-1]["test_accuracy"]
+
+    other = TrainConfig(**{**config.__dict__, "lr": 5e-4})
+    with pytest.raises(DeployCompError, match="another recipe"):
+        fit(tiny_proxy(), data, held, other, out_dir=tmp_path / "split")
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_checkpoint_loading_runs_no_code(tmp_path):
+    import pickle
+
+    from deploycomp.learn.checkpoint import load_checkpoint
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(DeployCompError, match="corrupt or unsafe"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+# ---- distributed ---------------------------------------------------------------------------
+
+def _train_cli(out: Path, nproc: int) -> None:
+    args = ["train", PROXY, "-o", str(out), *TINY_ARGS, "--train-subset", "256", "--test-subset", "200",
+            "--epochs", "1", "--batch-size", "64", "--threads", "1", "--seed", "4"]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    proc = subprocess.run([*launcher, "-m", "deploycomp", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    import json
+
+    _train_cli(tmp_path / "one", 1)
+    _train_cli(tmp_path / "two", 2)
+    one, two = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
+    assert rel_diff(two, one) < 1e-5
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert m2["world_size"] == 2 and m1["world_size"] == 1
+    assert abs(m1["history"][0]["train_loss"] - m2["history"][0]["train_loss"]) < 1e-4
+    assert abs(m1["test_accuracy"] - m2["test_accuracy"]) <= 0.5  # 200 samples: at most one flips
+
+
+# ---- evaluation of torch models and compiled artifacts -------------------------------------
+
+def test_compiled_artifact_scores_like_the_torch_model(tmp_path, fmnist):
+    from deploycomp.api import CompileOptions, compile, evaluate
+    from deploycomp.learn.checkpoint import save_weights
+
+    train, _ = fmnist
+    model = tiny_proxy()
+    fit(model, train.subset(range(3200)), None, TrainConfig(epochs=2, batch_size=64, warmup_epochs=0, lr=3e-3))
+    save_weights(tmp_path / "w.safetensors", model)
+    options = CompileOptions(weights=str(tmp_path / "w.safetensors"), model_kwargs=TINY_PROXY, data="fashion-mnist",
+                             eval_samples=1000, measure_rounds=0)
+    manifest = compile(PROXY, tmp_path / "art", options)
+    acc = manifest["accuracy"]
+    assert acc["samples"] == 1000 and acc["reference"] == "torch"
+    assert acc["reference_top1"] > 20  # trained a little (chance and a constant predictor score 10 %)
+    assert abs(acc["artifact_top1"] - acc["reference_top1"]) <= 0.1
+    assert "top-1 on 1000 samples" in (tmp_path / "art" / "report.md").read_text()
+    on_backend = evaluate(str(tmp_path / "art"), samples=1000)
+    in_torch = evaluate(PROXY, weights=str(tmp_path / "w.safetensors"), samples=1000, model_kwargs=TINY_PROXY)
+    assert on_backend["runtime"] == "ort-cpu" and on_backend["top1"] == acc["artifact_top1"]
+    assert in_torch["runtime"] == "torch" and in_torch["top1"] == acc["reference_top1"]
+
+
+def test_compile_refuses_data_of_another_geometry_before_compiling(tmp_path):
+    from deploycomp.api import CompileOptions, compile
+
+    from .conftest import TINY
+
+    name, kwargs = TINY["deit"]
+    with pytest.raises(DeployCompError, match="1x28x28 images; the model takes 3x32x32"):
+        compile(f"timm:{name}", tmp_path / "out", CompileOptions(model_kwargs=kwargs, data="fashion-mnist"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_store_logits_train_evaluate_and_bad_input(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "deploycomp", *map(str, args)], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "COLUMNS": "200"})
+
+    kd = tmp_path / "t.kd"
+    r = cli("store-logits", PROXY, *TINY_ARGS, "-o", kd, "--epochs", "1", "--topk", "3", "--train-subset", "128")
+    assert r.returncode == 0, r.stderr
+    assert "128 samples x 1 epochs, top-3, 20 bytes per sample and epoch" in r.stdout
+    run = ["train", PROXY, *TINY_ARGS, "-o", tmp_path / "run", "--train-subset", "128", "--test-subset", "100",
+           "--batch-size", "64", "--teacher-logits", kd]
+    r = cli(*run, "--epochs", "2")
+    assert r.returncode == 2 and r.stderr.strip() == f"error: teacher logits {kd} cover 1 epochs; this run trains 2"
+    assert not (tmp_path / "run").exists()
+    r = cli(*run, "--epochs", "1")
+    assert r.returncode == 0, r.stderr
+    assert "finished, test top-1" in r.stdout and (tmp_path / "run" / "model.safetensors").is_file()
+    r = cli("evaluate", PROXY, *TINY_ARGS, "--weights", tmp_path / "run" / "model.safetensors", "--samples", "100")
+    assert r.returncode == 0 and "top-1" in r.stdout and "100 samples of fashion-mnist/test[100] (torch)" in r.stdout
+    for args, message in [
+        (("evaluate", tmp_path / "missing"), "error: "),
+        (("train", PROXY, "-o", tmp_path / "x", "--data", tmp_path / "nodata"), "error: image folder not found"),
+        (("store-logits", PROXY, "-o", tmp_path / "y.kd", "--epochs", "1", "--weights", tmp_path / "nope.safetensors"),
+         "error: weights file not found"),
+    ]:
+        r = cli(*args)
+        assert r.returncode == 2 and r.stderr.strip().startswith(message) and len(r.stderr.strip().splitlines()) == 1, r.stderr
