@@ -112,7 +112,8 @@ def fit(model: torch.nn.Module, train: ImageSet, test: ImageSet | None, config: 
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, start_step = state["epoch"], state["step"]
         result.history, result.train_seconds = list(state["history"]), float(state["train_seconds"])
-        say(f"resumed from {ckpt_path} at epoch {start_epoch + 1} step {start_step}/{steps_per_epoch}")
+        say(f"{ckpt_path}: finished run, reused" if start_epoch >= config.epochs else
+            f"resumed from {ckpt_path} at epoch {start_epoch + 1} step {start_step}/{steps_per_epoch}")
 
     net = model
     if world.size > 1:

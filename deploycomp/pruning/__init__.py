@@ -1,0 +1,1 @@
+"""NViT: Hessian-aware, latency-regularized global structural pruning (issue 6, in progress)."""
