@@ -123,7 +123,7 @@ def load_eval_data(data: str, input_shape: tuple[int, ...], samples: int | None 
 
     test = load_data(data, "test", img_size=input_shape[-1], in_chans=input_shape[1])
     check_geometry(test, input_shape)
-    return test.subset(range(min(samples, len(test)))) if samples else test
+    return test.head(samples)
 
 
 def evaluate_compiled(reference, reference_kind: str, artifact_runner, test) -> dict[str, Any]:
@@ -279,11 +279,8 @@ def train(model: str, out: str | Path, config: "TrainConfig | None" = None, *, d
         module = build_timm_model(name, Path(weights) if weights else None, model_kwargs)
         kwargs = model_kwargs or {}
         _, chans, img, _ = timm_input_shape(spec, kwargs)
-        train_set, test_set = load_data(data, "train", img, chans), load_data(data, "test", img, chans)
-        if train_subset:
-            train_set = train_set.subset(torch.arange(min(train_subset, len(train_set))))
-        if test_subset:
-            test_set = test_set.subset(torch.arange(min(test_subset, len(test_set))))
+        train_set = load_data(data, "train", img, chans).head(train_subset)
+        test_set = load_data(data, "test", img, chans).head(test_subset)
         source = None
         if teacher_logits and teacher:
             raise DeployCompError("give stored teacher logits or a live teacher, not both")
@@ -331,9 +328,7 @@ def store_logits(teacher: str, out: str | Path, *, weights: str | None = None, d
     torch.set_num_threads(usable_cores())
     module = build_timm_model(name, Path(weights) if weights else None, model_kwargs)
     _, chans, img, _ = timm_input_shape(spec, model_kwargs)
-    train_set = load_data(data, "train", img, chans)
-    if train_subset:
-        train_set = train_set.subset(range(min(train_subset, len(train_set))))
+    train_set = load_data(data, "train", img, chans).head(train_subset)
     t0 = time.monotonic()
     info = store_teacher_logits(module, train_set, out, epochs=epochs, view=ViewSpec(seed, max_shift, flip), topk=topk,
                                 progress=progress)

@@ -254,7 +254,7 @@ def store_logits_cmd(
     model_arg: list[str] = typer.Option([], "--model-arg", help="timm constructor override KEY=VALUE (repeatable)."),
     data: str = typer.Option("fashion-mnist", "--data", help="fashion-mnist or an image folder."),
     epochs: int = typer.Option(..., "--epochs", help="Epochs of the student run the records must cover."),
-    topk: int = typer.Option(5, "--topk", help="Probabilities kept per sample (TinyViT keeps 10 of 1000)."),
+    topk: int = typer.Option(5, "--topk", help="Probabilities kept per sample (TinyViT's default: 100 of 1000 classes)."),
     seed: int = typer.Option(0, "--seed", help="The student run's --seed (decides the augmentation views)."),
     train_subset: Optional[int] = typer.Option(None, "--train-subset", help="Use the first N training samples."),
 ):

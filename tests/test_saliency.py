@@ -63,7 +63,7 @@ def test_unit_sums_are_gate_derivatives(deit):
     checked = 0
     for group in structure.groups():
         units = structure.graph.nodes[group]["units"]
-        sums = sum(item.unit_sums(units) for item in slices[group])
+        sums = sum(item.unit_sums() for item in slices[group])
         for unit in rng.choice(units, size=min(2, units), replace=False):
             expected = gate_derivative(module, slices[group], int(unit), x, y)
             assert float(sums[unit]) == pytest.approx(expected, rel=1e-6, abs=1e-12), (group, unit)
@@ -83,7 +83,7 @@ def test_saliency_is_the_mean_of_squared_scaled_sums(deit):
     for x, y in batches:
         module.zero_grad()
         loss(module(x), y).backward()
-        per_batch.append({g: sum(i.unit_sums(structure.graph.nodes[g]["units"]) for i in slices[g]) for g in slices})
+        per_batch.append({g: sum(i.unit_sums() for i in slices[g]) for g in slices})
     module.zero_grad(set_to_none=True)
     for group, value in sal.items():
         kind = structure.graph.nodes[group]["kind"]

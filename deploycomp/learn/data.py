@@ -49,6 +49,10 @@ class ImageSet:
         std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
         return (images.float() / 255.0 - mean) / std
 
+    def head(self, n: int | None) -> "ImageSet":
+        """The first ``n`` samples (all of them when ``n`` is None or larger than the set)."""
+        return self if not n or n >= len(self) else self.subset(range(n))
+
     def subset(self, indices) -> "ImageSet":
         idx = torch.as_tensor(indices, dtype=torch.long)
         return ImageSet(self.images[idx], self.labels[idx], self.mean, self.std, self.classes,

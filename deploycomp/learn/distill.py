@@ -25,6 +25,11 @@ MAGIC = b"DCKDLOG1"
 ALIGN = 64
 
 
+def records_offset(header_bytes: int) -> int:
+    """Records start after magic, header length and JSON header, aligned to ``ALIGN`` bytes."""
+    return -(-(len(MAGIC) + 4 + header_bytes) // ALIGN) * ALIGN
+
+
 def record_dtype(topk: int) -> np.dtype:
     return np.dtype([("seed", "<i8"), ("prob", "<f2", (topk,)), ("index", "<i2", (topk,))])
 
@@ -67,16 +72,14 @@ def store_teacher_logits(teacher: torch.nn.Module, data: ImageSet, path: str | P
     header = {"format": 1, "num_samples": n, "num_classes": num_classes, "topk": topk, "epochs": epochs,
               "seed": view.seed, "max_shift": view.max_shift, "flip": view.flip, "data": data.name}
     blob = json.dumps(header).encode()
-    offset = -(-(len(MAGIC) + 4 + len(blob)) // ALIGN) * ALIGN
+    offset = records_offset(len(blob))
     dtype = record_dtype(topk)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(MAGIC + len(blob).to_bytes(4, "little") + blob)
-            f.write(b"\0" * (offset - f.tell()))
-        with open(tmp, "r+b") as f:
-            f.truncate(offset + dtype.itemsize * epochs * n)
+            f.truncate(offset + dtype.itemsize * epochs * n)  # zero-filled: padding and records
         records = np.memmap(tmp, dtype=dtype, mode="r+", offset=offset, shape=(epochs, n))
         done, total = 0, epochs * n
         with torch.inference_mode():
@@ -111,14 +114,15 @@ class StoredTeacher:
                 head = f.read(len(MAGIC) + 4)
                 if len(head) < len(MAGIC) + 4 or head[:len(MAGIC)] != MAGIC:
                     raise DeployCompError(f"not a deploycomp teacher-logits file: {path}")
-                self.header = json.loads(f.read(int.from_bytes(head[len(MAGIC):], "little")))
+                header_bytes = int.from_bytes(head[len(MAGIC):], "little")
+                self.header = json.loads(f.read(header_bytes))
         except FileNotFoundError:
             raise DeployCompError(f"teacher logits file not found: {path}") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise DeployCompError(f"corrupt teacher logits file (header): {path}") from None
         h = self.header
         dtype = record_dtype(h["topk"])
-        offset = -(-(len(MAGIC) + 4 + len(json.dumps(h).encode())) // ALIGN) * ALIGN
+        offset = records_offset(header_bytes)
         expected = offset + dtype.itemsize * h["epochs"] * h["num_samples"]
         if path.stat().st_size != expected:
             raise DeployCompError(f"corrupt teacher logits file {path}: {path.stat().st_size} bytes, expected {expected}")

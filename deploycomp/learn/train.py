@@ -67,7 +67,13 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
     train_seconds: float = 0.0
-    test_accuracy: float | None = None
+
+    @property
+    def test_accuracy(self) -> float | None:
+        """The last evaluated top-1 of a finished run."""
+        if not self.finished:
+            return None
+        return next((r["test_accuracy"] for r in reversed(self.history) if "test_accuracy" in r), None)
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -173,7 +179,6 @@ def fit(model: torch.nn.Module, train: ImageSet, test: ImageSet | None, config: 
         checkpoint(epoch + 1, 0)
         last_save = time.monotonic()
     result.finished = True
-    result.test_accuracy = next((r["test_accuracy"] for r in reversed(result.history) if "test_accuracy" in r), None)
     if out_dir is not None and world.is_main:
         save_weights(Path(out_dir) / WEIGHTS, model)
     return result

@@ -38,16 +38,19 @@ class ParameterSlice:
     parameter: torch.nn.Parameter
     perm: tuple[int, ...] | None
     slice: ChannelSlice
+    units: int
 
-    def unit_sums(self, units: int) -> torch.Tensor:
+    def __post_init__(self) -> None:
+        self.index = torch.as_tensor(np.stack([self.slice.indices(u) for u in range(self.units)]))
+
+    def unit_sums(self) -> torch.Tensor:
         """sum(g * w) over the slice's indices of each unit -> [units]."""
         gw = self.parameter.grad * self.parameter.detach()
         if self.perm is not None:
             gw = gw.permute(self.perm)
         axis = self.slice.axis
         per_index = gw.sum(dim=[d for d in range(gw.dim()) if d != axis]) if gw.dim() > 1 else gw
-        index = torch.as_tensor(np.stack([self.slice.indices(u) for u in range(units)]))
-        return per_index[index].sum(dim=1)
+        return per_index[self.index].sum(dim=1)
 
 
 def parameter_slices(structure: Structure, model: ir.Model, module: torch.nn.Module) -> dict[str, list[ParameterSlice]]:
@@ -55,6 +58,7 @@ def parameter_slices(structure: Structure, model: ir.Model, module: torch.nn.Mod
     params = dict(module.named_parameters())
     out: dict[str, list[ParameterSlice]] = {}
     for group in structure.groups():
+        units = structure.graph.nodes[group]["units"]
         items = []
         for sl in structure.slices(group):
             if sl.tensor not in params:
@@ -63,7 +67,7 @@ def parameter_slices(structure: Structure, model: ir.Model, module: torch.nn.Mod
             value = model.graph.initializers[sl.tensor]
             perm = value.metadata_props.get(TRANSPOSED_FROM)
             perm = tuple(int(p) for p in perm.split(",")) if perm else None
-            items.append(ParameterSlice(params[sl.tensor], perm, sl))
+            items.append(ParameterSlice(params[sl.tensor], perm, sl, units))
         out[group] = items
     return out
 
@@ -88,8 +92,7 @@ class SaliencyAccumulator:
     def add_batch(self) -> None:
         """Read the gradients of the last backward pass."""
         for group, items in self.slices.items():
-            units = self.structure.graph.nodes[group]["units"]
-            total = sum(item.unit_sums(units) for item in items)
+            total = sum(item.unit_sums() for item in items)
             score = (total.double() / self.divisor(group)) ** 2
             self.sums[group] = self.sums.get(group, 0) + score
         self.batches += 1
