@@ -3,7 +3,7 @@
 No pretrained weights are reachable here, so the project trains its own model on a real data set
 (benchmarks/train_proxy.py). It is registered in timm's model registry, so ``timm.create_model``
 and ``deploycomp compile timm:deit_fmnist_patch4_28 --weights ...`` treat it like any DeiT.
-Patch 4 gives 7x7 = 49 patch tokens + cls (patch 2, DeiT's 14x14 geometry, costs 3.4x more per
+Patch 4 gives 7x7 = 49 patch tokens + cls (patch 2, DeiT's 14x14 geometry, costs 3.2-3.4x more per
 training step here, benchmarks/bench_proxy_geometry.py: too slow for the one-hour training budget).
 """
 
