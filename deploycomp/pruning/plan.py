@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from ..errors import DeployCompError
 from ..ir.structure import Structure
+
+if TYPE_CHECKING:
+    from ..latency.arch import ViTArch
 
 
 @dataclass
@@ -60,3 +64,17 @@ def clear_intermediate_shapes(model: ir.Model) -> None:
         for value in node.outputs:
             if id(value) not in keep:
                 value.shape = None
+
+
+def plan_arch(structure: Structure, plan: PrunePlan, *, img_size: int, patch: int, in_chans: int,
+              num_classes: int) -> ViTArch:
+    """The architecture a plan leaves (single-stage ViTs: the latency table's model)."""
+    from ..latency.arch import BlockArch, ViTArch
+
+    if len(structure.stage_embs) != 1:
+        raise DeployCompError("latency prediction covers single-stage ViTs (DeiT); this model has "
+                              f"{len(structure.stage_embs)} stages")
+    blocks = tuple(BlockArch(*(len(plan.kept(structure, f"block{b.index}.{k}")) for k in ("heads", "qk", "v", "mlp")),
+                             tokens=b.tokens) for b in structure.blocks)
+    return ViTArch(len(plan.kept(structure, "stage0.emb")), blocks, img_size=img_size, patch=patch,
+                   in_chans=in_chans, num_classes=num_classes)
