@@ -26,6 +26,7 @@ from .passes.base import DEFAULT_INVARIANTS, CompileContext, Pass, Pipeline
 
 if TYPE_CHECKING:
     from .learn.train import TrainConfig
+    from .pruning.schedule import PruneConfig
 
 Progress = Callable[[str], None]
 
@@ -47,15 +48,21 @@ class CompileOptions:
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm overrides, e.g. depth, img_size
     data: str | None = None  # labelled data (fashion-mnist or an image folder): top-1 before/after on the target
     eval_samples: int | None = None  # first N test samples only
+    prune: "PruneConfig | None" = None  # NViT pruning to a latency budget (needs a timm: source)
+    latency_batch: int = 1  # the batch the latency budget is for: picks the latency table
+    tables: str = "latency_tables"  # root of the latency tables
+    train_samples: int | None = None  # first N training samples for pruning (tests, quick looks)
 
 
-def default_passes(options: CompileOptions) -> list[Pass]:
+def default_passes(options: CompileOptions, prune_pass: Pass | None = None) -> list[Pass]:
     from .passes.cleanup import CleanupPass
     from .passes.discover import DiscoverPass
     from .passes.fuse import OrtFusionPass
     from .passes.verify import VerifyPass
 
     passes: list[Pass] = [CleanupPass(), DiscoverPass()]
+    if prune_pass is not None:
+        passes.append(prune_pass)
     if options.fuse:
         passes.append(OrtFusionPass())
     passes.append(VerifyPass())
@@ -82,7 +89,10 @@ def compile(source: str, output: str | Path, options: CompileOptions | None = No
         verify_batches=tuple(options.verify_batches), tolerance=options.tolerance,
         seed=options.seed if options.seed is not None else secrets.randbelow(2**31),
     )
-    model = Pipeline(default_passes(options), DEFAULT_INVARIANTS, progress=say)(src.model, ctx)
+    prune_pass = None
+    if options.prune is not None:
+        src, prune_pass = _prune_setup(src, options, backend, test_data, say)
+    model = Pipeline(default_passes(options, prune_pass), DEFAULT_INVARIANTS, progress=say)(src.model, ctx)
     structure: Structure = ctx.structure
 
     say("emit")
@@ -110,11 +120,59 @@ def compile(source: str, output: str | Path, options: CompileOptions | None = No
         if options.measure_rounds:
             say("measure")
             manifest["latency"] = measure_artifact(staging / manifest["files"]["model"], manifest, options.measure_rounds)
+        if prune_pass is not None:
+            from .pruning.report import finish_pruning_report
+
+            say("measure pruned vs unpruned")
+            manifest["pruning"] = finish_pruning_report(ctx.results, structure, manifest, staging,
+                                                        options.latency_batch, rounds=max(options.measure_rounds, 5))
         manifest["files"]["report"] = "report.md"
         manifest["files"]["manifest"] = MANIFEST
         (staging / "report.md").write_text(render_report(manifest), encoding="utf-8")
         write_json(staging / MANIFEST, manifest)
     return manifest
+
+
+def _prune_setup(src, options: CompileOptions, backend, test, say):
+    """The prune pass for a timm source: its latency table, training data, and an unpruned copy of
+    the module as the "before" reference (the pass prunes the source module in place)."""
+    import copy
+
+    import torch
+
+    from .frontend import Source
+    from .latency.predictor import LatencyPredictor
+    from .latency.profiler import device_fingerprint, grid_for
+    from .latency.table import load_table, table_path
+    from .learn.data import load_data
+    from .passes.prune import PrunePass
+
+    if src.torch_module is None:
+        raise DeployCompError("--latency pruning trains the model: give timm:<name> (with --weights), not an .onnx file")
+    module = src.torch_module
+    geometry = {"img_size": src.input_shape[-1], "patch": int(module.patch_embed.patch_size[0]),
+                "in_chans": src.input_shape[1], "num_classes": int(module.num_classes)}
+    grid = grid_for(geometry)
+    fp = device_fingerprint(backend, options.latency_batch, "fp32")
+    path = table_path(Path(options.tables), fp, grid)
+    if not path.is_file():
+        raise DeployCompError(f"no latency table for this device at batch {options.latency_batch} and grid {grid}: "
+                              f"run `deploycomp profile --target {options.target} --batch {options.latency_batch} "
+                              f"--grid {grid}` (expected {path})")
+    predictor = LatencyPredictor(load_table(path, fp))
+    train = None
+    if options.data:
+        train = load_data(options.data, "train", img_size=geometry["img_size"], in_chans=geometry["in_chans"])
+        train = train.head(options.train_samples)
+    original = copy.deepcopy(module).eval()
+
+    def before(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return original(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+    src = Source(src.name, src.family, src.model, src.input_shape, before, "torch (unpruned)", module,
+                 {**src.meta, "latency_table": str(path)})
+    return src, PrunePass(options.prune, module, predictor, geometry, train, test, say)
 
 
 def load_eval_data(data: str, input_shape: tuple[int, ...], samples: int | None = None):

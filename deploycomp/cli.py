@@ -34,7 +34,8 @@ console = Console()
 err_console = Console(stderr=True)
 STATE = {"debug": False}
 
-COMPILE_STAGES = ["load", "cleanup", "discover", "ort_fusion", "verify", "emit", "evaluate", "measure"]
+COMPILE_STAGES = ["load", "cleanup", "discover", "prune", "ort_fusion", "verify", "emit", "evaluate", "measure",
+                  "measure pruned vs unpruned"]
 
 
 @app.callback()
@@ -72,22 +73,45 @@ def compile_cmd(
     data: Optional[str] = typer.Option(None, "--data", help="Labelled data for top-1 before/after on the target: fashion-mnist or an image folder (DIR/<class>/<img>, or DIR/val/...)."),
     eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help="Evaluate on the first N test samples only (default: all)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Do not print the report."),
+    latency: Optional[str] = typer.Option(None, "--latency", help="Prune (NViT) to a latency budget: 0.5x of the unpruned model's predicted latency, or 12ms."),
+    latency_batch: int = typer.Option(1, "--latency-batch", help="Batch size the budget is for (selects the latency table)."),
+    prune_method: str = typer.Option("hessian", "--prune-method", help="hessian (NViT), magnitude (L1 baseline) or uniform (width scaling baseline)."),
+    eta: float = typer.Option(1.0, "--eta", help="Latency regularization: importance share minus eta x latency share (0: latency-blind)."),
+    prune_steps: int = typer.Option(5, "--prune-steps", help="Pruning steps toward the budget."),
+    prune_groups: str = typer.Option("emb,heads,qk,v,mlp", "--prune-groups", help="Group kinds to prune (comma-separated)."),
+    saliency_batches: int = typer.Option(16, "--saliency-batches", help="Calibration batches per importance estimate."),
+    kd_steps: int = typer.Option(0, "--kd-steps", help="Distillation steps from the unpruned model after each pruning step (needs --data)."),
+    finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="Recovery fine-tuning epochs with distillation (needs --data)."),
+    teacher_logits: Optional[Path] = typer.Option(None, "--teacher-logits", help="Stored top-K teacher logits for the fine-tuning (deploycomp store-logits)."),
+    train_samples: Optional[int] = typer.Option(None, "--train-samples", help="Use the first N training samples for pruning (default: all)."),
+    tables: Path = typer.Option(Path("latency_tables"), "--tables", help="Root directory of the latency tables."),
 ):
-    """Compile a model into a verified artifact: model.onnx + manifest.json + report.md."""
+    """Compile a model into a verified artifact: model.onnx + manifest.json + report.md (+ pruning.png)."""
     from .api import CompileOptions, compile as do_compile
 
+    prune = None
+    if latency is not None:
+        from .pruning.schedule import PruneConfig
+
+        prune = PruneConfig(latency=latency, method=prune_method, eta=eta, steps=prune_steps,
+                            kinds=tuple(k.strip() for k in prune_groups.split(",") if k.strip()),
+                            saliency_batches=saliency_batches, kd_steps=kd_steps, finetune_epochs=finetune_epochs,
+                            teacher_logits=str(teacher_logits) if teacher_logits else None)
     options = CompileOptions(target=target, weights=str(weights) if weights else None, opset=opset, threads=threads,
                              allow_spinning=spinning,
                              fuse=fuse, tolerance=tolerance, seed=seed, model_kwargs=_parse_model_args(model_arg),
-                             measure_rounds=0 if no_measure else 5, data=data, eval_samples=eval_samples)
+                             measure_rounds=0 if no_measure else 5, data=data, eval_samples=eval_samples,
+                             prune=prune, latency_batch=latency_batch, tables=str(tables), train_samples=train_samples)
     stages = [s for s in COMPILE_STAGES if (s != "ort_fusion" or fuse) and (s != "measure" or not no_measure)
-              and (s != "evaluate" or data)]
+              and (s != "evaluate" or data) and ("prune" not in s and "pruned" not in s or latency)]
     with _progress() as progress:
         task = progress.add_task("compile", total=len(stages))
 
         def step(stage: str) -> None:
-            done = stages.index(stage) if stage in stages else 0
-            progress.update(task, completed=done, description=f"compile: {stage}")
+            if stage not in stages:  # a message from inside a stage (pruning steps, epochs)
+                progress.update(task, description=f"compile: prune: {stage}")
+                return
+            progress.update(task, completed=stages.index(stage), description=f"compile: {stage}")
 
         manifest = do_compile(model, output, options, progress=step)
         progress.update(task, completed=len(stages), description="compile: done")
@@ -158,7 +182,7 @@ def profile_cmd(
     spinning: bool = typer.Option(False, "--spinning/--no-spinning", help="Profile with ONNX Runtime's spin-waiting threads (match your deployment)."),
     batch: int = typer.Option(1, "--batch", help="Batch size the table is measured at."),
     dtype: str = typer.Option("fp32", "--dtype", help="Precision (fp32)."),
-    grid: str = typer.Option("deit-base", "--grid", help="Grid preset: deit-base (EMB<=768, H<=12, QK/V<=64, MLP<=3072, tokens<=197) or tiny."),
+    grid: str = typer.Option("deit-base", "--grid", help="Grid preset: deit-base (224 px DeiT: EMB<=768, H<=12, QK/V<=64, MLP<=3072, tokens<=197), proxy-fmnist (the 28 px proxy DeiT) or tiny."),
     tables: Path = typer.Option(Path("latency_tables"), "--tables", help="Root directory of the latency tables."),
     validate: int = typer.Option(0, "--validate", help="After profiling, validate on N random architectures (compile + measure)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the validation architectures."),
@@ -171,7 +195,7 @@ def profile_cmd(
     from .latency.table import load_table, table_path
 
     backend = get_backend(target, threads=threads, allow_spinning=spinning)
-    path = table_path(tables, device_fingerprint(backend, batch, dtype))
+    path = table_path(tables, device_fingerprint(backend, batch, dtype), grid)
     if force and path.is_file():
         table = load_table(path, force=True)
     else:
@@ -186,7 +210,8 @@ def profile_cmd(
         table = load_table(table.path or path, device_fingerprint(backend, batch, dtype), force=force)
         fixed = table.fixed
         archs = random_archs(validate, seed, img_size=fixed["img_size"], patch=fixed["patch"],
-                             num_classes=fixed["num_classes"], grid=table.grid)
+                             in_chans=fixed["in_chans"], num_classes=fixed["num_classes"], grid=table.grid,
+                             depth=fixed.get("depth", 12))
         with _progress() as progress:
             task = progress.add_task("validate", total=None)
             report = run_validation(table, backend, archs, rounds=8, progress=lambda s: progress.update(task, description=f"validate: {s}"))

@@ -14,6 +14,35 @@ def structure_markdown(blocks: list[dict]) -> str:
     return "\n".join([head, rule, *rows])
 
 
+def pruning_markdown(p: dict[str, Any] | None) -> list[str]:
+    """NViT's parameter-redistribution view: per-block dims before -> after, and the latency check."""
+    if not p:
+        return []
+    cfg, lat = p["config"], p["latency"]
+    pair = lambda v: f"{v[0]} -> {v[1]}" if v[0] != v[1] else str(v[0])  # noqa: E731
+    lines = [
+        "## Pruning",
+        "",
+        f"- method {cfg['method']} (eta {cfg['eta']:g}), budget {cfg['latency']} of the predicted "
+        f"{p['baseline_predicted_ms']:.3f} ms = {p['target_ms']:.3f} ms at batch {lat['batch']}; {cfg['steps']} steps, "
+        f"{cfg['kd_steps']} distillation steps each, {cfg['finetune_epochs']} fine-tuning epochs",
+        f"- latency at batch {lat['batch']}: predicted {p['predicted_ms']:.3f} ms ({lat['predicted_ratio']:.3f}x), "
+        f"measured {lat['pruned']['median_ms']:.3f} ms vs unpruned {lat['unpruned']['median_ms']:.3f} ms "
+        f"(**{lat['measured_ratio']:.3f}x**, median of {lat['pruned']['n']} interleaved runs, p10-p90 "
+        f"{lat['pruned']['p10_ms']:.3f}-{lat['pruned']['p90_ms']:.3f} ms)",
+        f"- params {p['params'][0] / 1e6:.3f} M -> {p['params'][1] / 1e6:.3f} M, matmul GFLOPs/image "
+        f"{p['gflops_per_image'][0]:.4f} -> {p['gflops_per_image'][1]:.4f}; EMB {pair(p['emb'])}",
+    ]
+    if p.get("finetune"):
+        last = p["finetune"][-1]
+        if "test_accuracy" in last:
+            lines.append(f"- fine-tuned {len(p['finetune'])} epochs: torch top-1 {last['test_accuracy']:.2f} %")
+    lines += ["", "| block | heads | QK/head | V/head | MLP | GFLOPs |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['block']} | {pair(r['heads'])} | {pair(r['qk_dim'])} | {pair(r['v_dim'])} | {pair(r['mlp_dim'])} "
+              f"| {pair(r['gflops'])} |" for r in p["blocks"]]
+    return lines + ["", "![per-block dims](pruning.png)", ""]
+
+
 def render_report(m: dict[str, Any]) -> str:
     src, tgt, parity = m["source"], m["target"], m["parity"]
     lines = [
@@ -43,6 +72,7 @@ def render_report(m: dict[str, Any]) -> str:
         "",
         structure_markdown(m["structure"]["blocks"]),
         "",
+        *pruning_markdown(m.get("pruning")),
         "## Passes",
         "",
         "| pass | modified | seconds | nodes after |",

@@ -50,7 +50,7 @@ class ViTArch:
 
 
 def random_arch(rng: np.random.Generator, grid: dict, depth: int = 12, reduce_tokens: bool = False,
-                img_size: int = 224, patch: int = 16, num_classes: int = 1000) -> ViTArch:
+                img_size: int = 224, patch: int = 16, num_classes: int = 1000, in_chans: int = 3) -> ViTArch:
     """A random non-uniform architecture inside a profiling grid (NViT-like: global EMB, every
     block's heads / QK / V / MLP drawn independently; optionally fewer tokens after a random block)."""
     att, mlp = grid["attention"], grid["mlp"]
@@ -68,4 +68,4 @@ def random_arch(rng: np.random.Generator, grid: dict, depth: int = 12, reduce_to
                   mlp_dim=draw(mlp["mlp_dim"], 64 if max(mlp["mlp_dim"]) >= 1024 else 16),
                   tokens=patches + 1 if i < cut else reduced)
         for i in range(depth))
-    return ViTArch(emb, blocks, img_size=img_size, patch=patch, num_classes=num_classes)
+    return ViTArch(emb, blocks, img_size=img_size, patch=patch, in_chans=in_chans, num_classes=num_classes)

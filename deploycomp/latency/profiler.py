@@ -29,6 +29,15 @@ GRIDS: dict[str, dict[str, dict[str, list[int]]]] = {
         "stem": {"emb": [192, 384, 576, 768]},
         "head": {"tokens": [5, 17, 50, 101, 197], "emb": [192, 384, 576, 768]},
     },
+    # The proxy DeiT (28 px Fashion-MNIST, patch 4: 49 tokens + cls, EMB 96, 4 heads x 24, MLP 384);
+    # 5 tokens = 4 semantic tokens + cls.
+    "proxy-fmnist": {
+        "attention": {"tokens": [5, 17, 50], "emb": [16, 32, 48, 64, 80, 96], "heads": [1, 2, 3, 4],
+                      "qk_dim": [4, 8, 16, 24], "v_dim": [4, 8, 16, 24]},
+        "mlp": {"tokens": [5, 17, 50], "emb": [16, 32, 48, 64, 80, 96], "mlp_dim": [16, 64, 128, 192, 256, 384]},
+        "stem": {"emb": [16, 32, 48, 64, 80, 96]},
+        "head": {"tokens": [5, 17, 50], "emb": [16, 32, 48, 64, 80, 96]},
+    },
     # a small grid for tests and quick looks
     "tiny": {
         "attention": {"tokens": [5, 17], "emb": [32, 64], "heads": [1, 2], "qk_dim": [8, 16], "v_dim": [8, 16]},
@@ -38,11 +47,21 @@ GRIDS: dict[str, dict[str, dict[str, list[int]]]] = {
     },
 }
 FIXED = {"deit-base": {"img_size": 224, "patch": 16, "in_chans": 3, "num_classes": 1000},
+         "proxy-fmnist": {"img_size": 28, "patch": 4, "in_chans": 1, "num_classes": 10, "depth": 6},
          "tiny": {"img_size": 64, "patch": 16, "in_chans": 3, "num_classes": 10}}
 # Eight passes of two: each point's median mixes eight moments of the profile, so a slow minute
 # of the machine moves it less. Validation at batch 1 here: 2 passes x 5 repeats gave 12 % median /
 # 27 % p90 error, 4 x 3 gave 5.6 % / 12 % (one EMB-576 point still 15 % off a re-measurement).
 DEFAULT_PROTOCOL = {"warmup": 2, "repeats": 2, "passes": 8}
+
+
+def grid_for(geometry: dict[str, int]) -> str:
+    """The grid preset profiled for a model's input geometry and class count."""
+    for name, fixed in FIXED.items():
+        if all(geometry.get(k) == fixed[k] for k in ("img_size", "patch", "in_chans", "num_classes")):
+            return name
+    raise DeployCompError(f"no latency grid preset covers {geometry}; presets: "
+                          + ", ".join(f"{n} {f}" for n, f in FIXED.items()))
 
 
 def calibration_points(grid: dict[str, dict[str, list[int]]]) -> list[tuple[str, tuple[int, ...]]]:
@@ -102,7 +121,7 @@ def profile(backend, root, batch: int = 1, dtype: str = "fp32", grid: str = "dei
     if grid not in GRIDS:
         raise DeployCompError(f"unknown grid '{grid}': use one of {', '.join(GRIDS)}")
     fp = device_fingerprint(backend, batch, dtype)
-    path = path or table_path(root, fp)
+    path = path or table_path(root, fp, grid)
     protocol = {**DEFAULT_PROTOCOL, **(protocol or {})}
     table = LatencyTable(fp, GRIDS[grid], FIXED[grid], {**protocol, "grid_name": grid})
     if path.is_file():  # resume: keep what a previous run of the same grid measured

@@ -91,8 +91,10 @@ def device_slug(fp: dict[str, Any]) -> str:
     return f"{cpu}-{fp['cores']}c-t{fp['threads']}-b{fp['batch']}-{fp['dtype']}-{fp['backend']}{fp['backend_version']}"
 
 
-def table_path(root: Path, fp: dict[str, Any]) -> Path:
-    return Path(root) / fp["target"] / f"{device_slug(fp)}.json"
+def table_path(root: Path, fp: dict[str, Any], grid: str = "deit-base") -> Path:
+    """latency_tables/<target>/<device>[-<grid>].json: one table per device, batch and grid preset."""
+    suffix = "" if grid == "deit-base" else f"-{grid}"
+    return Path(root) / fp["target"] / f"{device_slug(fp)}{suffix}.json"
 
 
 def mismatches(table_fp: dict[str, Any], device_fp: dict[str, Any]) -> list[str]:

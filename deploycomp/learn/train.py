@@ -83,11 +83,13 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
 def fit(model: torch.nn.Module, train: ImageSet, test: ImageSet | None, config: TrainConfig, *,
         out_dir: str | Path | None = None, teacher: Teacher | None = None, world: World = World(),
         resume: bool = True, run_info: dict[str, Any] | None = None, log: Callable[[str], None] | None = None,
-        progress: Callable[[int, int, dict], None] | None = None) -> TrainResult:
+        progress: Callable[[int, int, dict], None] | None = None,
+        after_step: Callable[[], None] | None = None) -> TrainResult:
     """Train ``model`` in place. With ``out_dir``, checkpoint there and resume from it if present.
 
     ``run_info`` (model name, data, teacher, ...) is stored in the checkpoint; a resume must match it
     and the recipe, so a run directory can never silently continue a different run.
+    ``after_step`` runs after every optimizer step (pruning uses it to keep removed units at zero).
     """
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
@@ -157,6 +159,8 @@ def fit(model: torch.nn.Module, train: ImageSet, test: ImageSet | None, config: 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step()
             steps_run += 1
             scheduler.step_update(epoch * steps_per_epoch + step + 1)
             loss_sum += loss.detach() * len(idx)

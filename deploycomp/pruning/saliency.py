@@ -43,14 +43,17 @@ class ParameterSlice:
     def __post_init__(self) -> None:
         self.index = torch.as_tensor(np.stack([self.slice.indices(u) for u in range(self.units)]))
 
+    def per_unit(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum of ``values`` (a tensor in the parameter's torch layout) over each unit's slice -> [units]."""
+        if self.perm is not None:
+            values = values.permute(self.perm)
+        axis = self.slice.axis
+        per_index = values.sum(dim=[d for d in range(values.dim()) if d != axis]) if values.dim() > 1 else values
+        return per_index[self.index].sum(dim=1)
+
     def unit_sums(self) -> torch.Tensor:
         """sum(g * w) over the slice's indices of each unit -> [units]."""
-        gw = self.parameter.grad * self.parameter.detach()
-        if self.perm is not None:
-            gw = gw.permute(self.perm)
-        axis = self.slice.axis
-        per_index = gw.sum(dim=[d for d in range(gw.dim()) if d != axis]) if gw.dim() > 1 else gw
-        return per_index[self.index].sum(dim=1)
+        return self.per_unit(self.parameter.grad * self.parameter.detach())
 
 
 def parameter_slices(structure: Structure, model: ir.Model, module: torch.nn.Module) -> dict[str, list[ParameterSlice]]:
@@ -121,3 +124,18 @@ def compute_saliency(module: torch.nn.Module, structure: Structure, model: ir.Mo
         module.train(was_training)
         module.zero_grad(set_to_none=True)
     return acc.mean()
+
+
+def magnitude_importance(module: torch.nn.Module, structure: Structure, model: ir.Model) -> dict[str, np.ndarray]:
+    """The magnitude (L1) baseline: mean |w| over every coupled slice of each unit (mean, not sum,
+    so that units of groups with many coupled weights, such as EMB, rank on the same scale)."""
+    out = {}
+    with torch.no_grad():
+        for group, items in parameter_slices(structure, model, module).items():
+            total, count = 0, 0
+            for item in items:
+                total = total + item.per_unit(item.parameter.detach().abs()).double()
+                count += item.index.shape[1] * (item.parameter.numel() // item.parameter.shape[
+                    item.perm[item.slice.axis] if item.perm is not None else item.slice.axis])
+            out[group] = (total / count).numpy()
+    return out

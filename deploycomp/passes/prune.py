@@ -1,0 +1,80 @@
+"""prune: NViT latency-regularized structural pruning to a latency budget (pruning/).
+
+Runs the schedule on the torch module the graph came from (masks keep parameter names), writes the
+trained weights into the graph, rewrites the graph to the final plan and re-discovers its
+structure. The verification gate that follows compares the rewritten graph with the masked torch
+model, so the artifact is checked against exactly what was trained.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from ..ir.discover import discover
+from ..learn.data import ImageSet
+from ..pruning.masks import copy_weights_to_graph
+from ..ir.structure import Structure
+from ..latency.predictor import LatencyPredictor
+from ..pruning.plan import PrunePlan, plan_arch
+from ..pruning.rewrite import prune_graph
+from ..pruning.schedule import PruneConfig, prune
+from .base import CompileContext, Pass, PassResult
+
+
+class PrunePass(Pass):
+    name = "prune"
+
+    def __init__(self, config: PruneConfig, module: torch.nn.Module, predictor: LatencyPredictor,
+                 geometry: dict[str, int], train: ImageSet | None = None, test: ImageSet | None = None,
+                 say: Callable[[str], None] | None = None):
+        self.config, self.module, self.predictor, self.geometry = config, module, predictor, geometry
+        self.train, self.test, self.say = train, test, say
+
+    def predict(self, structure: Structure, plan: PrunePlan) -> float:
+        return self.predictor.predict(plan_arch(structure, plan, **self.geometry)).total_ms
+
+    def requires(self, model: ir.Model, ctx: CompileContext) -> None:
+        assert ctx.structure is not None, "prune needs the discovered structure"
+        for name in (sl.tensor for g in ctx.structure.groups() for sl in ctx.structure.slices(g)):
+            assert name in model.graph.initializers, f"coupled tensor {name} missing"
+
+    def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
+        structure = ctx.structure
+        ctx.results["unpruned_model"] = ir.serde.serialize_model(model).SerializeToString()
+        g = self.geometry
+        outcome = prune(self.module, model, structure, lambda plan: self.predict(structure, plan), self.config,
+                        (1, g["in_chans"], g["img_size"], g["img_size"]), self.train, self.test, self.say)
+        copy_weights_to_graph(self.module, model)
+        rewrite = prune_graph(model, structure, outcome.plan)
+        ctx.structure = discover(model, family=structure.family)
+        ctx.structure.family = structure.family
+        module = self.module
+
+        def reference(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return module(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+        ctx.reference, ctx.reference_kind = reference, "torch (pruned)"
+        self.expected = {b.index: tuple(len(outcome.plan.kept(structure, f"block{b.index}.{k}"))
+                                        for k in ("heads", "qk", "v", "mlp")) for b in structure.blocks}
+        self.expected_emb = [len(outcome.plan.kept(structure, f"stage{s}.emb")) for s in range(len(structure.stage_embs))]
+        ctx.results["pruning"] = {
+            "arch": plan_arch(structure, outcome.plan, **self.geometry).to_dict(),
+            "config": {**vars(self.config)},
+            "original": structure.table(),
+            "baseline_predicted_ms": outcome.baseline_ms, "target_ms": outcome.target_ms,
+            "predicted_ms": outcome.predicted_ms, "steps": outcome.steps, "finetune": outcome.finetune,
+            "seconds": outcome.seconds, "rewrite": rewrite,
+            "kept": {g: outcome.plan.kept(structure, g).tolist() for g in structure.groups()},
+        }
+        return PassResult(model, modified=True, info={"predicted_ms": round(outcome.predicted_ms, 4),
+                                                      "baseline_ms": round(outcome.baseline_ms, 4)})
+
+    def ensures(self, model: ir.Model, ctx: CompileContext) -> None:
+        for b in ctx.structure.blocks:  # the graph reads back as the plan's architecture: no stale dims
+            assert (b.heads, b.qk_dim, b.v_dim, b.mlp_dim) == self.expected[b.index], f"block {b.index} dims"
+        assert ctx.structure.stage_embs == self.expected_emb, "embedding dims"

@@ -1,0 +1,88 @@
+"""What a pruned compile reports: NViT's per-block redistribution view, params, FLOPs, predicted vs
+measured latency (the unpruned and the pruned graph timed interleaved in one run), and a plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from ..ir.structure import Structure
+
+PLOT = "pruning.png"
+
+
+def _params(model: ir.Model) -> int:
+    return int(sum(v.const_value.size for v in model.graph.initializers.values()
+                   if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT))
+
+
+def measure_pair(unpruned: bytes, pruned: bytes, shape: tuple[int, ...], session_config: dict, batch: int,
+                 rounds: int) -> dict[str, dict[str, float]]:
+    """Median/spread of both graphs at ``batch``, interleaved (shuffled order every round)."""
+    from ..bench.harness import measure_interleaved, ort_candidate, stats
+
+    cands = [ort_candidate("unpruned", "deploycomp", unpruned, shape, session_config),
+             ort_candidate("pruned", "deploycomp", pruned, shape, session_config)]
+    times = measure_interleaved(cands, batch=batch, rounds=rounds, iters=3, warmup=2)
+    return {c.name: stats(times[c.name]) for c in cands}
+
+
+def block_rows(original: list[dict], pruned: Structure) -> list[dict]:
+    return [{"block": o["index"], **{k: [o[k], getattr(p, k)] for k in ("heads", "qk_dim", "v_dim", "mlp_dim")},
+             "gflops": [o["gflops"], round(p.flops() / 1e9, 4)]}
+            for o, p in zip(original, pruned.blocks)]
+
+
+def plot_blocks(rows: list[dict], emb: tuple[int, int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.2))
+    x = np.array([r["block"] for r in rows])
+    for ax, (key, title) in zip(axes, (("heads", "heads"), ("qk_dim", "QK dim / head"), ("v_dim", "V dim / head"),
+                                       ("mlp_dim", "MLP hidden"))):
+        ax.bar(x, [r[key][0] for r in rows], color="#d0d7e1", label="original")
+        ax.bar(x, [r[key][1] for r in rows], color="#2f6db5", width=0.6, label="pruned")
+        ax.set_title(title)
+        ax.set_xlabel("block")
+        ax.set_xticks(x)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"per-block dims after pruning (EMB {emb[0]} -> {emb[1]})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def finish_pruning_report(results: dict[str, Any], structure: Structure, manifest: dict[str, Any], staging: Path,
+                          batch: int, rounds: int) -> dict[str, Any]:
+    """Measure, tabulate and plot; returns the manifest's ``pruning`` section (written next to the model)."""
+    info = dict(results["pruning"])
+    unpruned_bytes = results.pop("unpruned_model")
+    pruned_bytes = (staging / manifest["files"]["model"]).read_bytes()
+    unpruned = ir.serde.deserialize_model(onnx.load_from_string(unpruned_bytes))
+    pruned = ir.serde.deserialize_model(onnx.load_from_string(pruned_bytes))
+    from ..ir.shapes import matmul_flops
+
+    shape = tuple(d if isinstance(d, int) else 1 for d in manifest["input"]["shape"])
+    measured = measure_pair(unpruned_bytes, pruned_bytes, shape, manifest["session_options"], batch, rounds)
+    ratio = measured["pruned"]["median_ms"] / measured["unpruned"]["median_ms"]
+    original = info.pop("original")
+    rows = block_rows(original, structure)
+    info.update({
+        "blocks": rows,
+        "emb": [original[0]["emb"], structure.blocks[0].emb],
+        "params": [_params(unpruned), _params(pruned)],
+        "gflops_per_image": [matmul_flops(unpruned) / 1e9, matmul_flops(pruned) / 1e9],
+        "latency": {"batch": batch, "unpruned": measured["unpruned"], "pruned": measured["pruned"],
+                    "measured_ratio": ratio,
+                    "predicted_ratio": info["predicted_ms"] / info["baseline_predicted_ms"]},
+    })
+    plot_blocks(rows, tuple(info["emb"]), staging / PLOT)
+    manifest["files"]["plot"] = PLOT
+    return info

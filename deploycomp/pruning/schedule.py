@@ -1,0 +1,202 @@
+"""The NViT schedule: importance → latency-regularized removal → distillation, step by step, until the
+predicted latency meets the budget; then recovery fine-tuning.
+
+The torch module is the single source of truth for the weights while pruning: removed units are
+masked (``masks.py``), so parameter names never change and gradients map onto the ONNX graph's
+initializers. The graph is rewritten once, at the end, from the final plan (``rewrite.py``).
+
+Methods (a small registry, as Torch-Pruning keeps one): an *importance* per unit and a *selection*.
+
+==========  ==========================  =====================================================
+method      importance                  selection
+==========  ==========================  =====================================================
+hessian     NViT ``(Σ g·w)²``           global, latency-regularized (η), chunked
+magnitude   mean |w| of coupled slices  global, latency-regularized (η), chunked
+uniform     NViT ``(Σ g·w)²``           one width ratio for EMB / heads / MLP (head dims kept)
+==========  ==========================  =====================================================
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+import torch
+import torch.nn.functional as F
+
+from ..errors import DeployCompError
+from ..ir.structure import Structure
+from ..learn.data import ImageSet
+from .masks import PlanMasks
+from .plan import PrunePlan
+from .saliency import compute_saliency, magnitude_importance
+from .select import DEFAULT_GROUP_SIZES, copy_plan, select_step, uniform_step
+
+METHODS = ("hessian", "magnitude", "uniform")
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LatencyBudget:
+    """``0.5x`` (a fraction of the unpruned model's predicted latency) or ``12ms`` (absolute)."""
+
+    value: float
+    relative: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "LatencyBudget":
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(x|ms)\s*", str(text).lower())
+        if not m:
+            raise DeployCompError(f"latency budget '{text}': give a fraction like 0.5x or a time like 12ms")
+        value, unit = float(m.group(1)), m.group(2)
+        if value <= 0 or (unit == "x" and value >= 1):
+            raise DeployCompError(f"latency budget '{text}': a fraction must lie in (0, 1), a time must be > 0")
+        return cls(value, unit == "x")
+
+    def target_ms(self, baseline_ms: float) -> float:
+        return self.value * baseline_ms if self.relative else self.value
+
+    def __str__(self) -> str:
+        return f"{self.value:g}x" if self.relative else f"{self.value:g}ms"
+
+
+@dataclass
+class PruneConfig:
+    """The pruning recipe. Defaults: NViT's method, 5 steps, no training (add ``kd_steps`` and
+    ``finetune_epochs`` with data for accuracy)."""
+
+    latency: str = "0.5x"
+    method: str = "hessian"
+    eta: float = 1.0  # weight of the latency share against the importance share (0: latency-blind)
+    group_sizes: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_GROUP_SIZES))
+    kinds: tuple[str, ...] = ("emb", "heads", "qk", "v", "mlp")
+    steps: int = 5
+    saliency_batches: int = 16
+    batch_size: int = 64
+    kd_steps: int = 0  # optimizer steps of distillation from the unpruned model after each pruning step
+    kd_lr: float = 2e-4
+    finetune_epochs: int = 0  # recovery fine-tuning after the last step (distillation)
+    finetune_lr: float = 5e-4
+    teacher_logits: str | None = None  # stored top-K logits for the fine-tuning (else a live teacher)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise DeployCompError(f"unknown pruning method '{self.method}': use one of {', '.join(METHODS)}")
+        LatencyBudget.parse(self.latency)
+        bad = set(self.kinds) - set(DEFAULT_GROUP_SIZES)
+        if bad:
+            raise DeployCompError(f"unknown group kinds {sorted(bad)}: use {', '.join(DEFAULT_GROUP_SIZES)}")
+
+
+@dataclass
+class PruneOutcome:
+    plan: PrunePlan
+    masks: PlanMasks | None
+    baseline_ms: float
+    target_ms: float
+    predicted_ms: float
+    steps: list[dict] = field(default_factory=list)
+    finetune: list[dict] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def calibration_batches(module: torch.nn.Module, data: ImageSet | None, input_shape: tuple[int, ...], count: int,
+                        batch_size: int, seed: int):
+    """``count`` batches of (normalized input, label). Without data: Gaussian inputs labelled with
+    the unpruned model's own predictions (speed-only compiles of random-weight models)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(count):
+        if data is not None:
+            idx = torch.randint(len(data), (batch_size,), generator=gen)
+            yield data.normalize(data.images[idx]), data.labels[idx]
+        else:
+            x = torch.randn((batch_size, *input_shape[1:]), generator=gen)
+            with torch.no_grad():  # (never yield inside: the consumer would run without grad)
+                labels = module(x).argmax(-1)
+            yield x, labels
+
+
+def unit_importance(method: str, module, structure: Structure, model: ir.Model, batches) -> dict[str, np.ndarray]:
+    if method == "magnitude":
+        return magnitude_importance(module, structure, model)
+    return compute_saliency(module, structure, model, batches, F.cross_entropy)
+
+
+def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predict: Callable[[PrunePlan], float],
+          config: PruneConfig, input_shape: tuple[int, ...], train: ImageSet | None = None,
+          test: ImageSet | None = None, say: Say | None = None) -> PruneOutcome:
+    """Prune ``module`` in place (masks) to the latency budget; returns the plan and the history."""
+    from ..learn.distill import LiveTeacher, StoredTeacher
+    from ..learn.train import TrainConfig, fit
+
+    say = say or (lambda msg: None)
+    if (config.kd_steps or config.finetune_epochs) and train is None:
+        raise DeployCompError("distillation and fine-tuning need training data (--data)")
+    teacher = copy.deepcopy(module).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    plan = PrunePlan({g: np.arange(structure.graph.nodes[g]["units"]) for g in structure.groups()})
+    baseline = predict(plan)
+    target = LatencyBudget.parse(config.latency).target_ms(baseline)
+    out = PruneOutcome(plan, None, baseline, target, baseline)
+    seconds = {"importance": 0.0, "select": 0.0, "distill": 0.0, "finetune": 0.0}
+    for k in range(1, config.steps + 1):
+        step_target = baseline - (baseline - target) * k / config.steps
+        t0 = time.monotonic()
+        say(f"step {k}/{config.steps}: importance ({config.method})")
+        batches = calibration_batches(teacher, train, input_shape, config.saliency_batches, config.batch_size,
+                                      config.seed * 1000 + k)
+        importance = unit_importance(config.method, module, structure, model, batches)
+        t1 = time.monotonic()
+        if config.method == "uniform":
+            step = uniform_step(structure, plan, importance, predict, step_target, config.group_sizes)
+        else:
+            step = select_step(structure, plan, importance, predict, step_target, config.eta, config.group_sizes,
+                               set(config.kinds))
+        plan = step.plan
+        out.masks = PlanMasks(module, model, structure, plan)
+        out.masks.apply()
+        t2 = time.monotonic()
+        seconds["importance"] += t1 - t0
+        seconds["select"] += t2 - t1
+        row = {"step": k, "target_ms": step_target, "predicted_ms": step.predicted_ms,
+               "removed": [asdict(r) for r in step.removals],
+               "kept": {g: int(len(plan.kept(structure, g))) for g in structure.groups()}}
+        if config.kd_steps:
+            say(f"step {k}/{config.steps}: distill {config.kd_steps} steps")
+            recipe = TrainConfig(epochs=1, batch_size=config.batch_size, lr=config.kd_lr, min_lr=config.kd_lr,
+                                 warmup_epochs=0.0, seed=config.seed * 1000 + k, max_steps=config.kd_steps)
+            result = fit(module, train, None, recipe, teacher=LiveTeacher(teacher), after_step=out.masks.apply)
+            row["distill_seconds"] = result.train_seconds
+            seconds["distill"] += result.train_seconds
+        out.steps.append(row)
+        say(f"step {k}/{config.steps}: predicted {step.predicted_ms:.3f} ms (target {step_target:.3f})")
+    out.plan, out.predicted_ms = plan, predict(plan)
+    if config.finetune_epochs:
+        stored = StoredTeacher(config.teacher_logits) if config.teacher_logits else None
+        view = stored.view if stored else None
+        recipe = TrainConfig(epochs=config.finetune_epochs, batch_size=128, lr=config.finetune_lr, warmup_epochs=0.2,
+                             seed=view.seed if view else config.seed, max_shift=view.max_shift if view else 2,
+                             flip=view.flip if view else True)
+        if stored:
+            stored.check_compatible(train, recipe.view, recipe.epochs)
+        say(f"fine-tune {config.finetune_epochs} epochs ({'stored' if stored else 'live'} teacher)")
+        result = fit(module, train, test, recipe, teacher=stored or LiveTeacher(teacher), after_step=out.masks.apply,
+                     log=say)
+        out.finetune = result.history
+        seconds["finetune"] = result.train_seconds
+    if out.masks is not None:
+        out.masks.apply()
+    module.eval()
+    out.seconds = seconds
+    return out
+
+
+def full_plan(structure: Structure) -> PrunePlan:
+    return copy_plan(structure, PrunePlan())

@@ -1,0 +1,130 @@
+"""Latency-regularized global selection: which chunk of which group to remove next.
+
+NViT ranks every structure of the whole network on one scale: ``score = I_S − η · ΔLat_S``, with
+``I_S`` the Hessian-aware importance and ``ΔLat_S`` the latency the removal saves, read from the
+lookup table for the *current* architecture. Units are removed in hardware-friendly chunks (the
+least important ``size`` units of a group, so dims stay multiples of 8/16), greedily, with every
+group's next chunk and its latency delta re-evaluated after each removal, until the predicted
+latency reaches the step's target.
+
+Both terms are taken as shares — the chunk's part of the total importance still in the model and
+of the current predicted latency — so that η is unit-free: η = 1 trades 1 % of importance for 1 %
+of latency whatever the loss scale or the device (NViT's raw η = 5e-4 is tied to its ImageNet loss
+scale and V100 table). η = 0 is saliency-only selection, blind to latency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import DeployCompError
+from ..ir.structure import Structure
+from .plan import PrunePlan
+
+# Chunk sizes per kind (NViT: EMB 16, heads 2 of 12, QK 8, V 8, MLP 16). One head per chunk here:
+# the models we prune have 3-12 heads, and the table prices each head count.
+DEFAULT_GROUP_SIZES: dict[str, int] = {"emb": 16, "heads": 1, "qk": 8, "v": 8, "mlp": 16}
+
+Predict = Callable[[PrunePlan], float]  # plan -> predicted latency (ms)
+
+
+@dataclass
+class Removal:
+    group: str
+    units: list[int]
+    importance_share: float
+    latency_share: float
+    score: float
+
+
+@dataclass
+class StepResult:
+    plan: PrunePlan
+    removals: list[Removal] = field(default_factory=list)
+    predicted_ms: float = 0.0
+
+
+def copy_plan(structure: Structure, plan: PrunePlan) -> PrunePlan:
+    return PrunePlan({g: plan.kept(structure, g).copy() for g in structure.groups()})
+
+
+def next_chunk(kept: np.ndarray, importance: np.ndarray, size: int) -> np.ndarray | None:
+    """The least important units to remove next: enough to reach a multiple of ``size``, else one
+    chunk of ``size``; None when the group is down to one chunk."""
+    if len(kept) <= size:
+        return None
+    count = len(kept) % size or size
+    order = np.argsort(importance[kept], kind="stable")
+    return np.sort(kept[order[:count]])
+
+
+def _without(plan: PrunePlan, group: str, units: np.ndarray) -> PrunePlan:
+    out = PrunePlan(dict(plan.keep))
+    out.keep[group] = np.setdiff1d(plan.keep[group], units)
+    return out
+
+
+def select_step(structure: Structure, plan: PrunePlan, importance: dict[str, np.ndarray], predict: Predict,
+                target_ms: float, eta: float, sizes: dict[str, int] | None = None,
+                groups: set[str] | None = None) -> StepResult:
+    """Remove chunks, lowest score first, until the predicted latency is at most ``target_ms``."""
+    sizes = {**DEFAULT_GROUP_SIZES, **(sizes or {})}
+    plan = copy_plan(structure, plan)
+    result = StepResult(plan, predicted_ms=predict(plan))
+    candidates = [g for g in structure.groups()
+                  if groups is None or structure.graph.nodes[g]["kind"] in groups]
+    while result.predicted_ms > target_ms:
+        total_importance = sum(float(importance[g][plan.keep[g]].sum()) for g in candidates) or 1.0
+        best = None
+        for g in candidates:
+            chunk = next_chunk(plan.keep[g], importance[g], sizes[structure.graph.nodes[g]["kind"]])
+            if chunk is None:
+                continue
+            trial = _without(plan, g, chunk)
+            saved = result.predicted_ms - predict(trial)
+            share_i = float(importance[g][chunk].sum()) / total_importance
+            share_l = saved / result.predicted_ms
+            score = share_i - eta * share_l
+            if best is None or score < best[0].score:
+                best = (Removal(g, chunk.tolist(), share_i, share_l, score), trial)
+        if best is None:
+            raise DeployCompError(f"cannot reach {target_ms:.3f} ms: every group is down to one chunk "
+                                  f"(predicted {result.predicted_ms:.3f} ms)")
+        result.removals.append(best[0])
+        plan = best[1]
+        result.plan = plan
+        result.predicted_ms = predict(plan)
+    return result
+
+
+def uniform_step(structure: Structure, plan: PrunePlan, importance: dict[str, np.ndarray], predict: Predict,
+                 target_ms: float, sizes: dict[str, int] | None = None) -> StepResult:
+    """Uniform width scaling as the DeiT family scales (Ti/S/B): one ratio r for the embedding, every
+    block's head count and MLP width (head dims kept), the largest r whose predicted latency meets
+    the target; units are still chosen by importance inside each group."""
+    sizes = {**DEFAULT_GROUP_SIZES, **(sizes or {})}
+    current = copy_plan(structure, plan)
+    scaled = [g for g in structure.groups() if structure.graph.nodes[g]["kind"] in ("emb", "heads", "mlp")]
+
+    def at(ratio: float) -> PrunePlan:
+        out = copy_plan(structure, current)
+        for g in scaled:
+            units, size = structure.graph.nodes[g]["units"], sizes[structure.graph.nodes[g]["kind"]]
+            count = min(len(current.keep[g]), max(size, int(round(ratio * units / size)) * size))
+            kept = current.keep[g]
+            order = np.argsort(-importance[g][kept], kind="stable")
+            out.keep[g] = np.sort(kept[order[:count]])
+        return out
+
+    lo, hi = 0.0, 1.0
+    if predict(at(lo)) > target_ms:
+        raise DeployCompError(f"uniform scaling cannot reach {target_ms:.3f} ms (minimum width predicts "
+                              f"{predict(at(lo)):.3f} ms)")
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if predict(at(mid)) <= target_ms else (lo, mid)
+    best = at(lo)
+    return StepResult(best, predicted_ms=predict(best))
