@@ -125,7 +125,7 @@ def compile(source: str, output: str | Path, options: CompileOptions | None = No
 
             say("measure pruned vs unpruned")
             manifest["pruning"] = finish_pruning_report(ctx.results, structure, manifest, staging,
-                                                        options.latency_batch, rounds=max(options.measure_rounds, 5))
+                                                        options.latency_batch, rounds=max(6 * options.measure_rounds, 10))
         manifest["files"]["report"] = "report.md"
         manifest["files"]["manifest"] = MANIFEST
         (staging / "report.md").write_text(render_report(manifest), encoding="utf-8")

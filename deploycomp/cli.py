@@ -77,9 +77,11 @@ def compile_cmd(
     latency_batch: int = typer.Option(1, "--latency-batch", help="Batch size the budget is for (selects the latency table)."),
     prune_method: str = typer.Option("hessian", "--prune-method", help="hessian (NViT), magnitude (L1 baseline) or uniform (width scaling baseline)."),
     eta: float = typer.Option(1.0, "--eta", help="Latency regularization: importance share minus eta x latency share (0: latency-blind)."),
+    saliency_norm: str = typer.Option("none", "--saliency-norm", help="Per-kind saliency divisors: none (plain Fisher estimate) or nvit (upstream's DeiT-B constants)."),
+    calib_batch: int = typer.Option(32, "--calib-batch", help="Batch size of the calibration and distillation batches."),
     prune_steps: int = typer.Option(5, "--prune-steps", help="Pruning steps toward the budget."),
     prune_groups: str = typer.Option("emb,heads,qk,v,mlp", "--prune-groups", help="Group kinds to prune (comma-separated)."),
-    saliency_batches: int = typer.Option(16, "--saliency-batches", help="Calibration batches per importance estimate."),
+    saliency_batches: int = typer.Option(8, "--saliency-batches", help="Calibration batches per importance estimate."),
     kd_steps: int = typer.Option(0, "--kd-steps", help="Distillation steps from the unpruned model after each pruning step (needs --data)."),
     finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="Recovery fine-tuning epochs with distillation (needs --data)."),
     teacher_logits: Optional[Path] = typer.Option(None, "--teacher-logits", help="Stored top-K teacher logits for the fine-tuning (deploycomp store-logits)."),
@@ -93,9 +95,9 @@ def compile_cmd(
     if latency is not None:
         from .pruning.schedule import PruneConfig
 
-        prune = PruneConfig(latency=latency, method=prune_method, eta=eta, steps=prune_steps,
+        prune = PruneConfig(latency=latency, method=prune_method, eta=eta, saliency_norm=saliency_norm, steps=prune_steps,
                             kinds=tuple(k.strip() for k in prune_groups.split(",") if k.strip()),
-                            saliency_batches=saliency_batches, kd_steps=kd_steps, finetune_epochs=finetune_epochs,
+                            saliency_batches=saliency_batches, batch_size=calib_batch, kd_steps=kd_steps, finetune_epochs=finetune_epochs,
                             teacher_logits=str(teacher_logits) if teacher_logits else None)
     options = CompileOptions(target=target, weights=str(weights) if weights else None, opset=opset, threads=threads,
                              allow_spinning=spinning,

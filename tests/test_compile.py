@@ -94,8 +94,8 @@ def test_verification_gate_refuses_a_wrong_rewrite(tmp_path, monkeypatch):
 
     real = api.default_passes
 
-    def with_bug(opts):
-        passes = real(opts)
+    def with_bug(opts, *rest):
+        passes = real(opts, *rest)
         return passes[:-1] + [PerturbWeight(1.01), passes[-1]]
 
     monkeypatch.setattr(api, "default_passes", with_bug)
@@ -113,7 +113,7 @@ def test_failed_compile_keeps_the_previous_artifact(tmp_path, monkeypatch):
     deploycomp.compile(f"timm:{TINY['deit'][0]}", out, options("deit"))
     before = (out / "manifest.json").read_text()
     real = api.default_passes
-    monkeypatch.setattr(api, "default_passes", lambda o: real(o)[:-1] + [PerturbWeight(2.0), real(o)[-1]])
+    monkeypatch.setattr(api, "default_passes", lambda o, *r: real(o, *r)[:-1] + [PerturbWeight(2.0), real(o, *r)[-1]])
     with pytest.raises(VerificationError):
         deploycomp.compile(f"timm:{TINY['deit'][0]}", out, options("deit"))
     assert (out / "manifest.json").read_text() == before

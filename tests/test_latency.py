@@ -77,7 +77,7 @@ def test_profile_resumes_and_refuses_other_devices(tmp_path, backend):
 
     with pytest.raises(Killed):
         profile(backend, tmp_path, grid="tiny", protocol=protocol, save_every_s=0, progress=kill_after)
-    path = table_path(tmp_path, device_fingerprint(backend, 1, "fp32"))
+    path = table_path(tmp_path, device_fingerprint(backend, 1, "fp32"), "tiny")
     partial = load_table(path, device_fingerprint(backend, 1, "fp32"))
     assert not partial.complete
     measured = sum(len(e["samples_ms"]) for part in partial.entries.values() for e in part.values())
