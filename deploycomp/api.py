@@ -172,7 +172,8 @@ def _prune_setup(src, options: CompileOptions, backend, test, say):
 
     src = Source(src.name, src.family, src.model, src.input_shape, before, "torch (unpruned)", module,
                  {**src.meta, "latency_table": str(path)})
-    return src, PrunePass(options.prune, module, predictor, geometry, train, test, say)
+    return src, PrunePass(options.prune, module, predictor, geometry, train, test, say, options.latency_batch,
+                          measure_rounds=max(6 * options.measure_rounds, 10))
 
 
 def load_eval_data(data: str, input_shape: tuple[int, ...], samples: int | None = None):

@@ -79,6 +79,7 @@ def compile_cmd(
     eta: float = typer.Option(1.0, "--eta", help="Latency regularization: importance share minus eta x latency share (0: latency-blind)."),
     saliency_norm: str = typer.Option("none", "--saliency-norm", help="Per-kind saliency divisors: none (plain Fisher estimate) or nvit (upstream's DeiT-B constants)."),
     calib_batch: int = typer.Option(32, "--calib-batch", help="Batch size of the calibration and distillation batches."),
+    budget_rounds: int = typer.Option(3, "--budget-rounds", help="Check a relative budget on the device up to N times, pruning on while the measured ratio is over it (0: trust the table)."),
     prune_steps: int = typer.Option(5, "--prune-steps", help="Pruning steps toward the budget."),
     prune_groups: str = typer.Option("emb,heads,qk,v,mlp", "--prune-groups", help="Group kinds to prune (comma-separated)."),
     saliency_batches: int = typer.Option(8, "--saliency-batches", help="Calibration batches per importance estimate."),
@@ -98,7 +99,7 @@ def compile_cmd(
         prune = PruneConfig(latency=latency, method=prune_method, eta=eta, saliency_norm=saliency_norm, steps=prune_steps,
                             kinds=tuple(k.strip() for k in prune_groups.split(",") if k.strip()),
                             saliency_batches=saliency_batches, batch_size=calib_batch, kd_steps=kd_steps, finetune_epochs=finetune_epochs,
-                            teacher_logits=str(teacher_logits) if teacher_logits else None)
+                            teacher_logits=str(teacher_logits) if teacher_logits else None, budget_rounds=budget_rounds)
     options = CompileOptions(target=target, weights=str(weights) if weights else None, opset=opset, threads=threads,
                              allow_spinning=spinning,
                              fuse=fuse, tolerance=tolerance, seed=seed, model_kwargs=_parse_model_args(model_arg),

@@ -33,6 +33,7 @@ class LatencyPredictor:
             raise DeployCompError(f"latency table {table.path} is incomplete: resume `deploycomp profile` first")
         self.table = table
         self._interp = {}
+        self._cache: dict[tuple, float] = {}
         for part, keys in PART_KEYS.items():
             axes = [np.asarray(table.grid[part][k], dtype=float) for k in keys]
             values = np.empty([len(a) for a in axes])
@@ -43,7 +44,10 @@ class LatencyPredictor:
                                                          fill_value=None)
 
     def part_ms(self, part: str, point) -> float:
-        return float(self._interp[part](np.asarray([point], dtype=float))[0])
+        key = (part, tuple(int(v) for v in point))
+        if key not in self._cache:  # pruning asks for the same parts thousands of times
+            self._cache[key] = float(self._interp[part](np.asarray([point], dtype=float))[0])
+        return self._cache[key]
 
     def _outside(self, part: str, point) -> list[str]:
         out = []

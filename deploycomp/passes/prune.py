@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import torch
 
@@ -20,6 +21,7 @@ from ..pruning.masks import copy_weights_to_graph
 from ..ir.structure import Structure
 from ..latency.predictor import LatencyPredictor
 from ..pruning.plan import PrunePlan, plan_arch
+from ..pruning.report import measure_pair
 from ..pruning.rewrite import prune_graph
 from ..pruning.schedule import PruneConfig, prune
 from .base import CompileContext, Pass, PassResult
@@ -30,9 +32,10 @@ class PrunePass(Pass):
 
     def __init__(self, config: PruneConfig, module: torch.nn.Module, predictor: LatencyPredictor,
                  geometry: dict[str, int], train: ImageSet | None = None, test: ImageSet | None = None,
-                 say: Callable[[str], None] | None = None):
+                 say: Callable[[str], None] | None = None, latency_batch: int = 1, measure_rounds: int = 30):
         self.config, self.module, self.predictor, self.geometry = config, module, predictor, geometry
         self.train, self.test, self.say = train, test, say
+        self.latency_batch, self.measure_rounds = latency_batch, measure_rounds
 
     def predict(self, structure: Structure, plan: PrunePlan) -> float:
         return self.predictor.predict(plan_arch(structure, plan, **self.geometry)).total_ms
@@ -44,10 +47,23 @@ class PrunePass(Pass):
 
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
         structure = ctx.structure
-        ctx.results["unpruned_model"] = ir.serde.serialize_model(model).SerializeToString()
+        unpruned = ir.serde.serialize_model(model).SerializeToString()
+        ctx.results["unpruned_model"] = unpruned
         g = self.geometry
+        shape = (1, g["in_chans"], g["img_size"], g["img_size"])
+
+        def measure(plan: PrunePlan) -> float:
+            """The plan's graph (current weights) timed against the unpruned graph on the target."""
+            trial = ir.serde.deserialize_model(onnx.load_from_string(unpruned))
+            copy_weights_to_graph(self.module, trial)
+            prune_graph(trial, structure, plan)
+            times = measure_pair(unpruned, ir.serde.serialize_model(trial).SerializeToString(), shape,
+                                 ctx.backend.session_config, self.latency_batch, self.measure_rounds)
+            return times["pruned"]["median_ms"] / times["unpruned"]["median_ms"]
+
         outcome = prune(self.module, model, structure, lambda plan: self.predict(structure, plan), self.config,
-                        (1, g["in_chans"], g["img_size"], g["img_size"]), self.train, self.test, self.say)
+                        shape, self.train, self.test, self.say,
+                        measure if self.config.budget_rounds and ctx.backend is not None else None)
         copy_weights_to_graph(self.module, model)
         rewrite = prune_graph(model, structure, outcome.plan)
         ctx.structure = discover(model, family=structure.family)
@@ -68,7 +84,7 @@ class PrunePass(Pass):
             "original": structure.table(),
             "baseline_predicted_ms": outcome.baseline_ms, "target_ms": outcome.target_ms,
             "predicted_ms": outcome.predicted_ms, "steps": outcome.steps, "finetune": outcome.finetune,
-            "seconds": outcome.seconds, "rewrite": rewrite,
+            "seconds": outcome.seconds, "rewrite": rewrite, "budget_checks": outcome.measured,
             "kept": {g: outcome.plan.kept(structure, g).tolist() for g in structure.groups()},
         }
         return PassResult(model, modified=True, info={"predicted_ms": round(outcome.predicted_ms, 4),

@@ -86,6 +86,8 @@ class PruneConfig:
     finetune_epochs: int = 0  # recovery fine-tuning after the last step (distillation)
     finetune_lr: float = 5e-4
     teacher_logits: str | None = None  # stored top-K logits for the fine-tuning (else a live teacher)
+    budget_rounds: int = 3  # on-device checks of a relative budget (0: trust the table)
+    budget_tolerance: float = 0.02  # measured ratio may exceed the budget by this fraction
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -108,6 +110,7 @@ class PruneOutcome:
     predicted_ms: float
     steps: list[dict] = field(default_factory=list)
     finetune: list[dict] = field(default_factory=list)
+    measured: list[dict] = field(default_factory=list)  # on-device budget checks: predicted vs measured ratio
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -135,8 +138,11 @@ def unit_importance(config: PruneConfig, module, structure: Structure, model: ir
 
 def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predict: Callable[[PrunePlan], float],
           config: PruneConfig, input_shape: tuple[int, ...], train: ImageSet | None = None,
-          test: ImageSet | None = None, say: Say | None = None) -> PruneOutcome:
-    """Prune ``module`` in place (masks) to the latency budget; returns the plan and the history."""
+          test: ImageSet | None = None, say: Say | None = None,
+          measure: Callable[[PrunePlan], float] | None = None) -> PruneOutcome:
+    """Prune ``module`` in place (masks) to the latency budget; returns the plan and the history.
+    ``measure(plan)`` (optional) times the plan's graph against the unpruned one on the target and
+    returns the ratio: the budget is then checked on the device, not only on the table."""
     from ..learn.distill import LiveTeacher, StoredTeacher
     from ..learn.train import TrainConfig, fit
 
@@ -151,38 +157,53 @@ def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predic
     target = LatencyBudget.parse(config.latency).target_ms(baseline)
     out = PruneOutcome(plan, None, baseline, target, baseline)
     seconds = {"importance": 0.0, "select": 0.0, "distill": 0.0, "finetune": 0.0}
-    for k in range(1, config.steps + 1):
-        step_target = baseline - (baseline - target) * k / config.steps
+
+    def step(label: str, seed: int, step_target: float) -> PrunePlan:
+        """importance -> selection to ``step_target`` -> masks -> distillation; returns the new plan."""
         t0 = time.monotonic()
-        say(f"step {k}/{config.steps}: importance ({config.method})")
-        batches = calibration_batches(teacher, train, input_shape, config.saliency_batches, config.batch_size,
-                                      config.seed * 1000 + k)
+        say(f"{label}: importance ({config.method})")
+        batches = calibration_batches(teacher, train, input_shape, config.saliency_batches, config.batch_size, seed)
         importance = unit_importance(config, module, structure, model, batches)
         t1 = time.monotonic()
         if config.method == "uniform":
-            step = uniform_step(structure, plan, importance, predict, step_target, config.group_sizes)
+            chosen = uniform_step(structure, out.plan, importance, predict, step_target, config.group_sizes)
         else:
-            step = select_step(structure, plan, importance, predict, step_target, config.eta, config.group_sizes,
-                               set(config.kinds))
-        plan = step.plan
-        out.masks = PlanMasks(module, model, structure, plan)
+            chosen = select_step(structure, out.plan, importance, predict, step_target, config.eta,
+                                 config.group_sizes, set(config.kinds))
+        out.plan, out.predicted_ms = chosen.plan, chosen.predicted_ms
+        out.masks = PlanMasks(module, model, structure, out.plan)
         out.masks.apply()
-        t2 = time.monotonic()
         seconds["importance"] += t1 - t0
-        seconds["select"] += t2 - t1
-        row = {"step": k, "target_ms": step_target, "predicted_ms": step.predicted_ms,
-               "removed": [asdict(r) for r in step.removals],
-               "kept": {g: int(len(plan.kept(structure, g))) for g in structure.groups()}}
+        seconds["select"] += time.monotonic() - t1
+        row = {"step": label, "target_ms": step_target, "predicted_ms": chosen.predicted_ms,
+               "removed": [asdict(r) for r in chosen.removals],
+               "kept": {g: int(len(out.plan.kept(structure, g))) for g in structure.groups()}}
         if config.kd_steps:
-            say(f"step {k}/{config.steps}: distill {config.kd_steps} steps")
+            say(f"{label}: distill {config.kd_steps} steps")
             recipe = TrainConfig(epochs=1, batch_size=config.batch_size, lr=config.kd_lr, min_lr=config.kd_lr,
-                                 warmup_epochs=0.0, seed=config.seed * 1000 + k, max_steps=config.kd_steps)
+                                 warmup_epochs=0.0, seed=seed, max_steps=config.kd_steps)
             result = fit(module, train, None, recipe, teacher=LiveTeacher(teacher), after_step=out.masks.apply)
             row["distill_seconds"] = result.train_seconds
             seconds["distill"] += result.train_seconds
         out.steps.append(row)
-        say(f"step {k}/{config.steps}: predicted {step.predicted_ms:.3f} ms (target {step_target:.3f})")
-    out.plan, out.predicted_ms = plan, predict(plan)
+        say(f"{label}: predicted {chosen.predicted_ms:.3f} ms (target {step_target:.3f})")
+        return out.plan
+
+    for k in range(1, config.steps + 1):
+        step(f"step {k}/{config.steps}", config.seed * 1000 + k, baseline - (baseline - target) * k / config.steps)
+    budget = LatencyBudget.parse(config.latency)
+    if measure is not None and budget.relative:
+        # Close the loop on the device: the table's error on the pruned/unpruned ratio is a few per
+        # cent; when the measured ratio is over budget, prune on toward a correspondingly lower
+        # predicted target (a ratio under budget cannot be undone and is reported as is).
+        for attempt in range(1, config.budget_rounds + 1):
+            say(f"measure the budget ({attempt}/{config.budget_rounds})")
+            ratio = measure(out.plan)
+            out.measured.append({"predicted_ratio": out.predicted_ms / baseline, "measured_ratio": ratio})
+            if ratio <= budget.value * (1 + config.budget_tolerance) or attempt == config.budget_rounds:
+                break
+            step(f"budget step {attempt}", config.seed * 1000 + 100 + attempt, out.predicted_ms * budget.value / ratio)
+    out.predicted_ms = predict(out.plan)
     if config.finetune_epochs:
         stored = StoredTeacher(config.teacher_logits) if config.teacher_logits else None
         view = stored.view if stored else None
