@@ -34,6 +34,8 @@ MODEL = "timm:deit_fmnist_patch4_28"
 METHODS = {  # name -> (method, eta)
     "hessian": ("hessian", 1.0),
     "hessian-eta0": ("hessian", 0.0),
+    "hessian-eta0.1": ("hessian", 0.1),
+    "hessian-eta0.3": ("hessian", 0.3),
     "magnitude": ("magnitude", 1.0),
     "uniform": ("uniform", 1.0),
 }
@@ -43,11 +45,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--latency", default="0.5x")
     ap.add_argument("--batch", type=int, default=32, help="batch the budget is for (latency table)")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--kd-steps", type=int, default=50)
     ap.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--budget-rounds", type=int, default=0,
+                    help="on-device budget checks during pruning (0, as recorded: every method stops at the table's "
+                         "predicted budget and the final interleaved run measures them side by side)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prune_proxy.json")
     args = ap.parse_args()
 
@@ -68,12 +73,13 @@ def main() -> None:
         method, eta = METHODS[name]
         config = PruneConfig(latency=args.latency, method=method, eta=eta, steps=args.steps, saliency_batches=16,
                              batch_size=64, kd_steps=args.kd_steps, finetune_epochs=args.epochs,
-                             teacher_logits=str(logits))
+                             teacher_logits=str(logits), budget_rounds=args.budget_rounds)
         out = work / f"{name}-{args.latency}-b{args.batch}-e{args.epochs}"
         wanted = {k: v for k, v in vars(config).items() if k != "teacher_logits"}
         if (out / "manifest.json").is_file():
             done = read_manifest(out)["pruning"]["config"]
-            if {k: v for k, v in done.items() if k != "teacher_logits"} == json.loads(json.dumps(wanted)):
+            wanted = json.loads(json.dumps(wanted))
+            if all(wanted.get(k) == v for k, v in done.items() if k != "teacher_logits"):
                 print(f"{name}: reusing {out}", flush=True)
                 artifacts[name] = out
                 continue

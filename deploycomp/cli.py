@@ -82,7 +82,7 @@ def compile_cmd(
     budget_rounds: int = typer.Option(3, "--budget-rounds", help="Check a relative budget on the device up to N times, pruning on while the measured ratio is over it (0: trust the table)."),
     prune_steps: int = typer.Option(5, "--prune-steps", help="Pruning steps toward the budget."),
     prune_groups: str = typer.Option("emb,heads,qk,v,mlp", "--prune-groups", help="Group kinds to prune (comma-separated)."),
-    saliency_batches: int = typer.Option(8, "--saliency-batches", help="Calibration batches per importance estimate."),
+    saliency_batches: int = typer.Option(4, "--saliency-batches", help="Calibration batches per importance estimate."),
     kd_steps: int = typer.Option(0, "--kd-steps", help="Distillation steps from the unpruned model after each pruning step (needs --data)."),
     finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="Recovery fine-tuning epochs with distillation (needs --data)."),
     teacher_logits: Optional[Path] = typer.Option(None, "--teacher-logits", help="Stored top-K teacher logits for the fine-tuning (deploycomp store-logits)."),

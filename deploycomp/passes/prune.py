@@ -27,6 +27,13 @@ from ..pruning.schedule import PruneConfig, prune
 from .base import CompileContext, Pass, PassResult
 
 
+def grid_floors(grid: dict) -> dict[str, int]:
+    """The smallest size of each kind the latency table was profiled at."""
+    att, mlp = grid["attention"], grid["mlp"]
+    return {"emb": min(att["emb"]), "heads": min(att["heads"]), "qk": min(att["qk_dim"]), "v": min(att["v_dim"]),
+            "mlp": min(mlp["mlp_dim"])}
+
+
 class PrunePass(Pass):
     name = "prune"
 
@@ -63,7 +70,8 @@ class PrunePass(Pass):
 
         outcome = prune(self.module, model, structure, lambda plan: self.predict(structure, plan), self.config,
                         shape, self.train, self.test, self.say,
-                        measure if self.config.budget_rounds and ctx.backend is not None else None)
+                        measure if self.config.budget_rounds and ctx.backend is not None else None,
+                        grid_floors(self.predictor.table.grid))
         copy_weights_to_graph(self.module, model)
         rewrite = prune_graph(model, structure, outcome.plan)
         ctx.structure = discover(model, family=structure.family)

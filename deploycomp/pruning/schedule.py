@@ -79,7 +79,7 @@ class PruneConfig:
     group_sizes: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_GROUP_SIZES))
     kinds: tuple[str, ...] = ("emb", "heads", "qk", "v", "mlp")
     steps: int = 5
-    saliency_batches: int = 8  # NViT averages ~100; 8 x 32 keeps a DeiT-S compile within minutes on 2 cores
+    saliency_batches: int = 4  # NViT averages ~100; 4 x 32 keeps a DeiT-S compile under 5 min on 2 cores
     batch_size: int = 32
     kd_steps: int = 0  # optimizer steps of distillation from the unpruned model after each pruning step
     kd_lr: float = 2e-4
@@ -139,10 +139,11 @@ def unit_importance(config: PruneConfig, module, structure: Structure, model: ir
 def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predict: Callable[[PrunePlan], float],
           config: PruneConfig, input_shape: tuple[int, ...], train: ImageSet | None = None,
           test: ImageSet | None = None, say: Say | None = None,
-          measure: Callable[[PrunePlan], float] | None = None) -> PruneOutcome:
+          measure: Callable[[PrunePlan], float] | None = None, floors: dict[str, int] | None = None) -> PruneOutcome:
     """Prune ``module`` in place (masks) to the latency budget; returns the plan and the history.
     ``measure(plan)`` (optional) times the plan's graph against the unpruned one on the target and
-    returns the ratio: the budget is then checked on the device, not only on the table."""
+    returns the ratio: the budget is then checked on the device, not only on the table. ``floors``
+    (smallest size per kind) keep the architecture inside the latency table's grid."""
     from ..learn.distill import LiveTeacher, StoredTeacher
     from ..learn.train import TrainConfig, fit
 
@@ -166,10 +167,10 @@ def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predic
         importance = unit_importance(config, module, structure, model, batches)
         t1 = time.monotonic()
         if config.method == "uniform":
-            chosen = uniform_step(structure, out.plan, importance, predict, step_target, config.group_sizes)
+            chosen = uniform_step(structure, out.plan, importance, predict, step_target, config.group_sizes, floors)
         else:
             chosen = select_step(structure, out.plan, importance, predict, step_target, config.eta,
-                                 config.group_sizes, set(config.kinds))
+                                 config.group_sizes, set(config.kinds), floors)
         out.plan, out.predicted_ms = chosen.plan, chosen.predicted_ms
         out.masks = PlanMasks(module, model, structure, out.plan)
         out.masks.apply()

@@ -51,12 +51,12 @@ def copy_plan(structure: Structure, plan: PrunePlan) -> PrunePlan:
     return PrunePlan({g: plan.kept(structure, g).copy() for g in structure.groups()})
 
 
-def next_chunk(kept: np.ndarray, importance: np.ndarray, size: int) -> np.ndarray | None:
+def next_chunk(kept: np.ndarray, importance: np.ndarray, size: int, floor: int = 0) -> np.ndarray | None:
     """The least important units to remove next: enough to reach a multiple of ``size``, else one
-    chunk of ``size``; None when the group is down to one chunk."""
-    if len(kept) <= size:
-        return None
+    chunk of ``size``; None when the group is down to one chunk or would go below ``floor``."""
     count = len(kept) % size or size
+    if len(kept) <= size or len(kept) - count < floor:
+        return None
     order = np.argsort(importance[kept], kind="stable")
     return np.sort(kept[order[:count]])
 
@@ -69,9 +69,12 @@ def _without(plan: PrunePlan, group: str, units: np.ndarray) -> PrunePlan:
 
 def select_step(structure: Structure, plan: PrunePlan, importance: dict[str, np.ndarray], predict: Predict,
                 target_ms: float, eta: float, sizes: dict[str, int] | None = None,
-                groups: set[str] | None = None) -> StepResult:
-    """Remove chunks, lowest score first, until the predicted latency is at most ``target_ms``."""
+                groups: set[str] | None = None, floors: dict[str, int] | None = None) -> StepResult:
+    """Remove chunks, lowest score first, until the predicted latency is at most ``target_ms``.
+    ``floors`` (per kind) keep every group inside the latency table's grid, where its predictions
+    were validated (extrapolated below it, the DeiT-B table overestimated a 112-wide EMB by 23 %)."""
     sizes = {**DEFAULT_GROUP_SIZES, **(sizes or {})}
+    floors = floors or {}
     plan = copy_plan(structure, plan)
     result = StepResult(plan, predicted_ms=predict(plan))
     candidates = [g for g in structure.groups()
@@ -80,7 +83,8 @@ def select_step(structure: Structure, plan: PrunePlan, importance: dict[str, np.
         total_importance = sum(float(importance[g][plan.keep[g]].sum()) for g in candidates) or 1.0
         best = None
         for g in candidates:
-            chunk = next_chunk(plan.keep[g], importance[g], sizes[structure.graph.nodes[g]["kind"]])
+            kind = structure.graph.nodes[g]["kind"]
+            chunk = next_chunk(plan.keep[g], importance[g], sizes[kind], floors.get(kind, 0))
             if chunk is None:
                 continue
             trial = _without(plan, g, chunk)
@@ -91,8 +95,8 @@ def select_step(structure: Structure, plan: PrunePlan, importance: dict[str, np.
             if best is None or score < best[0].score:
                 best = (Removal(g, chunk.tolist(), share_i, share_l, score), trial)
         if best is None:
-            raise DeployCompError(f"cannot reach {target_ms:.3f} ms: every group is down to one chunk "
-                                  f"(predicted {result.predicted_ms:.3f} ms)")
+            raise DeployCompError(f"cannot reach {target_ms:.3f} ms: every group is down to one chunk or to the "
+                                  f"latency table's smallest size (predicted {result.predicted_ms:.3f} ms)")
         result.removals.append(best[0])
         plan = best[1]
         result.plan = plan
@@ -101,19 +105,22 @@ def select_step(structure: Structure, plan: PrunePlan, importance: dict[str, np.
 
 
 def uniform_step(structure: Structure, plan: PrunePlan, importance: dict[str, np.ndarray], predict: Predict,
-                 target_ms: float, sizes: dict[str, int] | None = None) -> StepResult:
+                 target_ms: float, sizes: dict[str, int] | None = None,
+                 floors: dict[str, int] | None = None) -> StepResult:
     """Uniform width scaling as the DeiT family scales (Ti/S/B): one ratio r for the embedding, every
     block's head count and MLP width (head dims kept), the largest r whose predicted latency meets
     the target; units are still chosen by importance inside each group."""
     sizes = {**DEFAULT_GROUP_SIZES, **(sizes or {})}
+    floors = floors or {}
     current = copy_plan(structure, plan)
     scaled = [g for g in structure.groups() if structure.graph.nodes[g]["kind"] in ("emb", "heads", "mlp")]
 
     def at(ratio: float) -> PrunePlan:
         out = copy_plan(structure, current)
         for g in scaled:
-            units, size = structure.graph.nodes[g]["units"], sizes[structure.graph.nodes[g]["kind"]]
-            count = min(len(current.keep[g]), max(size, int(round(ratio * units / size)) * size))
+            units, kind = structure.graph.nodes[g]["units"], structure.graph.nodes[g]["kind"]
+            size = sizes[kind]
+            count = min(len(current.keep[g]), max(size, floors.get(kind, 0), int(round(ratio * units / size)) * size))
             kept = current.keep[g]
             order = np.argsort(-importance[g][kept], kind="stable")
             out.keep[g] = np.sort(kept[order[:count]])
