@@ -34,8 +34,6 @@ MODEL = "timm:deit_fmnist_patch4_28"
 METHODS = {  # name -> (method, eta)
     "hessian": ("hessian", 1.0),
     "hessian-eta0": ("hessian", 0.0),
-    "hessian-eta0.1": ("hessian", 0.1),
-    "hessian-eta0.3": ("hessian", 0.3),
     "magnitude": ("magnitude", 1.0),
     "uniform": ("uniform", 1.0),
 }

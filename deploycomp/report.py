@@ -33,8 +33,9 @@ def pruning_markdown(p: dict[str, Any] | None) -> list[str]:
         f"- params {p['params'][0] / 1e6:.3f} M -> {p['params'][1] / 1e6:.3f} M, matmul GFLOPs/image "
         f"{p['gflops_per_image'][0]:.4f} -> {p['gflops_per_image'][1]:.4f}; EMB {pair(p['emb'])}",
     ]
-    for i, c in enumerate(p.get("budget_checks", []), 1):
-        lines.append(f"- on-device budget check {i}: predicted {c['predicted_ratio']:.3f}x, measured {c['measured_ratio']:.3f}x")
+    if p.get("budget_checks"):
+        lines.append("- on-device checks (after step: predicted -> measured ratio): " + ", ".join(
+            f"{c['after']}: {c['predicted_ratio']:.3f} -> {c['measured_ratio']:.3f}" for c in p["budget_checks"]))
     if p.get("finetune"):
         last = p["finetune"][-1]
         if "test_accuracy" in last:

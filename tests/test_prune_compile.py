@@ -89,7 +89,11 @@ def test_compile_to_a_latency_budget(tmp_path, tiny_tables, method):
                              seed=0)
     manifest = compile("timm:deit_tiny_patch16_224", tmp_path / "out", options)
     p = manifest["pruning"]
-    assert p["predicted_ms"] <= p["target_ms"] + 1e-9 < p["baseline_predicted_ms"]
+    # every step was checked on the device; steps aim at the table's target corrected by the
+    # measured error, so the final prediction lies near the target, not necessarily under it
+    assert len(p["budget_checks"]) >= prune.steps and p["predicted_ms"] < p["baseline_predicted_ms"]
+    over = p["budget_checks"][-1]["measured_ratio"] > 0.92 * (1 + prune.budget_tolerance)
+    assert not over or len(p["steps"]) == prune.steps + prune.budget_rounds
     assert manifest["parity"]["checks"] and all(c["rel_l2"] <= 1e-4 for c in manifest["parity"]["checks"])
     assert manifest["parity"]["reference"] == "torch (pruned)"
     assert p["params"][1] < p["params"][0] and p["gflops_per_image"][1] < p["gflops_per_image"][0]
@@ -154,9 +158,10 @@ def test_budget_is_checked_on_the_device():
     out = prune(module, model, structure, predict, config, (1, 3, 64, 64),
                 measure=lambda plan: 1.15 * predict(plan) / baseline)  # the table is 15 % optimistic
     checks = out.measured
-    assert checks[0]["measured_ratio"] > 0.6 * 1.02  # on the table's budget, over it on the device
-    assert checks[-1]["measured_ratio"] <= 0.6 * 1.02 and len(checks) >= 2
-    assert any(str(s["step"]).startswith("budget step") for s in out.steps)
+    assert len(checks) >= config.steps and checks[-1]["measured_ratio"] <= 0.6 * 1.02
+    # the first step aimed at the table's target; later steps aimed lower by the measured error
+    assert out.steps[1]["target_ms"] < (baseline - (baseline - 0.6 * baseline) * 2 / 2) / 1.1
+    assert out.predicted_ms / baseline < 0.6 / 1.1
 
 
 def test_floors_keep_groups_inside_the_table_grid():
