@@ -56,6 +56,7 @@ def main() -> None:
                    "unpruned_ms": lat["unpruned"], "pruned_ms": lat["pruned"], "emb": p["emb"],
                    "blocks": [{k: r[k][1] for k in ("heads", "qk_dim", "v_dim", "mlp_dim")} for r in p["blocks"]],
                    "params": p["params"], "gflops": p["gflops_per_image"], "compile_seconds": seconds,
+                   "on_device_checks": p["budget_checks"], "steps": [s["step"] for s in p["steps"]],
                    "prune_pass_seconds": passes.get("prune"), "parity": m["parity"]["checks"],
                    "saliency_batches": batches, "calib_batch": batch}
             rows.append(row)

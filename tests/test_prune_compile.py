@@ -168,3 +168,31 @@ def test_floors_keep_groups_inside_the_table_grid():
     importance = np.arange(64.0)[::-1].copy()  # the last units are the least important
     assert next_chunk(np.arange(48), importance, 16, floor=32).tolist() == list(range(32, 48))
     assert next_chunk(np.arange(32), importance, 16, floor=32) is None
+
+
+def test_an_overshooting_last_step_is_undone_and_redone():
+    """The table turns pessimistic in the last step (as for DeiT-B at 0.3x): the measured ratio
+    lands far under budget, so the last step is undone and redone toward a corrected target."""
+    import timm
+
+    from deploycomp.pruning.schedule import prune
+
+    module = timm.create_model("deit_tiny_patch16_224", pretrained=False, **TINY_DEIT)
+    model, structure = cleaned_module(module)
+
+    def predict(plan: PrunePlan) -> float:
+        return float(sum(len(plan.kept(structure, g)) for g in structure.groups() if not g.endswith("emb")))
+
+    baseline = predict(PrunePlan())
+
+    def measure(plan: PrunePlan) -> float:  # the table grows pessimistic as the model shrinks
+        return (predict(plan) / baseline) ** 1.4
+
+    config = PruneConfig(latency="0.6x", steps=2, saliency_batches=1, batch_size=4,
+                         group_sizes={"emb": 8, "heads": 1, "qk": 4, "v": 4, "mlp": 8})
+    out = prune(module, model, structure, predict, config, (1, 3, 64, 64), measure=measure)
+    assert out.measured[1]["measured_ratio"] < 0.6 * (1 - 2 * config.budget_tolerance)  # overshoot
+    assert any(str(s["step"]).startswith("redo last step") for s in out.steps)
+    assert abs(out.measured[-1]["measured_ratio"] / 0.6 - 1) <= 0.05
+    masked = sum(int((~m).sum()) for m in out.masks.masks.values())
+    assert masked > 0 and out.predicted_ms / baseline > 0.6  # the redo prunes less than the overshoot
