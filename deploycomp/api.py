@@ -96,7 +96,7 @@ def compile(source: str, output: str | Path, options: CompileOptions | None = No
     structure: Structure = ctx.structure
 
     say("emit")
-    from .ir.shapes import matmul_flops
+    from .ir.shapes import matmul_flops, param_count
 
     manifest: dict[str, Any] = {
         "deploycomp_version": __version__,
@@ -105,7 +105,7 @@ def compile(source: str, output: str | Path, options: CompileOptions | None = No
         "target": backend.fingerprint(),
         "input": {"name": model.graph.inputs[0].name, "shape": _dims(model.graph.inputs[0])},
         "output": {"name": model.graph.outputs[0].name, "shape": _dims(model.graph.outputs[0])},
-        "totals": {"params": _param_count(model), "gflops_per_image": matmul_flops(model) / 1e9},
+        "totals": {"params": param_count(model), "gflops_per_image": matmul_flops(model) / 1e9},
         "structure": structure.summary(),
         "parity": ctx.results["parity"],
         "passes": ctx.log,
@@ -300,11 +300,6 @@ def bench(artifact: str | Path | None = None, baselines: list[str] = (), *, thre
 def _dims(value: ir.Value) -> list[int | str]:
     return [d if isinstance(d, int) else str(d) for d in value.shape]
 
-
-def _param_count(model: ir.Model) -> int:
-    return int(sum(int(np.prod(v.const_value.shape)) for v in model.graph.initializers.values()
-                   if v.const_value is not None and v.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
-                   and len(v.const_value.shape) > 0))
 
 
 def train(model: str, out: str | Path, config: "TrainConfig | None" = None, *, data: str = "fashion-mnist",

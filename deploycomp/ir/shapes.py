@@ -53,3 +53,10 @@ def matmul_flops(model: ir.Model) -> float:
         else:
             total += 2.0 * float(np.prod(out)) * a[-1]
     return total
+
+
+def param_count(model: ir.Model) -> int:
+    """Floating-point weights in the graph's initializers (scalars and shape constants excluded)."""
+    return int(sum(int(np.prod(v.const_value.shape)) for v in model.graph.initializers.values()
+                   if v.const_value is not None and v.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+                   and len(v.const_value.shape) > 0))

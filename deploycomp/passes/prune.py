@@ -16,10 +16,10 @@ import onnx_ir as ir
 import torch
 
 from ..ir.discover import discover
-from ..learn.data import ImageSet
-from ..pruning.masks import copy_weights_to_graph
 from ..ir.structure import Structure
 from ..latency.predictor import LatencyPredictor
+from ..learn.data import ImageSet
+from ..pruning.masks import copy_weights_to_graph
 from ..pruning.plan import PrunePlan, plan_arch
 from ..pruning.report import measure_pair
 from ..pruning.rewrite import prune_graph

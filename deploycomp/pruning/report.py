@@ -10,14 +10,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from ..ir.shapes import matmul_flops, param_count
 from ..ir.structure import Structure
 
 PLOT = "pruning.png"
-
-
-def _params(model: ir.Model) -> int:
-    return int(sum(v.const_value.size for v in model.graph.initializers.values()
-                   if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT))
 
 
 def measure_pair(unpruned: bytes, pruned: bytes, shape: tuple[int, ...], session_config: dict, batch: int,
@@ -67,7 +63,6 @@ def finish_pruning_report(results: dict[str, Any], structure: Structure, manifes
     pruned_bytes = (staging / manifest["files"]["model"]).read_bytes()
     unpruned = ir.serde.deserialize_model(onnx.load_from_string(unpruned_bytes))
     pruned = ir.serde.deserialize_model(onnx.load_from_string(pruned_bytes))
-    from ..ir.shapes import matmul_flops
 
     shape = tuple(d if isinstance(d, int) else 1 for d in manifest["input"]["shape"])
     measured = measure_pair(unpruned_bytes, pruned_bytes, shape, manifest["session_options"], batch, rounds)
@@ -77,7 +72,7 @@ def finish_pruning_report(results: dict[str, Any], structure: Structure, manifes
     info.update({
         "blocks": rows,
         "emb": [original[0]["emb"], structure.blocks[0].emb],
-        "params": [_params(unpruned), _params(pruned)],
+        "params": [param_count(unpruned), param_count(pruned)],
         "gflops_per_image": [matmul_flops(unpruned) / 1e9, matmul_flops(pruned) / 1e9],
         "latency": {"batch": batch, "unpruned": measured["unpruned"], "pruned": measured["pruned"],
                     "measured_ratio": ratio,

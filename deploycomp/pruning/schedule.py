@@ -153,9 +153,10 @@ def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predic
     teacher = copy.deepcopy(module).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    plan = PrunePlan({g: np.arange(structure.graph.nodes[g]["units"]) for g in structure.groups()})
+    plan = copy_plan(structure, PrunePlan())  # every unit kept
     baseline = predict(plan)
-    target = LatencyBudget.parse(config.latency).target_ms(baseline)
+    budget = LatencyBudget.parse(config.latency)
+    target = budget.target_ms(baseline)
     out = PruneOutcome(plan, None, baseline, target, baseline)
     seconds = {"importance": 0.0, "select": 0.0, "distill": 0.0, "finetune": 0.0}
 
@@ -190,7 +191,6 @@ def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predic
         say(f"{label}: predicted {chosen.predicted_ms:.3f} ms (target {step_target:.3f})")
         return out.plan
 
-    budget = LatencyBudget.parse(config.latency)
     on_device = measure is not None and budget.relative and config.budget_rounds > 0
 
     def check(label: str) -> float:
@@ -251,6 +251,3 @@ def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predic
     out.seconds = seconds
     return out
 
-
-def full_plan(structure: Structure) -> PrunePlan:
-    return copy_plan(structure, PrunePlan())
