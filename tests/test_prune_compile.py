@@ -196,3 +196,28 @@ def test_an_overshooting_last_step_is_undone_and_redone():
     assert abs(out.measured[-1]["measured_ratio"] / 0.6 - 1) <= 0.05
     masked = sum(int((~m).sum()) for m in out.masks.masks.values())
     assert masked > 0 and out.predicted_ms / baseline > 0.6  # the redo prunes less than the overshoot
+
+
+def test_unreachable_budget_fails_but_corrected_targets_stop_at_the_floors():
+    """A budget the table's smallest architecture cannot meet is one clear error; a target lowered by
+    a measurement (the device slower than the table) stops at the floors and reports what it measured."""
+    import timm
+
+    from deploycomp.pruning.schedule import prune
+
+    module = timm.create_model("deit_tiny_patch16_224", pretrained=False, **TINY_DEIT)
+    model, structure = cleaned_module(module)
+
+    def predict(plan: PrunePlan) -> float:
+        return float(sum(len(plan.kept(structure, g)) for g in structure.groups() if not g.endswith("emb")))
+
+    baseline = predict(PrunePlan())
+    sizes = {"emb": 8, "heads": 1, "qk": 4, "v": 4, "mlp": 8}
+    for measure in (None, lambda plan: predict(plan) / baseline):
+        config = PruneConfig(latency="0.01x", steps=2, saliency_batches=1, batch_size=4, group_sizes=sizes)
+        with pytest.raises(DeployCompError, match="cannot reach"):
+            prune(module, model, structure, predict, config, (1, 3, 64, 64), measure=measure)
+    config = PruneConfig(latency="0.3x", steps=2, saliency_batches=1, batch_size=4, group_sizes=sizes)
+    out = prune(module, model, structure, predict, config, (1, 3, 64, 64),
+                measure=lambda plan: 3.0 * predict(plan) / baseline)  # far slower than the table says
+    assert out.measured[-1]["measured_ratio"] > 0.3 and out.predicted_ms <= 0.3 * baseline

@@ -160,18 +160,30 @@ def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predic
     out = PruneOutcome(plan, None, baseline, target, baseline)
     seconds = {"importance": 0.0, "select": 0.0, "distill": 0.0, "finetune": 0.0}
 
-    def step(label: str, seed: int, step_target: float) -> PrunePlan:
-        """importance -> selection to ``step_target`` -> masks -> distillation; returns the new plan."""
+    last_importance: dict[str, np.ndarray] = {}
+    # On the device, step targets are the table's corrected by measured errors: such a target may lie
+    # below the table's smallest architecture, so selections stop there (best effort) and the table's
+    # own target is checked once at the end.
+    on_device = measure is not None and budget.relative and config.budget_rounds > 0
+
+    def step(label: str, seed: int, step_target: float, rescore: bool = True) -> PrunePlan:
+        """importance -> selection to ``step_target`` -> masks -> distillation; returns the new plan.
+        ``rescore=False`` reuses the last step's importance (budget corrections: small steps whose
+        fresh scores would cost a full saliency pass, ~35 s on DeiT-S, for a few chunks)."""
         t0 = time.monotonic()
-        say(f"{label}: importance ({config.method})")
-        batches = calibration_batches(teacher, train, input_shape, config.saliency_batches, config.batch_size, seed)
-        importance = unit_importance(config, module, structure, model, batches)
+        if rescore or not last_importance:
+            say(f"{label}: importance ({config.method})")
+            batches = calibration_batches(teacher, train, input_shape, config.saliency_batches, config.batch_size, seed)
+            last_importance.clear()
+            last_importance.update(unit_importance(config, module, structure, model, batches))
+        importance = last_importance
         t1 = time.monotonic()
         if config.method == "uniform":
-            chosen = uniform_step(structure, out.plan, importance, predict, step_target, config.group_sizes, floors)
+            chosen = uniform_step(structure, out.plan, importance, predict, step_target, config.group_sizes, floors,
+                                  best_effort=on_device)
         else:
             chosen = select_step(structure, out.plan, importance, predict, step_target, config.eta,
-                                 config.group_sizes, set(config.kinds), floors)
+                                 config.group_sizes, set(config.kinds), floors, best_effort=on_device)
         out.plan, out.predicted_ms = chosen.plan, chosen.predicted_ms
         out.masks = PlanMasks(module, model, structure, out.plan)
         out.masks.apply()
@@ -190,8 +202,6 @@ def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predic
         out.steps.append(row)
         say(f"{label}: predicted {chosen.predicted_ms:.3f} ms (target {step_target:.3f})")
         return out.plan
-
-    on_device = measure is not None and budget.relative and config.budget_rounds > 0
 
     def check(label: str) -> float:
         """Measured / predicted latency ratio of the current plan (the table's error at this size)."""
@@ -216,7 +226,8 @@ def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predic
         ratio = out.measured[-1]["measured_ratio"]
         error = ratio / (out.predicted_ms / baseline)  # the table's error where the plan is now
         if ratio > budget.value * (1 + config.budget_tolerance):
-            step(f"budget step {attempt}", config.seed * 1000 + 100 + attempt, out.predicted_ms * budget.value / ratio)
+            step(f"budget step {attempt}", config.seed * 1000 + 100 + attempt, out.predicted_ms * budget.value / ratio,
+                 rescore=bool(config.kd_steps))
         elif ratio < budget.value * (1 - 2 * config.budget_tolerance) and before_last is not None:
             # Under budget by more than the tolerance: the table's error changed within the last
             # step (DeiT-B at 0.3x: +2 % after step 4, -12 % after step 5). Undo it and redo it
@@ -227,11 +238,19 @@ def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predic
             out.plan, out.predicted_ms = plan, predicted
             out.masks = PlanMasks(module, model, structure, plan)
             out.masks.apply()
-            step(f"redo last step ({attempt})", config.seed * 1000 + 200 + attempt, baseline * budget.value / error)
+            step(f"redo last step ({attempt})", config.seed * 1000 + 200 + attempt, baseline * budget.value / error,
+                 rescore=bool(config.kd_steps))  # without distillation the last scores are the restored state's
         else:
             break
         check(f"budget step {attempt}")
     out.predicted_ms = predict(out.plan)
+    reached = out.measured[-1]["measured_ratio"] <= budget.value * (1 + config.budget_tolerance) if out.measured else False
+    if out.predicted_ms > target * (1 + config.budget_tolerance) and not reached:
+        raise DeployCompError(f"cannot reach the budget {budget}: the smallest architecture inside the latency "
+                              f"table's grid predicts {out.predicted_ms:.3f} ms (target {target:.3f} ms)")
+    if out.measured and not reached:
+        say(f"warning: measured ratio {out.measured[-1]['measured_ratio']:.3f} is over the budget {budget} "
+            f"after {config.budget_rounds} budget rounds")
     if config.finetune_epochs:
         stored = StoredTeacher(config.teacher_logits) if config.teacher_logits else None
         view = stored.view if stored else None

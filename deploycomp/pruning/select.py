@@ -69,10 +69,12 @@ def _without(plan: PrunePlan, group: str, units: np.ndarray) -> PrunePlan:
 
 def select_step(structure: Structure, plan: PrunePlan, importance: dict[str, np.ndarray], predict: Predict,
                 target_ms: float, eta: float, sizes: dict[str, int] | None = None,
-                groups: set[str] | None = None, floors: dict[str, int] | None = None) -> StepResult:
+                groups: set[str] | None = None, floors: dict[str, int] | None = None,
+                best_effort: bool = False) -> StepResult:
     """Remove chunks, lowest score first, until the predicted latency is at most ``target_ms``.
     ``floors`` (per kind) keep every group inside the latency table's grid, where its predictions
-    were validated (extrapolated below it, the DeiT-B table overestimated a 112-wide EMB by 23 %)."""
+    were validated (extrapolated below it, the DeiT-B table overestimated a 112-wide EMB by 23 %).
+    ``best_effort``: stop at the floors instead of failing (targets corrected by a measurement)."""
     sizes = {**DEFAULT_GROUP_SIZES, **(sizes or {})}
     floors = floors or {}
     plan = copy_plan(structure, plan)
@@ -95,6 +97,8 @@ def select_step(structure: Structure, plan: PrunePlan, importance: dict[str, np.
             if best is None or score < best[0].score:
                 best = (Removal(g, chunk.tolist(), share_i, share_l, score), trial)
         if best is None:
+            if best_effort:
+                break
             raise DeployCompError(f"cannot reach {target_ms:.3f} ms: every group is down to one chunk or to the "
                                   f"latency table's smallest size (predicted {result.predicted_ms:.3f} ms)")
         result.removals.append(best[0])
@@ -106,7 +110,7 @@ def select_step(structure: Structure, plan: PrunePlan, importance: dict[str, np.
 
 def uniform_step(structure: Structure, plan: PrunePlan, importance: dict[str, np.ndarray], predict: Predict,
                  target_ms: float, sizes: dict[str, int] | None = None,
-                 floors: dict[str, int] | None = None) -> StepResult:
+                 floors: dict[str, int] | None = None, best_effort: bool = False) -> StepResult:
     """Uniform width scaling as the DeiT family scales (Ti/S/B): one ratio r for the embedding, every
     block's head count and MLP width (head dims kept), the largest r whose predicted latency meets
     the target; units are still chosen by importance inside each group."""
@@ -128,6 +132,8 @@ def uniform_step(structure: Structure, plan: PrunePlan, importance: dict[str, np
 
     lo, hi = 0.0, 1.0
     if predict(at(lo)) > target_ms:
+        if best_effort:
+            return StepResult(at(lo), predicted_ms=predict(at(lo)))
         raise DeployCompError(f"uniform scaling cannot reach {target_ms:.3f} ms (minimum width predicts "
                               f"{predict(at(lo)):.3f} ms)")
     for _ in range(30):
