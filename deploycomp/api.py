@@ -27,6 +27,7 @@ from .passes.base import DEFAULT_INVARIANTS, CompileContext, Pass, Pipeline
 if TYPE_CHECKING:
     from .learn.train import TrainConfig
     from .pruning.schedule import PruneConfig
+    from .tokens.stvit import SemanticTokenConfig
 
 Progress = Callable[[str], None]
 
@@ -52,17 +53,28 @@ class CompileOptions:
     latency_batch: int = 1  # the batch the latency budget is for: picks the latency table
     tables: str = "latency_tables"  # root of the latency tables
     train_samples: int | None = None  # first N training samples for pruning (tests, quick looks)
+    semantic_tokens: "SemanticTokenConfig | None" = None  # STViT semantic tokens (needs a timm: DeiT source)
+    token_finetune_epochs: int = 0  # fine-tuning after the token rewrite (with --data; pruning has its own)
+    token_finetune_lr: float = 5e-4
+    token_teacher_logits: str | None = None  # stored top-K teacher logits for that fine-tuning
+    token_lowering: str | None = None  # TokenCluster lowering; None: the target's default
 
 
-def default_passes(options: CompileOptions, prune_pass: Pass | None = None) -> list[Pass]:
+def default_passes(options: CompileOptions, prune_pass: Pass | None = None, token_pass: Pass | None = None,
+                   lowering: str | None = None) -> list[Pass]:
     from .passes.cleanup import CleanupPass
     from .passes.discover import DiscoverPass
     from .passes.fuse import OrtFusionPass
+    from .passes.semantic_tokens import LowerTokenClusterPass
     from .passes.verify import VerifyPass
 
     passes: list[Pass] = [CleanupPass(), DiscoverPass()]
     if prune_pass is not None:
         passes.append(prune_pass)
+    if token_pass is not None:
+        passes.append(token_pass)
+        if lowering is not None:  # None: the target runs TokenCluster itself (a TensorRT plugin)
+            passes.append(LowerTokenClusterPass(lowering))
     if options.fuse:
         passes.append(OrtFusionPass())
     passes.append(VerifyPass())
@@ -89,10 +101,19 @@ def compile(source: str, output: str | Path, options: CompileOptions | None = No
         verify_batches=tuple(options.verify_batches), tolerance=options.tolerance,
         seed=options.seed if options.seed is not None else secrets.randbelow(2**31),
     )
-    prune_pass = None
-    if options.prune is not None:
-        src, prune_pass = _prune_setup(src, options, backend, test_data, say)
-    model = Pipeline(default_passes(options, prune_pass), DEFAULT_INVARIANTS, progress=say)(src.model, ctx)
+    prune_pass = token_pass = None
+    tokens = _resolve_tokens(src, options.semantic_tokens) if options.semantic_tokens is not None else None
+    lowering = options.token_lowering or getattr(backend, "token_cluster_lowering", "reference")
+    if options.prune is not None:  # with tokens: one budget for both axes, pruning trains the token model
+        src, prune_pass = _prune_setup(src, options, backend, test_data, say, tokens, lowering or "reference")
+    if tokens is not None and prune_pass is not None:
+        from .passes.semantic_tokens import SemanticTokensPass
+
+        token_pass = SemanticTokensPass(tokens, None, say=say, rewritten=prune_pass.module)
+    elif tokens is not None:
+        src, token_pass = _tokens_setup(src, options, tokens, test_data, say)
+    passes = default_passes(options, prune_pass, token_pass, lowering)
+    model = Pipeline(passes, DEFAULT_INVARIANTS, progress=say)(src.model, ctx)
     structure: Structure = ctx.structure
 
     say("emit")
@@ -108,6 +129,7 @@ def compile(source: str, output: str | Path, options: CompileOptions | None = No
         "totals": {"params": param_count(model), "gflops_per_image": matmul_flops(model) / 1e9},
         "structure": structure.summary(),
         "parity": ctx.results["parity"],
+        **({"semantic_tokens": ctx.results["semantic_tokens"]} if "semantic_tokens" in ctx.results else {}),
         "passes": ctx.log,
         "options": {k: v for k, v in asdict(options).items() if k not in ("weights", "model_kwargs")},
     }
@@ -133,9 +155,20 @@ def compile(source: str, output: str | Path, options: CompileOptions | None = No
     return manifest
 
 
-def _prune_setup(src, options: CompileOptions, backend, test, say):
+def _resolve_tokens(src, config: "SemanticTokenConfig") -> "SemanticTokenConfig":
+    from .tokens.stvit import check_supported
+
+    if src.torch_module is None:
+        raise DeployCompError("--semantic-tokens rewrites and fine-tunes the model: give timm:<name>, not an .onnx file")
+    config = config.resolved(len(getattr(src.torch_module, "blocks", None) or getattr(src.torch_module, "layers", [])))
+    check_supported(src.torch_module, config)
+    return config
+
+
+def _prune_setup(src, options: CompileOptions, backend, test, say, tokens=None, lowering: str = "reference"):
     """The prune pass for a timm source: its latency table, training data, and an unpruned copy of
-    the module as the "before" reference (the pass prunes the source module in place)."""
+    the module as the "before" reference (the pass prunes the source module in place; with semantic
+    tokens it prunes their torch model, which shares the source's parameters)."""
     import copy
 
     import torch
@@ -172,8 +205,43 @@ def _prune_setup(src, options: CompileOptions, backend, test, say):
 
     src = Source(src.name, src.family, src.model, src.input_shape, before, "torch (unpruned)", module,
                  {**src.meta, "latency_table": str(path)})
+    if tokens is not None:
+        from .tokens.stvit import SemanticTokenViT
+
+        module = SemanticTokenViT(module, tokens)
     return src, PrunePass(options.prune, module, predictor, geometry, train, test, say, options.latency_batch,
-                          measure_rounds=max(6 * options.measure_rounds, 10))
+                          measure_rounds=max(6 * options.measure_rounds, 10), tokens=tokens,
+                          teacher=original if tokens is not None else None, token_lowering=lowering)
+
+
+def _tokens_setup(src, options: CompileOptions, tokens, test, say):
+    """The semantic-token pass for a timm DeiT source: training data for its fine-tuning, and the
+    unrewritten model as the "before" reference."""
+    import copy
+
+    import torch
+
+    from .frontend import Source
+    from .learn.data import load_data
+    from .passes.semantic_tokens import SemanticTokensPass
+
+    if options.token_finetune_epochs and not options.data:
+        raise DeployCompError("fine-tuning after the token rewrite needs training data (--data)")
+    train = None
+    if options.token_finetune_epochs:
+        train = load_data(options.data, "train", img_size=src.input_shape[-1], in_chans=src.input_shape[1])
+        train = train.head(options.train_samples)
+    original = copy.deepcopy(src.torch_module).eval()
+
+    def before(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return original(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+    token_pass = SemanticTokensPass(tokens, src.torch_module, train, test, options.token_finetune_epochs,
+                                    options.token_finetune_lr, options.token_teacher_logits, say, seed=options.seed or 0)
+    src = Source(src.name, src.family, src.model, src.input_shape, before, "torch (unrewritten)", src.torch_module,
+                 src.meta)
+    return src, token_pass
 
 
 def load_eval_data(data: str, input_shape: tuple[int, ...], samples: int | None = None):

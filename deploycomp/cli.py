@@ -34,8 +34,8 @@ console = Console()
 err_console = Console(stderr=True)
 STATE = {"debug": False}
 
-COMPILE_STAGES = ["load", "cleanup", "discover", "prune", "ort_fusion", "verify", "emit", "evaluate", "measure",
-                  "measure pruned vs unpruned"]
+COMPILE_STAGES = ["load", "cleanup", "discover", "prune", "semantic_tokens", "lower_token_cluster", "ort_fusion", "verify",
+                  "emit", "evaluate", "measure", "measure pruned vs unpruned"]
 
 
 @app.callback()
@@ -88,6 +88,10 @@ def compile_cmd(
     teacher_logits: Optional[Path] = typer.Option(None, "--teacher-logits", help="Stored top-K teacher logits for the fine-tuning (deploycomp store-logits)."),
     train_samples: Optional[int] = typer.Option(None, "--train-samples", help="Use the first N training samples for pruning (default: all)."),
     tables: Path = typer.Option(Path("latency_tables"), "--tables", help="Root directory of the latency tables."),
+    semantic_tokens: Optional[int] = typer.Option(None, "--semantic-tokens", help="STViT: run the blocks after the generator on N semantic tokens (+cls); N square, e.g. 16."),
+    token_layer: Optional[int] = typer.Option(None, "--token-layer", help="First of the two generator blocks, 0-based (default: a third of the depth, STViT's 4 = blocks 5-6 of 12)."),
+    token_pooling: str = typer.Option("max", "--token-pooling", help="Initial centres by adaptive max (STViT's code) or avg pooling of the patch grid."),
+    token_lowering: Optional[str] = typer.Option(None, "--token-lowering", help="How the TokenCluster op runs: reference (standard ops) or ort-mha (ONNX Runtime's fused attention); default: the target's."),
 ):
     """Compile a model into a verified artifact: model.onnx + manifest.json + report.md (+ pruning.png)."""
     from .api import CompileOptions, compile as do_compile
@@ -100,19 +104,28 @@ def compile_cmd(
                             kinds=tuple(k.strip() for k in prune_groups.split(",") if k.strip()),
                             saliency_batches=saliency_batches, batch_size=calib_batch, kd_steps=kd_steps, finetune_epochs=finetune_epochs,
                             teacher_logits=str(teacher_logits) if teacher_logits else None, budget_rounds=budget_rounds)
+    tokens = None
+    if semantic_tokens is not None:
+        from .tokens.stvit import SemanticTokenConfig
+
+        tokens = SemanticTokenConfig(tokens=semantic_tokens, layer=token_layer, pooling=token_pooling)
     options = CompileOptions(target=target, weights=str(weights) if weights else None, opset=opset, threads=threads,
                              allow_spinning=spinning,
                              fuse=fuse, tolerance=tolerance, seed=seed, model_kwargs=_parse_model_args(model_arg),
                              measure_rounds=0 if no_measure else 5, data=data, eval_samples=eval_samples,
-                             prune=prune, latency_batch=latency_batch, tables=str(tables), train_samples=train_samples)
+                             prune=prune, latency_batch=latency_batch, tables=str(tables), train_samples=train_samples,
+                             semantic_tokens=tokens, token_lowering=token_lowering,
+                             token_finetune_epochs=0 if prune else finetune_epochs,
+                             token_teacher_logits=None if prune or not teacher_logits else str(teacher_logits))
     stages = [s for s in COMPILE_STAGES if (s != "ort_fusion" or fuse) and (s != "measure" or not no_measure)
-              and (s != "evaluate" or data) and ("prune" not in s and "pruned" not in s or latency)]
+              and (s != "evaluate" or data) and ("prune" not in s and "pruned" not in s or latency)
+              and ("token" not in s or semantic_tokens)]
     with _progress() as progress:
         task = progress.add_task("compile", total=len(stages))
 
         def step(stage: str) -> None:
             if stage not in stages:  # a message from inside a stage (pruning steps, epochs)
-                progress.update(task, description=f"compile: prune: {stage}")
+                progress.update(task, description=f"compile: {stage}")
                 return
             progress.update(task, completed=stages.index(stage), description=f"compile: {stage}")
 

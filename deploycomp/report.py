@@ -46,6 +46,22 @@ def pruning_markdown(p: dict[str, Any] | None) -> list[str]:
     return lines + ["", "![per-block dims](pruning.png)", ""]
 
 
+def tokens_markdown(t: dict[str, Any] | None) -> list[str]:
+    """STViT's rewrite: where the generator sits and how many tokens the later blocks see."""
+    if not t:
+        return []
+    a, b = t["generator_blocks"]
+    lines = ["## Semantic tokens", "",
+             f"- blocks 0-{a - 1} on {t['tokens_before']} tokens; generator in blocks {a}-{b} "
+             f"({t['pooling']} pooling of the patch grid to {t['semantic_tokens']} centres, then TokenCluster); "
+             f"blocks {b + 1}+ on {t['tokens_after']} tokens (cls + {t['semantic_tokens']})"]
+    if t.get("finetune"):
+        last = t["finetune"][-1]
+        if "test_accuracy" in last:
+            lines.append(f"- fine-tuned {len(t['finetune'])} epochs after the rewrite: torch top-1 {last['test_accuracy']:.2f} %")
+    return lines + [""]
+
+
 def render_report(m: dict[str, Any]) -> str:
     src, tgt, parity = m["source"], m["target"], m["parity"]
     lines = [
@@ -76,6 +92,7 @@ def render_report(m: dict[str, Any]) -> str:
         structure_markdown(m["structure"]["blocks"]),
         "",
         *pruning_markdown(m.get("pruning")),
+        *tokens_markdown(m.get("semantic_tokens")),
         "## Passes",
         "",
         "| pass | modified | seconds | nodes after |",

@@ -19,7 +19,19 @@ class BlockArch:
     qk_dim: int
     v_dim: int
     mlp_dim: int
-    tokens: int  # sequence length the block runs on (cls included)
+    tokens: int  # sequence length the block runs on (cls included); the keys for cross-attention
+    queries: int = 0  # > 0: cross-attention of this many queries over ``tokens`` keys (STViT's generator),
+    #                   and the MLP runs on the queries
+
+    @property
+    def out_tokens(self) -> int:
+        return self.queries or self.tokens
+
+    def attention_flops(self, emb: int) -> float:
+        """Matmul FLOPs of the attention half for one image (2 x MACs)."""
+        n, m, h = self.tokens, self.queries or self.tokens, self.heads
+        return 2.0 * (m * emb * h * self.qk_dim + n * emb * h * (self.qk_dim + self.v_dim) + h * m * n * (self.qk_dim + self.v_dim)
+                      + m * h * self.v_dim * emb)
 
 
 @dataclass(frozen=True)
@@ -40,9 +52,7 @@ class ViTArch:
         e = self.emb
         total = 2.0 * self.patches * e * self.in_chans * self.patch**2 + 2.0 * e * self.num_classes
         for b in self.blocks:
-            n, h = b.tokens, b.heads
-            total += 2.0 * (n * e * h * (2 * b.qk_dim + b.v_dim) + h * n * n * (b.qk_dim + b.v_dim)
-                            + n * h * b.v_dim * e + 2 * n * e * b.mlp_dim)
+            total += b.attention_flops(e) + 4.0 * b.out_tokens * e * b.mlp_dim
         return total
 
     def to_dict(self) -> dict:

@@ -3,11 +3,14 @@
 latency(arch) = stem(EMB) + sum over blocks of attention(tokens, EMB, H, QK, V) + mlp(tokens,
 EMB, MLP) + head(tokens, EMB), each part interpolated multilinearly over its grid (NViT keys its
 table by EMB, H, QK, V, MLP; ours adds the token count, which semantic tokens change mid-network).
+STViT's generator blocks (cross-attention of few queries over many keys) are not profiled: their
+attention is the self-attention over the keys scaled by the FLOPs ratio (checked against measured
+artifacts in benchmarks/bench_semantic_tokens.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.interpolate import RegularGridInterpolator
@@ -69,11 +72,14 @@ class LatencyPredictor:
         outside = self._outside("stem", (e,))
         attn, mlp = [], []
         for b in arch.blocks:
-            a_pt, m_pt = (b.tokens, e, b.heads, b.qk_dim, b.v_dim), (b.tokens, e, b.mlp_dim)
+            a_pt, m_pt = (b.tokens, e, b.heads, b.qk_dim, b.v_dim), (b.out_tokens, e, b.mlp_dim)
             outside += self._outside("attention", a_pt) + self._outside("mlp", m_pt)
-            attn.append(self.part_ms("attention", a_pt))
+            a_ms = self.part_ms("attention", a_pt)
+            if b.queries:  # cross-attention (not profiled): self-attention over the keys, scaled by FLOPs
+                a_ms *= b.attention_flops(e) / replace(b, queries=0).attention_flops(e)
+            attn.append(a_ms)
             mlp.append(self.part_ms("mlp", m_pt))
-        last = arch.blocks[-1].tokens if arch.blocks else arch.patches + 1
+        last = arch.blocks[-1].out_tokens if arch.blocks else arch.patches + 1
         stem, head = self.part_ms("stem", (e,)), self.part_ms("head", (last, e))
         attn, mlp = [a * scale for a in attn], [m * scale for m in mlp]
         stem, head = stem * scale, head * scale

@@ -159,3 +159,21 @@ class LiveTeacher:
     def targets(self, epoch: int, indices: torch.Tensor, seeds: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.module(x).softmax(-1)
+
+
+def finetune_with_distillation(module: torch.nn.Module, train: ImageSet, test: ImageSet | None, teacher: torch.nn.Module,
+                               *, epochs: int, lr: float, seed: int, teacher_logits: str | None = None,
+                               after_step: Callable[[], None] | None = None, log: Callable[[str], None] | None = None):
+    """Recovery fine-tuning after a rewrite (pruning, semantic tokens): distillation from the source
+    model, from stored top-K logits when given (the views then follow the stored recipe) or live."""
+    from .train import TrainConfig, fit
+
+    stored = StoredTeacher(teacher_logits) if teacher_logits else None
+    view = stored.view if stored else None
+    recipe = TrainConfig(epochs=epochs, batch_size=128, lr=lr, warmup_epochs=0.2, seed=view.seed if view else seed,
+                         max_shift=view.max_shift if view else 2, flip=view.flip if view else True)
+    if stored:
+        stored.check_compatible(train, recipe.view, recipe.epochs)
+    if log:
+        log(f"fine-tune {epochs} epochs ({'stored' if stored else 'live'} teacher)")
+    return fit(module, train, test, recipe, teacher=stored or LiveTeacher(teacher), after_step=after_step, log=log)

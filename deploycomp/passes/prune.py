@@ -24,6 +24,8 @@ from ..pruning.plan import PrunePlan, plan_arch
 from ..pruning.report import measure_pair
 from ..pruning.rewrite import prune_graph
 from ..pruning.schedule import PruneConfig, prune
+from ..tokens.rewrite import rewrite_and_lower
+from ..tokens.stvit import SemanticTokenConfig, token_arch
 from .base import CompileContext, Pass, PassResult
 
 
@@ -39,13 +41,22 @@ class PrunePass(Pass):
 
     def __init__(self, config: PruneConfig, module: torch.nn.Module, predictor: LatencyPredictor,
                  geometry: dict[str, int], train: ImageSet | None = None, test: ImageSet | None = None,
-                 say: Callable[[str], None] | None = None, latency_batch: int = 1, measure_rounds: int = 30):
+                 say: Callable[[str], None] | None = None, latency_batch: int = 1, measure_rounds: int = 30,
+                 tokens: "SemanticTokenConfig | None" = None, teacher: torch.nn.Module | None = None,
+                 token_lowering: str = "reference"):
+        """With ``tokens``, ``module`` is the SemanticTokenViT of ``teacher`` (the source): the budget
+        covers both axes (predicted with the token architecture, measured on the rewritten graph
+        against the source graph)."""
         self.config, self.module, self.predictor, self.geometry = config, module, predictor, geometry
+        self.tokens, self.teacher, self.token_lowering = tokens, teacher, token_lowering
         self.train, self.test, self.say = train, test, say
         self.latency_batch, self.measure_rounds = latency_batch, measure_rounds
 
-    def predict(self, structure: Structure, plan: PrunePlan) -> float:
-        return self.predictor.predict(plan_arch(structure, plan, **self.geometry)).total_ms
+    def predict(self, structure: Structure, plan: PrunePlan, tokens: bool = True) -> float:
+        arch = plan_arch(structure, plan, **self.geometry)
+        if tokens and self.tokens is not None:
+            arch = token_arch(arch, self.tokens)
+        return self.predictor.predict(arch).total_ms
 
     def requires(self, model: ir.Model, ctx: CompileContext) -> None:
         assert ctx.structure is not None, "prune needs the discovered structure"
@@ -64,6 +75,8 @@ class PrunePass(Pass):
             trial = ir.serde.deserialize_model(onnx.load_from_string(unpruned))
             copy_weights_to_graph(self.module, trial)
             prune_graph(trial, structure, plan)
+            if self.tokens is not None:
+                rewrite_and_lower(trial, self.tokens, self.token_lowering)
             times = measure_pair(unpruned, ir.serde.serialize_model(trial).SerializeToString(), shape,
                                  ctx.backend.session_config, self.latency_batch, self.measure_rounds)
             return times["pruned"]["median_ms"] / times["unpruned"]["median_ms"]
@@ -71,7 +84,8 @@ class PrunePass(Pass):
         outcome = prune(self.module, model, structure, lambda plan: self.predict(structure, plan), self.config,
                         shape, self.train, self.test, self.say,
                         measure if self.config.budget_rounds and ctx.backend is not None else None,
-                        grid_floors(self.predictor.table.grid))
+                        grid_floors(self.predictor.table.grid), teacher=self.teacher,
+                        baseline_ms=self.predict(structure, PrunePlan(), tokens=False))
         copy_weights_to_graph(self.module, model)
         rewrite = prune_graph(model, structure, outcome.plan)
         ctx.structure = discover(model, family=structure.family)
@@ -88,6 +102,7 @@ class PrunePass(Pass):
         self.expected_emb = [len(outcome.plan.kept(structure, f"stage{s}.emb")) for s in range(len(structure.stage_embs))]
         ctx.results["pruning"] = {
             "arch": plan_arch(structure, outcome.plan, **self.geometry).to_dict(),
+            "semantic_tokens": None if self.tokens is None else vars(self.tokens),
             "config": {**vars(self.config)},
             "original": structure.table(),
             "baseline_predicted_ms": outcome.baseline_ms, "target_ms": outcome.target_ms,

@@ -20,13 +20,14 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ..errors import DeployCompError
+from ..ir.build import ChainBuilder, add_const
 from ..ir.discover import STREAM_UP_OPS, Attention, Projection, find_attention, trace_to_layernorm
-from ..ir.structure import Structure
+from ..ir.structure import BlockStructure, Structure
 from .plan import PrunePlan, clear_intermediate_shapes, slice_initializers
 
 
 @dataclass
-class _Core:
+class AttentionCore:
     """What a block's canonical attention needs, read before slicing changes the tensors."""
 
     attention: Attention
@@ -36,6 +37,17 @@ class _Core:
     v_dim: int
     scale: float
     chunk_order: list[int] | None  # fused qkv: position of q, k, v chunks along the output axis
+
+    @classmethod
+    def of(cls, a: Attention, b: BlockStructure, heads: int | None = None, qk_dim: int | None = None,
+           v_dim: int | None = None) -> "AttentionCore":
+        """Block ``b``'s attention ``a`` at the given dims (default: the block's own)."""
+        return cls(a, b.index, heads or b.heads, qk_dim or b.qk_dim, v_dim or b.v_dim, softmax_scale(a),
+                   [a.q[1], a.k[1], a.v[1]] if b.fused_qkv else None)
+
+    def projections(self) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        widths = {"q": self.heads * self.qk_dim, "k": self.heads * self.qk_dim, "v": self.heads * self.v_dim}
+        return qkv_arrays(self.attention, self.chunk_order, widths, self.block)
 
 
 def prune_graph(model: ir.Model, structure: Structure, plan: PrunePlan) -> dict:
@@ -52,8 +64,7 @@ def prune_graph(model: ir.Model, structure: Structure, plan: PrunePlan) -> dict:
         if a.score_terms or a.score_tables or b.sequences > 1:
             raise DeployCompError(f"block {b.index}: pruning heads/QK/V of windowed attention or attention with a "
                                   f"position bias is not supported yet (prune MLP only: --groups mlp)")
-        order = [a.q[1], a.k[1], a.v[1]] if b.fused_qkv else None
-        cores.append(_Core(a, b.index, heads, qk, v, _softmax_scale(a), order))
+        cores.append(AttentionCore.of(a, b, heads, qk, v))
 
     emb_changes = {}
     for s, emb in enumerate(structure.stage_embs):
@@ -65,7 +76,7 @@ def prune_graph(model: ir.Model, structure: Structure, plan: PrunePlan) -> dict:
 
     sliced = slice_initializers(model, structure, plan)
     for core in cores:
-        _rebuild_attention(model, core)
+        rebuild_attention(model, core)
     stem_constants = _fix_stem_constants(model, structure, emb_changes[0]) if 0 in emb_changes else 0
     RemoveUnusedNodesPass()(model)
     for name in [n for n, v in model.graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
@@ -102,19 +113,10 @@ def _path_scale(start: ir.Value, stop: ir.Node | None) -> float:
     return scale
 
 
-def _softmax_scale(a: Attention) -> float:
+def softmax_scale(a: Attention) -> float:
     """The factor the source applies to q·kᵀ, wherever the exporter put it (on q, on k, on scores)."""
     return (_path_scale(a.qk.inputs[0], a.q[0].node) * _path_scale(a.qk.inputs[1], a.k[0].node)
             * _path_scale(a.softmax.inputs[0], a.qk))
-
-
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    while name in graph.initializers:
-        name += "_"
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-    graph.register_initializer(value)
-    return value
 
 
 def _projection_arrays(p: Projection) -> tuple[np.ndarray, np.ndarray | None]:
@@ -124,15 +126,15 @@ def _projection_arrays(p: Projection) -> tuple[np.ndarray, np.ndarray | None]:
     return w, (p.bias.const_value.numpy().reshape(-1) if p.bias is not None else None)
 
 
-def _rebuild_attention(model: ir.Model, c: _Core) -> None:
-    graph, a = model.graph, c.attention
-    widths = {"q": c.heads * c.qk_dim, "k": c.heads * c.qk_dim, "v": c.heads * c.v_dim}
+def qkv_arrays(a: Attention, chunk_order: list[int] | None, widths: dict[str, int],
+               block: int) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """The q, k, v projections as separate (W [in, out], b), split out of a fused qkv if needed."""
     parts: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    if c.chunk_order is not None:  # fused qkv: the sliced tensor holds the kept q, k, v rows chunk by chunk
+    if chunk_order is not None:  # fused qkv: the tensor holds the q, k, v rows chunk by chunk
         w, bias = _projection_arrays(a.q[0])
-        sizes = dict(zip(c.chunk_order, widths.values()))
+        sizes = dict(zip(chunk_order, widths.values()))
         starts = np.cumsum([0] + [sizes[i] for i in range(3)])
-        for role, chunk in zip("qkv", c.chunk_order):
+        for role, chunk in zip("qkv", chunk_order):
             cols = slice(starts[chunk], starts[chunk + 1])
             parts[role] = (w[:, cols], bias[cols] if bias is not None else None)
     else:
@@ -140,35 +142,43 @@ def _rebuild_attention(model: ir.Model, c: _Core) -> None:
             parts[role] = _projection_arrays(p)
     for role, (w, _) in parts.items():
         if w.shape[1] != widths[role]:
-            raise DeployCompError(f"block {c.block}: sliced {role} projection has {w.shape[1]} outputs, "
-                                  f"expected {widths[role]}")
+            raise DeployCompError(f"block {block}: {role} projection has {w.shape[1]} outputs, expected {widths[role]}")
+    return parts
 
+
+def project(b: ChainBuilder, x: ir.Value, role: str, part: tuple[np.ndarray, np.ndarray | None]) -> ir.Value:
+    w, bias = part
+    y = b.op("MatMul", x, b.const(f"{role}.weight", w))
+    return b.op("Add", y, b.const(f"{role}.bias", bias)) if bias is not None else y
+
+
+def attention_core(b: ChainBuilder, q: ir.Value, k: ir.Value, v: ir.Value, heads: int, qk_dim: int, v_dim: int,
+                   scale: float) -> ir.Value:
+    """Multi-head attention of projected (B, M, H·Dqk) queries over (B, N, ·) keys/values, in
+    standard ops: the pattern the latency micro-graphs time and the token-clustering op decomposes to."""
+
+    def split_heads(x: ir.Value, dim: int, name: str) -> ir.Value:
+        shaped = b.op("Reshape", x, b.const(f"{name}_shape", np.array([0, 0, heads, dim], np.int64)))
+        return b.op("Transpose", shaped, perm=[0, 2, 1, 3])
+
+    q, k, v = split_heads(q, qk_dim, "q"), split_heads(k, qk_dim, "k"), split_heads(v, v_dim, "v")
+    q = b.op("Mul", q, b.const("scale", np.array(scale, np.float32)))
+    scores = b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2]))
+    ctx = b.op("MatMul", b.op("Softmax", scores, axis=-1), v)
+    return b.op("Reshape", b.op("Transpose", ctx, perm=[0, 2, 1, 3]),
+                b.const("merge_shape", np.array([0, 0, heads * v_dim], np.int64)))
+
+
+def rebuild_attention(model: ir.Model, c: AttentionCore) -> None:
+    """Replace the block's attention (projections to the merged heads) by the canonical core."""
+    a = c.attention
+    parts = c.projections()
     x = a.q[0].node.inputs[0]
+    b = ChainBuilder(model.graph, f"block{c.block}.attn")
+    q, k, v = (project(b, x, role, parts[role]) for role in "qkv")
+    ctx = attention_core(b, q, k, v, c.heads, c.qk_dim, c.v_dim, c.scale)
     anchor = a.out.node
-    nodes: list[ir.Node] = []
-    prefix = f"block{c.block}.attn"
-
-    def op(op_type: str, *inputs: ir.Value, **attrs) -> ir.Value:
-        node = ir.node(op_type, list(inputs), attributes=attrs, name=f"{prefix}.{op_type.lower()}_{len(nodes)}")
-        node.outputs[0].name = node.name
-        nodes.append(node)
-        return node.outputs[0]
-
-    def split_heads(role: str, dim: int) -> ir.Value:
-        w, bias = parts[role]
-        y = op("MatMul", x, _const(graph, f"{prefix}.{role}.weight", w))
-        if bias is not None:
-            y = op("Add", y, _const(graph, f"{prefix}.{role}.bias", bias))
-        shaped = op("Reshape", y, _const(graph, f"{prefix}.{role}_shape", np.array([0, 0, c.heads, dim], np.int64)))
-        return op("Transpose", shaped, perm=[0, 2, 1, 3])
-
-    q, k, v = split_heads("q", c.qk_dim), split_heads("k", c.qk_dim), split_heads("v", c.v_dim)
-    q = op("Mul", q, _const(graph, f"{prefix}.scale", np.array(c.scale, np.float32)))
-    scores = op("MatMul", q, op("Transpose", k, perm=[0, 1, 3, 2]))
-    ctx = op("MatMul", op("Softmax", scores, axis=-1), v)
-    ctx = op("Reshape", op("Transpose", ctx, perm=[0, 2, 1, 3]),
-             _const(graph, f"{prefix}.merge_shape", np.array([0, 0, c.heads * c.v_dim], np.int64)))
-    graph.insert_before(anchor, nodes)
+    b.insert_before(anchor)
     anchor.replace_input_with(0, ctx)
 
 
@@ -195,7 +205,7 @@ def _fix_stem_constants(model: ir.Model, structure: Structure, change: tuple[int
                 if np.any(array == old):
                     if node.op_type != "Concat" and i == 0:
                         continue
-                    node.replace_input_with(i, _const(model.graph, f"{value.name}.pruned", np.where(array == old, new, array)))
+                    node.replace_input_with(i, add_const(model.graph, f"{value.name}.pruned", np.where(array == old, new, array)))
                     count += 1
             elif value.const_value is None and (node.op_type in STREAM_UP_OPS or node.op_type in ("Concat", "Reshape",
                                                                                                "Expand", "Transpose")):

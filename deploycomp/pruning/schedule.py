@@ -139,22 +139,25 @@ def unit_importance(config: PruneConfig, module, structure: Structure, model: ir
 def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predict: Callable[[PrunePlan], float],
           config: PruneConfig, input_shape: tuple[int, ...], train: ImageSet | None = None,
           test: ImageSet | None = None, say: Say | None = None,
-          measure: Callable[[PrunePlan], float] | None = None, floors: dict[str, int] | None = None) -> PruneOutcome:
+          measure: Callable[[PrunePlan], float] | None = None, floors: dict[str, int] | None = None,
+          teacher: torch.nn.Module | None = None, baseline_ms: float | None = None) -> PruneOutcome:
     """Prune ``module`` in place (masks) to the latency budget; returns the plan and the history.
     ``measure(plan)`` (optional) times the plan's graph against the unpruned one on the target and
     returns the ratio: the budget is then checked on the device, not only on the table. ``floors``
-    (smallest size per kind) keep the architecture inside the latency table's grid."""
-    from ..learn.distill import LiveTeacher, StoredTeacher
+    (smallest size per kind) keep the architecture inside the latency table's grid. ``teacher`` (default:
+    a copy of ``module``) and ``baseline_ms`` (default: ``predict`` of the full plan) describe the
+    source model when ``module`` is already a rewrite of it (semantic tokens)."""
+    from ..learn.distill import LiveTeacher, finetune_with_distillation
     from ..learn.train import TrainConfig, fit
 
     say = say or (lambda msg: None)
     if (config.kd_steps or config.finetune_epochs) and train is None:
         raise DeployCompError("distillation and fine-tuning need training data (--data)")
-    teacher = copy.deepcopy(module).eval()
+    teacher = (teacher if teacher is not None else copy.deepcopy(module)).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     plan = copy_plan(structure, PrunePlan())  # every unit kept
-    baseline = predict(plan)
+    baseline = baseline_ms if baseline_ms is not None else predict(plan)
     budget = LatencyBudget.parse(config.latency)
     target = budget.target_ms(baseline)
     out = PruneOutcome(plan, None, baseline, target, baseline)
@@ -252,16 +255,9 @@ def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predic
         say(f"warning: measured ratio {out.measured[-1]['measured_ratio']:.3f} is over the budget {budget} "
             f"after {config.budget_rounds} budget rounds")
     if config.finetune_epochs:
-        stored = StoredTeacher(config.teacher_logits) if config.teacher_logits else None
-        view = stored.view if stored else None
-        recipe = TrainConfig(epochs=config.finetune_epochs, batch_size=128, lr=config.finetune_lr, warmup_epochs=0.2,
-                             seed=view.seed if view else config.seed, max_shift=view.max_shift if view else 2,
-                             flip=view.flip if view else True)
-        if stored:
-            stored.check_compatible(train, recipe.view, recipe.epochs)
-        say(f"fine-tune {config.finetune_epochs} epochs ({'stored' if stored else 'live'} teacher)")
-        result = fit(module, train, test, recipe, teacher=stored or LiveTeacher(teacher), after_step=out.masks.apply,
-                     log=say)
+        result = finetune_with_distillation(module, train, test, teacher, epochs=config.finetune_epochs,
+                                            lr=config.finetune_lr, seed=config.seed, teacher_logits=config.teacher_logits,
+                                            after_step=out.masks.apply if out.masks is not None else None, log=say)
         out.finetune = result.history
         seconds["finetune"] = result.train_seconds
     if out.masks is not None:

@@ -1,0 +1,132 @@
+"""Semantic tokens on the proxy DeiT (Fashion-MNIST): accuracy after fine-tuning, alone and
+combined with NViT pruning at one latency budget, and the measured speed of both.
+
+The proxy sees 7x7 = 49 patch tokens; 4 semantic tokens is DeiT's 196 -> 16 reduction. The
+generator sits at a third of the depth as in STViT (blocks 3-4 of 6). Each row is a real
+``deploycomp compile`` (verified against its torch model, scored on all 10 000 test images on
+ort-cpu); the unrewritten graph and the artifacts are then timed interleaved in one run.
+
+    .venv/bin/python benchmarks/train_proxy.py           # the teacher, once
+    .venv/bin/python benchmarks/bench_tokens_proxy.py    # both rows (resumes per row)
+    # CLI of the first row:
+    #   deploycomp compile timm:deit_fmnist_patch4_28 --weights ~/.cache/deploycomp/proxy-fmnist/model.safetensors \
+    #     --data fashion-mnist --semantic-tokens 4 --finetune-epochs 5 --teacher-logits <stored logits> -o out/st4
+
+Writes benchmarks/results/tokens_proxy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from deploycomp.api import CompileOptions, compile, store_logits  # noqa: E402
+from deploycomp.artifact import read_manifest, write_json  # noqa: E402
+
+CACHE = Path.home() / ".cache" / "deploycomp"
+MODEL = "timm:deit_fmnist_patch4_28"
+
+
+def main() -> None:
+    from deploycomp.pruning.schedule import PruneConfig
+    from deploycomp.tokens.stvit import SemanticTokenConfig
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (stored top-5 teacher logits)")
+    ap.add_argument("--latency", default="0.3x", help="budget of the combined row (tokens + pruning)")
+    ap.add_argument("--batch", type=int, default=32, help="batch the budget is for (latency table)")
+    ap.add_argument("--rows", default="tokens,tokens+prune")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tokens_proxy.json")
+    args = ap.parse_args()
+
+    weights = CACHE / "proxy-fmnist" / "model.safetensors"
+    if not weights.is_file():
+        sys.exit(f"{weights} not found: run benchmarks/train_proxy.py first")
+    work = CACHE / "tokens-bench"
+    work.mkdir(parents=True, exist_ok=True)
+    logits = CACHE / "prune-bench" / f"teacher-top5-e{args.epochs}-s0.kd"
+    if not logits.is_file():
+        logits.parent.mkdir(parents=True, exist_ok=True)
+        print(f"storing teacher logits for {args.epochs} epochs -> {logits}", flush=True)
+        store_logits(MODEL, logits, weights=str(weights), epochs=args.epochs, topk=5, seed=0)
+
+    tokens = SemanticTokenConfig(args.tokens)
+    artifacts = {}
+    for row in args.rows.split(","):
+        suffix = "" if row == "tokens" else f"-{args.latency}-b{args.batch}"
+        out = work / f"{row}-st{args.tokens}-e{args.epochs}{suffix}"
+        if row == "tokens":
+            options = CompileOptions(weights=str(weights), data="fashion-mnist", semantic_tokens=tokens,
+                                     token_finetune_epochs=args.epochs, token_teacher_logits=str(logits),
+                                     measure_rounds=0, seed=0)
+        else:
+            prune = PruneConfig(latency=args.latency, steps=5, saliency_batches=16, batch_size=64, kd_steps=50,
+                                finetune_epochs=args.epochs, teacher_logits=str(logits), budget_rounds=3)
+            options = CompileOptions(weights=str(weights), data="fashion-mnist", semantic_tokens=tokens, prune=prune,
+                                     latency_batch=args.batch, measure_rounds=5, seed=0)
+        if (out / "manifest.json").is_file():
+            print(f"{row}: reusing {out}", flush=True)
+        else:
+            print(f"{row}: compiling -> {out}", flush=True)
+            compile(MODEL, out, options, progress=lambda msg, n=row: print(f"  {n}: {msg}", flush=True))
+        artifacts[row] = out
+
+    rows = measure_all(artifacts, weights, args.batch, args.rounds)
+    report = {"model": MODEL, "semantic_tokens": args.tokens, "finetune_epochs": args.epochs,
+              "teacher_logits": "top-5, stored", "combined_budget": args.latency, "budget_batch": args.batch,
+              "rounds": args.rounds, "rows": rows}
+    print(f"\n{'row':14} {'GFLOPs':>7} {'b' + str(args.batch) + ' ratio':>10} {'p10-p90':>12} {'b1 ratio':>9} "
+          f"{'top-1':>6} {'before':>7} {'delta':>6}")
+    for r in rows:
+        lo, hi = r[f"ratio_b{args.batch}_p10_p90"]
+        print(f"{r['row']:14} {r['gflops']:7.4f} {r[f'ratio_b{args.batch}']:10.3f} {lo:5.3f}-{hi:5.3f} "
+              f"{r['ratio_b1']:9.3f} {r['top1']:6.2f} {r['top1_before']:7.2f} {r['delta_pt']:+6.2f}")
+    write_json(args.out, report)
+    print(f"wrote {args.out}")
+
+
+def measure_all(artifacts: dict[str, Path], weights: Path, batch: int, rounds: int) -> list[dict]:
+    """The unrewritten graph and every artifact, interleaved, at ``batch`` and at batch 1."""
+    import onnx_ir as ir
+
+    from deploycomp.bench.harness import measure_interleaved, ort_candidate, stats
+    from deploycomp.frontend import load_source
+    from deploycomp.passes.base import CompileContext, Pipeline
+    from deploycomp.passes.cleanup import CleanupPass
+
+    session = read_manifest(next(iter(artifacts.values())))["session_options"]
+    shape = (1, 1, 28, 28)
+    src = load_source(MODEL, weights)
+    source = ir.serde.serialize_model(Pipeline([CleanupPass()])(src.model, CompileContext())).SerializeToString()
+    cands = [ort_candidate("source", "x", source, shape, session)]
+    cands += [ort_candidate(n, "x", (p / "model.onnx").read_bytes(), shape, session) for n, p in artifacts.items()]
+    timing = {b: measure_interleaved(cands, batch=b, rounds=rounds, iters=3, warmup=2) for b in (batch, 1)}
+    base = {b: float(np.median(timing[b]["source"])) for b in timing}
+    rows = []
+    for name, path in artifacts.items():
+        m = read_manifest(path)
+        acc = m["accuracy"]
+        row = {"row": name, "artifact": str(path), "gflops": m["totals"]["gflops_per_image"], "params": m["totals"]["params"],
+               "top1_before": acc["reference_top1"], "top1": acc["artifact_top1"], "delta_pt": acc["delta_pt"],
+               "reference": acc["reference"], "structure": m["structure"]["blocks"],
+               "semantic_tokens": m.get("semantic_tokens"), "pruning_latency": m.get("pruning", {}).get("latency"),
+               "parity": m["parity"]["checks"]}
+        for b in timing:
+            t = np.asarray(timing[b][name])
+            row[f"b{b}"] = stats(list(t))
+            row[f"ratio_b{b}"] = float(np.median(t)) / base[b]
+            row[f"ratio_b{b}_p10_p90"] = [float(np.percentile(t, 10)) / base[b], float(np.percentile(t, 90)) / base[b]]
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

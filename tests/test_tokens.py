@@ -1,0 +1,154 @@
+"""Semantic tokens (STViT): the TokenCluster op and its lowerings, the torch model, the graph
+rewrite through the verification gate, and the refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deploycomp.api import CompileOptions, compile
+from deploycomp.errors import DeployCompError
+from deploycomp.tokens.op import LOWERINGS, lower, token_cluster_model, token_cluster_nodes, token_cluster_reference
+from deploycomp.tokens.rewrite import adaptive_bins, pooling_matrix
+from deploycomp.tokens.stvit import SemanticTokenConfig, SemanticTokenViT, cross_attention, pool_patches
+
+from .test_cli import cli
+
+# 64 px / patch 16: a 4x4 grid (16 patches + cls); blocks 1-2 generate, block 3 runs on the tokens
+TINY = {"img_size": 64, "patch_size": 16, "embed_dim": 48, "num_heads": 3, "depth": 4, "num_classes": 10}
+TINY_ARGS = [arg for k, v in TINY.items() for arg in ("--model-arg", f"{k}={v}")]
+
+
+@pytest.mark.parametrize("how", LOWERINGS)
+@pytest.mark.parametrize("shape", [(2, 5, 37, 3, 24, 20), (1, 17, 197, 6, 64, 64)])
+def test_lowerings_agree_with_the_reference(how, shape):
+    import onnxruntime as ort
+
+    b, m, n, heads, dq, dv = shape
+    scale = dq ** -0.5
+    model = token_cluster_model(m, n, heads, dq, dv, scale)
+    assert lower(model, how) == 1 and not token_cluster_nodes(model)
+    rng = np.random.default_rng()  # fresh inputs every run
+    q, k, v = (rng.standard_normal((b, length, heads * d), dtype=np.float32) * 2
+               for length, d in ((m, dq), (n, dq), (n, dv)))
+    sess = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"q": q, "k": k, "v": v})[0]
+    want = token_cluster_reference(*map(torch.from_numpy, (q, k, v)), heads, scale).numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    wrong = token_cluster_reference(*map(torch.from_numpy, (q, k, v)), heads, scale * 1.5).numpy()
+    assert np.linalg.norm(got - wrong) / np.linalg.norm(want) > 1e-2  # the comparison can fail
+
+
+def test_pooling_bins_follow_torch():
+    x = torch.randn(2, 5, 14, 14)
+    for side in (1, 3, 4, 14):
+        assert len(adaptive_bins(14, side)) == side
+        pooled = pooling_matrix(14, side) @ x.flatten(2).transpose(1, 2).numpy()
+        want = F.adaptive_avg_pool2d(x, side).flatten(2).transpose(1, 2).numpy()
+        np.testing.assert_allclose(pooled, want, rtol=1e-5, atol=1e-6)
+    tokens = x.flatten(2).transpose(1, 2)
+    np.testing.assert_array_equal(pool_patches(tokens, 4, "max").numpy(),
+                                  F.adaptive_max_pool2d(x, 4).flatten(2).transpose(1, 2).numpy())
+
+
+def test_cross_attention_is_the_blocks_attention_when_queries_are_the_tokens():
+    """Splitting timm's fused qkv and its scale: attending from the tokens to themselves is the
+    block's own attention."""
+    import timm
+
+    vit = timm.create_model("deit_tiny_patch16_224", pretrained=False, **TINY).eval()
+    block = vit.blocks[1]
+    x = torch.randn(2, 17, TINY["embed_dim"])
+    with torch.no_grad():
+        np.testing.assert_allclose(cross_attention(block, x, x).numpy(), block.attn(block.norm1(x)).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_semantic_token_model_keeps_the_parameter_names():
+    import timm
+
+    vit = timm.create_model("deit_tiny_patch16_224", pretrained=False, **TINY)
+    names = [n for n, _ in vit.named_parameters()]
+    stvit = SemanticTokenViT(vit, SemanticTokenConfig(tokens=4, layer=1))
+    assert [n for n, _ in stvit.named_parameters()] == names
+    out = stvit(torch.randn(3, 3, 64, 64))
+    assert out.shape == (3, 10)
+
+
+@pytest.mark.parametrize("pooling,tokens,lowering", [("max", 9, "reference"), ("avg", 4, "ort-mha")])
+def test_compile_with_semantic_tokens_passes_the_gate(tmp_path, pooling, tokens, lowering):
+    """4x4 grid pooled to 3x3 (overlapping adaptive bins) or 2x2; the artifact equals the torch model
+    of the rewritten architecture and no TokenCluster node is left for ONNX Runtime."""
+    options = CompileOptions(model_kwargs=dict(TINY), semantic_tokens=SemanticTokenConfig(tokens, layer=1, pooling=pooling),
+                             token_lowering=lowering, measure_rounds=0, seed=0)
+    manifest = compile("timm:deit_tiny_patch16_224", tmp_path / "out", options)
+    assert manifest["parity"]["reference"] == "torch (semantic tokens)"
+    assert all(c["rel_l2"] <= 1e-4 for c in manifest["parity"]["checks"])
+    tokens_per_block = [b["tokens"] for b in manifest["structure"]["blocks"]]
+    assert tokens_per_block == [17, 1 + tokens, 1 + tokens, 1 + tokens]
+    model = ir.load(tmp_path / "out" / "model.onnx")
+    assert not token_cluster_nodes(model) and "deploycomp" not in model.opset_imports
+    mha = [n for n in model.graph if n.op_type == "MultiHeadAttention"]
+    assert len(mha) == (2 if lowering == "ort-mha" else 0)
+    assert manifest["totals"]["gflops_per_image"] < 0.9 * _unrewritten_gflops()
+
+
+def _unrewritten_gflops() -> float:
+    from deploycomp.frontend.export import export_to_onnx
+    from deploycomp.ir.shapes import matmul_flops
+    import timm
+
+    vit = timm.create_model("deit_tiny_patch16_224", pretrained=False, **TINY).eval()
+    return matmul_flops(export_to_onnx(vit, (1, 3, 64, 64), 18)) / 1e9
+
+
+def test_refusals(tmp_path):
+    with pytest.raises(DeployCompError, match="square"):
+        SemanticTokenConfig(tokens=10)
+    with pytest.raises(DeployCompError, match="pooling"):
+        SemanticTokenConfig(pooling="median")
+    opts = CompileOptions(model_kwargs=dict(TINY), semantic_tokens=SemanticTokenConfig(4, layer=3), measure_rounds=0)
+    with pytest.raises(DeployCompError, match="generator needs blocks"):
+        compile("timm:deit_tiny_patch16_224", tmp_path / "a", opts)
+    swin = {"img_size": 64, "window_size": 4, "embed_dim": 24, "depths": (2, 2), "num_heads": (2, 2), "num_classes": 10}
+    opts = CompileOptions(model_kwargs=swin, semantic_tokens=SemanticTokenConfig(4), measure_rounds=0)
+    with pytest.raises(DeployCompError, match="Swin"):
+        compile("timm:swin_tiny_patch4_window7_224", tmp_path / "b", opts)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_semantic_tokens(tmp_path):
+    r = cli("compile", "timm:deit_tiny_patch16_224", *TINY_ARGS, "--semantic-tokens", "4", "--token-layer", "1",
+            "--no-measure", "-q", "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    r = cli("compile", "timm:deit_tiny_patch16_224", *TINY_ARGS, "--semantic-tokens", "5", "-o", tmp_path / "bad")
+    assert r.returncode == 2 and "square" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
+def test_semantic_tokens_with_pruning_share_one_budget(tmp_path):
+    """``--semantic-tokens`` with ``--latency``: pruning trains and measures the token model, the budget
+    is relative to the unrewritten source, and the artifact (pruned + rewritten) passes the gate
+    against the pruned token model."""
+    from deploycomp.backends.base import get_backend
+    from deploycomp.latency.profiler import profile
+    from deploycomp.pruning.schedule import PruneConfig
+
+    tables = tmp_path / "tables"
+    profile(get_backend("ort-cpu"), tables, batch=1, grid="tiny", protocol={"warmup": 0, "repeats": 1, "passes": 1})
+    tiny = {**TINY, "embed_dim": 32, "num_heads": 2}
+    prune = PruneConfig(latency="0.9x", steps=2, saliency_batches=2, batch_size=8, budget_rounds=1,
+                        group_sizes={"emb": 8, "heads": 1, "qk": 4, "v": 4, "mlp": 16})
+    options = CompileOptions(model_kwargs=tiny, prune=prune, tables=str(tables), measure_rounds=2, seed=0,
+                             semantic_tokens=SemanticTokenConfig(4, layer=1))
+    manifest = compile("timm:deit_tiny_patch16_224", tmp_path / "out", options)
+    p = manifest["pruning"]
+    assert p["semantic_tokens"]["tokens"] == 4 and manifest["semantic_tokens"]["tokens_after"] == 5
+    assert manifest["parity"]["reference"] == "torch (semantic tokens)"
+    assert all(c["rel_l2"] <= 1e-4 for c in manifest["parity"]["checks"])
+    assert [b["tokens"] for b in manifest["structure"]["blocks"]] == [17, 5, 5, 5]
+    # the predicted ratio is token model / source: below what the same plan predicts on all tokens
+    assert p["predicted_ms"] < p["target_ms"] * 1.1 and p["latency"]["measured_ratio"] > 0
