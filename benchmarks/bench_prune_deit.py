@@ -15,6 +15,7 @@ Writes benchmarks/results/prune_deit.json.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -38,10 +39,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5, help="x6 interleaved rounds for the pruned-vs-unpruned timing")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prune_deit.json")
+    ap.add_argument("--only", default=None, help="re-run only MODEL:BUDGET (e.g. deit_base_patch16_224:0.3x); the "
+                                                 "other rows are kept from --out")
     args = ap.parse_args()
-    rows = []
+    runs = [r for r in RUNS if args.only is None or f"{r[0]}:{r[1]}" == args.only]
+    if not runs:
+        sys.exit(f"--only {args.only}: not one of {', '.join(f'{r[0]}:{r[1]}' for r in RUNS)}")
+    kept = json.loads(args.out.read_text())["rows"] if args.only and args.out.is_file() else []
+    rows = [r for r in kept if (r["model"], r["budget"]) != tuple(args.only.split(":"))] if args.only else []
     with tempfile.TemporaryDirectory() as tmp:
-        for model, budget, batches, batch in RUNS:
+        for model, budget, batches, batch in runs:
             t0 = time.monotonic()
             prune = PruneConfig(latency=budget, saliency_batches=batches, batch_size=batch)
             m = compile(f"timm:{model}", Path(tmp) / f"{model}-{budget}", CompileOptions(prune=prune, measure_rounds=args.rounds),
@@ -62,7 +69,8 @@ def main() -> None:
             rows.append(row)
             print(f"{model} {budget}: predicted {row['predicted_ratio']:.3f}x measured {row['measured_ratio']:.3f}x "
                   f"({row['budget_error_pct']:+.1f} % vs budget), EMB {p['emb']}, compile {seconds:.0f} s", flush=True)
-    write_json(args.out, {"batch": 1, "rows": rows})
+    order = {(m, b): i for i, (m, b, _, _) in enumerate(RUNS)}
+    write_json(args.out, {"batch": 1, "rows": sorted(rows, key=lambda r: order[(r["model"], r["budget"])])})
     print(f"wrote {args.out}")
 
 

@@ -58,6 +58,29 @@ def op_candidates(batch_shapes: list[tuple[int, int, int, int, int]], config: di
     return cands
 
 
+def predicted_ratio(manifest: dict, args) -> dict | None:
+    """What this device's latency table predicts for the rewrite (generator blocks: FLOPs-scaled)."""
+    from deploycomp.backends.base import get_backend
+    from deploycomp.errors import DeployCompError
+    from deploycomp.latency.arch import BlockArch, ViTArch
+    from deploycomp.latency.predictor import LatencyPredictor
+    from deploycomp.latency.profiler import device_fingerprint
+    from deploycomp.latency.table import load_table, table_path
+    from deploycomp.tokens.stvit import token_arch
+
+    blocks = manifest["structure"]["blocks"]
+    arch = ViTArch(blocks[0]["emb"], tuple(BlockArch(b["heads"], b["qk_dim"], b["v_dim"], b["mlp_dim"], b["tokens"])
+                                           for b in blocks))
+    try:
+        fp = device_fingerprint(get_backend("ort-cpu"), args.batch, "fp32")
+        predictor = LatencyPredictor(load_table(table_path(ROOT / "latency_tables", fp, "deit-base"), fp))
+    except DeployCompError as exc:
+        return {"error": str(exc)}
+    base = predictor.predict(arch).total_ms
+    rewritten = predictor.predict(token_arch(arch, SemanticTokenConfig(args.tokens, args.layer))).total_ms
+    return {"unrewritten_ms": base, "rewritten_ms": rewritten, "ratio": rewritten / base, "batch": args.batch}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="deit_small_patch16_224")
@@ -105,7 +128,7 @@ def main() -> None:
             if r["name"].startswith("op ") and r["name"].endswith(how):
                 ref = next(x for x in rows if x["name"] == r["name"].replace(how, "reference"))
                 r["speedup_vs_reference"] = ref["median_ms"] / r["median_ms"]
-    result = {"model": args.model, "semantic_tokens": args.tokens, "generator_layer": args.layer, "batch": args.batch,
+    result = {"model": args.model, "predicted": predicted_ratio(manifests["unrewritten"], args), "semantic_tokens": args.tokens, "generator_layer": args.layer, "batch": args.batch,
               "rounds": args.rounds, "host": host_fingerprint(), "rows": rows,
               "command": f".venv/bin/python benchmarks/bench_semantic_tokens.py --model {args.model} --tokens {args.tokens} "
                          f"--batch {args.batch} --rounds {args.rounds}"}
