@@ -141,7 +141,8 @@ def compile(source: str, output: str | Path, options: CompileOptions | None = No
                                                      backend.runner(staging / manifest["files"]["model"]), test_data)
         if options.measure_rounds:
             say("measure")
-            manifest["latency"] = measure_artifact(staging / manifest["files"]["model"], manifest, options.measure_rounds)
+            manifest["latency"] = measure_artifact(staging / manifest["files"]["model"], manifest, options.measure_rounds,
+                                                   backend)
         if prune_pass is not None:
             from .pruning.report import finish_pruning_report
 
@@ -263,11 +264,16 @@ def evaluate_compiled(reference, reference_kind: str, artifact_runner, test) -> 
             "artifact_top1": after, "delta_pt": after - before}
 
 
-def measure_artifact(model_path: Path, manifest: dict, rounds: int) -> dict[str, Any]:
-    """Batch-1 latency of the artifact with its recorded session options."""
+def measure_artifact(model_path: Path, manifest: dict, rounds: int, backend=None) -> dict[str, Any]:
+    """Batch-1 latency of the artifact: with its recorded ONNX Runtime session options, or timed by
+    the backend's own runner (TensorRT: the engine file, CUDA events)."""
     from .bench.harness import measure_interleaved, ort_candidate, stats
 
     shape = tuple(d if isinstance(d, int) else 1 for d in manifest["input"]["shape"])
+    if "session_options" not in manifest:
+        engine = Path(model_path).parent / manifest["files"].get("engine", Path(model_path).name)
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        return {"batch": 1, **stats([ms / 1e3 for ms in backend.runner(engine).time(x, repeats=10 * rounds)])}
     cand = ort_candidate("artifact", "deploycomp", Path(model_path).read_bytes(), shape, manifest["session_options"])
     times = measure_interleaved([cand], batch=1, rounds=rounds, iters=3, warmup=2)
     return {"batch": 1, **stats(times["artifact"])}

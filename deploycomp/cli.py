@@ -328,6 +328,31 @@ def evaluate_cmd(
     console.print(f"{model}: top-1 {result['top1']:.2f} % on {result['samples']} samples of {result['data']} ({result['runtime']})")
 
 
+@app.command("selftest")
+def selftest_cmd(
+    target: str = typer.Option("tensorrt", "--target", help="Target to check on this machine's GPU (tensorrt)."),
+    batch: int = typer.Option(2, "--batch", help="Batch size of the comparison and the timing."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (the precision pass, then the engine)."),
+    rounds: int = typer.Option(50, "--rounds", help="Timed runs per engine (CUDA events)."),
+):
+    """Build tiny engines (a tiny DeiT, and a TokenCluster node as the AOT plugin), compare them with the CPU reference, time them."""
+    if target != "tensorrt":
+        raise DeployCompError(f"selftest supports --target tensorrt, not '{target}'")
+    from .backends.tensorrt import selftest
+
+    rows = selftest(batch=batch, precision=precision, rounds=rounds)
+    table = Table(title=f"deploycomp selftest --target {target}: {rows[0]['gpu']} (sm_{rows[0]['arch']}), "
+                        f"TensorRT {rows[0]['backend_version']}, {precision}, batch {batch}")
+    for col in ("case", "rel L2", "tolerance", "median ms", "p90 ms", "result"):
+        table.add_column(col, justify="left" if col == "case" else "right")
+    for r in rows:
+        table.add_row(r["case"], f"{r['rel_l2']:.2e}", f"{r['tolerance']:.0e}", f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}",
+                      "[green]passed[/green]" if r["passed"] else "[red]FAILED[/red]")
+    console.print(table)
+    if not all(r["passed"] for r in rows):
+        raise typer.Exit(1)
+
+
 def validation_table(report: dict) -> Table:
     t, c, f = report["table_model"], report["table_model_calibrated"], report["flops_model"]
     table = Table(title=f"{report['n']} random architectures, batch {report['fingerprint']['batch']}: error median / p90 - "

@@ -48,7 +48,7 @@ def backend_names() -> list[str]:
 
 
 def get_backend(name: str, **options) -> Backend:
-    from . import ort  # noqa: F401  (registers the ONNX Runtime targets)
+    from . import ort, tensorrt  # noqa: F401  (register their targets; tensorrt imports TensorRT only when used)
 
     if name not in _BACKENDS:
         raise DeployCompError(f"unknown target '{name}': available targets are {', '.join(backend_names())}")

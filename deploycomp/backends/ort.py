@@ -126,3 +126,29 @@ class OrtCudaBackend(OrtBackend):
     provider = "CUDAExecutionProvider"
     extra = "install the 'gpu' extra (onnxruntime-gpu) on a machine with an NVIDIA GPU"
 
+
+@register_backend("ort-trt")
+class OrtTensorRTBackend(OrtBackend):
+    """ONNX Runtime's TensorRT execution provider (CUDA provider for what TensorRT does not take), for
+    users who already deploy ONNX Runtime on GPUs. Engines and timing caches are cached on disk.
+    Provider option names: onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html."""
+
+    name = "ort-trt"
+    provider = "TensorrtExecutionProvider"
+    extra = "install onnxruntime-gpu built with TensorRT, and TensorRT, on a machine with an NVIDIA GPU"
+
+    def __init__(self, *args, cache_dir: str | None = None, workspace_mb: int = 1024, **kwargs):
+        super().__init__(*args, **kwargs)
+        cache = cache_dir or str(Path.home() / ".cache" / "deploycomp" / "ort-trt")
+        self.trt_options = {"trt_max_workspace_size": str(workspace_mb << 20), "trt_engine_cache_enable": "True",
+                            "trt_engine_cache_path": cache, "trt_timing_cache_enable": "True",
+                            "trt_timing_cache_path": cache}
+        self.session_config["providers"] = [self.provider, "CUDAExecutionProvider"]
+        self.session_config["tensorrt_options"] = dict(self.trt_options)
+
+    def session(self, model: ir.Model | bytes | Path, **overrides):
+        import onnxruntime as ort
+
+        config = {**self.session_config, **overrides}
+        return ort.InferenceSession(model_bytes(model), session_options_for(config),
+                                    providers=[(self.provider, self.trt_options), "CUDAExecutionProvider"])

@@ -82,7 +82,8 @@ def lower(model, how: str) -> int:
                 return b.op("Transpose", b.op("Reshape", x, b.const(f"{name}_shape", np.array([0, 0, heads, -1], np.int64))),
                             perm=[0, 2, 1, 3])
 
-            qh = b.op("Mul", split(q, "q"), b.const("scale", np.array(scale, np.float32)))
+            qh = split(q, "q")  # the scale takes q's dtype (fp16 graphs after the precision pass)
+            qh = b.op("Mul", qh, b.op("CastLike", b.const("scale", np.array(scale, np.float32)), qh))
             scores = b.op("MatMul", qh, b.op("Transpose", split(k, "k"), perm=[0, 1, 3, 2]))
             ctx = b.op("MatMul", b.op("Softmax", scores, axis=-1), split(v, "v"))
             out = b.op("Reshape", b.op("Transpose", ctx, perm=[0, 2, 1, 3]),

@@ -1,0 +1,239 @@
+"""``deploycomp::TokenCluster`` as a TensorRT Quickly Deployable Plugin with an ahead-of-time kernel.
+
+Two halves:
+
+* ``mark_for_tensorrt(model)`` — pure ONNX, runs anywhere. The TensorRT ONNX parser maps a node it
+  has no importer for to a registered plugin when the node's ``op_type`` is the plugin name and the
+  node carries a string attribute ``plugin_namespace``; an attribute ``aot = 1`` asks for the
+  plugin's AOT implementation (TensorRT samples/python/quickly_deployable_plugins/README.md,
+  "ONNX model with an AOT plugin"). It also folds the softmax scale into ``q`` (a ``Mul`` in
+  front of the node, ``scale`` set to 1): an AOT kernel receives its tensors plus int32 scalars
+  only (``tensorrt.plugin.aot_impl``: extra args are symbolic ints), so a float has no way in.
+* ``register(arch)`` — needs TensorRT (imported there, never at module import). Registers the
+  output shape/type (``tensorrt.plugin.register``) and the AOT implementation
+  (``tensorrt.plugin.aot_impl``) returning the Triton kernel's PTX
+  (``deploycomp.kernels.token_cluster.ptx_for``) in TensorRT's calling convention (``trt_abi``),
+  a ``KernelLaunchParams`` (grid from ``launch_grid``, ``num_warps * 32`` threads, the kernel's
+  shared memory) and the int32 scalars as ``SymIntExprs``. The engine then holds the PTX and runs
+  without Python (e.g. ``trtexec --loadEngine``).
+
+Written against the ``tensorrt.plugin`` API of TensorRT 10.9+ (AOT QDPs were added in 10.9) and
+11.x; never run here (no GPU, no TensorRT). No ``from __future__ import annotations`` in this
+module: ``tensorrt.plugin.register`` reads the decorated function's annotations as objects.
+"""
+
+import re
+
+import numpy as np
+import onnx_ir as ir
+
+from ..tokens.op import DOMAIN, OP_TYPE, VERSION, token_cluster_nodes
+
+PLUGIN_ID = f"{DOMAIN}::{OP_TYPE}"
+# Kernel parameter roles (names of deploycomp.kernels.token_cluster.AOT_PARAMS).
+INPUTS, OUTPUTS = ("q_ptr", "k_ptr", "v_ptr"), ("o_ptr",)
+HIDDEN = ("global_scratch", "profile_scratch")  # Triton's, appended to every kernel; unused by ours
+BAKED = {"scale": 1.0}  # float parameters TensorRT cannot pass; mark_for_tensorrt folds the scale into q
+_ENTRY = re.compile(r"(\.visible\s+\.entry\s+(\w+)\s*\()([^)]*)(\))", re.S)
+_REGISTERED: dict[str, int] = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The ONNX side (no TensorRT needed).
+
+
+def mark_for_tensorrt(model: ir.Model) -> int:
+    """Prepare every TokenCluster node for the TensorRT ONNX parser, in place; return how many."""
+    nodes = token_cluster_nodes(model)
+    for node in nodes:
+        scale = node.attributes["scale"].as_float() if "scale" in node.attributes else 1.0
+        if scale != 1.0:
+            q = node.inputs[0]
+            factor = ir.Value(name=f"{node.name}.scale", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
+                              const_value=ir.tensor(np.array(scale, np.float32), name=f"{node.name}.scale"))
+            model.graph.register_initializer(factor)
+            like = ir.node("CastLike", [factor, q], name=f"{node.name}.scale_like")
+            mul = ir.node("Mul", [q, like.outputs[0]], name=f"{node.name}.scale_q")
+            like.outputs[0].name, mul.outputs[0].name = like.name, mul.name
+            model.graph.insert_before(node, [like, mul])
+            node.replace_input_with(0, mul.outputs[0])
+        node.attributes["scale"] = ir.AttrFloat32("scale", 1.0)
+        node.attributes["plugin_namespace"] = ir.AttrString("plugin_namespace", DOMAIN)
+        node.attributes["aot"] = ir.AttrInt64("aot", 1)
+    if nodes:
+        model.opset_imports.setdefault(DOMAIN, VERSION)
+    return len(nodes)
+
+
+def token_cluster_graph(tokens: int = 17, emb: int = 32, num_heads: int = 2, queries: int = 5, seed: int = 0,
+                        scale: float | None = None) -> tuple[ir.Model, dict[str, np.ndarray]]:
+    """A tiny graph ``x (B, tokens, emb) -> TokenCluster(x[:, :queries] Wq, x Wk, x Wv)`` and its weights.
+
+    The first ``queries`` tokens act as the centres. Used by the GPU self-test and the tests.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = {name: (rng.standard_normal((emb, emb)) / np.sqrt(emb)).astype(np.float32) for name in ("wq", "wk", "wv")}
+    scale = (emb // num_heads) ** -0.5 if scale is None else scale
+    inits = [numpy_helper.from_array(a, n) for n, a in w.items()]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+              (("starts", [0]), ("ends", [queries]), ("axes", [1]))]
+    nodes = [
+        helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["centres"]),
+        helper.make_node("MatMul", ["centres", "wq"], ["q"]),
+        helper.make_node("MatMul", ["x", "wk"], ["k"]),
+        helper.make_node("MatMul", ["x", "wv"], ["v"]),
+        helper.make_node(OP_TYPE, ["q", "k", "v"], ["y"], name="token_cluster", domain=DOMAIN, num_heads=num_heads,
+                         scale=float(scale)),
+    ]
+    graph = helper.make_graph(nodes, "token_cluster", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                     ["batch", tokens, emb])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", queries, emb])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, VERSION)],
+                              ir_version=9)
+    w["scale"], w["num_heads"], w["queries"] = np.float32(scale), np.int64(num_heads), np.int64(queries)
+    return ir.serde.deserialize_model(proto), w
+
+
+def token_cluster_graph_reference(x: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
+    """What ``token_cluster_graph`` computes, from the op's own reference (``tokens.op``)."""
+    from ..tokens.op import token_cluster_numpy
+
+    q = x[:, : int(w["queries"])] @ w["wq"]
+    return token_cluster_numpy(q, x @ w["wk"], x @ w["wv"], int(w["num_heads"]), float(w["scale"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The PTX the engine embeds, in TensorRT's calling convention.
+
+
+def scalar_values(m, n, num_heads: int, hq: int, hv: int) -> dict:
+    """Launch value of every int32 kernel parameter, from the token counts (ints, or TensorRT's
+    symbolic ``ShapeExpr`` at build time) and the static channel widths H·Dqk, H·Dv. Strides are
+    in elements of TensorRT's linear (contiguous) layout."""
+    return {"M": m, "N": n, "H": num_heads, "stride_qb": m * hq, "stride_qm": hq, "stride_kb": n * hq,
+            "stride_kn": hq, "stride_vb": n * hv, "stride_vn": hv, "stride_ob": m * hv, "stride_om": hv}
+
+
+SCALARS = frozenset(scalar_values(1, 1, 1, 1, 1))
+
+
+def entry_params(ptx: str, name: str) -> list[str]:
+    """``.param`` declarations of the PTX entry ``name``, in order."""
+    return [d.strip() for d in _entry(ptx, name).group(3).split(",") if d.strip()]
+
+
+def _entry(ptx: str, name: str) -> re.Match:
+    for match in _ENTRY.finditer(ptx):
+        if match.group(2) == name:
+            return match
+    raise ValueError(f"PTX has no entry '{name}'")
+
+
+def _bake(body: str, param: str, value: float) -> str:
+    """Replace every load of the float parameter ``param`` by the constant ``value``."""
+    bits = int(np.array(value, np.float32).view(np.uint32))
+
+    def mov(match):
+        kind, reg = match.group(1), match.group(2)
+        return f"mov.{kind} {reg}, {'0f%08X' % bits if kind == 'f32' else bits};"
+
+    body, count = re.subn(rf"ld\.param\.(f32|b32)\s+(%\w+),\s*\[{re.escape(param)}\];", mov, body)
+    if not count or re.search(rf"\[{re.escape(param)}\b", body):
+        raise ValueError(f"cannot bake PTX parameter {param}: it is not read by plain 32-bit loads")
+    return body
+
+
+def trt_abi(kernel) -> tuple[str, list[str]]:
+    """The PTX of ``kernel`` (a ``KernelPTX``) as TensorRT's AOT plugin launches it, and the names
+    of its scalar parameters in launch order.
+
+    TensorRT passes the input pointers, then the int32 scalars (``extra_args``), then the output
+    pointers, and nothing else. The kernel's ``.entry`` is reordered to that (the body refers to
+    parameters by name, so the order of declarations is the ABI); float parameters in ``BAKED``
+    are replaced by constants; Triton's hidden scratch pointers are dropped when the body never
+    reads them. Anything else refuses with the parameter it cannot place.
+    """
+    match = _entry(kernel.ptx, kernel.name)
+    decls = entry_params(kernel.ptx, kernel.name)
+    if len(decls) != len(kernel.params):
+        raise ValueError(f"PTX entry '{kernel.name}' declares {len(decls)} parameters, KernelPTX lists {kernel.params}")
+    decl, ptx_name = dict(zip(kernel.params, decls)), {p: d.split()[-1] for p, d in zip(kernel.params, decls)}
+    unplaced = [p for p in kernel.params if p not in (*INPUTS, *OUTPUTS, *HIDDEN, *BAKED) and p not in SCALARS]
+    if unplaced or any(p not in kernel.params for p in (*INPUTS, *OUTPUTS)):
+        missing = unplaced or [*INPUTS, *OUTPUTS]
+        raise ValueError(f"kernel '{kernel.name}' parameters {kernel.params}: cannot place {missing}")
+    body = kernel.ptx[match.end():]
+    for p in HIDDEN:
+        if p in ptx_name and re.search(rf"\[{re.escape(ptx_name[p])}\b", body):
+            raise ValueError(f"kernel '{kernel.name}' reads {p}, which TensorRT does not pass")
+    for p, value in BAKED.items():
+        if p in ptx_name:
+            body = _bake(body, ptx_name[p], value)
+    scalars = [p for p in kernel.params if p in SCALARS]
+    order = [*INPUTS, *scalars, *OUTPUTS]
+    params = "\n\t" + ",\n\t".join(decl[p] for p in order) + "\n"
+    return kernel.ptx[:match.start(3)] + params + kernel.ptx[match.end(3):match.end()] + body, scalars
+
+
+# ---------------------------------------------------------------------------------------------
+# The TensorRT side (imported lazily; nothing here runs without TensorRT).
+
+
+def register(arch: int) -> None:
+    """Register the plugin for a GPU of compute capability ``arch`` (e.g. 80, 90) with TensorRT.
+
+    The AOT implementation runs while TensorRT builds an engine; the PTX it returns is compiled
+    for ``arch``. Registering twice for the same arch is a no-op; a different arch is refused
+    (TensorRT keeps one definition per plugin id in a process).
+    """
+    if _REGISTERED:
+        if _REGISTERED["arch"] != arch:
+            raise RuntimeError(f"{PLUGIN_ID} is registered for sm_{_REGISTERED['arch']}, not sm_{arch}")
+        return
+    import tensorrt as trt
+    import tensorrt.plugin as trtp
+
+    from ..errors import DeployCompError
+
+    if not hasattr(trtp, "aot_impl"):
+        raise DeployCompError(f"TokenCluster needs TensorRT >= 10.9 (AOT plugins); this is {trt.__version__}")
+    try:
+        from .token_cluster import launch_grid, ptx_for
+    except ImportError as exc:
+        raise DeployCompError(f"TokenCluster's TensorRT plugin needs Triton for its kernel ({exc}): "
+                              "pip install 'deploycomp[tensorrt]'") from None
+
+    dtypes = {trt.float32: "float32", trt.float16: "float16"}
+
+    @trtp.register(PLUGIN_ID)
+    def _desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: int,
+              scale: float) -> trtp.TensorDesc:
+        return trtp.from_shape_expr((q.shape_expr[0], q.shape_expr[1], v.shape_expr[2]), dtype=q.dtype)
+
+    @trtp.aot_impl(PLUGIN_ID)
+    def _aot(q, k, v, num_heads, scale, outputs):  # hints optional for aot_impl (checked against _desc if given)
+        if scale != 1.0:
+            raise ValueError(f"{PLUGIN_ID}: scale {scale} reached the AOT kernel; run mark_for_tensorrt first")
+        if q.dtype not in dtypes or not (q.dtype == k.dtype == v.dtype):
+            raise ValueError(f"{PLUGIN_ID}: q, k, v must all be float32 or all float16 (the kernel's types)")
+        hq, hv = _static(q.shape_expr[2], "H*Dqk"), _static(v.shape_expr[2], "H*Dv")
+        kernel = ptx_for(arch, dtypes[q.dtype], hq // num_heads, hv // num_heads)
+        ptx, scalars = trt_abi(kernel)
+        batch, m, n = q.shape_expr[0], q.shape_expr[1], k.shape_expr[1]
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x, launch.grid_y, launch.grid_z = launch_grid(batch, m, num_heads, kernel.block_m)
+        launch.block_x = kernel.num_warps * 32
+        launch.shared_mem = kernel.shared_bytes
+        values = scalar_values(m, n, num_heads, hq, hv)
+        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(values[p]) for p in scalars])
+        return kernel.name.encode(), ptx.encode(), launch, extra
+
+    _REGISTERED["arch"] = arch
+
+
+def _static(expr, what: str) -> int:
+    if expr.is_fake or not expr.is_constant:
+        raise ValueError(f"{PLUGIN_ID}: the {what} axis must be static to pick a kernel")
+    return expr.constant_value()

@@ -1,0 +1,286 @@
+"""The TensorRT target without a GPU: everything short of TensorRT's own API is checked here.
+
+The graph handed to TensorRT's parser (checker, plugin attributes, same numbers under ONNX Runtime
+with TokenCluster decomposed), the AOT kernel's PTX for sm_80/sm_90 in TensorRT's calling
+convention (assembled by Triton's bundled ptxas), the launch values against torch's strides, the
+precision pass on ORT CPU, and the one-line error without TensorRT. Tests that need TensorRT and
+a GPU are marked ``gpu`` and skipped here with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+
+from deploycomp.backends.tensorrt import network_flags, prepare_for_tensorrt, profile_shapes
+from deploycomp.errors import DeployCompError
+from deploycomp.kernels import trt_plugin as tp
+from deploycomp.passes.base import DEFAULT_INVARIANTS, CompileContext, Pipeline
+from deploycomp.passes.precision import PrecisionPass, convert_precision
+from deploycomp.passes.verify import relative_l2
+from deploycomp.tokens.op import lower
+
+from .conftest import run_ort
+from .test_cli import DEIT, DEIT_ARGS, cli
+
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+HAVE_GPU = HAVE_TRT and torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs TensorRT and an NVIDIA GPU; this machine has neither")
+
+
+@pytest.fixture(scope="module")
+def tiny_deit():
+    import timm
+
+    from deploycomp.frontend.export import export_to_onnx
+
+    torch.manual_seed(0)
+    module = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=16, embed_dim=32,
+                               num_heads=2, depth=2, num_classes=10).eval()
+    return export_to_onnx(module, (1, 3, 64, 64), 18)
+
+
+def copy(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def x_image(batch=3, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch, 3, 64, 64)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The graph handed to TensorRT
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_token_cluster_graph_for_tensorrt(scale):
+    graph, weights = tp.token_cluster_graph(scale=scale)
+    proto = onnx.load_from_string(prepare_for_tensorrt(graph))
+    onnx.checker.check_model(proto)
+    nodes = [n for n in proto.graph.node if n.op_type == "TokenCluster"]
+    assert len(nodes) == 1
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    # what TensorRT's ONNX parser reads to map the node to the AOT plugin deploycomp::TokenCluster
+    assert attrs["plugin_namespace"] == b"deploycomp" and attrs["aot"] == 1
+    assert attrs["scale"] == 1.0 and attrs["num_heads"] == 2  # the scale moved into q
+    assert {"deploycomp", ""} <= {o.domain for o in proto.opset_import}
+    # same numbers as the op's torch reference, with TokenCluster decomposed into standard ops
+    model = ir.serde.deserialize_model(proto)
+    assert lower(model, "reference") == 1
+    x = np.random.default_rng(1).standard_normal((3, 17, 32)).astype(np.float32)
+    assert relative_l2(run_ort(model, x), tp.token_cluster_graph_reference(x, weights)) < 1e-5
+    assert graph.graph.node("token_cluster").attributes["scale"].as_float() != 1.0  # the caller's graph is untouched
+
+
+def test_tiny_deit_graph_for_tensorrt(tiny_deit):
+    proto = onnx.load_from_string(prepare_for_tensorrt(tiny_deit))
+    onnx.checker.check_model(proto, full_check=True)
+    x = x_image()
+    np.testing.assert_array_equal(run_ort(ir.serde.deserialize_model(proto), x), run_ort(tiny_deit, x))
+
+
+def test_profile_and_network_flags():
+    assert profile_shapes([-1, 3, 64, 64], (1, 8, 32)) == ((1, 3, 64, 64), (8, 3, 64, 64), (32, 3, 64, 64))
+    assert profile_shapes([2, 3, 64, 64], (1, 8, 32)) == ((2, 3, 64, 64),) * 3
+    with pytest.raises(DeployCompError, match="only the batch axis"):
+        profile_shapes([-1, 3, -1, 64], (1, 8, 32))
+    flag = SimpleNamespace(STRONGLY_TYPED=1)
+    assert network_flags(SimpleNamespace(__version__="10.13.3.9", NetworkDefinitionCreationFlag=flag)) == 1 << 1
+    assert network_flags(SimpleNamespace(__version__="11.0.0.0", NetworkDefinitionCreationFlag=flag)) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The AOT kernel in TensorRT's calling convention
+
+
+@pytest.mark.parametrize("arch,dtype", [(80, "float16"), (90, "float16"), (80, "float32")])
+def test_ptx_for_tensorrt_abi(arch, dtype, tmp_path):
+    tc = pytest.importorskip("deploycomp.kernels.token_cluster", reason="the Triton kernel module is not there yet")
+    kernel = tc.ptx_for(arch, dtype, 16, 16)
+    assert f".entry {kernel.name}(" in kernel.ptx and f".target sm_{arch}" in kernel.ptx
+    assert kernel.params == tc.AOT_PARAMS
+    ptx, scalars = tp.trt_abi(kernel)
+    decls = tp.entry_params(ptx, kernel.name)
+    original = dict(zip(kernel.params, (d.split()[-1] for d in tp.entry_params(kernel.ptx, kernel.name))))
+    # TensorRT passes q, k, v, the int32 scalars, the output - and nothing else
+    assert [d.split()[-1] for d in decls] == [original[p] for p in (*tp.INPUTS, *scalars, *tp.OUTPUTS)]
+    assert scalars == ["M", "N", "H", "stride_qb", "stride_qm", "stride_kb", "stride_kn", "stride_vb", "stride_vn",
+                       "stride_ob", "stride_om"]
+    assert all(".u64 .ptr" in d for d in decls[:3] + decls[-1:]) and all(".u32" in d for d in decls[3:-1])
+    assert f"[{original['scale']}]" not in ptx and "1065353216" in ptx  # scale baked as 1.0f
+    ptxas = importlib.util.find_spec("triton").submodule_search_locations[0] + "/backends/nvidia/bin/ptxas"
+    path = tmp_path / "k.ptx"
+    path.write_text(ptx)
+    target = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    result = subprocess.run([ptxas, f"-arch={target}", str(path), "-o", str(tmp_path / "k.cubin")], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def fake_kernel(params, reads):
+    decls = ",\n".join(f"\t.param .u64 .ptr k_param_{i}" for i in range(len(params)))
+    body = "".join(f"\tld.param.b64 %rd{i}, [k_param_{i}];\n" for i, p in enumerate(params) if p in reads)
+    ptx = f".version 8.0\n.visible .entry k(\n{decls}\n)\n{{\n{body}}}\n"
+    return SimpleNamespace(ptx=ptx, name="k", params=tuple(params))
+
+
+def test_trt_abi_reorders_and_refuses_what_tensorrt_cannot_pass():
+    base = ("q_ptr", "k_ptr", "v_ptr", "o_ptr")
+    ptx, scalars = tp.trt_abi(fake_kernel((*base, "M", "global_scratch"), reads=(*base, "M")))
+    assert scalars == ["M"]
+    assert [d.split()[-1] for d in tp.entry_params(ptx, "k")] == ["k_param_0", "k_param_1", "k_param_2", "k_param_4",
+                                                                  "k_param_3"]  # unread scratch dropped
+    with pytest.raises(ValueError, match="cannot place"):
+        tp.trt_abi(fake_kernel((*base, "alpha"), reads=base))
+    with pytest.raises(ValueError, match="reads global_scratch"):
+        tp.trt_abi(fake_kernel((*base, "global_scratch"), reads=(*base, "global_scratch")))
+    with pytest.raises(ValueError, match="cannot bake"):  # only 32-bit loads of a float scale can become 1.0f
+        tp.trt_abi(fake_kernel((*base, "scale"), reads=(*base, "scale")))
+
+
+class Sym:
+    """Stand-in for TensorRT's ShapeExpr: +, -, *, // with an int or Sym on the right, nothing reflected."""
+
+    def __init__(self, v):
+        self.v = v
+
+    def _op(self, other, f):
+        return Sym(f(self.v, other.v if isinstance(other, Sym) else other))
+
+    def __add__(self, o):
+        return self._op(o, lambda a, b: a + b)
+
+    def __sub__(self, o):
+        return self._op(o, lambda a, b: a - b)
+
+    def __mul__(self, o):
+        return self._op(o, lambda a, b: a * b)
+
+    def __floordiv__(self, o):
+        return self._op(o, lambda a, b: a // b)
+
+
+def test_launch_values_match_torch_strides_and_symbolic_shapes():
+    b, m, n, h, dq, dv = 3, 5, 17, 2, 16, 8
+    q, k, v, o = (torch.empty(b, t, h * d) for t, d in ((m, dq), (n, dq), (n, dv), (m, dv)))
+    values = tp.scalar_values(m, n, h, h * dq, h * dv)
+    expect = {"M": m, "N": n, "H": h}
+    for name, t in zip("qkvo", (q, k, v, o)):
+        expect[f"stride_{name}b"] = t.stride(0)
+        expect[f"stride_{name}{'m' if name in 'qo' else 'n'}"] = t.stride(1)
+    assert values == expect
+    symbolic = tp.scalar_values(Sym(m), Sym(n), h, h * dq, h * dv)  # the build-time form (ShapeExpr)
+    assert {key: getattr(val, "v", val) for key, val in symbolic.items()} == values
+    tc = pytest.importorskip("deploycomp.kernels.token_cluster", reason="the Triton kernel module is not there yet")
+    grid = tc.launch_grid(Sym(b), Sym(m), h, 32)
+    assert tuple(getattr(g, "v", g) for g in grid) == tc.launch_grid(b, m, h, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision
+
+
+def test_precision_fp16_runs_on_ort_cpu_within_fp16_tolerance(tiny_deit):
+    model = Pipeline([PrecisionPass("fp16")], DEFAULT_INVARIANTS)(copy(tiny_deit), CompileContext())
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+    graph = model.graph
+    assert graph.inputs[0].dtype == graph.outputs[0].dtype == ir.DataType.FLOAT
+    for node in graph:
+        if node.op_type in ("LayerNormalization", "Softmax"):
+            assert all(v.dtype == ir.DataType.FLOAT for v in node.inputs if v is not None), node.name
+        if node.op_type == "MatMul" and node.inputs[1].is_initializer():
+            assert node.inputs[1].dtype == ir.DataType.FLOAT16
+    x = x_image()
+    want = run_ort(tiny_deit, x)
+    got = run_ort(model, x)
+    assert got.dtype == np.float32
+    err = relative_l2(got, want)
+    assert 0 < err < 5e-3, err  # not bit-identical (it did compute in fp16), within fp16 accuracy
+
+
+def test_precision_bf16_graph_structure(tiny_deit):
+    """bf16 graphs are for TensorRT/CUDA: ONNX Runtime 1.32's CPU provider has no bfloat16 kernels
+    for Expand or MatMul (tried here), so only the graph is checked."""
+    model = convert_precision(copy(tiny_deit), "bf16")
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    assert conv.inputs[1].dtype == ir.DataType.FLOAT  # Conv takes no bfloat16 at opset 18: stays float32
+    assert any(n.op_type == "MatMul" and n.inputs[1].dtype == ir.DataType.BFLOAT16 for n in model.graph)
+
+
+def test_precision_token_cluster():
+    graph, weights = tp.token_cluster_graph()
+    x = np.random.default_rng(2).standard_normal((2, 17, 32)).astype(np.float32)
+    want = tp.token_cluster_graph_reference(x, weights)
+    fp16 = convert_precision(copy(graph), "fp16")
+    node = fp16.graph.node("token_cluster")
+    assert [v.dtype for v in node.inputs] == [ir.DataType.FLOAT16] * 3  # the kernel takes fp16
+    bf16 = convert_precision(copy(graph), "bf16")
+    assert [v.dtype for v in bf16.graph.node("token_cluster").inputs] == [ir.DataType.FLOAT] * 3  # but not bf16
+    lowered = copy(graph)  # ONNX Runtime targets decompose first, then lower the precision
+    lower(lowered, "reference")
+    assert relative_l2(run_ort(convert_precision(lowered, "fp16"), x), want) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Without TensorRT
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here")
+def test_without_tensorrt_one_line_and_exit_2(tmp_path):
+    for args in (("selftest", "--target", "tensorrt"), ("compile", DEIT, *DEIT_ARGS, "--target", "tensorrt", "-o",
+                                                         tmp_path / "out")):
+        r = cli(*args)
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "pip install 'deploycomp[tensorrt]'" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_ort_trt_is_a_target_and_says_what_is_missing():
+    import onnxruntime as ort
+
+    from deploycomp.backends.base import backend_names, get_backend
+
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the TensorRT execution provider")
+    with pytest.raises(DeployCompError, match="TensorrtExecutionProvider"):
+        get_backend("ort-trt")
+    assert {"ort-trt", "tensorrt"} <= set(backend_names())
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU (skipped here)
+
+
+@gpu
+@needs_gpu
+def test_engine_matches_ort_cpu(tiny_deit, tmp_path):
+    from deploycomp.backends.tensorrt import TensorRTBackend
+
+    backend = TensorRTBackend(timing_cache=str(tmp_path / "timing.cache"))
+    backend.check_available()
+    info = backend.emit(tiny_deit, tmp_path)
+    runner = backend.runner(tmp_path / info["files"]["engine"])
+    x = x_image()
+    assert relative_l2(runner(x), run_ort(tiny_deit, x)) < 5e-3
+    assert (tmp_path / "timing.cache").stat().st_size > 0
+    assert min(runner.time(x, warmup=2, repeats=5)) > 0
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_selftest_on_gpu(precision):
+    from deploycomp.backends.tensorrt import selftest
+
+    rows = selftest(precision=precision, rounds=10)
+    assert [r["passed"] for r in rows] == [True, True], rows
