@@ -63,14 +63,15 @@ for c in json.loads(sys.argv[1]):
     q, k, v = inputs(c)
     ref = token_cluster_reference(q, k, v, c["h"], c["scale"])
     kw = {key: c[key] for key in ("block_m", "block_n") if key in c}
-    out = tc.token_cluster(q, k, v, c["h"], c["scale"] * c.get("kernel_scale_factor", 1.0), **kw)
+    launch = tc.token_cluster_aot_entry if c.get("entry") == "aot" else tc.token_cluster
+    out = launch(q, k, v, c["h"], c["scale"] * c.get("kernel_scale_factor", 1.0), **kw)
     assert out.dtype == q.dtype and out.shape == ref.shape, (out.dtype, out.shape)
     err = (out.float() - ref.float()).abs().max().item()
     results[c["name"]] = {"err": err, "ref_max": ref.float().abs().max().item(),
                           "finite": bool(torch.isfinite(out).all())}
 # AOT compilation is impossible in an interpreting process: it must say so, not crash obscurely
 try:
-    tc.ptx_for(80, "float32", 24, 20)
+    tc.ptx_for(80, "float32", 24, 20, 0.2)
     results["aot_under_interpreter"] = "compiled"
 except RuntimeError as e:
     results["aot_under_interpreter"] = str(e)
@@ -100,6 +101,9 @@ CASES = [
     # large logits (|scale*q.k| ~ 1e3) and a negative scale: needs the running-max subtraction
     _case("large_logits_fp32", "float32", 9, 1, 9, 70, 2, 16, amp=4.0, scale=4.0),
     _case("negative_scale_fp32", "float32", 10, 1, 9, 70, 2, 16, scale=-0.7),
+    # the AOT entry as TensorRT launches it (its argument order, scale baked in as a constexpr)
+    _case("aot_entry_odd_fp32", "float32", 12, 2, 5, 37, 3, 24, 20, entry="aot"),
+    _case("aot_entry_deit_fp16", "float16", 13, 1, 17, 197, 6, 64, entry="aot"),
     # deliberately wrong: kernel run with 1.5x the scale the reference uses (must be detected)
     _case("wrong_scale_fp32", "float32", 11, 2, 5, 37, 3, 24, 20, kernel_scale_factor=1.5),
 ]
@@ -158,7 +162,7 @@ def test_launcher_refuses_cpu_tensors_when_compiled():
 
 
 # expected .param types of the entry, in AOT_PARAMS order
-_PARAM_TYPES = ["u64"] * 4 + ["u32"] * 3 + ["f32"] + ["u32"] * 8 + ["u64"] * 2
+_PARAM_TYPES = ["u64"] * 3 + ["u32"] * 3 + ["u32"] * 8 + ["u64"] + ["u64"] * 2
 
 
 def _entry_params(ptx: str, name: str) -> list[str]:
@@ -174,7 +178,7 @@ def _entry_params(ptx: str, name: str) -> list[str]:
 @pytest.mark.parametrize("dims", [(64, 64), (24, 20)], ids=["d64", "dq24_dv20"])
 def test_ptx(arch, dtype, dims):
     """PTX for sm_arch: target line, entry symbol, the documented .param list, and the dot flavour."""
-    kp = ptx_for(arch, dtype, *dims)
+    kp = ptx_for(arch, dtype, *dims, dims[0] ** -0.5)
     assert isinstance(kp, KernelPTX) and kp.arch == arch
     # Triton targets the arch-specific sm_90a for 9.0 (wgmma/TMA features), plain sm_80 for 8.0
     target = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
@@ -191,6 +195,6 @@ def test_ptx(arch, dtype, dims):
 
 def test_ptx_rejects_bad_arguments():
     with pytest.raises(ValueError):
-        ptx_for(80, "bfloat16", 64, 64)
+        ptx_for(80, "bfloat16", 64, 64, 0.125)
     with pytest.raises(ValueError):
-        ptx_for(80, "float32", 0, 64)
+        ptx_for(80, "float32", 0, 64, 0.125)

@@ -70,14 +70,15 @@ def test_token_cluster_graph_for_tensorrt(scale):
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
     # what TensorRT's ONNX parser reads to map the node to the AOT plugin deploycomp::TokenCluster
     assert attrs["plugin_namespace"] == b"deploycomp" and attrs["aot"] == 1
-    assert attrs["scale"] == 1.0 and attrs["num_heads"] == 2  # the scale moved into q
+    # the scale stays an attribute: the AOT kernel bakes it into its PTX (ptx_for(..., scale))
+    assert attrs["scale"] == pytest.approx(float(weights["scale"])) and attrs["num_heads"] == 2
     assert {"deploycomp", ""} <= {o.domain for o in proto.opset_import}
     # same numbers as the op's torch reference, with TokenCluster decomposed into standard ops
     model = ir.serde.deserialize_model(proto)
     assert lower(model, "reference") == 1
     x = np.random.default_rng(1).standard_normal((3, 17, 32)).astype(np.float32)
     assert relative_l2(run_ort(model, x), tp.token_cluster_graph_reference(x, weights)) < 1e-5
-    assert graph.graph.node("token_cluster").attributes["scale"].as_float() != 1.0  # the caller's graph is untouched
+    assert "aot" not in graph.graph.node("token_cluster").attributes  # the caller's graph is untouched
 
 
 def test_tiny_deit_graph_for_tensorrt(tiny_deit):
@@ -104,7 +105,7 @@ def test_profile_and_network_flags():
 @pytest.mark.parametrize("arch,dtype", [(80, "float16"), (90, "float16"), (80, "float32")])
 def test_ptx_for_tensorrt_abi(arch, dtype, tmp_path):
     tc = pytest.importorskip("deploycomp.kernels.token_cluster", reason="the Triton kernel module is not there yet")
-    kernel = tc.ptx_for(arch, dtype, 16, 16)
+    kernel = tc.ptx_for(arch, dtype, 16, 16, 0.25)
     assert f".entry {kernel.name}(" in kernel.ptx and f".target sm_{arch}" in kernel.ptx
     assert kernel.params == tc.AOT_PARAMS
     ptx, scalars = tp.trt_abi(kernel)
@@ -115,7 +116,7 @@ def test_ptx_for_tensorrt_abi(arch, dtype, tmp_path):
     assert scalars == ["M", "N", "H", "stride_qb", "stride_qm", "stride_kb", "stride_kn", "stride_vb", "stride_vn",
                        "stride_ob", "stride_om"]
     assert all(".u64 .ptr" in d for d in decls[:3] + decls[-1:]) and all(".u32" in d for d in decls[3:-1])
-    assert f"[{original['scale']}]" not in ptx and "1065353216" in ptx  # scale baked as 1.0f
+    assert len(decls) == len(kernel.params) - 2  # Triton's hidden scratch pointers dropped
     ptxas = importlib.util.find_spec("triton").submodule_search_locations[0] + "/backends/nvidia/bin/ptxas"
     path = tmp_path / "k.ptx"
     path.write_text(ptx)
@@ -132,18 +133,18 @@ def fake_kernel(params, reads):
     return SimpleNamespace(ptx=ptx, name="k", params=tuple(params))
 
 
-def test_trt_abi_reorders_and_refuses_what_tensorrt_cannot_pass():
-    base = ("q_ptr", "k_ptr", "v_ptr", "o_ptr")
-    ptx, scalars = tp.trt_abi(fake_kernel((*base, "M", "global_scratch"), reads=(*base, "M")))
+def test_trt_abi_keeps_tensorrts_order_and_refuses_what_tensorrt_cannot_pass():
+    ins = ("q_ptr", "k_ptr", "v_ptr")
+    ptx, scalars = tp.trt_abi(fake_kernel((*ins, "M", "o_ptr", "global_scratch"), reads=(*ins, "M", "o_ptr")))
     assert scalars == ["M"]
-    assert [d.split()[-1] for d in tp.entry_params(ptx, "k")] == ["k_param_0", "k_param_1", "k_param_2", "k_param_4",
-                                                                  "k_param_3"]  # unread scratch dropped
+    assert [d.split()[-1] for d in tp.entry_params(ptx, "k")] == ["k_param_0", "k_param_1", "k_param_2", "k_param_3",
+                                                                  "k_param_4"]  # unread scratch dropped
+    with pytest.raises(ValueError, match="not TensorRT's order"):  # output pointer before the scalars
+        tp.trt_abi(fake_kernel((*ins, "o_ptr", "M"), reads=(*ins, "o_ptr", "M")))
     with pytest.raises(ValueError, match="cannot place"):
-        tp.trt_abi(fake_kernel((*base, "alpha"), reads=base))
+        tp.trt_abi(fake_kernel((*ins, "alpha", "o_ptr"), reads=(*ins, "o_ptr")))
     with pytest.raises(ValueError, match="reads global_scratch"):
-        tp.trt_abi(fake_kernel((*base, "global_scratch"), reads=(*base, "global_scratch")))
-    with pytest.raises(ValueError, match="cannot bake"):  # only 32-bit loads of a float scale can become 1.0f
-        tp.trt_abi(fake_kernel((*base, "scale"), reads=(*base, "scale")))
+        tp.trt_abi(fake_kernel((*ins, "o_ptr", "global_scratch"), reads=(*ins, "o_ptr", "global_scratch")))
 
 
 class Sym:

@@ -24,21 +24,24 @@ Kernel parameters (order of :func:`_token_cluster_kernel`)::
 
 Element (b, m, h·D + d) of a tensor is at ``ptr + b·stride_b + m·stride_m + (h·D + d)·stride_c``.
 
-Ahead-of-time PTX (:func:`ptx_for`, for the TensorRT plugin): dtype, DQK, DV and the four block sizes
-are baked in, and so are the channel strides ``stride_qc = stride_kc = stride_vc = stride_oc = 1``
-(TensorRT's linear format: the last axis is contiguous). No alignment/divisibility hints are
-given, so the PTX makes no assumption about pointer alignment or the other strides. The runtime
-``.param`` list of the ``.entry`` is, in order, :data:`AOT_PARAMS`::
+Ahead-of-time PTX (:func:`ptx_for`, for the TensorRT plugin) compiles a second entry,
+:func:`_token_cluster_trt`, which calls the same kernel body with TensorRT's AOT calling convention:
+the input pointers, then the int32 scalars, then the output pointer; nothing else. dtype, DQK, DV,
+the block sizes and the softmax scale (``SCALE``: an AOT plugin cannot pass a float at run time;
+it is an attribute of the ONNX node, known when the engine is built) are baked in, and so are the
+channel strides (1: TensorRT's linear format has the last axis contiguous). No alignment or
+divisibility hints are given, so the PTX assumes nothing about pointer alignment or the other
+strides. The ``.param`` list of the ``.entry`` is, in order, :data:`AOT_PARAMS`::
 
-    q_ptr, k_ptr, v_ptr, o_ptr, M, N, H, scale,
+    q_ptr, k_ptr, v_ptr, M, N, H,
     stride_qb, stride_qm, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_om,
-    global_scratch, profile_scratch
+    o_ptr, global_scratch, profile_scratch
 
 The last two are hidden pointer parameters that Triton (3.x) appends to every kernel; this kernel
-needs no scratch (``ptx_for`` checks the compiled sizes are 0), so a launcher passes null (0) for
-both. Grid: :func:`launch_grid`; block: ``KernelPTX.num_warps * 32`` threads; dynamic shared
-memory: ``KernelPTX.shared_bytes`` (48 KiB for float32, 16 KiB for float16 at d=64; above 48 KiB
-a launcher must raise ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` first).
+needs no scratch (``ptx_for`` checks the compiled sizes are 0), so the plugin drops them from the
+entry (``kernels/trt_plugin.trt_abi``). Grid: :func:`launch_grid`; block: ``KernelPTX.num_warps * 32``
+threads; dynamic shared memory: ``KernelPTX.shared_bytes`` (48 KiB for float32, 16 KiB for float16
+at d=64; above 48 KiB a launcher must raise ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` first).
 
 What triton 3.8 emits: ``.version 8.8`` (load needs a CUDA 12.8+ driver), ``.target sm_80`` for
 arch 80 and the arch-specific ``.target sm_90a`` for arch 90 (loads only on 9.0 devices, so ship
@@ -61,14 +64,12 @@ DEFAULT_NUM_STAGES = 2
 
 #: Runtime parameters of the AOT kernel entry, in ``.param`` order (see the module docstring).
 AOT_PARAMS: tuple[str, ...] = (
-    "q_ptr", "k_ptr", "v_ptr", "o_ptr", "M", "N", "H", "scale",
+    "q_ptr", "k_ptr", "v_ptr", "M", "N", "H",
     "stride_qb", "stride_qm", "stride_kb", "stride_kn", "stride_vb", "stride_vn", "stride_ob", "stride_om",
-    "global_scratch", "profile_scratch",
+    "o_ptr", "global_scratch", "profile_scratch",
 )
 #: Hidden parameters Triton appends after the kernel's own runtime arguments.
 HIDDEN_PARAMS: tuple[str, ...] = ("global_scratch", "profile_scratch")
-#: Kernel arguments baked into the AOT PTX as the value 1 (contiguous channel axis).
-AOT_UNIT_STRIDES: tuple[str, ...] = ("stride_qc", "stride_kc", "stride_vc", "stride_oc")
 
 
 def _token_cluster_kernel(
@@ -134,6 +135,22 @@ def _token_cluster_kernel(
 # The launcher's kernel: a JITFunction, or an InterpretedFunction when TRITON_INTERPRET=1 was set
 # before this module was imported.
 _kernel = triton.jit(_token_cluster_kernel)
+_token_cluster_body = _kernel  # called by the AOT entry below (interpreted too under TRITON_INTERPRET=1)
+
+
+def _token_cluster_trt(
+    q_ptr, k_ptr, v_ptr,
+    M, N, H,
+    stride_qb, stride_qm, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_om,
+    o_ptr,
+    SCALE: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """The AOT entry: TensorRT's argument order (inputs, int32 scalars, output), scale and channel
+    strides baked in; the body is the launcher's kernel."""
+    _token_cluster_body(q_ptr, k_ptr, v_ptr, o_ptr, M, N, H, SCALE,
+                        stride_qb, stride_qm, 1, stride_kb, stride_kn, 1, stride_vb, stride_vn, 1, stride_ob, stride_om, 1,
+                        DQK, DV, BLOCK_M, BLOCK_N, BLOCK_DQ, BLOCK_DV)
 
 
 def _block_d(d: int) -> int:
@@ -190,6 +207,27 @@ def token_cluster(q, k, v, num_heads: int, scale: float, *, block_m: int = DEFAU
     return out
 
 
+_kernel_trt = triton.jit(_token_cluster_trt)
+
+
+def token_cluster_aot_entry(q, k, v, num_heads: int, scale: float):
+    """Run the AOT entry exactly as the TensorRT plugin launches it (contiguous tensors; inputs,
+    int32 scalars from ``trt_plugin.scalar_values``, output; scale baked in): for checking its
+    argument mapping under ``TRITON_INTERPRET=1`` on CPU, or on a GPU."""
+    import torch
+
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    b, m, hq = q.shape
+    n, hv = k.shape[1], v.shape[2]
+    dq, dv = hq // num_heads, hv // num_heads
+    out = torch.empty((b, m, hv), dtype=q.dtype, device=q.device)
+    _kernel_trt[launch_grid(b, m, num_heads, DEFAULT_BLOCK_M)](
+        q, k, v, m, n, num_heads, m * hq, hq, n * hq, hq, n * hv, hv, m * hv, hv, out,
+        SCALE=float(scale), DQK=dq, DV=dv, BLOCK_M=DEFAULT_BLOCK_M, BLOCK_N=DEFAULT_BLOCK_N,
+        BLOCK_DQ=_block_d(dq), BLOCK_DV=_block_d(dv), num_warps=DEFAULT_NUM_WARPS, num_stages=DEFAULT_NUM_STAGES)
+    return out
+
+
 @dataclass(frozen=True)
 class KernelPTX:
     """PTX of one TokenCluster specialisation, with what a launcher needs besides the arguments."""
@@ -199,8 +237,9 @@ class KernelPTX:
     num_warps: int             # block = num_warps * 32 threads
     shared_bytes: int          # dynamic shared memory to request at launch (opt-in above 48 KiB)
     block_m: int               # for launch_grid
-    params: tuple[str, ...]    # every .param in order (AOT_PARAMS); the 2 hidden scratch ones get 0
+    params: tuple[str, ...]    # every .param in order (AOT_PARAMS); the 2 hidden scratch ones are unused
     arch: int                  # compute capability, e.g. 80, 90
+    scale: float               # the softmax scale baked in
 
 
 _DTYPES = {"float32": "*fp32", "float16": "*fp16"}
@@ -208,13 +247,12 @@ _DTYPES = {"float32": "*fp32", "float16": "*fp16"}
 
 @functools.lru_cache(maxsize=None)
 def _aot_fn():
-    # The compiling JITFunction (``_kernel`` is the same thing except under TRITON_INTERPRET=1).
-    return triton.runtime.jit.JITFunction(_token_cluster_kernel)
+    return triton.runtime.jit.JITFunction(_token_cluster_trt)
 
 
 @functools.lru_cache(maxsize=None)
-def ptx_for(arch: int, dtype: str, dq: int, dv: int) -> KernelPTX:
-    """Compile the kernel ahead of time for ``sm_<arch>`` ("float32" | "float16", head dims dq, dv).
+def ptx_for(arch: int, dtype: str, dq: int, dv: int, scale: float) -> KernelPTX:
+    """Compile the AOT entry for ``sm_<arch>`` ("float32" | "float16", head dims dq, dv, softmax scale).
 
     Needs no GPU: ``triton.compile`` runs to PTX (and through Triton's bundled ptxas) for an
     explicit ``GPUTarget("cuda", arch, 32)``. Needs a process without ``TRITON_INTERPRET=1``.
@@ -233,31 +271,22 @@ def ptx_for(arch: int, dtype: str, dq: int, dv: int) -> KernelPTX:
     fn = _aot_fn()
     ptr = _DTYPES[dtype]
     constexprs = {
-        "DQK": dq, "DV": dv, "BLOCK_M": DEFAULT_BLOCK_M, "BLOCK_N": DEFAULT_BLOCK_N,
+        "SCALE": float(scale), "DQK": dq, "DV": dv, "BLOCK_M": DEFAULT_BLOCK_M, "BLOCK_N": DEFAULT_BLOCK_N,
         "BLOCK_DQ": _block_d(dq), "BLOCK_DV": _block_d(dv),
-        **{name: 1 for name in AOT_UNIT_STRIDES},
     }
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = ptr
-        elif name == "scale":
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
+    signature = {name: "constexpr" if name in constexprs else (ptr if name.endswith("_ptr") else "i32")
+                 for name in fn.arg_names}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": DEFAULT_NUM_WARPS, "num_stages": DEFAULT_NUM_STAGES})
     md = compiled.metadata
     if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
-        raise RuntimeError("kernel unexpectedly needs Triton scratch memory; the plugin passes null scratch")
+        raise RuntimeError("kernel unexpectedly needs Triton scratch memory, which a TensorRT plugin cannot pass")
     runtime = tuple(name for name in fn.arg_names if signature[name] != "constexpr")
     params = runtime + HIDDEN_PARAMS
     assert params == AOT_PARAMS, params
     return KernelPTX(ptx=compiled.asm["ptx"], name=md.name, num_warps=md.num_warps, shared_bytes=md.shared,
-                     block_m=DEFAULT_BLOCK_M, params=params, arch=arch)
+                     block_m=DEFAULT_BLOCK_M, params=params, arch=arch, scale=float(scale))
 
 
 __all__ = ["AOT_PARAMS", "KernelPTX", "launch_grid", "ptx_for", "token_cluster"]

@@ -6,13 +6,14 @@ Two halves:
   has no importer for to a registered plugin when the node's ``op_type`` is the plugin name and the
   node carries a string attribute ``plugin_namespace``; an attribute ``aot = 1`` asks for the
   plugin's AOT implementation (TensorRT samples/python/quickly_deployable_plugins/README.md,
-  "ONNX model with an AOT plugin"). It also folds the softmax scale into ``q`` (a ``Mul`` in
-  front of the node, ``scale`` set to 1): an AOT kernel receives its tensors plus int32 scalars
-  only (``tensorrt.plugin.aot_impl``: extra args are symbolic ints), so a float has no way in.
+  "ONNX model with an AOT plugin"). An AOT kernel receives its tensors plus int32 scalars only
+  (``tensorrt.plugin.aot_impl``: extra args are symbolic ints), so the node's float ``scale``
+  reaches the kernel as a compile-time constant of its PTX (``ptx_for(..., scale)``).
 * ``register(arch)`` — needs TensorRT (imported there, never at module import). Registers the
   output shape/type (``tensorrt.plugin.register``) and the AOT implementation
-  (``tensorrt.plugin.aot_impl``) returning the Triton kernel's PTX
-  (``deploycomp.kernels.token_cluster.ptx_for``) in TensorRT's calling convention (``trt_abi``),
+  (``tensorrt.plugin.aot_impl``) returning the PTX of the Triton kernel's AOT entry
+  (``deploycomp.kernels.token_cluster.ptx_for``, already in TensorRT's argument order; ``trt_abi``
+  checks that order and drops Triton's two unused hidden parameters),
   a ``KernelLaunchParams`` (grid from ``launch_grid``, ``num_warps * 32`` threads, the kernel's
   shared memory) and the int32 scalars as ``SymIntExprs``. The engine then holds the PTX and runs
   without Python (e.g. ``trtexec --loadEngine``).
@@ -33,7 +34,6 @@ PLUGIN_ID = f"{DOMAIN}::{OP_TYPE}"
 # Kernel parameter roles (names of deploycomp.kernels.token_cluster.AOT_PARAMS).
 INPUTS, OUTPUTS = ("q_ptr", "k_ptr", "v_ptr"), ("o_ptr",)
 HIDDEN = ("global_scratch", "profile_scratch")  # Triton's, appended to every kernel; unused by ours
-BAKED = {"scale": 1.0}  # float parameters TensorRT cannot pass; mark_for_tensorrt folds the scale into q
 _ENTRY = re.compile(r"(\.visible\s+\.entry\s+(\w+)\s*\()([^)]*)(\))", re.S)
 _REGISTERED: dict[str, int] = {}
 
@@ -43,21 +43,9 @@ _REGISTERED: dict[str, int] = {}
 
 
 def mark_for_tensorrt(model: ir.Model) -> int:
-    """Prepare every TokenCluster node for the TensorRT ONNX parser, in place; return how many."""
+    """Mark every TokenCluster node for the TensorRT ONNX parser, in place; return how many."""
     nodes = token_cluster_nodes(model)
     for node in nodes:
-        scale = node.attributes["scale"].as_float() if "scale" in node.attributes else 1.0
-        if scale != 1.0:
-            q = node.inputs[0]
-            factor = ir.Value(name=f"{node.name}.scale", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
-                              const_value=ir.tensor(np.array(scale, np.float32), name=f"{node.name}.scale"))
-            model.graph.register_initializer(factor)
-            like = ir.node("CastLike", [factor, q], name=f"{node.name}.scale_like")
-            mul = ir.node("Mul", [q, like.outputs[0]], name=f"{node.name}.scale_q")
-            like.outputs[0].name, mul.outputs[0].name = like.name, mul.name
-            model.graph.insert_before(node, [like, mul])
-            node.replace_input_with(0, mul.outputs[0])
-        node.attributes["scale"] = ir.AttrFloat32("scale", 1.0)
         node.attributes["plugin_namespace"] = ir.AttrString("plugin_namespace", DOMAIN)
         node.attributes["aot"] = ir.AttrInt64("aot", 1)
     if nodes:
@@ -131,49 +119,30 @@ def _entry(ptx: str, name: str) -> re.Match:
     raise ValueError(f"PTX has no entry '{name}'")
 
 
-def _bake(body: str, param: str, value: float) -> str:
-    """Replace every load of the float parameter ``param`` by the constant ``value``."""
-    bits = int(np.array(value, np.float32).view(np.uint32))
-
-    def mov(match):
-        kind, reg = match.group(1), match.group(2)
-        return f"mov.{kind} {reg}, {'0f%08X' % bits if kind == 'f32' else bits};"
-
-    body, count = re.subn(rf"ld\.param\.(f32|b32)\s+(%\w+),\s*\[{re.escape(param)}\];", mov, body)
-    if not count or re.search(rf"\[{re.escape(param)}\b", body):
-        raise ValueError(f"cannot bake PTX parameter {param}: it is not read by plain 32-bit loads")
-    return body
-
-
 def trt_abi(kernel) -> tuple[str, list[str]]:
     """The PTX of ``kernel`` (a ``KernelPTX``) as TensorRT's AOT plugin launches it, and the names
     of its scalar parameters in launch order.
 
     TensorRT passes the input pointers, then the int32 scalars (``extra_args``), then the output
-    pointers, and nothing else. The kernel's ``.entry`` is reordered to that (the body refers to
-    parameters by name, so the order of declarations is the ABI); float parameters in ``BAKED``
-    are replaced by constants; Triton's hidden scratch pointers are dropped when the body never
-    reads them. Anything else refuses with the parameter it cannot place.
+    pointers, and nothing else. The AOT entry already declares its parameters in that order;
+    Triton's hidden scratch pointers, appended after them, are dropped from the ``.entry`` when
+    the body never reads them. Anything else refuses with the parameter it cannot place.
     """
     match = _entry(kernel.ptx, kernel.name)
     decls = entry_params(kernel.ptx, kernel.name)
     if len(decls) != len(kernel.params):
         raise ValueError(f"PTX entry '{kernel.name}' declares {len(decls)} parameters, KernelPTX lists {kernel.params}")
-    decl, ptx_name = dict(zip(kernel.params, decls)), {p: d.split()[-1] for p, d in zip(kernel.params, decls)}
-    unplaced = [p for p in kernel.params if p not in (*INPUTS, *OUTPUTS, *HIDDEN, *BAKED) and p not in SCALARS]
-    if unplaced or any(p not in kernel.params for p in (*INPUTS, *OUTPUTS)):
-        missing = unplaced or [*INPUTS, *OUTPUTS]
-        raise ValueError(f"kernel '{kernel.name}' parameters {kernel.params}: cannot place {missing}")
+    own = [p for p in kernel.params if p not in HIDDEN]
+    scalars = [p for p in own if p in SCALARS]
+    if own != [*INPUTS, *scalars, *OUTPUTS]:
+        unplaced = [p for p in own if p not in (*INPUTS, *OUTPUTS, *SCALARS)]
+        raise ValueError(f"kernel '{kernel.name}' parameters {kernel.params}: not TensorRT's order (inputs, int32 "
+                         f"scalars, outputs)" + (f"; cannot place {unplaced}" if unplaced else ""))
     body = kernel.ptx[match.end():]
-    for p in HIDDEN:
-        if p in ptx_name and re.search(rf"\[{re.escape(ptx_name[p])}\b", body):
+    for p, d in zip(kernel.params, decls):
+        if p in HIDDEN and re.search(rf"\[{re.escape(d.split()[-1])}\b", body):
             raise ValueError(f"kernel '{kernel.name}' reads {p}, which TensorRT does not pass")
-    for p, value in BAKED.items():
-        if p in ptx_name:
-            body = _bake(body, ptx_name[p], value)
-    scalars = [p for p in kernel.params if p in SCALARS]
-    order = [*INPUTS, *scalars, *OUTPUTS]
-    params = "\n\t" + ",\n\t".join(decl[p] for p in order) + "\n"
+    params = "\n\t" + ",\n\t".join(d for p, d in zip(kernel.params, decls) if p not in HIDDEN) + "\n"
     return kernel.ptx[:match.start(3)] + params + kernel.ptx[match.end(3):match.end()] + body, scalars
 
 
@@ -214,12 +183,10 @@ def register(arch: int) -> None:
 
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(q, k, v, num_heads, scale, outputs):  # hints optional for aot_impl (checked against _desc if given)
-        if scale != 1.0:
-            raise ValueError(f"{PLUGIN_ID}: scale {scale} reached the AOT kernel; run mark_for_tensorrt first")
         if q.dtype not in dtypes or not (q.dtype == k.dtype == v.dtype):
             raise ValueError(f"{PLUGIN_ID}: q, k, v must all be float32 or all float16 (the kernel's types)")
         hq, hv = _static(q.shape_expr[2], "H*Dqk"), _static(v.shape_expr[2], "H*Dv")
-        kernel = ptx_for(arch, dtypes[q.dtype], hq // num_heads, hv // num_heads)
+        kernel = ptx_for(arch, dtypes[q.dtype], hq // num_heads, hv // num_heads, float(scale))
         ptx, scalars = trt_abi(kernel)
         batch, m, n = q.shape_expr[0], q.shape_expr[1], k.shape_expr[1]
         launch = trtp.KernelLaunchParams()
