@@ -34,7 +34,7 @@ console = Console()
 err_console = Console(stderr=True)
 STATE = {"debug": False}
 
-COMPILE_STAGES = ["load", "cleanup", "discover", "prune", "semantic_tokens", "lower_token_cluster", "ort_fusion", "verify",
+COMPILE_STAGES = ["load", "cleanup", "discover", "prune", "semantic_tokens", "lower_token_cluster", "ort_fusion", "precision", "verify",
                   "emit", "evaluate", "measure", "measure pruned vs unpruned"]
 
 
@@ -66,7 +66,8 @@ def compile_cmd(
     spinning: bool = typer.Option(False, "--spinning/--no-spinning", help="Let ONNX Runtime worker threads spin-wait (off: measured slower on 2 cores)."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset to export at."),
     fuse: bool = typer.Option(False, "--fuse/--no-fuse", help="Apply ONNX Runtime's transformer fusions (off: not measurably faster on CPU)."),
-    tolerance: float = typer.Option(1e-4, "--tolerance", help="Max relative L2 error of the logits vs the reference."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16/bf16 with float32 kept for norms, softmax and I/O (the precision pass)."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max relative L2 error of the logits vs the reference (default 1e-4 fp32, 5e-3 fp16, 2e-2 bf16)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the verification inputs (default: fresh)."),
     model_arg: list[str] = typer.Option([], "--model-arg", help="timm constructor override KEY=VALUE (repeatable), e.g. depth=6."),
     no_measure: bool = typer.Option(False, "--no-measure", help="Skip measuring the artifact's latency."),
@@ -111,7 +112,7 @@ def compile_cmd(
         tokens = SemanticTokenConfig(tokens=semantic_tokens, layer=token_layer, pooling=token_pooling)
     options = CompileOptions(target=target, weights=str(weights) if weights else None, opset=opset, threads=threads,
                              allow_spinning=spinning,
-                             fuse=fuse, tolerance=tolerance, seed=seed, model_kwargs=_parse_model_args(model_arg),
+                             fuse=fuse, precision=precision, tolerance=tolerance, seed=seed, model_kwargs=_parse_model_args(model_arg),
                              measure_rounds=0 if no_measure else 5, data=data, eval_samples=eval_samples,
                              prune=prune, latency_batch=latency_batch, tables=str(tables), train_samples=train_samples,
                              semantic_tokens=tokens, token_lowering=token_lowering,
@@ -119,7 +120,7 @@ def compile_cmd(
                              token_teacher_logits=None if prune or not teacher_logits else str(teacher_logits))
     stages = [s for s in COMPILE_STAGES if (s != "ort_fusion" or fuse) and (s != "measure" or not no_measure)
               and (s != "evaluate" or data) and ("prune" not in s and "pruned" not in s or latency)
-              and ("token" not in s or semantic_tokens)]
+              and ("token" not in s or semantic_tokens) and (s != "precision" or precision != "fp32")]
     with _progress() as progress:
         task = progress.add_task("compile", total=len(stages))
 

@@ -217,6 +217,25 @@ def test_precision_bf16_graph_structure(tiny_deit):
     assert any(n.op_type == "MatMul" and n.inputs[1].dtype == ir.DataType.BFLOAT16 for n in model.graph)
 
 
+def test_compile_fp16_on_ort_cpu(tmp_path):
+    """``compile --precision fp16``: the artifact stores fp16 weights, keeps float32 I/O, passes the gate
+    at the fp16 tolerance; what cannot work is refused before anything is written."""
+    r = cli("compile", DEIT, *DEIT_ARGS, "--precision", "fp16", "--no-measure", "-q", "-o", tmp_path / "fp16")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    m = json.loads((tmp_path / "fp16" / "manifest.json").read_text())
+    assert m["parity"]["tolerance"] == 5e-3 and all(c["rel_l2"] <= 5e-3 for c in m["parity"]["checks"])
+    model = ir.load(tmp_path / "fp16" / "model.onnx")
+    types = {v.const_value.dtype for v in model.graph.initializers.values() if v.const_value is not None}
+    assert ir.DataType.FLOAT16 in types and model.graph.inputs[0].dtype == ir.DataType.FLOAT
+    for args, message in ((["--precision", "bf16"], "no bf16"), (["--precision", "int4"], "unknown precision"),
+                          (["--precision", "fp16", "--latency", "0.5x"], "fp32 latency tables")):
+        r = cli("compile", DEIT, *DEIT_ARGS, *args, "-o", tmp_path / "bad")
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "bad").exists()
+
+
 def test_precision_token_cluster():
     graph, weights = tp.token_cluster_graph()
     x = np.random.default_rng(2).standard_normal((2, 17, 32)).astype(np.float32)
