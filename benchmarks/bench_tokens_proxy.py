@@ -8,7 +8,7 @@ ort-cpu); the unrewritten graph and the artifacts are then timed interleaved in 
 
     .venv/bin/python benchmarks/train_proxy.py           # the teacher, once
     .venv/bin/python benchmarks/bench_tokens_proxy.py    # both rows (resumes per row)
-    # CLI of the first row:
+    # CLI of the first row (the combined rows add --latency 0.3x --latency-batch 32 [--eta 0]):
     #   deploycomp compile timm:deit_fmnist_patch4_28 --weights ~/.cache/deploycomp/proxy-fmnist/model.safetensors \
     #     --data fashion-mnist --semantic-tokens 4 --finetune-epochs 5 --teacher-logits <stored logits> -o out/st4
 
@@ -42,7 +42,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (stored top-5 teacher logits)")
     ap.add_argument("--latency", default="0.3x", help="budget of the combined row (tokens + pruning)")
     ap.add_argument("--batch", type=int, default=32, help="batch the budget is for (latency table)")
-    ap.add_argument("--rows", default="tokens,tokens+prune")
+    ap.add_argument("--rows", default="tokens,tokens+prune,tokens+prune-eta0",
+                    help="tokens (alone), tokens+prune (NViT, eta 1), tokens+prune-eta0 (latency-blind selection)")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tokens_proxy.json")
     args = ap.parse_args()
@@ -62,13 +63,14 @@ def main() -> None:
     artifacts = {}
     for row in args.rows.split(","):
         suffix = "" if row == "tokens" else f"-{args.latency}-b{args.batch}"
-        out = work / f"{row}-st{args.tokens}-e{args.epochs}{suffix}"
+        out = work / f"{row.removesuffix('-eta0')}-st{args.tokens}-e{args.epochs}{suffix}{'-eta0' if row.endswith('eta0') else ''}"
         if row == "tokens":
             options = CompileOptions(weights=str(weights), data="fashion-mnist", semantic_tokens=tokens,
                                      token_finetune_epochs=args.epochs, token_teacher_logits=str(logits),
                                      measure_rounds=0, seed=0)
         else:
-            prune = PruneConfig(latency=args.latency, steps=5, saliency_batches=16, batch_size=64, kd_steps=50,
+            prune = PruneConfig(latency=args.latency, eta=0.0 if row.endswith("eta0") else 1.0, steps=5,
+                                saliency_batches=16, batch_size=64, kd_steps=50,
                                 finetune_epochs=args.epochs, teacher_logits=str(logits), budget_rounds=3)
             options = CompileOptions(weights=str(weights), data="fashion-mnist", semantic_tokens=tokens, prune=prune,
                                      latency_batch=args.batch, measure_rounds=5, seed=0)

@@ -157,7 +157,8 @@ def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predic
     for p in teacher.parameters():
         p.requires_grad_(False)
     plan = copy_plan(structure, PrunePlan())  # every unit kept
-    baseline = baseline_ms if baseline_ms is not None else predict(plan)
+    start = predict(plan)  # the module before pruning (with semantic tokens: already below the source)
+    baseline = baseline_ms if baseline_ms is not None else start
     budget = LatencyBudget.parse(config.latency)
     target = budget.target_ms(baseline)
     out = PruneOutcome(plan, None, baseline, target, baseline)
@@ -222,7 +223,7 @@ def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predic
         if k == config.steps and on_device:  # the last step may overshoot: keep what it starts from
             before_last = (copy.deepcopy(module.state_dict()), out.plan, out.predicted_ms)
         step(f"step {k}/{config.steps}", config.seed * 1000 + k,
-             (baseline - (baseline - target) * k / config.steps) / correction)
+             (start - (start - target) * k / config.steps) / correction)
         if on_device:
             correction = check(f"step {k}/{config.steps}")
     for attempt in range(1, config.budget_rounds + 1 if on_device else 1):
