@@ -87,7 +87,7 @@ def main() -> None:
               "rounds": args.rounds, "rows": rows}
     print(f"\n{'row':14} {'GFLOPs':>7} {'b' + str(args.batch) + ' ratio':>10} {'p10-p90':>12} {'b1 ratio':>9} "
           f"{'top-1':>6} {'before':>7} {'delta':>6}")
-    for r in rows:
+    for r in rows[1:]:
         lo, hi = r[f"ratio_b{args.batch}_p10_p90"]
         print(f"{r['row']:14} {r['gflops']:7.4f} {r[f'ratio_b{args.batch}']:10.3f} {lo:5.3f}-{hi:5.3f} "
               f"{r['ratio_b1']:9.3f} {r['top1']:6.2f} {r['top1_before']:7.2f} {r['delta_pt']:+6.2f}")
@@ -112,7 +112,7 @@ def measure_all(artifacts: dict[str, Path], weights: Path, batch: int, rounds: i
     cands += [ort_candidate(n, "x", (p / "model.onnx").read_bytes(), shape, session) for n, p in artifacts.items()]
     timing = {b: measure_interleaved(cands, batch=b, rounds=rounds, iters=3, warmup=2) for b in (batch, 1)}
     base = {b: float(np.median(timing[b]["source"])) for b in timing}
-    rows = []
+    rows = [{"row": "source", **{f"b{b}": stats(timing[b]["source"]) for b in timing}}]
     for name, path in artifacts.items():
         m = read_manifest(path)
         acc = m["accuracy"]

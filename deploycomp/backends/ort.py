@@ -50,8 +50,8 @@ class OrtBackend:
     name = "ort"
     provider = "CPUExecutionProvider"
     extra: str = ""
-    # TokenCluster (semantic tokens) as ONNX Runtime's fused MultiHeadAttention: 2.1x faster than the
-    # standard-op decomposition alone at DeiT-S sizes (benchmarks/results/semantic_tokens_deit.json)
+    # TokenCluster (semantic tokens) as ONNX Runtime's fused MultiHeadAttention: 1.5-2.1x faster than
+    # the standard-op decomposition alone at DeiT-S sizes (benchmarks/results/semantic_tokens_deit.json)
     token_cluster_lowering = "ort-mha"
 
     def __init__(self, threads: int | None = None, optimization_level: str = "all", allow_spinning: bool = False):
