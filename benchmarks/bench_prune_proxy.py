@@ -21,16 +21,13 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deploycomp.api import CompileOptions, compile, store_logits  # noqa: E402
+from deploycomp.api import CompileOptions, compile  # noqa: E402
 from deploycomp.artifact import read_manifest, write_json  # noqa: E402
+from proxy_common import CACHE, MODEL, ratio_fields, teacher_and_logits, time_against_source  # noqa: E402
 
-CACHE = Path.home() / ".cache" / "deploycomp"
-MODEL = "timm:deit_fmnist_patch4_28"
 METHODS = {  # name -> (method, eta)
     "hessian": ("hessian", 1.0),
     "hessian-eta0": ("hessian", 0.0),
@@ -54,15 +51,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prune_proxy.json")
     args = ap.parse_args()
 
-    weights = CACHE / "proxy-fmnist" / "model.safetensors"
-    if not weights.is_file():
-        sys.exit(f"{weights} not found: run benchmarks/train_proxy.py first")
+    weights, logits = teacher_and_logits(args.epochs)
     work = CACHE / "prune-bench"
     work.mkdir(parents=True, exist_ok=True)
-    logits = work / f"teacher-top5-e{args.epochs}-s0.kd"
-    if not logits.is_file():
-        print(f"storing teacher logits for {args.epochs} epochs -> {logits}", flush=True)
-        store_logits(MODEL, logits, weights=str(weights), epochs=args.epochs, topk=5, seed=0)
 
     from deploycomp.pruning.schedule import PruneConfig
 
@@ -98,22 +89,10 @@ def main() -> None:
 
 def measure_all(artifacts: dict[str, Path], batch: int, rounds: int) -> list[dict]:
     """Unpruned graph and every artifact, interleaved, at ``batch`` and at batch 1."""
-    import onnx_ir as ir
+    from deploycomp.bench.harness import stats
 
-    from deploycomp.bench.harness import measure_interleaved, ort_candidate, stats
-    from deploycomp.frontend import load_source
-    from deploycomp.passes.base import CompileContext, Pipeline
-    from deploycomp.passes.cleanup import CleanupPass
-
-    first = read_manifest(next(iter(artifacts.values())))
-    session = first["session_options"]
-    shape = (1, 1, 28, 28)
-    src = load_source(MODEL, CACHE / "proxy-fmnist" / "model.safetensors")
-    unpruned = ir.serde.serialize_model(Pipeline([CleanupPass()])(src.model, CompileContext())).SerializeToString()
-    cands = [ort_candidate("unpruned", "x", unpruned, shape, session)]
-    cands += [ort_candidate(n, "x", (p / "model.onnx").read_bytes(), shape, session) for n, p in artifacts.items()]
-    timing = {b: measure_interleaved(cands, batch=b, rounds=rounds, iters=3, warmup=2) for b in (batch, 1)}
-    base = {b: float(np.median(timing[b]["unpruned"])) for b in timing}
+    timing, base = time_against_source(artifacts, CACHE / "proxy-fmnist" / "model.safetensors", batch, rounds,
+                                       source="unpruned")
     rows = [{"method": "unpruned", **{f"b{b}": stats(timing[b]["unpruned"]) for b in timing}}]
     for name, path in artifacts.items():
         m = read_manifest(path)
@@ -125,11 +104,7 @@ def measure_all(artifacts: dict[str, Path], batch: int, rounds: int) -> list[dic
                "top1_unpruned": acc["reference_top1"], "top1": acc["artifact_top1"], "delta_pt": acc["delta_pt"],
                "finetune_history": p["finetune"], "prune_seconds": p["seconds"]}
         for b in timing:
-            t = np.asarray(timing[b][name])
-            row[f"b{b}"] = stats(list(t))
-            row[f"ratio_b{b}"] = float(np.median(t)) / base[b]
-            # spread of the ratio: the artifact's p10/p90 over the unpruned median
-            row[f"ratio_b{b}_p10_p90"] = [float(np.percentile(t, 10)) / base[b], float(np.percentile(t, 90)) / base[b]]
+            row.update(ratio_fields(timing[b][name], base[b], b))
         rows.append(row)
     return rows
 

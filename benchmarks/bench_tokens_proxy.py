@@ -21,16 +21,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deploycomp.api import CompileOptions, compile, store_logits  # noqa: E402
+from deploycomp.api import CompileOptions, compile  # noqa: E402
 from deploycomp.artifact import read_manifest, write_json  # noqa: E402
-
-CACHE = Path.home() / ".cache" / "deploycomp"
-MODEL = "timm:deit_fmnist_patch4_28"
+from proxy_common import CACHE, MODEL, ratio_fields, teacher_and_logits, time_against_source  # noqa: E402
 
 
 def main() -> None:
@@ -48,16 +44,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tokens_proxy.json")
     args = ap.parse_args()
 
-    weights = CACHE / "proxy-fmnist" / "model.safetensors"
-    if not weights.is_file():
-        sys.exit(f"{weights} not found: run benchmarks/train_proxy.py first")
+    weights, logits = teacher_and_logits(args.epochs)
     work = CACHE / "tokens-bench"
     work.mkdir(parents=True, exist_ok=True)
-    logits = CACHE / "prune-bench" / f"teacher-top5-e{args.epochs}-s0.kd"
-    if not logits.is_file():
-        logits.parent.mkdir(parents=True, exist_ok=True)
-        print(f"storing teacher logits for {args.epochs} epochs -> {logits}", flush=True)
-        store_logits(MODEL, logits, weights=str(weights), epochs=args.epochs, topk=5, seed=0)
 
     tokens = SemanticTokenConfig(args.tokens)
     artifacts = {}
@@ -96,22 +85,10 @@ def main() -> None:
 
 
 def measure_all(artifacts: dict[str, Path], weights: Path, batch: int, rounds: int) -> list[dict]:
-    """The unrewritten graph and every artifact, interleaved, at ``batch`` and at batch 1."""
-    import onnx_ir as ir
+    """The source graph and every artifact, interleaved, at ``batch`` and at batch 1."""
+    from deploycomp.bench.harness import stats
 
-    from deploycomp.bench.harness import measure_interleaved, ort_candidate, stats
-    from deploycomp.frontend import load_source
-    from deploycomp.passes.base import CompileContext, Pipeline
-    from deploycomp.passes.cleanup import CleanupPass
-
-    session = read_manifest(next(iter(artifacts.values())))["session_options"]
-    shape = (1, 1, 28, 28)
-    src = load_source(MODEL, weights)
-    source = ir.serde.serialize_model(Pipeline([CleanupPass()])(src.model, CompileContext())).SerializeToString()
-    cands = [ort_candidate("source", "x", source, shape, session)]
-    cands += [ort_candidate(n, "x", (p / "model.onnx").read_bytes(), shape, session) for n, p in artifacts.items()]
-    timing = {b: measure_interleaved(cands, batch=b, rounds=rounds, iters=3, warmup=2) for b in (batch, 1)}
-    base = {b: float(np.median(timing[b]["source"])) for b in timing}
+    timing, base = time_against_source(artifacts, weights, batch, rounds)
     rows = [{"row": "source", **{f"b{b}": stats(timing[b]["source"]) for b in timing}}]
     for name, path in artifacts.items():
         m = read_manifest(path)
@@ -122,10 +99,7 @@ def measure_all(artifacts: dict[str, Path], weights: Path, batch: int, rounds: i
                "semantic_tokens": m.get("semantic_tokens"), "pruning_latency": m.get("pruning", {}).get("latency"),
                "parity": m["parity"]["checks"]}
         for b in timing:
-            t = np.asarray(timing[b][name])
-            row[f"b{b}"] = stats(list(t))
-            row[f"ratio_b{b}"] = float(np.median(t)) / base[b]
-            row[f"ratio_b{b}_p10_p90"] = [float(np.percentile(t, 10)) / base[b], float(np.percentile(t, 90)) / base[b]]
+            row.update(ratio_fields(timing[b][name], base[b], b))
         rows.append(row)
     return rows
 
