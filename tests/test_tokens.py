@@ -152,3 +152,20 @@ def test_semantic_tokens_with_pruning_share_one_budget(tmp_path):
     assert [b["tokens"] for b in manifest["structure"]["blocks"]] == [17, 5, 5, 5]
     # the predicted ratio is token model / source: below what the same plan predicts on all tokens
     assert p["predicted_ms"] < p["target_ms"] * 1.1 and p["latency"]["measured_ratio"] > 0
+
+
+def test_semantic_tokens_finetune_with_distillation(tmp_path):
+    """``--semantic-tokens`` with ``--finetune-epochs`` and data: the token model is fine-tuned with
+    distillation from the unrewritten model, then written into the graph and verified; accuracy is
+    reported against the unrewritten model."""
+    options = CompileOptions(data="fashion-mnist", eval_samples=256, train_samples=256, token_finetune_epochs=1,
+                             semantic_tokens=SemanticTokenConfig(4), measure_rounds=0, seed=0)
+    manifest = compile("timm:deit_fmnist_patch4_28", tmp_path / "out", options)
+    t = manifest["semantic_tokens"]
+    assert t["generator_blocks"] == [2, 3] and t["tokens_before"] == 50 and t["tokens_after"] == 5
+    assert len(t["finetune"]) == 1 and "test_accuracy" in t["finetune"][0]
+    assert manifest["accuracy"]["reference"] == "torch (unrewritten)" and manifest["accuracy"]["samples"] == 256
+    assert all(c["rel_l2"] <= 1e-4 for c in manifest["parity"]["checks"])
+    with pytest.raises(DeployCompError, match="needs training data"):
+        compile("timm:deit_fmnist_patch4_28", tmp_path / "bad",
+                CompileOptions(token_finetune_epochs=1, semantic_tokens=SemanticTokenConfig(4), measure_rounds=0))
