@@ -17,7 +17,9 @@ from deploycomp.pruning.select import next_chunk, select_step
 
 from .test_cli import cli
 
-FAST = {"warmup": 0, "repeats": 1, "passes": 1}
+# warm-up matters: without it the first run of each point holds the session start-up (3x noise, a
+# non-monotonic table, flaky budget tests)
+FAST = {"warmup": 2, "repeats": 5, "passes": 1}
 TINY_DEIT = {"img_size": 64, "patch_size": 16, "embed_dim": 32, "num_heads": 2, "depth": 2, "num_classes": 10}
 
 
@@ -81,22 +83,30 @@ def cleaned_module(module):
     return Pipeline([CleanupPass(), DiscoverPass()])(model, ctx), ctx.structure
 
 
-@pytest.mark.parametrize("method", ["hessian", "magnitude", "uniform"])
-def test_compile_to_a_latency_budget(tmp_path, tiny_tables, method):
-    prune = PruneConfig(latency="0.92x", method=method, steps=2, saliency_batches=2, batch_size=8,
-                        group_sizes={"emb": 8, "heads": 1, "qk": 4, "v": 4, "mlp": 16})
+@pytest.mark.parametrize("method,on_device", [("hessian", False), ("magnitude", False), ("uniform", False),
+                                              ("hessian", True)])
+def test_compile_to_a_latency_budget(tmp_path, tiny_tables, method, on_device):
+    """Every method prunes to the table's target (budget_rounds 0: deterministic given the table);
+    with on-device checks, every step is measured and an over-budget result used every round.
+    (The tiny model's measured ratios are mostly noise, so only the bookkeeping is asserted there.)"""
+    # 0.96x: uniform scaling of the tiny model (EMB at the grid's floor) reaches ~0.92x at the least
+    prune = PruneConfig(latency="0.96x", method=method, steps=2, saliency_batches=2, batch_size=8,
+                        group_sizes={"emb": 8, "heads": 1, "qk": 4, "v": 4, "mlp": 16},
+                        budget_rounds=3 if on_device else 0)
     options = CompileOptions(model_kwargs=dict(TINY_DEIT), prune=prune, tables=str(tiny_tables), measure_rounds=2,
                              seed=0)
     manifest = compile("timm:deit_tiny_patch16_224", tmp_path / "out", options)
     p = manifest["pruning"]
-    # every step was checked on the device; steps aim at the table's target corrected by the
-    # measured error, so the final prediction lies near the target, not necessarily under it
-    assert len(p["budget_checks"]) >= prune.steps and p["predicted_ms"] < p["baseline_predicted_ms"]
-    over = p["budget_checks"][-1]["measured_ratio"] > 0.92 * (1 + prune.budget_tolerance)
-    assert not over or len(p["steps"]) == prune.steps + prune.budget_rounds
+    if on_device:
+        assert len(p["budget_checks"]) >= prune.steps
+        over = p["budget_checks"][-1]["measured_ratio"] > 0.96 * (1 + prune.budget_tolerance)
+        assert not over or len(p["steps"]) == prune.steps + prune.budget_rounds
+    else:
+        assert not p["budget_checks"] and len(p["steps"]) == prune.steps
+        assert p["predicted_ms"] <= p["target_ms"] < p["baseline_predicted_ms"]
+        assert p["params"][1] < p["params"][0] and p["gflops_per_image"][1] < p["gflops_per_image"][0]
     assert manifest["parity"]["checks"] and all(c["rel_l2"] <= 1e-4 for c in manifest["parity"]["checks"])
     assert manifest["parity"]["reference"] == "torch (pruned)"
-    assert p["params"][1] < p["params"][0] and p["gflops_per_image"][1] < p["gflops_per_image"][0]
     blocks = manifest["structure"]["blocks"]
     assert [(b["heads"], b["qk_dim"], b["v_dim"], b["mlp_dim"]) for b in blocks] == \
         [(r["heads"][1], r["qk_dim"][1], r["v_dim"][1], r["mlp_dim"][1]) for r in p["blocks"]]

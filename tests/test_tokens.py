@@ -138,7 +138,7 @@ def test_semantic_tokens_with_pruning_share_one_budget(tmp_path):
     from deploycomp.pruning.schedule import PruneConfig
 
     tables = tmp_path / "tables"
-    profile(get_backend("ort-cpu"), tables, batch=1, grid="tiny", protocol={"warmup": 0, "repeats": 1, "passes": 1})
+    profile(get_backend("ort-cpu"), tables, batch=1, grid="tiny", protocol={"warmup": 2, "repeats": 5, "passes": 1})
     tiny = {**TINY, "embed_dim": 32, "num_heads": 2}
     prune = PruneConfig(latency="0.9x", steps=2, saliency_batches=2, batch_size=8, budget_rounds=1,
                         group_sizes={"emb": 8, "heads": 1, "qk": 4, "v": 4, "mlp": 16})
@@ -169,3 +169,28 @@ def test_semantic_tokens_finetune_with_distillation(tmp_path):
     with pytest.raises(DeployCompError, match="needs training data"):
         compile("timm:deit_fmnist_patch4_28", tmp_path / "bad",
                 CompileOptions(token_finetune_epochs=1, semantic_tokens=SemanticTokenConfig(4), measure_rounds=0))
+
+
+@pytest.mark.parametrize("lowering", LOWERINGS)
+def test_inspect_reads_every_block_of_a_token_artifact(tmp_path, lowering):
+    """Discovery reads the generator blocks (decomposed, or fused into one node) as cross-attention:
+    no block goes missing, and what inspect reports equals what compile recorded."""
+    import deploycomp
+
+    options = CompileOptions(model_kwargs={**TINY, "depth": 6}, semantic_tokens=SemanticTokenConfig(4),
+                             token_lowering=lowering, measure_rounds=0, seed=0)
+    manifest = compile("timm:deit_tiny_patch16_224", tmp_path / "out", options)
+    blocks = deploycomp.inspect(tmp_path / "out").blocks
+    assert [(b.tokens, b.keys) for b in blocks] == [(17, 0), (17, 0), (5, 17), (5, 22), (5, 0), (5, 0)]
+    assert [(b["tokens"], b["keys"], b["gflops"]) for b in manifest["structure"]["blocks"]] == \
+        [(b.tokens, b.keys, round(b.flops() / 1e9, 4)) for b in blocks]
+    with pytest.raises(DeployCompError, match="already"):
+        from deploycomp.passes.base import CompileContext, Pipeline
+        from deploycomp.passes.cleanup import CleanupPass
+        from deploycomp.passes.discover import DiscoverPass
+        from deploycomp.tokens.rewrite import rewrite_semantic_tokens
+
+        model = ir.load(tmp_path / "out" / "model.onnx")
+        ctx = CompileContext()
+        Pipeline([CleanupPass(), DiscoverPass()])(model, ctx)
+        rewrite_semantic_tokens(model, ctx.structure, SemanticTokenConfig(4, layer=2))

@@ -53,6 +53,8 @@ def _is_shape_derived(value: ir.Value | None, depth: int = 12) -> bool:
         return False
     if node.op_type in ("Shape", "Size"):
         return True
+    if node.op_type == "CastLike":  # the second input only lends its type
+        return _is_shape_derived(node.inputs[0], depth - 1)
     return all(_is_shape_derived(v, depth - 1) for v in node.inputs)
 
 
@@ -298,12 +300,33 @@ def find_mlp_partner(proj: Projection, claimed: set[int]) -> Projection | None:
     return partner
 
 
+# Attention as one node, q/k/v (B, tokens, H·D) in, (B, tokens, H·Dv) out, heads in ``num_heads``:
+# deploycomp's TokenCluster (semantic tokens) and ONNX Runtime's MultiHeadAttention (its lowering).
+FUSED_ATTENTION = {("deploycomp", "TokenCluster"), ("com.microsoft", "MultiHeadAttention")}
+
+
+def is_fused_attention(node: ir.Node) -> bool:
+    return (node.domain, node.op_type) in FUSED_ATTENTION
+
+
+def find_fused_attention(node: ir.Node) -> Attention | None:
+    """A fused attention node read as an :class:`Attention` (the node stands for Softmax and both MatMuls)."""
+    if len(node.inputs) < 3 or any(v is None for v in node.inputs[:3]):
+        return None
+    q, k, v = (trace_to_projection(x) for x in node.inputs[:3])
+    out = _forward_to_projection(node.outputs[0])
+    if q is None or k is None or v is None or out is None:
+        return None
+    return Attention(node, node, node, q, k, v, out, [], [])
+
+
 def discover(model: ir.Model, family: str | None = None) -> Structure:
     """Find the blocks and coupled groups of a ViT graph, or raise NotAViTError."""
     graph = model.graph
     order = {id(n): i for i, n in enumerate(graph)}
-    softmaxes = [n for n in graph if n.op_type == "Softmax"]
-    attentions = [a for a in (find_attention(n) for n in softmaxes) if a is not None]
+    softmaxes = [n for n in graph if n.op_type == "Softmax" or is_fused_attention(n)]
+    attentions = [a for a in ((find_fused_attention(n) if is_fused_attention(n) else find_attention(n))
+                              for n in softmaxes) if a is not None]
     if not attentions:
         raise NotAViTError("no self-attention (MatMul -> Softmax -> MatMul with q/k/v projections) found")
     attentions.sort(key=lambda a: order[id(a.softmax)])
@@ -339,9 +362,11 @@ def discover(model: ir.Model, family: str | None = None) -> Structure:
         if m is None:
             raise NotAViTError(f"block {i} has no MLP (Linear -> activation -> Linear) after its attention")
 
-    probe = []
-    for a in attentions:
-        probe += [a.qk.inputs[0].name, a.qk.inputs[1].name, a.av.inputs[1].name]
+    def operands(a: Attention) -> list[ir.Value]:
+        """q, k (as the score product sees them) and v."""
+        return list(a.qk.inputs[:3]) if is_fused_attention(a.qk) else [a.qk.inputs[0], a.qk.inputs[1], a.av.inputs[1]]
+
+    probe = [v.name for a in attentions for v in operands(a)]
     shapes = probe_shapes(model, probe)
     tensor_shapes = {name: tuple(v.const_value.shape) for name, v in graph.initializers.items() if v.const_value is not None}
     builder = StructureGraphBuilder(tensor_shapes)
@@ -349,10 +374,14 @@ def discover(model: ir.Model, family: str | None = None) -> Structure:
     blocks: list[BlockStructure] = []
     stage_embs: list[int] = []
     for i, (a, (fc1, fc2)) in enumerate(zip(attentions, block_mlp)):
-        qs, ks, vs = (shapes[a.qk.inputs[0].name], shapes[a.qk.inputs[1].name], shapes[a.av.inputs[1].name])
+        qs, ks, vs = (shapes[v.name] for v in operands(a))
+        if is_fused_attention(a.qk):  # (B, tokens, H·D): heads from the node
+            h = a.qk.attributes["num_heads"].as_int()
+            qs, ks, vs = ((*x[:-1][:-1], h, x[-2], x[-1] // h) for x in (qs, ks, vs))
         if len(qs) < 4 or len(vs) < 4:
             raise NotAViTError(f"block {i}: attention operands are {len(qs)}-d; heads are folded into the batch axis")
         heads, tokens, qk_dim, v_dim = qs[-3], qs[-2], qs[-1], vs[-1]
+        keys = vs[-2] if vs[-2] != tokens else 0  # cross-attention (semantic-token generator)
         if ks[-3] != heads or qk_dim not in (ks[-1], ks[-2]):
             raise NotAViTError(f"block {i}: q {qs} and k {ks} disagree on heads/dims")
         emb = a.q[0].in_dim
@@ -362,8 +391,9 @@ def discover(model: ir.Model, family: str | None = None) -> Structure:
         fused = a.q[0].node is a.k[0].node is a.v[0].node
         block = BlockStructure(
             index=i, stage=stage, emb=emb, heads=heads, qk_dim=qk_dim, v_dim=v_dim, mlp_dim=fc1.out_dim,
-            tokens=tokens, sequences=int(np.prod(qs[:-3])), fused_qkv=fused,
-            nodes={"qk_matmul": a.qk.name, "softmax": a.softmax.name, "av_matmul": a.av.name,
+            tokens=tokens, sequences=int(np.prod(qs[:-3])), fused_qkv=fused, keys=keys,
+            nodes={**({"fused_attention": a.qk.name} if is_fused_attention(a.qk) else
+                      {"qk_matmul": a.qk.name, "softmax": a.softmax.name, "av_matmul": a.av.name}),
                    "q": a.q[0].node.name, "k": a.k[0].node.name, "v": a.v[0].node.name,
                    "proj": a.out.node.name, "fc1": fc1.node.name, "fc2": fc2.node.name},
         )

@@ -52,13 +52,15 @@ class BlockStructure:
     sequences: int  # attention sequences per image (windows for Swin, 1 for DeiT)
     fused_qkv: bool
     nodes: dict[str, str] = field(default_factory=dict)  # role -> node name in the graph
+    keys: int = 0  # > 0: the attention's keys/values come from this many other tokens (STViT's generator)
 
     def flops(self) -> int:
         """Multiply-accumulates x2 of the block's matrix products for one image."""
         n, s, e = self.tokens, self.sequences, self.emb
+        nk = self.keys or n
         h, dqk, dv, m = self.heads, self.qk_dim, self.v_dim, self.mlp_dim
-        proj = n * e * (h * (2 * dqk + dv)) + n * h * dv * e
-        attn = h * n * n * (dqk + dv)
+        proj = n * e * h * dqk + nk * e * h * (dqk + dv) + n * h * dv * e
+        attn = h * n * nk * (dqk + dv)
         mlp = 2 * n * e * m
         return 2 * s * (proj + attn + mlp)
 

@@ -24,11 +24,13 @@ from .base import CompileContext, Pass, PassResult
 
 def token_structure(structure: Structure, config: SemanticTokenConfig) -> None:
     """Record the rewrite in the structure: generator blocks and the token count of later blocks."""
+    n, m = structure.blocks[config.layer].tokens, 1 + config.tokens
     for b in structure.blocks:
         if b.index in (config.layer, config.layer + 1):
             b.nodes = {**b.nodes, "role": "semantic-token generator"}
+            b.keys = n if b.index == config.layer else n + m
         if b.index >= config.layer:
-            b.tokens = 1 + config.tokens
+            b.tokens = m
 
 
 class SemanticTokensPass(Pass):

@@ -52,6 +52,9 @@ class AttentionCore:
 
 def prune_graph(model: ir.Model, structure: Structure, plan: PrunePlan) -> dict:
     """Rewrite ``model`` in place to the plan's architecture; returns what changed."""
+    if any(b.keys or "fused_attention" in b.nodes for b in structure.blocks):
+        raise DeployCompError("the graph already has semantic tokens (cross-attention): prune the source model, "
+                              "with --semantic-tokens in the same compile")
     softmax = {n.name: n for n in model.graph if n.op_type == "Softmax"}
     cores = []
     for b in structure.blocks:

@@ -95,6 +95,8 @@ def _cluster(b: ChainBuilder, a: Attention, blk: BlockStructure, queries: ir.Val
 def rewrite_semantic_tokens(model: ir.Model, structure: Structure, config: SemanticTokenConfig) -> dict:
     """Rewrite ``model`` in place; returns what changed. The graph then holds TokenCluster nodes
     (domain ``deploycomp``): lower them (``op.lower``) for a backend without the op."""
+    if any(b.keys or "fused_attention" in b.nodes for b in structure.blocks):
+        raise DeployCompError("the graph already has semantic tokens (cross-attention): rewrite the source model")
     if len(structure.stage_embs) != 1 or any(b.sequences != 1 for b in structure.blocks):
         raise DeployCompError("semantic tokens support DeiT-style ViTs (one token sequence, one stage); "
                               "Swin (per-window semantic tokens) is not supported yet")
