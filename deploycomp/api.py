@@ -187,9 +187,7 @@ def _prune_setup(src, options: CompileOptions, backend, test, say, tokens=None, 
     tokens it prunes their torch model, which shares the source's parameters)."""
     import copy
 
-    import torch
-
-    from .frontend import Source
+    from .frontend import Source, torch_reference
     from .latency.predictor import LatencyPredictor
     from .latency.profiler import device_fingerprint, grid_for
     from .latency.table import load_table, table_path
@@ -214,12 +212,7 @@ def _prune_setup(src, options: CompileOptions, backend, test, say, tokens=None, 
         train = load_data(options.data, "train", img_size=geometry["img_size"], in_chans=geometry["in_chans"])
         train = train.head(options.train_samples)
     original = copy.deepcopy(module).eval()
-
-    def before(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return original(torch.from_numpy(np.ascontiguousarray(x))).numpy()
-
-    src = Source(src.name, src.family, src.model, src.input_shape, before, "torch (unpruned)", module,
+    src = Source(src.name, src.family, src.model, src.input_shape, torch_reference(original), "torch (unpruned)", module,
                  {**src.meta, "latency_table": str(path)})
     if tokens is not None:
         from .tokens.stvit import SemanticTokenViT
@@ -235,9 +228,7 @@ def _tokens_setup(src, options: CompileOptions, tokens, test, say):
     unrewritten model as the "before" reference."""
     import copy
 
-    import torch
-
-    from .frontend import Source
+    from .frontend import Source, torch_reference
     from .learn.data import load_data
     from .passes.semantic_tokens import SemanticTokensPass
 
@@ -247,16 +238,12 @@ def _tokens_setup(src, options: CompileOptions, tokens, test, say):
     if options.token_finetune_epochs:
         train = load_data(options.data, "train", img_size=src.input_shape[-1], in_chans=src.input_shape[1])
         train = train.head(options.train_samples)
-    original = copy.deepcopy(src.torch_module).eval()
-
-    def before(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return original(torch.from_numpy(np.ascontiguousarray(x))).numpy()
-
+    original = copy.deepcopy(src.torch_module).eval()  # the "before" reference and the distillation teacher
     token_pass = SemanticTokensPass(tokens, src.torch_module, train, test, options.token_finetune_epochs,
-                                    options.token_finetune_lr, options.token_teacher_logits, say, seed=options.seed or 0)
-    src = Source(src.name, src.family, src.model, src.input_shape, before, "torch (unrewritten)", src.torch_module,
-                 src.meta)
+                                    options.token_finetune_lr, options.token_teacher_logits, say, seed=options.seed or 0,
+                                    teacher=original)
+    src = Source(src.name, src.family, src.model, src.input_shape, torch_reference(original), "torch (unrewritten)",
+                 src.torch_module, src.meta)
     return src, token_pass
 
 

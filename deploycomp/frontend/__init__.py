@@ -40,9 +40,18 @@ def load_source(spec: str, weights: str | Path | None = None, model_kwargs: dict
     raise DeployCompError(f"unknown model '{spec}': give timm:<name> or a path to an .onnx file")
 
 
-def _load_timm(name: str, weights, model_kwargs, opset: int) -> Source:
+def torch_reference(module) -> Callable[[np.ndarray], np.ndarray]:
+    """The reference function of a torch module: images (N,C,H,W float32) -> logits, no autograd."""
     import torch
 
+    def reference(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+    return reference
+
+
+def _load_timm(name: str, weights, model_kwargs, opset: int) -> Source:
     from .export import export_to_onnx
     from .timm_models import build_timm_model, timm_input_shape, timm_spec
 
@@ -51,12 +60,7 @@ def _load_timm(name: str, weights, model_kwargs, opset: int) -> Source:
     kwargs = model_kwargs or {}
     input_shape = timm_input_shape(spec, kwargs)
     model = export_to_onnx(module, input_shape, opset)
-
-    def reference(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return module(torch.from_numpy(np.ascontiguousarray(x))).numpy()
-
-    return Source(f"timm:{name}", spec.family, model, input_shape, reference, "torch", module,
+    return Source(f"timm:{name}", spec.family, model, input_shape, torch_reference(module), "torch", module,
                   {"weights": str(weights) if weights else "random-init", "model_kwargs": kwargs, "opset": opset})
 
 

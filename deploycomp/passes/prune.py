@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
 
+from ..frontend import torch_reference
 from ..ir.discover import discover
 from ..ir.structure import Structure
 from ..latency.predictor import LatencyPredictor
@@ -90,13 +90,7 @@ class PrunePass(Pass):
         rewrite = prune_graph(model, structure, outcome.plan)
         ctx.structure = discover(model, family=structure.family)
         ctx.structure.family = structure.family
-        module = self.module
-
-        def reference(x: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return module(torch.from_numpy(np.ascontiguousarray(x))).numpy()
-
-        ctx.reference, ctx.reference_kind = reference, "torch (pruned)"
+        ctx.reference, ctx.reference_kind = torch_reference(self.module), "torch (pruned)"
         self.expected = {b.index: tuple(len(outcome.plan.kept(structure, f"block{b.index}.{k}"))
                                         for k in ("heads", "qk", "v", "mlp")) for b in structure.blocks}
         self.expected_emb = [len(outcome.plan.kept(structure, f"stage{s}.emb")) for s in range(len(structure.stage_embs))]

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import onnx_ir as ir
 import torch
 
+from ..frontend import torch_reference
 from ..ir.structure import Structure
 from ..tokens.op import LOWERINGS, lower, token_cluster_nodes
 from ..tokens.rewrite import rewrite_semantic_tokens
@@ -38,12 +38,14 @@ class SemanticTokensPass(Pass):
 
     def __init__(self, config: SemanticTokenConfig, module: torch.nn.Module | None, train=None, test=None,
                  finetune_epochs: int = 0, finetune_lr: float = 5e-4, teacher_logits: str | None = None,
-                 say: Callable[[str], None] | None = None, rewritten: SemanticTokenViT | None = None, seed: int = 0):
-        """``module``: the source timm model (wrapped and fine-tuned here); or ``rewritten``: an
-        already trained SemanticTokenViT (pruning trained it) whose weights are in the graph."""
+                 say: Callable[[str], None] | None = None, rewritten: SemanticTokenViT | None = None, seed: int = 0,
+                 teacher: torch.nn.Module | None = None):
+        """``module``: the source timm model (wrapped and fine-tuned here, distilled from ``teacher``,
+        an untouched copy of it); or ``rewritten``: an already trained SemanticTokenViT (pruning
+        trained it) whose weights are in the graph."""
         self.config, self.module, self.train, self.test = config, module, train, test
         self.finetune_epochs, self.finetune_lr, self.teacher_logits = finetune_epochs, finetune_lr, teacher_logits
-        self.say, self.rewritten, self.seed = say or (lambda s: None), rewritten, seed
+        self.say, self.rewritten, self.seed, self.teacher = say or (lambda s: None), rewritten, seed, teacher
 
     def requires(self, model: ir.Model, ctx: CompileContext) -> None:
         assert ctx.structure is not None, "semantic tokens need the discovered structure"
@@ -56,24 +58,19 @@ class SemanticTokensPass(Pass):
         stvit = self.rewritten
         history = []
         if stvit is None:
-            import copy
-
-            teacher = copy.deepcopy(self.module).eval()
             stvit = SemanticTokenViT(self.module, self.config)
             if self.finetune_epochs:
-                history = finetune_with_distillation(stvit, self.train, self.test, teacher, epochs=self.finetune_epochs,
+                if self.teacher is None:
+                    raise AssertionError("fine-tuning after the rewrite needs the unrewritten model as teacher")
+                history = finetune_with_distillation(stvit, self.train, self.test, self.teacher,
+                                                     epochs=self.finetune_epochs,
                                                      lr=self.finetune_lr, seed=self.seed,
                                                      teacher_logits=self.teacher_logits, log=self.say).history
             copy_weights_to_graph(stvit, model)
         stvit.eval()
         info = rewrite_semantic_tokens(model, ctx.structure, self.config)
         token_structure(ctx.structure, self.config)
-
-        def reference(x: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return stvit(torch.from_numpy(np.ascontiguousarray(x))).numpy()
-
-        ctx.reference, ctx.reference_kind = reference, "torch (semantic tokens)"
+        ctx.reference, ctx.reference_kind = torch_reference(stvit), "torch (semantic tokens)"
         ctx.results["semantic_tokens"] = {**info, "finetune": history}
         return PassResult(model, modified=True, info=info)
 
