@@ -150,8 +150,12 @@ def test_semantic_tokens_with_pruning_share_one_budget(tmp_path):
     assert manifest["parity"]["reference"] == "torch (semantic tokens)"
     assert all(c["rel_l2"] <= 1e-4 for c in manifest["parity"]["checks"])
     assert [b["tokens"] for b in manifest["structure"]["blocks"]] == [17, 5, 5, 5]
-    # the predicted ratio is token model / source: below what the same plan predicts on all tokens
-    assert p["predicted_ms"] < p["target_ms"] * 1.1 and p["latency"]["measured_ratio"] > 0
+    # the token graph was timed on the device at every step; the budget was met by the table's
+    # prediction or by the last measurement (a tiny model's timings are noise, so either may decide)
+    checks = p["budget_checks"]
+    assert len(checks) >= prune.steps and p["latency"]["measured_ratio"] > 0
+    assert p["predicted_ms"] <= p["target_ms"] * (1 + prune.budget_tolerance) or \
+        checks[-1]["measured_ratio"] <= 0.9 * (1 + prune.budget_tolerance)
 
 
 def test_semantic_tokens_finetune_with_distillation(tmp_path):
