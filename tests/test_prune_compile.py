@@ -121,7 +121,9 @@ def test_compile_with_data_distills_and_finetunes(tmp_path):
     subset, accuracy before/after on the artifact's backend."""
     root = tmp_path / "tables"
     profile(get_backend("ort-cpu"), root, batch=1, grid="proxy-fmnist", protocol=FAST)
-    prune = PruneConfig(latency="0.7x", steps=2, saliency_batches=2, batch_size=32, kd_steps=2, finetune_epochs=1)
+    # 0.8x: at batch 1 the proxy is overhead-bound; 0.7x sat at the grid floors and failed when a
+    # noisy measurement asked for more (one full-suite run)
+    prune = PruneConfig(latency="0.8x", steps=2, saliency_batches=2, batch_size=32, kd_steps=2, finetune_epochs=1)
     options = CompileOptions(prune=prune, tables=str(root), data="fashion-mnist", eval_samples=256,
                              train_samples=256, measure_rounds=2, seed=0)
     manifest = compile("timm:deit_fmnist_patch4_28", tmp_path / "out", options)
