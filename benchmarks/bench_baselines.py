@@ -31,7 +31,8 @@ import onnx_ir as ir  # noqa: E402
 import deploycomp  # noqa: E402
 from deploycomp.api import baseline_name  # noqa: E402
 from deploycomp.backends.fingerprint import host_fingerprint, usable_cores  # noqa: E402
-from deploycomp.bench.harness import gemm_rate_gflops, measure_interleaved, ort_candidate, summarize, torch_candidate  # noqa: E402
+from deploycomp.backends.base import backend_for_manifest, get_backend  # noqa: E402
+from deploycomp.bench.harness import gemm_rate_gflops, measure_interleaved, summarize, torch_candidate  # noqa: E402
 from deploycomp.frontend.export import export_to_onnx  # noqa: E402
 from deploycomp.frontend.timm_models import build_timm_model, timm_spec  # noqa: E402
 from deploycomp.ir.shapes import matmul_flops  # noqa: E402
@@ -49,6 +50,11 @@ def ort_optimized_bytes(model: ir.Model) -> bytes:
     return optimized.model.SerializeToString()
 
 
+def named(cand, model: str, gflops: float):
+    cand.model, cand.gflops = model, gflops
+    return cand
+
+
 def candidates_for(alias: str, threads: int, workdir: Path):
     name = baseline_name(alias)
     spec = timm_spec(name)
@@ -57,13 +63,13 @@ def candidates_for(alias: str, threads: int, workdir: Path):
     plain = export_to_onnx(module, shape)
     gflops = matmul_flops(plain) / 1e9
     plain_bytes = ir.serde.serialize_model(plain).SerializeToString()
-    session = {"intra_op_threads": threads, "optimization_level": "all", "providers": ["CPUExecutionProvider"]}
+    plain_ort = get_backend("ort-cpu", threads=threads, allow_spinning=True)  # ONNX Runtime's defaults
     cands = [
         torch_candidate("torch eager", module, shape, threads, name, gflops),
-        ort_candidate("ort plain", "ort", plain_bytes, shape, session, name, gflops),
+        named(plain_ort.candidate("ort plain", plain_bytes, shape), name, gflops),
         # the plain graph with deploycomp's session options: separates graph from session effects
-        ort_candidate("ort plain, no spinning", "ort", plain_bytes, shape, {**session, "allow_spinning": False}, name, gflops),
-        ort_candidate("ort optimize_model(vit)", "ort", ort_optimized_bytes(plain), shape, session, name, gflops),
+        named(get_backend("ort-cpu", threads=threads).candidate("ort plain, no spinning", plain_bytes, shape), name, gflops),
+        named(plain_ort.candidate("ort optimize_model(vit)", ort_optimized_bytes(plain), shape), name, gflops),
     ]
     compiled = {}
     for label, fuse in (("deploycomp", False), ("deploycomp --fuse", True)):
@@ -73,8 +79,8 @@ def candidates_for(alias: str, threads: int, workdir: Path):
                                                                                         measure_rounds=0))
         compiled[label] = {"compile_seconds": round(time.perf_counter() - t0, 1),
                            "max_rel_l2": max(c["rel_l2"] for c in manifest["parity"]["checks"])}
-        cands.append(ort_candidate(label, "deploycomp", (out / "model.onnx").read_bytes(), shape,
-                                   manifest["session_options"], name, gflops))
+        backend = backend_for_manifest(manifest)
+        cands.append(named(backend.candidate(label, backend.artifact(out, manifest), shape), name, gflops))
     return name, cands, compiled
 
 

@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -28,33 +27,20 @@ sys.path.insert(0, str(ROOT))
 from deploycomp.api import CompileOptions, compile  # noqa: E402
 from deploycomp.artifact import write_json  # noqa: E402
 from deploycomp.backends.fingerprint import host_fingerprint  # noqa: E402
-from deploycomp.bench.harness import Candidate, measure_interleaved, ort_candidate, stats  # noqa: E402
+from deploycomp.backends.base import backend_for_manifest  # noqa: E402
+from deploycomp.bench.harness import Candidate, measure_interleaved, stats  # noqa: E402
 from deploycomp.tokens.op import LOWERINGS, lower, token_cluster_model  # noqa: E402
 from deploycomp.tokens.stvit import SemanticTokenConfig  # noqa: E402
 
 
-def op_candidates(batch_shapes: list[tuple[int, int, int, int, int]], config: dict) -> list[Candidate]:
-    """One TokenCluster graph per (M, N, H, D) and lowering, fed (B, ·, ·) random q, k, v."""
-    import onnxruntime as ort
-
-    from deploycomp.backends.ort import session_options_for
-
+def op_candidates(backend, shapes: list[tuple[int, int, int, int]]) -> list[Candidate]:
+    """One TokenCluster graph per (M, N, H, D) and lowering (queries: the first M of N tokens), on ``backend``."""
     cands = []
-    for m, n, heads, d, _ in batch_shapes:
+    for m, n, heads, d in shapes:
         for how in LOWERINGS:
-            model = token_cluster_model(m, n, heads, d, d, d ** -0.5)
+            model = token_cluster_model(m, n, heads, d, d, d ** -0.5, single_input=True)
             lower(model, how)
-            blob = ir.serde.serialize_model(model).SerializeToString()
-
-            def make(batch, blob=blob, m=m, n=n, w=heads * d):
-                sess = ort.InferenceSession(blob, session_options_for(config), providers=["CPUExecutionProvider"])
-                rng = np.random.default_rng(0)
-                feed = {"q": rng.standard_normal((batch, m, w), dtype=np.float32),
-                        "k": rng.standard_normal((batch, n, w), dtype=np.float32),
-                        "v": rng.standard_normal((batch, n, w), dtype=np.float32)}
-                return lambda: sess.run(None, feed)
-
-            cands.append(Candidate(f"op M{m} N{n} {how}", "op", make))
+            cands.append(backend.candidate(f"op M{m} N{n} {how}", model, (1, n, heads * d)))
     return cands
 
 
@@ -88,6 +74,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--target", default="ort-cpu", help="ort-cpu or openvino-cpu (the op lowerings are timed on it)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "semantic_tokens_deit.json")
     args = ap.parse_args()
 
@@ -98,16 +85,16 @@ def main() -> None:
         for name, tokens, how in variants:
             print(f"compile {name}", flush=True)
             out = Path(tmp) / name.replace(" ", "_")
-            m = compile(f"timm:{args.model}", out, CompileOptions(semantic_tokens=tokens, token_lowering=how, measure_rounds=0))
+            m = compile(f"timm:{args.model}", out, CompileOptions(target=args.target, semantic_tokens=tokens, token_lowering=how,
+                                                                  measure_rounds=0))
             manifests[name] = m
             shape = tuple(d if isinstance(d, int) else 1 for d in m["input"]["shape"])
-            cands.append(ort_candidate(name, "deploycomp", (out / m["files"]["model"]).read_bytes(), shape,
-                                       m["session_options"], args.model, m["totals"]["gflops_per_image"]))
-        config = manifests["unrewritten"]["session_options"]
+            backend = backend_for_manifest(m)
+            cands.append(backend.candidate(name, backend.artifact(out, m), shape))
         emb = {"deit_tiny_patch16_224": (3, 64), "deit_small_patch16_224": (6, 64), "deit_base_patch16_224": (12, 64)}
         heads, d = emb.get(args.model, (6, 64))
         n = manifests["unrewritten"]["structure"]["blocks"][0]["tokens"]
-        ops = op_candidates([(1 + args.tokens, n, heads, d, 0), (1 + args.tokens, n + 1 + args.tokens, heads, d, 0)], config)
+        ops = op_candidates(backend, [(1 + args.tokens, n, heads, d), (1 + args.tokens, n + 1 + args.tokens, heads, d)])
         print(f"measure {len(cands)} models and {len(ops)} op graphs at batch {args.batch}, {args.rounds} rounds", flush=True)
         times = measure_interleaved(cands + ops, batch=args.batch, rounds=args.rounds, iters=2, warmup=3)
 

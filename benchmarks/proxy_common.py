@@ -31,21 +31,22 @@ def teacher_and_logits(epochs: int) -> tuple[Path, Path]:
 def time_against_source(artifacts: dict[str, Path], weights: Path, batch: int, rounds: int,
                         source: str = "source") -> tuple[dict[int, dict[str, list[float]]], dict[int, float]]:
     """Per-call times of the source graph (named ``source``) and every artifact, interleaved, at
-    ``batch`` and at batch 1, with the session options of the artifacts; and the source medians."""
+    ``batch`` and at batch 1, with the backend and runtime options of the artifacts; and the source medians."""
     import onnx_ir as ir
 
     from deploycomp.artifact import read_manifest
-    from deploycomp.bench.harness import measure_interleaved, ort_candidate
+    from deploycomp.backends.base import backend_for_manifest
+    from deploycomp.bench.harness import measure_interleaved
     from deploycomp.frontend import load_source
     from deploycomp.passes.base import CompileContext, Pipeline
     from deploycomp.passes.cleanup import CleanupPass
 
-    session = read_manifest(next(iter(artifacts.values())))["session_options"]
+    backend = backend_for_manifest(read_manifest(next(iter(artifacts.values()))))
     shape = (1, 1, 28, 28)
     src = load_source(MODEL, weights)
     graph = ir.serde.serialize_model(Pipeline([CleanupPass()])(src.model, CompileContext())).SerializeToString()
-    cands = [ort_candidate(source, "x", graph, shape, session)]
-    cands += [ort_candidate(n, "x", (p / "model.onnx").read_bytes(), shape, session) for n, p in artifacts.items()]
+    cands = [backend.candidate(source, graph, shape)]
+    cands += [backend.candidate(n, backend.artifact(p, read_manifest(p)), shape) for n, p in artifacts.items()]
     timing = {b: measure_interleaved(cands, batch=b, rounds=rounds, iters=3, warmup=2) for b in (batch, 1)}
     return timing, {b: float(np.median(timing[b][source])) for b in timing}
 

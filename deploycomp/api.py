@@ -14,24 +14,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-import numpy as np
-import onnx_ir as ir
-
 from . import __version__
-from .artifact import MANIFEST, atomic_output_dir, check_output_dir, read_manifest, write_json
-from .backends.base import get_backend
-from .errors import DeployCompError
+from .artifact import check_output_dir, read_manifest, write_json
+from .errors import DeployCompError, DeployCompWarning
 from .ir.structure import Structure
-from .passes.base import DEFAULT_INVARIANTS, CompileContext, Pass, Pipeline
+from .job import CompileJob
+from .passes.base import DEFAULT_INVARIANTS, CompileContext, Pass, Pipeline, build_pass
 
 if TYPE_CHECKING:
+    from .backends.base import Backend
     from .learn.train import TrainConfig
     from .pruning.schedule import PruneConfig
     from .tokens.stvit import SemanticTokenConfig
 
 Progress = Callable[[str], None]
 # Default verification tolerance (relative L2 of the logits) per precision: float32 rewrites are
-# exact up to rounding; fp16 measured 5.2e-4 on a tiny DeiT (tests/test_tensorrt.py).
+# exact up to rounding; fp16 measured 5.2e-4 on a tiny DeiT (tests/test_tensorrt.py); bf16 keeps
+# 8 mantissa bits (2^-8 ~ 4e-3 per rounding, accumulated over a dozen blocks).
 PRECISION_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 2e-2}
 
 
@@ -42,11 +41,11 @@ class CompileOptions:
     target: str = "ort-cpu"
     weights: str | None = None
     opset: int = 18
-    threads: int | None = None  # intra-op threads of the target session; default: all usable cores
-    allow_spinning: bool = False  # ONNX Runtime worker threads spin-wait between runs (measured slower here)
+    threads: int | None = None  # runtime threads of the target; default: all usable cores
+    runtime: dict[str, Any] = field(default_factory=dict)  # further target options, e.g. allow_spinning (ort-*)
     fuse: bool = False  # ONNX Runtime transformer fusions (see passes/fuse.py: off until it measures faster)
-    precision: str = "fp32"  # fp16 / bf16: the precision pass (float32 kept for norms, softmax, I/O)
-    tolerance: float | None = None  # relative L2 of the logits vs the reference; None: 1e-4 (fp32), 5e-3 (fp16), 2e-2 (bf16)
+    precision: str = "fp32"  # fp16 / bf16: as the target runs it (the precision pass, or the runtime's own)
+    tolerance: float | None = None  # relative L2 of the logits vs the reference; None: per precision
     verify_batches: tuple[int, ...] = (1, 3)
     measure_rounds: int = 5  # batch-1 latency of the artifact measured after emitting (0: skip)
     seed: int | None = None  # verification inputs; None draws a fresh seed (recorded in the manifest)
@@ -56,6 +55,7 @@ class CompileOptions:
     prune: "PruneConfig | None" = None  # NViT pruning to a latency budget (needs a timm: source)
     latency_batch: int = 1  # the batch the latency budget is for: picks the latency table
     tables: str = "latency_tables"  # root of the latency tables
+    calibrate_rounds: int = 4  # anchor points of the latency table re-measured before pruning (0: trust the table)
     train_samples: int | None = None  # first N training samples for pruning (tests, quick looks)
     semantic_tokens: "SemanticTokenConfig | None" = None  # STViT semantic tokens (needs a timm: DeiT source)
     token_finetune_epochs: int = 0  # fine-tuning after the token rewrite (with --data; pruning has its own)
@@ -64,187 +64,146 @@ class CompileOptions:
     token_lowering: str | None = None  # TokenCluster lowering; None: the target's default
 
 
-def default_passes(options: CompileOptions, prune_pass: Pass | None = None, token_pass: Pass | None = None,
-                   lowering: str | None = None) -> list[Pass]:
-    from .passes.cleanup import CleanupPass
-    from .passes.discover import DiscoverPass
-    from .passes.fuse import OrtFusionPass
-    from .passes.semantic_tokens import LowerTokenClusterPass
-    from .passes.verify import VerifyPass
+def check_options(source: str, options: CompileOptions) -> None:
+    """Refuse what cannot work before anything slow happens (no model is loaded yet)."""
+    if options.precision not in PRECISION_TOLERANCE:
+        raise DeployCompError(f"unknown precision '{options.precision}': use one of {', '.join(PRECISION_TOLERANCE)}")
+    if options.precision != "fp32" and options.prune is not None:
+        raise DeployCompError("--latency pruning predicts with fp32 latency tables: compile it at --precision fp32")
+    if not source.startswith("timm:"):
+        for flag, given in (("--latency", options.prune is not None), ("--semantic-tokens", options.semantic_tokens is not None)):
+            if given:
+                raise DeployCompError(f"{flag} rewrites and trains the torch model: give timm:<name>, not an .onnx file")
+    if options.token_finetune_epochs and not options.data:
+        raise DeployCompError("fine-tuning after the token rewrite needs training data (--data)")
+    if options.prune is not None and (options.prune.kd_steps or options.prune.finetune_epochs) and not options.data:
+        raise DeployCompError("distillation and fine-tuning need training data (--data)")
 
-    passes: list[Pass] = [CleanupPass(), DiscoverPass()]
-    if prune_pass is not None:
-        passes.append(prune_pass)
-    if token_pass is not None:
-        passes.append(token_pass)
+
+def make_backend(options: CompileOptions) -> "Backend":
+    """The target with its runtime options; a precision the runtime runs itself becomes one of them."""
+    from .backends.base import get_backend
+
+    runtime = {**options.runtime, "threads": options.threads}
+    backend = get_backend(options.target, **runtime)
+    how = backend.precisions.get(options.precision)
+    if how is None:
+        raise DeployCompError(f"target '{options.target}' runs precisions {', '.join(backend.precisions)}, "
+                              f"not '{options.precision}'")
+    if how == "runtime" and options.precision != "fp32":
+        backend = get_backend(options.target, **runtime, precision=options.precision)
+    return backend
+
+
+def default_passes(options: CompileOptions, backend: "Backend", tokens: "SemanticTokenConfig | None" = None) -> list[Pass]:
+    """The pass list ``compile`` runs for ``options`` on ``backend``, each built from its config."""
+    passes = [build_pass("cleanup"), build_pass("discover")]
+    rewrites: list[Pass] = []
+    if tokens is not None:
+        rewrites.append(build_pass("semantic_tokens", config=tokens, finetune_epochs=options.token_finetune_epochs,
+                                   finetune_lr=options.token_finetune_lr, teacher_logits=options.token_teacher_logits,
+                                   seed=options.seed or 0))
+        lowering = options.token_lowering or backend.token_cluster_lowering
         if lowering is not None:  # None: the target runs TokenCluster itself (a TensorRT plugin)
-            passes.append(LowerTokenClusterPass(lowering))
+            rewrites.append(build_pass("lower_token_cluster", how=lowering))
+    if options.prune is not None:  # with tokens: one budget for both axes, pruning trains the token model
+        passes.append(build_pass("prune", config=options.prune, rewrites=rewrites, latency_batch=options.latency_batch,
+                                 measure_rounds=max(6 * options.measure_rounds, 10)))
+    passes += rewrites
     if options.fuse:
-        passes.append(OrtFusionPass())
-    if options.precision != "fp32":
-        from .passes.precision import PrecisionPass
-
-        passes.append(PrecisionPass(options.precision))
-    passes.append(VerifyPass())
+        passes.append(build_pass("ort_fusion"))
+    if options.precision != "fp32" and backend.precisions[options.precision] == "graph":
+        passes.append(build_pass("precision", dtype=options.precision))
+    passes.append(build_pass("verify"))
     return passes
+
+
+def plan_compile(source: str, output: str | Path, options: CompileOptions | None = None,
+                 progress: Progress | None = None) -> CompileJob:
+    """Turn options into a job: check them, build the backend, load the source and data, load and
+    calibrate the latency table when a pass needs one, and build the passes."""
+    import copy
+
+    from .frontend import load_source, torch_reference
+
+    options = options or CompileOptions()
+    check_options(source, options)
+    say = progress or (lambda stage: None)
+    output = Path(output)
+    backend = make_backend(options)
+    check_output_dir(output)
+
+    say("load")
+    src = load_source(source, options.weights, options.model_kwargs, options.opset)
+    tokens = _resolve_tokens(src, options.semantic_tokens) if options.semantic_tokens is not None else None
+    ctx = CompileContext(
+        family=src.family, reference=src.reference, reference_kind=src.reference_kind, backend=backend,
+        module=src.torch_module, input_shape=src.input_shape, verify_batches=tuple(options.verify_batches),
+        tolerance=options.tolerance if options.tolerance is not None else PRECISION_TOLERANCE[options.precision],
+        seed=options.seed if options.seed is not None else secrets.randbelow(2**31), say=say,
+    )
+    ctx.test = load_eval_data(options.data, src.input_shape, options.eval_samples) if options.data else None
+    before = (src.reference, src.reference_kind)
+    if options.prune is not None or tokens is not None:  # these train the source module in place
+        ctx.teacher = copy.deepcopy(src.torch_module).eval()
+        before = (torch_reference(ctx.teacher), "torch (unpruned)" if options.prune is not None else "torch (unrewritten)")
+        ctx.reference = before[0]
+        needs_train = options.data and (options.prune is not None or options.token_finetune_epochs)
+        if needs_train:
+            from .learn.data import load_data
+
+            ctx.train = load_data(options.data, "train", img_size=src.input_shape[-1],
+                                  in_chans=src.input_shape[1]).head(options.train_samples)
+    record = {k: v for k, v in asdict(options).items() if k not in ("weights", "model_kwargs")}
+    if options.prune is not None:
+        ctx.latency, table_path = _latency_predictor(src, options, backend, ctx, say)
+        src.meta = {**src.meta, "latency_table": str(table_path)}
+    return CompileJob(src, backend, default_passes(options, backend, tokens), output, ctx, before,
+                      options.measure_rounds, options.latency_batch, record)
 
 
 def compile(source: str, output: str | Path, options: CompileOptions | None = None,
             progress: Progress | None = None) -> dict[str, Any]:
     """Compile ``source`` (``timm:<name>`` or a ``.onnx`` path) into a verified artifact at ``output``."""
-    from .frontend import load_source
-    from .report import render_report
-
-    options = options or CompileOptions()
-    if options.precision not in PRECISION_TOLERANCE:
-        raise DeployCompError(f"unknown precision '{options.precision}': use one of {', '.join(PRECISION_TOLERANCE)}")
-    if options.precision == "bf16" and options.target == "ort-cpu":
-        raise DeployCompError("ONNX Runtime's CPU provider has no bf16 MatMul kernels: use --precision fp16 on ort-cpu")
-    if options.precision != "fp32" and options.prune is not None:
-        raise DeployCompError("--latency pruning predicts with fp32 latency tables: compile it at --precision fp32")
-    say = progress or (lambda stage: None)
-    output = Path(output)
-    backend = get_backend(options.target, threads=options.threads, allow_spinning=options.allow_spinning)
-    check_output_dir(output)
-
-    say("load")
-    src = load_source(source, options.weights, options.model_kwargs, options.opset)
-    test_data = load_eval_data(options.data, src.input_shape, options.eval_samples) if options.data else None
-    ctx = CompileContext(
-        family=src.family, reference=src.reference, reference_kind=src.reference_kind, backend=backend,
-        verify_batches=tuple(options.verify_batches),
-        tolerance=options.tolerance if options.tolerance is not None else PRECISION_TOLERANCE[options.precision],
-        seed=options.seed if options.seed is not None else secrets.randbelow(2**31),
-    )
-    prune_pass = token_pass = None
-    tokens = _resolve_tokens(src, options.semantic_tokens) if options.semantic_tokens is not None else None
-    lowering = options.token_lowering or getattr(backend, "token_cluster_lowering", "reference")
-    if options.prune is not None:  # with tokens: one budget for both axes, pruning trains the token model
-        src, prune_pass = _prune_setup(src, options, backend, test_data, say, tokens, lowering or "reference")
-    if tokens is not None and prune_pass is not None:
-        from .passes.semantic_tokens import SemanticTokensPass
-
-        token_pass = SemanticTokensPass(tokens, None, say=say, rewritten=prune_pass.module)
-    elif tokens is not None:
-        src, token_pass = _tokens_setup(src, options, tokens, test_data, say)
-    passes = default_passes(options, prune_pass, token_pass, lowering)
-    model = Pipeline(passes, DEFAULT_INVARIANTS, progress=say)(src.model, ctx)
-    structure: Structure = ctx.structure
-
-    say("emit")
-    from .ir.shapes import matmul_flops, param_count
-
-    manifest: dict[str, Any] = {
-        "deploycomp_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"model": src.name, "family": structure.family, "reference": src.reference_kind, **src.meta},
-        "target": backend.fingerprint(),
-        "input": {"name": model.graph.inputs[0].name, "shape": _dims(model.graph.inputs[0])},
-        "output": {"name": model.graph.outputs[0].name, "shape": _dims(model.graph.outputs[0])},
-        "totals": {"params": param_count(model), "gflops_per_image": matmul_flops(model) / 1e9},
-        "structure": structure.summary(),
-        "parity": ctx.results["parity"],
-        **({"semantic_tokens": ctx.results["semantic_tokens"]} if "semantic_tokens" in ctx.results else {}),
-        "passes": ctx.log,
-        "options": {k: v for k, v in asdict(options).items() if k not in ("weights", "model_kwargs")},
-    }
-    with atomic_output_dir(output) as staging:
-        manifest.update(backend.emit(model, staging))
-        if options.data:
-            say("evaluate")
-            manifest["accuracy"] = evaluate_compiled(src.reference, src.reference_kind,
-                                                     backend.runner(staging / manifest["files"]["model"]), test_data)
-        if options.measure_rounds:
-            say("measure")
-            manifest["latency"] = measure_artifact(staging / manifest["files"]["model"], manifest, options.measure_rounds,
-                                                   backend)
-        if prune_pass is not None:
-            from .pruning.report import finish_pruning_report
-
-            say("measure pruned vs unpruned")
-            manifest["pruning"] = finish_pruning_report(ctx.results, structure, manifest, staging,
-                                                        options.latency_batch, rounds=max(6 * options.measure_rounds, 10))
-        manifest["files"]["report"] = "report.md"
-        manifest["files"]["manifest"] = MANIFEST
-        (staging / "report.md").write_text(render_report(manifest), encoding="utf-8")
-        write_json(staging / MANIFEST, manifest)
-    return manifest
+    return plan_compile(source, output, options, progress).run(progress)
 
 
 def _resolve_tokens(src, config: "SemanticTokenConfig") -> "SemanticTokenConfig":
     from .tokens.stvit import check_supported
 
-    if src.torch_module is None:
-        raise DeployCompError("--semantic-tokens rewrites and fine-tunes the model: give timm:<name>, not an .onnx file")
     config = config.resolved(len(getattr(src.torch_module, "blocks", None) or getattr(src.torch_module, "layers", [])))
     check_supported(src.torch_module, config)
     return config
 
 
-def _prune_setup(src, options: CompileOptions, backend, test, say, tokens=None, lowering: str = "reference"):
-    """The prune pass for a timm source: its latency table, training data, and an unpruned copy of
-    the module as the "before" reference (the pass prunes the source module in place; with semantic
-    tokens it prunes their torch model, which shares the source's parameters)."""
-    import copy
+def _latency_predictor(src, options: CompileOptions, backend, ctx: CompileContext, say):
+    """The target's latency table for the source's geometry, calibrated to the device as it runs now
+    (anchor points re-measured; the drift is recorded and warned about beyond its bound)."""
+    import warnings
 
-    from .frontend import Source, torch_reference
+    from .latency.calibrate import measure_drift
     from .latency.predictor import LatencyPredictor
     from .latency.profiler import device_fingerprint, grid_for
     from .latency.table import load_table, table_path
-    from .learn.data import load_data
-    from .passes.prune import PrunePass
+    from .passes.prune import geometry_of
 
-    if src.torch_module is None:
-        raise DeployCompError("--latency pruning trains the model: give timm:<name> (with --weights), not an .onnx file")
-    module = src.torch_module
-    geometry = {"img_size": src.input_shape[-1], "patch": int(module.patch_embed.patch_size[0]),
-                "in_chans": src.input_shape[1], "num_classes": int(module.num_classes)}
-    grid = grid_for(geometry)
+    grid = grid_for(geometry_of(src.torch_module, src.input_shape))
     fp = device_fingerprint(backend, options.latency_batch, "fp32")
     path = table_path(Path(options.tables), fp, grid)
     if not path.is_file():
         raise DeployCompError(f"no latency table for this device at batch {options.latency_batch} and grid {grid}: "
                               f"run `deploycomp profile --target {options.target} --batch {options.latency_batch} "
                               f"--grid {grid}` (expected {path})")
-    predictor = LatencyPredictor(load_table(path, fp))
-    train = None
-    if options.data:
-        train = load_data(options.data, "train", img_size=geometry["img_size"], in_chans=geometry["in_chans"])
-        train = train.head(options.train_samples)
-    original = copy.deepcopy(module).eval()
-    src = Source(src.name, src.family, src.model, src.input_shape, torch_reference(original), "torch (unpruned)", module,
-                 {**src.meta, "latency_table": str(path)})
-    if tokens is not None:
-        from .tokens.stvit import SemanticTokenViT
-
-        module = SemanticTokenViT(module, tokens)
-    return src, PrunePass(options.prune, module, predictor, geometry, train, test, say, options.latency_batch,
-                          measure_rounds=max(6 * options.measure_rounds, 10), tokens=tokens,
-                          teacher=original if tokens is not None else None, token_lowering=lowering)
-
-
-def _tokens_setup(src, options: CompileOptions, tokens, test, say):
-    """The semantic-token pass for a timm DeiT source: training data for its fine-tuning, and the
-    unrewritten model as the "before" reference."""
-    import copy
-
-    from .frontend import Source, torch_reference
-    from .learn.data import load_data
-    from .passes.semantic_tokens import SemanticTokensPass
-
-    if options.token_finetune_epochs and not options.data:
-        raise DeployCompError("fine-tuning after the token rewrite needs training data (--data)")
-    train = None
-    if options.token_finetune_epochs:
-        train = load_data(options.data, "train", img_size=src.input_shape[-1], in_chans=src.input_shape[1])
-        train = train.head(options.train_samples)
-    original = copy.deepcopy(src.torch_module).eval()  # the "before" reference and the distillation teacher
-    token_pass = SemanticTokensPass(tokens, src.torch_module, train, test, options.token_finetune_epochs,
-                                    options.token_finetune_lr, options.token_teacher_logits, say, seed=options.seed or 0,
-                                    teacher=original)
-    src = Source(src.name, src.family, src.model, src.input_shape, torch_reference(original), "torch (unrewritten)",
-                 src.torch_module, src.meta)
-    return src, token_pass
+    table = load_table(path, fp)
+    drift = 1.0
+    if options.calibrate_rounds:
+        say("calibrate latency table")
+        calibration = measure_drift(table, backend, rounds=options.calibrate_rounds)
+        ctx.results["latency_calibration"] = calibration
+        drift = calibration["scale"]
+        if "warning" in calibration:
+            warnings.warn(calibration["warning"], DeployCompWarning, stacklevel=2)
+    return LatencyPredictor(table, drift), path
 
 
 def load_eval_data(data: str, input_shape: tuple[int, ...], samples: int | None = None):
@@ -256,31 +215,6 @@ def load_eval_data(data: str, input_shape: tuple[int, ...], samples: int | None 
     return test.head(samples)
 
 
-def evaluate_compiled(reference, reference_kind: str, artifact_runner, test) -> dict[str, Any]:
-    """Top-1 of the reference (torch, or the input graph) and of the artifact on its backend, same samples."""
-    from .learn.evaluate import evaluate_runner
-
-    before = evaluate_runner(reference, test)
-    after = evaluate_runner(artifact_runner, test)
-    return {"data": test.name, "samples": len(test), "reference": reference_kind, "reference_top1": before,
-            "artifact_top1": after, "delta_pt": after - before}
-
-
-def measure_artifact(model_path: Path, manifest: dict, rounds: int, backend=None) -> dict[str, Any]:
-    """Batch-1 latency of the artifact: with its recorded ONNX Runtime session options, or timed by
-    the backend's own runner (TensorRT: the engine file, CUDA events)."""
-    from .bench.harness import measure_interleaved, ort_candidate, stats
-
-    shape = tuple(d if isinstance(d, int) else 1 for d in manifest["input"]["shape"])
-    if "session_options" not in manifest:
-        engine = Path(model_path).parent / manifest["files"].get("engine", Path(model_path).name)
-        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        return {"batch": 1, **stats([ms / 1e3 for ms in backend.runner(engine).time(x, repeats=10 * rounds)])}
-    cand = ort_candidate("artifact", "deploycomp", Path(model_path).read_bytes(), shape, manifest["session_options"])
-    times = measure_interleaved([cand], batch=1, rounds=rounds, iters=3, warmup=2)
-    return {"batch": 1, **stats(times["artifact"])}
-
-
 def inspect(path: str | Path) -> Structure:
     """The ViT structure of an ONNX file or an artifact directory, as the compiler sees it."""
     from .frontend import load_onnx_file
@@ -290,7 +224,7 @@ def inspect(path: str | Path) -> Structure:
     path = Path(path)
     if path.is_dir():
         manifest = read_manifest(path)
-        path = path / manifest["files"]["model"]
+        path = path / manifest["files"].get("onnx", manifest["files"]["model"])
     src = load_onnx_file(path)
     ctx = CompileContext()
     Pipeline([CleanupPass(), DiscoverPass()], DEFAULT_INVARIANTS)(src.model, ctx)
@@ -314,29 +248,39 @@ def baseline_name(alias: str) -> str:
 
 
 def bench(artifact: str | Path | None = None, baselines: list[str] = (), *, threads: int | None = None,
-          rounds: int = 10, iters: int = 3, throughput_batch: int = 8, kinds: tuple[str, ...] = ("torch", "ort"),
-          output_json: str | Path | None = None, model_kwargs: dict | None = None,
-          progress: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+          rounds: int = 10, iters: int = 3, throughput_batch: int = 8,
+          kinds: tuple[str, ...] = ("torch", "ort", "openvino"), output_json: str | Path | None = None,
+          model_kwargs: dict | None = None, progress: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Measure the artifact and baselines interleaved in one run: batch-1 latency and batch-N throughput.
 
-    ``kinds`` picks the baseline flavours: ``torch`` (timm in torch eager) and ``ort`` (the plain
-    export in ONNX Runtime with default session options).
+    The artifact runs on the backend and options its manifest records (threads overridden by
+    ``threads``). ``kinds`` picks the baseline flavours: ``torch`` (timm in torch eager), ``ort``
+    (the plain export in ONNX Runtime with its default session options, spinning on) and
+    ``openvino`` (the plain export in OpenVINO, fp32).
     """
+    from .backends.base import backend_for_manifest, get_backend
     from .backends.fingerprint import host_fingerprint, usable_cores
-    from .bench.harness import measure_interleaved, ort_candidate, summarize, torch_candidate
+    from .bench.harness import measure_interleaved, summarize, torch_candidate
     from .frontend.export import export_to_onnx
     from .frontend.timm_models import build_timm_model, timm_input_shape, timm_spec
     from .ir.shapes import matmul_flops
 
     threads = threads or usable_cores()
+    plain = {"ort": lambda: get_backend("ort-cpu", threads=threads, allow_spinning=True),
+             "openvino": lambda: get_backend("openvino-cpu", threads=threads)}
+    unknown = sorted(set(kinds) - {"torch", *plain})
+    if unknown:
+        raise DeployCompError(f"unknown baseline kind {', '.join(unknown)}: use torch, {', '.join(plain)}")
     candidates = []
     if artifact is not None:
         manifest = read_manifest(Path(artifact))
-        model_path = Path(artifact) / manifest["files"]["model"]
+        backend = backend_for_manifest(manifest, threads=threads)
         shape = tuple(d if isinstance(d, int) else 1 for d in manifest["input"]["shape"])
-        config = {**manifest["session_options"], "intra_op_threads": threads}
-        candidates.append(ort_candidate(f"deploycomp:{manifest['source']['model']}", "deploycomp", model_path.read_bytes(),
-                                        shape, config, manifest["source"]["model"], manifest["totals"]["gflops_per_image"]))
+        cand = backend.candidate(f"deploycomp:{manifest['source']['model']}", backend.artifact(Path(artifact), manifest),
+                                 shape)
+        cand.kind, cand.model, cand.gflops = f"deploycomp {backend.name}", manifest["source"]["model"], \
+            manifest["totals"]["gflops_per_image"]
+        candidates.append(cand)
     for alias in baselines:
         name = baseline_name(alias)
         spec = timm_spec(name)
@@ -346,10 +290,10 @@ def bench(artifact: str | Path | None = None, baselines: list[str] = (), *, thre
         gflops = matmul_flops(onnx_model) / 1e9
         if "torch" in kinds:
             candidates.append(torch_candidate(f"torch:{name}", module, shape, threads, name, gflops))
-        if "ort" in kinds:
-            config = {"intra_op_threads": threads, "optimization_level": "all", "providers": ["CPUExecutionProvider"]}
-            candidates.append(ort_candidate(f"ort:{name}", "ort", ir.serde.serialize_model(onnx_model).SerializeToString(),
-                                            shape, config, name, gflops))
+        for kind in (k for k in kinds if k in plain):
+            cand = plain[kind]().candidate(f"{kind}:{name}", onnx_model, shape)
+            cand.kind, cand.model, cand.gflops = f"{kind} plain", name, gflops
+            candidates.append(cand)
     if not candidates:
         raise DeployCompError("nothing to bench: give an artifact directory and/or --baselines")
 
@@ -371,10 +315,6 @@ def bench(artifact: str | Path | None = None, baselines: list[str] = (), *, thre
         write_json(tmp, result)
         tmp.replace(output_json)
     return result
-
-
-def _dims(value: ir.Value) -> list[int | str]:
-    return [d if isinstance(d, int) else str(d) for d in value.shape]
 
 
 

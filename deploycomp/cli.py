@@ -12,6 +12,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import ast  # noqa: E402
 import sys  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
@@ -21,7 +22,10 @@ from rich.markdown import Markdown  # noqa: E402
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from .backends.base import backend_names  # noqa: E402
 from .errors import DeployCompError  # noqa: E402
+
+TARGETS_HELP = ", ".join(f"{n} (default)" if n == "ort-cpu" else n for n in backend_names())
 
 app = typer.Typer(
     help="deploycomp: compile Vision Transformers (timm DeiT/Swin, ViT ONNX graphs) into fast, verified "
@@ -34,7 +38,7 @@ console = Console()
 err_console = Console(stderr=True)
 STATE = {"debug": False}
 
-COMPILE_STAGES = ["load", "cleanup", "discover", "prune", "semantic_tokens", "lower_token_cluster", "ort_fusion", "precision", "verify",
+COMPILE_STAGES = ["load", "calibrate latency table", "cleanup", "discover", "prune", "semantic_tokens", "lower_token_cluster", "ort_fusion", "precision", "verify",
                   "emit", "evaluate", "measure", "measure pruned vs unpruned"]
 
 
@@ -61,12 +65,12 @@ def compile_cmd(
     model: str = typer.Argument(..., help="timm:<name> (e.g. timm:deit_small_patch16_224) or a path to a ViT .onnx file."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write (replaced atomically)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict (.safetensors or .pth, weights only) for a timm model."),
-    target: str = typer.Option("ort-cpu", "--target", help="Target backend: ort-cpu (default), ort-cuda."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads of the target session (default: all cores)."),
-    spinning: bool = typer.Option(False, "--spinning/--no-spinning", help="Let ONNX Runtime worker threads spin-wait (off: measured slower on 2 cores)."),
+    target: str = typer.Option("ort-cpu", "--target", help=f"Target backend: {TARGETS_HELP}."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads of the target (default: all cores)."),
+    spinning: Optional[bool] = typer.Option(None, "--spinning/--no-spinning", help="ort-* targets: let ONNX Runtime worker threads spin-wait (default: off; see docs/ARCHITECTURE.md)."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset to export at."),
     fuse: bool = typer.Option(False, "--fuse/--no-fuse", help="Apply ONNX Runtime's transformer fusions (off: not measurably faster on CPU)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16/bf16 with float32 kept for norms, softmax and I/O (the precision pass)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32; fp16 (ort-*, tensorrt: the precision pass keeps float32 for norms, softmax and I/O); bf16 (openvino-cpu on a CPU with avx512_bf16/AMX, tensorrt)."),
     tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max relative L2 error of the logits vs the reference (default 1e-4 fp32, 5e-3 fp16, 2e-2 bf16)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the verification inputs (default: fresh)."),
     model_arg: list[str] = typer.Option([], "--model-arg", help="timm constructor override KEY=VALUE (repeatable), e.g. depth=6."),
@@ -111,7 +115,7 @@ def compile_cmd(
 
         tokens = SemanticTokenConfig(tokens=semantic_tokens, layer=token_layer, pooling=token_pooling)
     options = CompileOptions(target=target, weights=str(weights) if weights else None, opset=opset, threads=threads,
-                             allow_spinning=spinning,
+                             runtime={} if spinning is None else {"allow_spinning": spinning},
                              fuse=fuse, precision=precision, tolerance=tolerance, seed=seed, model_kwargs=_parse_model_args(model_arg),
                              measure_rounds=0 if no_measure else 5, data=data, eval_samples=eval_samples,
                              prune=prune, latency_batch=latency_batch, tables=str(tables), train_samples=train_samples,
@@ -119,7 +123,7 @@ def compile_cmd(
                              token_finetune_epochs=0 if prune else finetune_epochs,
                              token_teacher_logits=None if prune or not teacher_logits else str(teacher_logits))
     stages = [s for s in COMPILE_STAGES if (s != "ort_fusion" or fuse) and (s != "measure" or not no_measure)
-              and (s != "evaluate" or data) and ("prune" not in s and "pruned" not in s or latency)
+              and (s != "evaluate" or data) and ("prune" not in s and "pruned" not in s and "latency table" not in s or latency)
               and ("token" not in s or semantic_tokens) and (s != "precision" or precision != "fp32")]
     with _progress() as progress:
         task = progress.add_task("compile", total=len(stages))
@@ -164,7 +168,7 @@ def inspect_cmd(
 def bench_cmd(
     artifact: Optional[Path] = typer.Argument(None, help="Artifact directory written by compile (optional)."),
     baselines: str = typer.Option("", "--baselines", help="Comma-separated timm baselines: deit_tiny,deit_small,deit_base,swin_tiny,swin_small."),
-    kinds: str = typer.Option("torch,ort", "--kinds", help="Baseline flavours: torch (eager), ort (plain export)."),
+    kinds: str = typer.Option("torch,ort,openvino", "--kinds", help="Baseline flavours: torch (eager), ort (plain export in ONNX Runtime), openvino (plain export in OpenVINO, fp32)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads for every candidate (default: all cores)."),
     rounds: int = typer.Option(10, "--rounds", help="Interleaved rounds; each runs every candidate --iters times."),
     iters: int = typer.Option(3, "--iters", help="Runs per candidate per round."),
@@ -194,9 +198,9 @@ def bench_cmd(
 
 @app.command("profile")
 def profile_cmd(
-    target: str = typer.Option("ort-cpu", "--target", help="Target backend to profile."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: all cores)."),
-    spinning: bool = typer.Option(False, "--spinning/--no-spinning", help="Profile with ONNX Runtime's spin-waiting threads (match your deployment)."),
+    target: str = typer.Option("ort-cpu", "--target", help=f"Target backend to profile: {TARGETS_HELP}."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads (default: all cores)."),
+    spinning: Optional[bool] = typer.Option(None, "--spinning/--no-spinning", help="ort-* targets: profile with ONNX Runtime's spin-waiting threads (match your deployment)."),
     batch: int = typer.Option(1, "--batch", help="Batch size the table is measured at."),
     dtype: str = typer.Option("fp32", "--dtype", help="Precision (fp32)."),
     grid: str = typer.Option("deit-base", "--grid", help="Grid preset: deit-base (224 px DeiT: EMB<=768, H<=12, QK/V<=64, MLP<=3072, tokens<=197), proxy-fmnist (the 28 px proxy DeiT) or tiny."),
@@ -391,7 +395,21 @@ def _progress() -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True)
 
 
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our warnings (``DeployCompWarning``) as one ``warning: ...`` line; others as Python prints them."""
+    from .errors import DeployCompWarning
+
+    if issubclass(category, DeployCompWarning):
+        err_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
 def main() -> None:
+    warnings.showwarning = _show_warning
     try:
         app()  # click's standalone mode reports usage errors itself (exit 2)
     except DeployCompError as exc:

@@ -31,3 +31,7 @@ class PassFailedError(DeployCompError):
     def __init__(self, pass_name: str, reason: str):
         self.pass_name = pass_name
         super().__init__(f"pass '{pass_name}' failed: {reason}")
+
+
+class DeployCompWarning(UserWarning):
+    """Something the user should know that does not stop the job (e.g. a drifted latency table)."""

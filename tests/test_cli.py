@@ -37,7 +37,8 @@ def test_compile_inspect_bench(tmp_path):
     assert r.returncode == 0, r.stderr
     result = json.loads((out / "bench.json").read_text())
     names = [row["name"] for row in result["rows"]]
-    assert names == [f"deploycomp:{DEIT}", "torch:deit_tiny_patch16_224", "ort:deit_tiny_patch16_224"]
+    assert names == [f"deploycomp:{DEIT}", "torch:deit_tiny_patch16_224", "ort:deit_tiny_patch16_224",
+                         "openvino:deit_tiny_patch16_224"]
     for row in result["rows"]:
         assert row["latency_b1"]["n"] == 2 and row["latency_b1"]["median_ms"] > 0
         assert row["throughput"]["batch"] == 2 and row["throughput"]["median_img_s"] > 0
@@ -83,7 +84,7 @@ BAD = {
     "truncated safetensors": (["--weights", "{d}/truncated.safetensors"], "corrupt or unreadable checkpoint"),
     "wrong keys": (["--weights", "{d}/wrong_keys.pth"], "missing keys .*unexpected keys"),
     "wrong shapes": (["--weights", "{d}/wrong_shapes.pth"], r"shape mismatch head.weight \(10, 192\) vs \(1000, 192\)"),
-    "unknown target": (["--target", "tpu-v9"], "unknown target 'tpu-v9': available targets are ort-cpu, ort-cuda"),
+    "unknown target": (["--target", "tpu-v9"], "unknown target 'tpu-v9': available targets are openvino-cpu, ort-cpu, ort-cuda, ort-trt, tensorrt"),
 }
 
 

@@ -32,7 +32,7 @@ def test_artifact_matches_torch(tmp_path, family):
     tgt = manifest["target"]
     for key in ("cpu_model", "cores", "threads", "backend_version", "target"):
         assert tgt[key]
-    assert manifest["session_options"]["optimization_level"] == "all"
+    assert manifest["runtime_options"]["optimization_level"] == "all"
     assert manifest["deploycomp_version"] == deploycomp.__version__
     assert len(manifest["structure"]["blocks"]) == (2 if family == "deit" else 4)
     assert manifest["latency"]["median_ms"] > 0
@@ -89,33 +89,31 @@ class PerturbWeight(Pass):
         return PassResult(model, True)
 
 
-def test_verification_gate_refuses_a_wrong_rewrite(tmp_path, monkeypatch):
+def with_planted_bug(job, scale: float):
+    """The job's own pipeline with a wrong rewrite planted right before the verification gate."""
+    job.passes = job.passes[:-1] + [PerturbWeight(scale), job.passes[-1]]
+    return job
+
+
+def test_verification_gate_refuses_a_wrong_rewrite(tmp_path):
     from deploycomp import api
 
-    real = api.default_passes
-
-    def with_bug(opts, *rest):
-        passes = real(opts, *rest)
-        return passes[:-1] + [PerturbWeight(1.01), passes[-1]]
-
-    monkeypatch.setattr(api, "default_passes", with_bug)
     out = tmp_path / "out"
+    job = with_planted_bug(api.plan_compile(f"timm:{TINY['deit'][0]}", out, options("deit")), 1.01)
     with pytest.raises(VerificationError, match="relative L2 error .* > 0.0001"):
-        deploycomp.compile(f"timm:{TINY['deit'][0]}", out, options("deit"))
+        job.run()
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no staging directory left behind either
 
 
-def test_failed_compile_keeps_the_previous_artifact(tmp_path, monkeypatch):
+def test_failed_compile_keeps_the_previous_artifact(tmp_path):
     from deploycomp import api
 
     out = tmp_path / "out"
     deploycomp.compile(f"timm:{TINY['deit'][0]}", out, options("deit"))
     before = (out / "manifest.json").read_text()
-    real = api.default_passes
-    monkeypatch.setattr(api, "default_passes", lambda o, *r: real(o, *r)[:-1] + [PerturbWeight(2.0), real(o, *r)[-1]])
     with pytest.raises(VerificationError):
-        deploycomp.compile(f"timm:{TINY['deit'][0]}", out, options("deit"))
+        with_planted_bug(api.plan_compile(f"timm:{TINY['deit'][0]}", out, options("deit")), 2.0).run()
     assert (out / "manifest.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

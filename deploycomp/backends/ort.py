@@ -1,8 +1,8 @@
-"""ONNX Runtime targets: ``ort-cpu`` (the embedded default) and ``ort-cuda``.
+"""ONNX Runtime targets: ``ort-cpu``, ``ort-cuda`` and ``ort-trt`` (TensorRT execution provider).
 
 The artifact is the compiled ``model.onnx`` in standard ops plus the session options it was
-verified and measured with; ``deploycomp`` records those options in the manifest so a deployment
-can reproduce them (``session_options_for``).
+verified and measured with; the manifest records them (``options()``) and ``session_options_for``
+rebuilds them, so a deployment runs exactly what was checked.
 """
 
 from __future__ import annotations
@@ -13,62 +13,58 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from ..bench.harness import Candidate
 from ..errors import DeployCompError
-from .base import Runner, register_backend
+from .base import BackendBase, ModelLike, Runner, onnx_bytes, random_input, register_backend
 from .fingerprint import host_fingerprint, usable_cores
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
               "all": "ORT_ENABLE_ALL"}
 
 
-def session_options_for(config: dict[str, Any]):
-    """Build ``onnxruntime.SessionOptions`` from the dict a manifest records."""
+def session_options_for(threads: int, optimization_level: str = "all", allow_spinning: bool = True):
+    """``onnxruntime.SessionOptions`` for the options a manifest records."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(config["intra_op_threads"])
+    opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[config["optimization_level"]])
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[optimization_level])
     opts.log_severity_level = 3
-    if not config.get("allow_spinning", True):
+    if not allow_spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
-def model_bytes(model: ir.Model | bytes | Path) -> bytes:
-    if isinstance(model, bytes):
-        return model
-    if isinstance(model, (str, Path)):
-        return Path(model).read_bytes()
-    return ir.serde.serialize_model(model).SerializeToString()
-
-
-class OrtBackend:
+class OrtBackend(BackendBase):
     """ONNX Runtime with one execution provider."""
 
     name = "ort"
     provider = "CPUExecutionProvider"
     extra: str = ""
-    # TokenCluster (semantic tokens) as ONNX Runtime's fused MultiHeadAttention: 1.5-2.1x faster than
-    # the standard-op decomposition alone at DeiT-S sizes (benchmarks/results/semantic_tokens_deit.json)
+    precisions = {"fp32": "graph", "fp16": "graph"}  # fp16: the precision pass (ORT's CPU EP has no bf16 MatMul)
+    # TokenCluster as ONNX Runtime's fused MultiHeadAttention: 1.5-2.1x faster than the standard-op
+    # decomposition alone at DeiT-S sizes (benchmarks/results/semantic_tokens_deit.json)
     token_cluster_lowering = "ort-mha"
 
     def __init__(self, threads: int | None = None, optimization_level: str = "all", allow_spinning: bool = False):
         if optimization_level not in OPT_LEVELS:
             raise DeployCompError(f"unknown optimization level '{optimization_level}': use one of {', '.join(OPT_LEVELS)}")
-        self.session_config = {
-            "intra_op_threads": threads or usable_cores(),
-            "optimization_level": optimization_level,
-            "execution_mode": "sequential",
-            # Off by default: with spinning, idle workers of one session busy-wait and steal the 2 cores
-            # from the next session's run, which made interleaved measurements of several sessions
-            # (profiling, validation, bench) unusable (p90 93 ms vs 60 ms for DeiT-S). The price, in
-            # the interleaved baseline run (benchmarks/results/baselines.json), is 6-9 % batch-1
-            # latency of a single deployed session; --spinning turns it on (re-profile to match).
-            "allow_spinning": allow_spinning,
-            "providers": [self.provider],
-        }
+        self.threads = int(threads or usable_cores())
+        self.optimization_level = optimization_level
+        # Off by default: see docs/ARCHITECTURE.md ("thread spinning") for the separate-process
+        # measurement this default comes from; --spinning turns it on (re-profile to match).
+        self.allow_spinning = bool(allow_spinning)
+        # spinning workers keep a core busy 10-50 ms after run(): interleaved timing waits that out
+        self.interleave_gap_s = 0.1 if self.allow_spinning else 0.0
+
+    def options(self) -> dict[str, Any]:
+        return {"threads": self.threads, "optimization_level": self.optimization_level,
+                "allow_spinning": self.allow_spinning}
+
+    def providers(self) -> list:
+        return [self.provider]
 
     def check_available(self) -> None:
         import onnxruntime as ort
@@ -83,24 +79,18 @@ class OrtBackend:
     def fingerprint(self) -> dict[str, Any]:
         import onnxruntime as ort
 
-        return {
-            "target": self.name,
-            **host_fingerprint(),
-            "threads": self.session_config["intra_op_threads"],
-            "allow_spinning": self.session_config["allow_spinning"],
-            "backend": "onnxruntime",
-            "backend_version": ort.__version__,
-            "provider": self.provider,
-        }
+        return {"target": self.name, **host_fingerprint(), "threads": self.threads,
+                "allow_spinning": self.allow_spinning, "backend": "onnxruntime", "backend_version": ort.__version__,
+                "provider": self.provider}
 
-    def session(self, model: ir.Model | bytes | Path, **overrides):
+    def session(self, model: ModelLike):
         import onnxruntime as ort
 
-        config = {**self.session_config, **overrides}
-        return ort.InferenceSession(model_bytes(model), session_options_for(config), providers=[self.provider])
+        return ort.InferenceSession(onnx_bytes(model), session_options_for(**self.options()),
+                                    providers=self.providers())
 
-    def runner(self, model: ir.Model | bytes | Path, **overrides) -> Runner:
-        sess = self.session(model, **overrides)
+    def runner(self, model: ModelLike) -> Runner:
+        sess = self.session(model)
         name = sess.get_inputs()[0].name
 
         def run(x: np.ndarray) -> np.ndarray:
@@ -108,10 +98,21 @@ class OrtBackend:
 
         return run
 
+    def candidate(self, name: str, model: ModelLike, input_shape: tuple[int, ...]) -> Candidate:
+        blob = onnx_bytes(model)
+
+        def make(batch: int):
+            sess = self.session(blob)
+            feed = {sess.get_inputs()[0].name: random_input(input_shape, batch)}
+            return lambda: sess.run(None, feed)
+
+        return Candidate(name, self.name, make, meta={"runtime_options": self.options()},
+                         settle_s=self.interleave_gap_s)
+
     def emit(self, model: ir.Model, out_dir: Path) -> dict[str, Any]:
         path = Path(out_dir) / "model.onnx"
         ir.save(model, path)
-        return {"files": {"model": path.name}, "session_options": dict(self.session_config)}
+        return {"files": {"model": path.name}}
 
 
 @register_backend("ort-cpu")
@@ -137,18 +138,17 @@ class OrtTensorRTBackend(OrtBackend):
     provider = "TensorrtExecutionProvider"
     extra = "install onnxruntime-gpu built with TensorRT, and TensorRT, on a machine with an NVIDIA GPU"
 
-    def __init__(self, *args, cache_dir: str | None = None, workspace_mb: int = 1024, **kwargs):
-        super().__init__(*args, **kwargs)
-        cache = cache_dir or str(Path.home() / ".cache" / "deploycomp" / "ort-trt")
-        self.trt_options = {"trt_max_workspace_size": str(workspace_mb << 20), "trt_engine_cache_enable": "True",
-                            "trt_engine_cache_path": cache, "trt_timing_cache_enable": "True",
-                            "trt_timing_cache_path": cache}
-        self.session_config["providers"] = [self.provider, "CUDAExecutionProvider"]
-        self.session_config["tensorrt_options"] = dict(self.trt_options)
+    def __init__(self, threads: int | None = None, optimization_level: str = "all", allow_spinning: bool = False,
+                 cache_dir: str | None = None, workspace_mb: int = 1024):
+        super().__init__(threads, optimization_level, allow_spinning)
+        self.cache_dir = cache_dir or str(Path.home() / ".cache" / "deploycomp" / "ort-trt")
+        self.workspace_mb = int(workspace_mb)
 
-    def session(self, model: ir.Model | bytes | Path, **overrides):
-        import onnxruntime as ort
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "cache_dir": self.cache_dir, "workspace_mb": self.workspace_mb}
 
-        config = {**self.session_config, **overrides}
-        return ort.InferenceSession(model_bytes(model), session_options_for(config),
-                                    providers=[(self.provider, self.trt_options), "CUDAExecutionProvider"])
+    def providers(self) -> list:
+        trt_options = {"trt_max_workspace_size": str(self.workspace_mb << 20), "trt_engine_cache_enable": "True",
+                       "trt_engine_cache_path": self.cache_dir, "trt_timing_cache_enable": "True",
+                       "trt_timing_cache_path": self.cache_dir}
+        return [(self.provider, trt_options), "CUDAExecutionProvider"]

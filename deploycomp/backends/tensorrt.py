@@ -27,8 +27,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from ..bench.harness import Candidate
 from ..errors import DeployCompError
-from .base import register_backend
+from .base import BackendBase, random_input, register_backend
 from .fingerprint import host_fingerprint
 
 INSTALL = "pip install 'deploycomp[tensorrt]' (tensorrt, pycuda) on a machine with an NVIDIA GPU and driver"
@@ -300,20 +301,25 @@ class EngineRunner:
 
 
 @register_backend("tensorrt")
-class TensorRTBackend:
-    """``--target tensorrt``. ``threads``/``allow_spinning`` are ONNX Runtime options: accepted, unused."""
+class TensorRTBackend(BackendBase):
+    """``--target tensorrt``: a strongly typed engine built from the compiled ONNX graph."""
 
     name = "tensorrt"
+    # strongly typed: the precision pass writes the types into the graph, no builder flags
+    precisions = {"fp32": "graph", "fp16": "graph", "bf16": "graph"}
     token_cluster_lowering = None  # TokenCluster stays a node: the AOT plugin (kernels/trt_plugin.py) runs it
 
-    def __init__(self, threads: int | None = None, allow_spinning: bool = False,
-                 batch: tuple[int, int, int] = (1, 8, 32), workspace_mb: int = 1024, timing_cache: str | None = None,
-                 device: int = 0):
+    def __init__(self, batch: tuple[int, int, int] = (1, 8, 32), workspace_mb: int = 1024,
+                 timing_cache: str | None = None, device: int = 0):
         self.config = EngineConfig(batch=tuple(batch), workspace_mb=workspace_mb,
                                    **({"timing_cache": timing_cache} if timing_cache else {}))
         self.device = device
         self._device_info: dict[str, Any] | None = None
         self._plans: dict[str, tuple[bytes, dict[str, Any]]] = {}  # sha256 of ONNX bytes -> (plan, info)
+
+    def options(self) -> dict[str, Any]:
+        return {"batch": list(self.config.batch), "workspace_mb": self.config.workspace_mb,
+                "timing_cache": self.config.timing_cache, "device": self.device}
 
     def check_available(self) -> None:
         import_tensorrt()
@@ -336,7 +342,7 @@ class TensorRTBackend:
             self._plans[key] = build_engine(onnx_bytes, config, arch, plugin=bool(token_cluster_nodes(model)))
         return self._plans[key]
 
-    def runner(self, model: ir.Model | bytes | Path) -> EngineRunner:
+    def runner(self, model: ir.Model | onnx.ModelProto | bytes | Path) -> EngineRunner:
         """A runner for an engine file (``.plan``/``.engine``), or an ONNX model built on the spot."""
         if isinstance(model, (str, Path)):
             path = Path(model)
@@ -345,7 +351,22 @@ class TensorRTBackend:
             model = ir.load(path)
         elif isinstance(model, bytes):
             model = ir.serde.deserialize_model(onnx.load_from_string(model))
+        elif isinstance(model, onnx.ModelProto):
+            model = ir.serde.deserialize_model(model)
         return EngineRunner(self.build(model)[0], self.device)
+
+    def candidate(self, name: str, model, input_shape: tuple[int, ...]) -> Candidate:
+        runner = self.runner(model)
+
+        def make(batch: int):
+            x = random_input(input_shape, batch)
+            return lambda: runner.run(x)
+
+        return Candidate(name, self.name, make, meta={"runtime_options": self.options()},
+                         settle_s=self.interleave_gap_s)
+
+    def artifact(self, artifact_dir: Path, manifest) -> Path:
+        return Path(artifact_dir) / manifest["files"].get("engine", manifest["files"]["model"])
 
     def emit(self, model: ir.Model, out_dir: Path) -> dict[str, Any]:
         """``model.onnx`` (the graph handed to TensorRT) and ``model.plan``, each written atomically."""
@@ -354,15 +375,13 @@ class TensorRTBackend:
         atomic_write(Path(out_dir) / ENGINE_FILE, plan)
         return {"files": {"model": "model.onnx", "engine": ENGINE_FILE}, "tensorrt": info}
 
-    def time_part(self, part: str, point, fixed: dict[str, Any], batch: int, warmup: int, repeats: int) -> list[float]:
-        """The profiler's hook: one latency micro-graph built into an engine for exactly ``batch``, timed
-        with CUDA events (same graphs as the ort-cpu profiler, ``latency/micrographs.py``)."""
-        from ..latency.profiler import build_part, part_input
-
-        graph = ir.serde.deserialize_model(build_part(part, point, fixed))
-        plan, _ = self.build(graph, EngineConfig(batch=(batch, batch, batch), workspace_mb=self.config.workspace_mb,
-                                                 timing_cache=self.config.timing_cache))
-        x = part_input(part, point, fixed, batch)
+    def time_part(self, model: onnx.ModelProto, x: np.ndarray, warmup: int, repeats: int) -> list[float]:
+        """The profiler's hook: one latency micro-graph built into an engine for exactly its batch, timed
+        with CUDA events (same graphs as the CPU profilers, ``latency/micrographs.py``)."""
+        batch = int(x.shape[0])
+        plan, _ = self.build(ir.serde.deserialize_model(model),
+                             EngineConfig(batch=(batch, batch, batch), workspace_mb=self.config.workspace_mb,
+                                          timing_cache=self.config.timing_cache))
         return EngineRunner(plan, self.device).time(x, warmup=warmup, repeats=repeats)
 
 

@@ -22,6 +22,10 @@ class Candidate:
     model: str = ""
     gflops: float | None = None  # per image
     meta: dict[str, Any] = field(default_factory=dict)
+    # idle seconds after this candidate's turn: a runtime whose worker threads keep spinning after a
+    # run (ONNX Runtime with spinning on keeps a core busy 10-50 ms) would otherwise slow whichever
+    # candidate runs next on a 2-core machine; ~100 ms lets it settle
+    settle_s: float = 0.0
 
 
 def stats(seconds: list[float]) -> dict[str, float]:
@@ -37,7 +41,8 @@ def stats(seconds: list[float]) -> dict[str, float]:
 
 def measure_interleaved(candidates: list[Candidate], batch: int, rounds: int = 10, iters: int = 3,
                         warmup: int = 2, seed: int = 0, progress: Callable[[], None] | None = None) -> dict[str, list[float]]:
-    """Per-call wall times (seconds) of each candidate at ``batch``, interleaved round by round."""
+    """Per-call wall times (seconds) of each candidate at ``batch``, interleaved round by round
+    (each candidate's ``settle_s`` idles after its turn)."""
     runners = {c.name: c.make_runner(batch) for c in candidates}
     for run in runners.values():
         for _ in range(warmup):
@@ -45,6 +50,7 @@ def measure_interleaved(candidates: list[Candidate], batch: int, rounds: int = 1
     times: dict[str, list[float]] = {c.name: [] for c in candidates}
     rng = np.random.default_rng(seed)
     names = [c.name for c in candidates]
+    settle = {c.name: c.settle_s for c in candidates}
     for _ in range(rounds):
         for idx in rng.permutation(len(names)):
             name = names[idx]
@@ -53,6 +59,8 @@ def measure_interleaved(candidates: list[Candidate], batch: int, rounds: int = 1
                 t0 = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - t0)
+            if settle[name]:
+                time.sleep(settle[name])
         if progress is not None:
             progress()
     return times
@@ -75,21 +83,6 @@ def summarize(candidates: list[Candidate], latency: dict[str, list[float]], thro
         row.update(c.meta)
         rows.append(row)
     return rows
-
-
-def ort_candidate(name: str, kind: str, model_bytes: bytes, input_shape: tuple[int, ...], session_config: dict,
-                  model: str = "", gflops: float | None = None) -> Candidate:
-    def make(batch: int):
-        import onnxruntime as ort
-
-        from ..backends.ort import session_options_for
-
-        sess = ort.InferenceSession(model_bytes, session_options_for(session_config),
-                                    providers=session_config.get("providers", ["CPUExecutionProvider"]))
-        feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal((batch, *input_shape[1:])).astype(np.float32)}
-        return lambda: sess.run(None, feed)
-
-    return Candidate(name, kind, make, model, gflops, {"session_options": session_config})
 
 
 def torch_candidate(name: str, module, input_shape: tuple[int, ...], threads: int, model: str = "",

@@ -31,10 +31,13 @@ class Prediction:
 
 
 class LatencyPredictor:
-    def __init__(self, table: LatencyTable):
+    def __init__(self, table: LatencyTable, drift: float = 1.0):
+        """``drift``: how much slower (>1) or faster the device runs now than when the table was
+        profiled, measured on anchor points (``latency/calibrate.py``); predictions are scaled by it."""
         if not table.complete:
             raise DeployCompError(f"latency table {table.path} is incomplete: resume `deploycomp profile` first")
         self.table = table
+        self.drift = float(drift)
         self._interp = {}
         self._cache: dict[tuple, float] = {}
         for part, keys in PART_KEYS.items():
@@ -60,8 +63,10 @@ class LatencyPredictor:
                 out.append(f"{part}.{k}={v} outside [{lo}, {hi}]")
         return out
 
-    def predict(self, arch: ViTArch, scale: float = 1.0) -> Prediction:
-        """Predicted latency; ``scale`` (a measured now/at-profile-time ratio) corrects for device drift."""
+    def predict(self, arch: ViTArch, scale: float | None = None) -> Prediction:
+        """Predicted latency; ``scale`` (a measured now/at-profile-time ratio; default: the
+        predictor's ``drift``) corrects for device drift."""
+        scale = self.drift if scale is None else scale
         fixed = self.table.fixed
         if (arch.img_size, arch.patch, arch.in_chans, arch.num_classes) != (
                 fixed["img_size"], fixed["patch"], fixed["in_chans"], fixed["num_classes"]):

@@ -94,21 +94,8 @@ def part_input(part: str, point: tuple[int, ...], fixed: dict[str, Any], batch: 
 
 
 def time_part(backend, part: str, point, fixed, batch: int, warmup: int, repeats: int) -> list[float]:
-    """Milliseconds of ``repeats`` runs of one part after ``warmup`` runs (a backend with its own
-    ``time_part``, e.g. TensorRT with CUDA events, times the same micro-graph itself)."""
-    if hasattr(backend, "time_part"):
-        return backend.time_part(part, point, fixed, batch, warmup, repeats)
-    model = build_part(part, point, fixed)
-    sess = backend.session(model.SerializeToString())
-    feed = {sess.get_inputs()[0].name: part_input(part, point, fixed, batch)}
-    for _ in range(warmup):
-        sess.run(None, feed)
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
+    """Milliseconds of ``repeats`` runs of one part after ``warmup`` runs, timed by the backend."""
+    return backend.time_part(build_part(part, point, fixed), part_input(part, point, fixed, batch), warmup, repeats)
 
 
 def device_fingerprint(backend, batch: int, dtype: str) -> dict[str, Any]:

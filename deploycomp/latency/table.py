@@ -26,7 +26,7 @@ SCHEMA = "deploycomp.latency_table"
 VERSION = 1
 # Fingerprint fields that must agree for a table to describe this device.
 MATCH_KEYS = ("target", "cpu_model", "threads", "allow_spinning", "backend", "backend_version", "provider", "batch",
-              "dtype")
+              "dtype", "performance_hint", "inference_precision")
 PART_KEYS = {
     "attention": ("tokens", "emb", "heads", "qk_dim", "v_dim"),
     "mlp": ("tokens", "emb", "mlp_dim"),

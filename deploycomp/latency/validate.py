@@ -20,8 +20,8 @@ from .predictor import LatencyPredictor
 from .table import LatencyTable
 
 
-def compile_arch(arch: ViTArch, workdir: Path, name: str, threads: int) -> Path:
-    """FlexViT(arch) -> ONNX -> deploycomp compile (verified); returns the artifact's model path."""
+def compile_arch(arch: ViTArch, workdir: Path, name: str, backend) -> Path:
+    """FlexViT(arch) -> ONNX -> deploycomp compile (verified); returns the compiled ONNX graph."""
     import onnx_ir as ir
     import torch
 
@@ -34,34 +34,25 @@ def compile_arch(arch: ViTArch, workdir: Path, name: str, threads: int) -> Path:
     src = workdir / f"{name}.onnx"
     ir.save(export_to_onnx(module, (1, arch.in_chans, arch.img_size, arch.img_size)), src)
     out = workdir / name
-    compile(str(src), out, CompileOptions(threads=threads, measure_rounds=0))
-    return out / "model.onnx"
+    manifest = compile(str(src), out, CompileOptions(target=backend.name, runtime=backend.options(), measure_rounds=0))
+    return out / manifest["files"].get("onnx", manifest["files"]["model"])
 
 
-def _part_candidate(part: str, point, fixed, session_config: dict):
-    from ..bench.harness import Candidate
+def part_candidate(backend, part: str, point, fixed):
+    """A latency-table micro-graph as a candidate of an interleaved measurement."""
     from .profiler import build_part, part_input
 
-    def make(batch: int):
-        import onnxruntime as ort
-
-        from ..backends.ort import session_options_for
-
-        sess = ort.InferenceSession(build_part(part, point, fixed).SerializeToString(), session_options_for(session_config),
-                                    providers=session_config.get("providers", ["CPUExecutionProvider"]))
-        feed = {sess.get_inputs()[0].name: part_input(part, point, fixed, batch)}
-        return lambda: sess.run(None, feed)
-
-    return Candidate(f"{part}{tuple(point)}", "calibration", make)
+    shape = part_input(part, point, fixed, 1).shape
+    return backend.candidate(f"{part}{tuple(point)}", build_part(part, point, fixed), shape)
 
 
-def measure_models(paths: list[Path], shape: tuple[int, ...], session_config: dict, batch: int, rounds: int,
-                   iters: int, calibration=(), fixed=None) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
-    """Whole models and calibration parts, all interleaved in one measurement."""
-    from ..bench.harness import measure_interleaved, ort_candidate, stats
+def measure_models(backend, paths: list[Path], shape: tuple[int, ...], batch: int, rounds: int, iters: int,
+                   calibration=(), fixed=None) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """Whole models and calibration parts, all interleaved in one measurement on ``backend``."""
+    from ..bench.harness import measure_interleaved, stats
 
-    models = [ort_candidate(str(i), "model", p.read_bytes(), shape, session_config) for i, p in enumerate(paths)]
-    parts = [_part_candidate(part, point, fixed, session_config) for part, point in calibration]
+    models = [backend.candidate(str(i), p, shape) for i, p in enumerate(paths)]
+    parts = [part_candidate(backend, part, point, fixed) for part, point in calibration]
     times = measure_interleaved(models + parts, batch, rounds=rounds, iters=iters)
     return [stats(times[c.name]) for c in models], [stats(times[c.name]) for c in parts]
 
@@ -84,22 +75,25 @@ def validate(table: LatencyTable, backend, archs: list[ViTArch], rounds: int = 5
 
     say = progress or (lambda s: None)
     predictor = LatencyPredictor(table)
-    batch, threads = table.fingerprint["batch"], table.fingerprint["threads"]
+    batch = table.fingerprint["batch"]
     calibration = calibration_points(table.grid)
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for i, arch in enumerate(archs):
             say(f"compile {i + 1}/{len(archs)}")
-            paths.append(compile_arch(arch, Path(tmp), f"arch{i}", threads))
+            paths.append(compile_arch(arch, Path(tmp), f"arch{i}", backend))
         say("measure")
         shape = (1, archs[0].in_chans, archs[0].img_size, archs[0].img_size)
-        measured, cal = measure_models(paths, shape, backend.session_config, batch, rounds, iters, calibration,
-                                       table.fixed)
+        measured, cal = measure_models(backend, paths, shape, batch, rounds, iters, calibration, table.fixed)
     ratios = np.array([c["median_ms"] / table.median(part, point) for c, (part, point) in zip(cal, calibration)])
     scale = float(np.exp(np.mean(np.log(ratios))))
     raw = [predictor.predict(a) for a in archs]
     calibrated = [predictor.predict(a, scale) for a in archs]
     meas = np.array([m["median_ms"] for m in measured])
+    raw_ms = np.array([p.total_ms for p in raw])
+    # the table's shape alone: its predictions given the single scale that fits these models best
+    # (least squares in relative error); what calibration could reach at most
+    best_scale = float(np.sum(raw_ms / meas) / np.sum(raw_ms**2 / meas**2))
     flops = np.array([a.flops() for a in archs])
     # FLOPs-proportional baseline, given its best single constant (least squares in relative error)
     ms_per_flop = float(np.sum(flops / meas) / np.sum(flops**2 / meas**2))
@@ -115,6 +109,7 @@ def validate(table: LatencyTable, backend, archs: list[ViTArch], rounds: int = 5
                                                        for c, (part, point) in zip(cal, calibration)]},
             "table_model": summarize_errors(np.array([p.total_ms for p in raw]), meas),
             "table_model_calibrated": summarize_errors(np.array([c.total_ms for c in calibrated]), meas),
+            "table_model_best_scale": {**summarize_errors(raw_ms * best_scale, meas), "scale": best_scale},
             "flops_model": {**summarize_errors(flops * ms_per_flop, meas), "ms_per_gflop": ms_per_flop * 1e9},
             "rows": rows}
 

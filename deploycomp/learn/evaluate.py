@@ -38,13 +38,11 @@ def evaluate_runner(run: Callable[[np.ndarray], np.ndarray], data: ImageSet, bat
 
 
 def evaluate_artifact(artifact: str | Path, data: ImageSet, batch_size: int = 500) -> float:
-    """Top-1 of a compiled artifact, run by the backend and session options its manifest records."""
+    """Top-1 of a compiled artifact, run by the backend and runtime options its manifest records."""
     from ..artifact import read_manifest
-    from ..backends.base import get_backend
+    from ..backends.base import backend_for_manifest
 
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
-    options = manifest.get("session_options", {})
-    backend = get_backend(manifest["target"]["target"], threads=options.get("intra_op_threads"),
-                          allow_spinning=options.get("allow_spinning", False))
-    return evaluate_runner(backend.runner(artifact / manifest["files"]["model"]), data, batch_size)
+    backend = backend_for_manifest(manifest)
+    return evaluate_runner(backend.runner(backend.artifact(artifact, manifest)), data, batch_size)

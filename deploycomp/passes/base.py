@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+import numpy as np
 import onnx_ir as ir
 
 from ..errors import DeployCompError, PassFailedError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..backends.base import Backend
+    from ..ir.structure import Structure
+    from ..latency.predictor import LatencyPredictor
+    from ..learn.data import ImageSet
 
 
 @dataclass
@@ -26,20 +35,33 @@ class PassResult:
 
 @dataclass
 class CompileContext:
-    """State shared by the passes of one compile: what they need and what they found."""
+    """What the passes of one compile need and what they found, typed.
+
+    ``module`` is the torch model the graph currently computes, with the graph's initializer names
+    as parameter names (a pass that trains or rewrites the model updates it); ``teacher`` is a
+    frozen copy of the source for distillation; ``reference`` is what verification compares with.
+    """
 
     family: str | None = None
-    # Reference outputs for verification: x (N,C,H,W float32) -> logits, from the model the
-    # graph came from (torch module, or the input ONNX graph run unoptimized).
-    reference: Callable[[Any], Any] | None = None
+    # x (N,C,H,W float32) -> logits: the torch module the graph came from, or the input ONNX graph
+    # run unoptimized; a rewrite that changes the function (pruning, tokens) replaces it
+    reference: Callable[[np.ndarray], np.ndarray] | None = None
     reference_kind: str = "none"
-    backend: Any = None
-    structure: Any = None  # deploycomp.ir.structure.Structure, set by the discover pass
+    backend: "Backend | None" = None
+    structure: "Structure | None" = None  # set by the discover pass
+    module: "torch.nn.Module | None" = None
+    teacher: "torch.nn.Module | None" = None
+    input_shape: tuple[int, ...] | None = None  # batch 1
+    train: "ImageSet | None" = None  # labelled data for passes that train
+    test: "ImageSet | None" = None
+    latency: "LatencyPredictor | None" = None  # the target's latency table, calibrated to the device now
+    baseline_model: ir.Model | None = None  # the graph before latency-changing rewrites (timed against the result)
     verify_batches: tuple[int, ...] = (1, 3)
     tolerance: float = 1e-4
     seed: int = 0
+    say: Callable[[str], None] = field(default=lambda stage: None)
     log: list[dict[str, Any]] = field(default_factory=list)
-    results: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)  # per-pass sections of the manifest
 
 
 class Pass:
@@ -58,6 +80,41 @@ class Pass:
 
 
 Invariant = Callable[[ir.Model, CompileContext], None]
+
+_PASSES: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: the pass is built by ``build_pass(cls.name, **config)``."""
+    _PASSES[cls.name] = cls
+    return cls
+
+
+def build_pass(name: str, **config) -> Pass:
+    """The pass ``name`` built from its config (its constructor's keyword arguments)."""
+    from . import registered  # noqa: F401  (imports every pass module, which registers its passes)
+
+    if name not in _PASSES:
+        raise DeployCompError(f"unknown pass '{name}': registered passes are {', '.join(sorted(_PASSES))}")
+    return _PASSES[name](**config)
+
+
+class Rewrite(Pass):
+    """A pass that another pass may apply before it measures latency (pruning with semantic tokens).
+
+    Besides ``run`` on the compile's graph it says how it changes the three views pruning keeps:
+    the graph alone (a trial copy, weights already in it), the latency model's architecture, and
+    the torch model that is trained."""
+
+    def rewrite_graph(self, model: ir.Model) -> None:
+        """The rewrite alone, on a graph whose weights are already final (no training, no context)."""
+        raise NotImplementedError
+
+    def rewrite_arch(self, arch):
+        return arch
+
+    def wrap_module(self, module):
+        return module
 
 
 class Pipeline:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-from onnxscript.optimizer import _constant_folding
+import onnxscript.optimizer as optimizer
 
-from .base import CompileContext, Pass, PassResult
+from .base import CompileContext, Pass, PassResult, register_pass
 
 TRANSPOSED_FROM = "deploycomp.transposed_from"
 # Fold constant subgraphs up to 1M elements: precomputed relative-position biases and shift masks
@@ -23,6 +23,7 @@ TRANSPOSED_FROM = "deploycomp.transposed_from"
 FOLD_INPUT_LIMIT = 1 << 20
 
 
+@register_pass
 class CleanupPass(Pass):
     name = "cleanup"
 
@@ -31,18 +32,11 @@ class CleanupPass(Pass):
         common.InlinePass()(model)
         common.IdentityEliminationPass()(model)
         folded = fold_parameter_transposes(model)
-        ir.passes.PassManager(
-            [
-                _constant_folding.FoldConstantsPass(
-                    shape_inference=True,
-                    input_size_limit=FOLD_INPUT_LIMIT,
-                    output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
-                ),
-                common.RemoveUnusedNodesPass(),
-            ],
-            steps=3,
-            early_stop=True,
-        )(model)
+        for _ in range(3):  # folding exposes more folding once dead nodes are gone
+            folded_now = optimizer.fold_constants_ir(model, onnx_shape_inference=True, input_size_limit=FOLD_INPUT_LIMIT)
+            common.RemoveUnusedNodesPass()(model)
+            if not folded_now.modified:
+                break
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         common.CommonSubexpressionEliminationPass()(model)
         common.RemoveUnusedNodesPass()(model)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from ..ir.discover import discover
-from .base import CompileContext, Pass, PassResult
+from .base import CompileContext, Pass, PassResult, register_pass
 
 
+@register_pass
 class DiscoverPass(Pass):
     name = "discover"
 

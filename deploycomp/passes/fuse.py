@@ -16,9 +16,10 @@ import logging
 
 import onnx_ir as ir
 
-from .base import CompileContext, Pass, PassResult
+from .base import CompileContext, Pass, PassResult, register_pass
 
 
+@register_pass
 class OrtFusionPass(Pass):
     name = "ort_fusion"
 

@@ -25,7 +25,7 @@ import onnx
 import onnx_ir as ir
 
 from ..errors import DeployCompError
-from .base import CompileContext, Pass, PassResult
+from .base import CompileContext, Pass, PassResult, register_pass
 
 F32 = ir.DataType.FLOAT
 LOW = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
@@ -148,6 +148,7 @@ def _retype_attributes(node: ir.Node, low: ir.DataType) -> None:
         node.attributes["value"] = ir.AttrTensor("value", _low_tensor(ir.tensor(array), low, None))
 
 
+@register_pass
 class PrecisionPass(Pass):
     """Convert the graph to fp16/bf16 (``convert_precision``); fp32 is a no-op."""
 

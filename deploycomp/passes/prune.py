@@ -8,7 +8,7 @@ model, so the artifact is checked against exactly what was trained.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Sequence
 
 import onnx
 import onnx_ir as ir
@@ -16,17 +16,11 @@ import torch
 
 from ..frontend import torch_reference
 from ..ir.discover import discover
-from ..ir.structure import Structure
-from ..latency.predictor import LatencyPredictor
-from ..learn.data import ImageSet
 from ..pruning.masks import copy_weights_to_graph
 from ..pruning.plan import PrunePlan, plan_arch
-from ..pruning.report import measure_pair
 from ..pruning.rewrite import prune_graph
 from ..pruning.schedule import PruneConfig, prune
-from ..tokens.rewrite import rewrite_and_lower
-from ..tokens.stvit import SemanticTokenConfig, token_arch
-from .base import CompileContext, Pass, PassResult
+from .base import CompileContext, Pass, PassResult, Rewrite, register_pass
 
 
 def grid_floors(grid: dict) -> dict[str, int]:
@@ -36,67 +30,76 @@ def grid_floors(grid: dict) -> dict[str, int]:
             "mlp": min(mlp["mlp_dim"])}
 
 
+def geometry_of(module: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """The input geometry and class count a latency table is keyed by."""
+    return {"img_size": input_shape[-1], "patch": int(module.patch_embed.patch_size[0]), "in_chans": input_shape[1],
+            "num_classes": int(module.num_classes)}
+
+
+@register_pass
 class PrunePass(Pass):
     name = "prune"
 
-    def __init__(self, config: PruneConfig, module: torch.nn.Module, predictor: LatencyPredictor,
-                 geometry: dict[str, int], train: ImageSet | None = None, test: ImageSet | None = None,
-                 say: Callable[[str], None] | None = None, latency_batch: int = 1, measure_rounds: int = 30,
-                 tokens: "SemanticTokenConfig | None" = None, teacher: torch.nn.Module | None = None,
-                 token_lowering: str = "reference"):
-        """With ``tokens``, ``module`` is the SemanticTokenViT of ``teacher`` (the source): the budget
-        covers both axes (predicted with the token architecture, measured on the rewritten graph
-        against the source graph)."""
-        self.config, self.module, self.predictor, self.geometry = config, module, predictor, geometry
-        self.tokens, self.teacher, self.token_lowering = tokens, teacher, token_lowering
-        self.train, self.test, self.say = train, test, say
+    def __init__(self, config: PruneConfig, rewrites: Sequence[Rewrite] = (), latency_batch: int = 1,
+                 measure_rounds: int = 30):
+        """``rewrites``: passes applied after pruning that change latency (semantic tokens and their
+        lowering). The budget covers them: the latency model sees their architecture, the torch
+        model they wrap is what is trained, and every on-device check times the pruned graph with
+        them applied against the unpruned source graph."""
+        self.config, self.rewrites = config, list(rewrites)
         self.latency_batch, self.measure_rounds = latency_batch, measure_rounds
-
-    def predict(self, structure: Structure, plan: PrunePlan, tokens: bool = True) -> float:
-        arch = plan_arch(structure, plan, **self.geometry)
-        if tokens and self.tokens is not None:
-            arch = token_arch(arch, self.tokens)
-        return self.predictor.predict(arch).total_ms
 
     def requires(self, model: ir.Model, ctx: CompileContext) -> None:
         assert ctx.structure is not None, "prune needs the discovered structure"
+        assert ctx.module is not None, "pruning trains the torch model: the source must be a torch model"
+        assert ctx.latency is not None, "pruning to a budget needs the target's latency table"
         for name in (sl.tensor for g in ctx.structure.groups() for sl in ctx.structure.slices(g)):
             assert name in model.graph.initializers, f"coupled tensor {name} missing"
 
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
-        structure = ctx.structure
-        unpruned = ir.serde.serialize_model(model).SerializeToString()
-        ctx.results["unpruned_model"] = unpruned
-        g = self.geometry
-        shape = (1, g["in_chans"], g["img_size"], g["img_size"])
+        structure, predictor = ctx.structure, ctx.latency
+        geometry = geometry_of(ctx.module, ctx.input_shape)
+        shape = (1, *ctx.input_shape[1:])
+        ctx.baseline_model = ir.from_proto(ir.to_proto(model))  # timed against the result
+        unpruned = ir.to_proto(model).SerializeToString()
+        module = ctx.module
+        for r in self.rewrites:
+            module = r.wrap_module(module)
+
+        def predict(plan: PrunePlan, rewritten: bool = True) -> float:
+            arch = plan_arch(structure, plan, **geometry)
+            for r in self.rewrites if rewritten else ():
+                arch = r.rewrite_arch(arch)
+            return predictor.predict(arch).total_ms
 
         def measure(plan: PrunePlan) -> float:
-            """The plan's graph (current weights) timed against the unpruned graph on the target."""
+            """The plan's graph (current weights, rewrites applied) timed against the unpruned graph."""
             trial = ir.serde.deserialize_model(onnx.load_from_string(unpruned))
-            copy_weights_to_graph(self.module, trial)
+            copy_weights_to_graph(module, trial)
             prune_graph(trial, structure, plan)
-            if self.tokens is not None:
-                rewrite_and_lower(trial, self.tokens, self.token_lowering)
-            times = measure_pair(unpruned, ir.serde.serialize_model(trial).SerializeToString(), shape,
-                                 ctx.backend.session_config, self.latency_batch, self.measure_rounds)
+            for r in self.rewrites:
+                r.rewrite_graph(trial)
+            times = ctx.backend.time({"unpruned": unpruned, "pruned": trial}, shape, self.latency_batch,
+                                     self.measure_rounds)
             return times["pruned"]["median_ms"] / times["unpruned"]["median_ms"]
 
-        outcome = prune(self.module, model, structure, lambda plan: self.predict(structure, plan), self.config,
-                        shape, self.train, self.test, self.say,
+        outcome = prune(module, model, structure, predict, self.config, shape, ctx.train, ctx.test, ctx.say,
                         measure if self.config.budget_rounds and ctx.backend is not None else None,
-                        grid_floors(self.predictor.table.grid), teacher=self.teacher,
-                        baseline_ms=self.predict(structure, PrunePlan(), tokens=False))
-        copy_weights_to_graph(self.module, model)
+                        grid_floors(predictor.table.grid), teacher=ctx.teacher if self.rewrites else None,
+                        baseline_ms=predict(PrunePlan(), rewritten=False))
+        copy_weights_to_graph(module, model)
         rewrite = prune_graph(model, structure, outcome.plan)
         ctx.structure = discover(model, family=structure.family)
         ctx.structure.family = structure.family
-        ctx.reference, ctx.reference_kind = torch_reference(self.module), "torch (pruned)"
+        ctx.module = module
+        ctx.reference, ctx.reference_kind = torch_reference(module), "torch (pruned)"
         self.expected = {b.index: tuple(len(outcome.plan.kept(structure, f"block{b.index}.{k}"))
                                         for k in ("heads", "qk", "v", "mlp")) for b in structure.blocks}
         self.expected_emb = [len(outcome.plan.kept(structure, f"stage{s}.emb")) for s in range(len(structure.stage_embs))]
+        arch = plan_arch(structure, outcome.plan, **geometry)
         ctx.results["pruning"] = {
-            "arch": plan_arch(structure, outcome.plan, **self.geometry).to_dict(),
-            "semantic_tokens": None if self.tokens is None else vars(self.tokens),
+            "arch": arch.to_dict(),
+            "rewrites": [r.name for r in self.rewrites],
             "config": {**vars(self.config)},
             "original": structure.table(),
             "baseline_predicted_ms": outcome.baseline_ms, "target_ms": outcome.target_ms,

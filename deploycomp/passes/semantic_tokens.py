@@ -9,8 +9,6 @@ then compares the artifact with that torch model.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import onnx_ir as ir
 import torch
 
@@ -18,8 +16,8 @@ from ..frontend import torch_reference
 from ..ir.structure import Structure
 from ..tokens.op import LOWERINGS, lower, token_cluster_nodes
 from ..tokens.rewrite import rewrite_semantic_tokens
-from ..tokens.stvit import SemanticTokenConfig, SemanticTokenViT
-from .base import CompileContext, Pass, PassResult
+from ..tokens.stvit import SemanticTokenConfig, SemanticTokenViT, token_arch
+from .base import CompileContext, PassResult, Rewrite, register_pass
 
 
 def token_structure(structure: Structure, config: SemanticTokenConfig) -> None:
@@ -33,43 +31,53 @@ def token_structure(structure: Structure, config: SemanticTokenConfig) -> None:
             b.tokens = m
 
 
-class SemanticTokensPass(Pass):
+@register_pass
+class SemanticTokensPass(Rewrite):
     name = "semantic_tokens"
 
-    def __init__(self, config: SemanticTokenConfig, module: torch.nn.Module | None, train=None, test=None,
-                 finetune_epochs: int = 0, finetune_lr: float = 5e-4, teacher_logits: str | None = None,
-                 say: Callable[[str], None] | None = None, rewritten: SemanticTokenViT | None = None, seed: int = 0,
-                 teacher: torch.nn.Module | None = None):
-        """``module``: the source timm model (wrapped and fine-tuned here, distilled from ``teacher``,
-        an untouched copy of it); or ``rewritten``: an already trained SemanticTokenViT (pruning
-        trained it) whose weights are in the graph."""
-        self.config, self.module, self.train, self.test = config, module, train, test
-        self.finetune_epochs, self.finetune_lr, self.teacher_logits = finetune_epochs, finetune_lr, teacher_logits
-        self.say, self.rewritten, self.seed, self.teacher = say or (lambda s: None), rewritten, seed, teacher
+    def __init__(self, config: SemanticTokenConfig, finetune_epochs: int = 0, finetune_lr: float = 5e-4,
+                 teacher_logits: str | None = None, seed: int = 0):
+        """``finetune_epochs``: distillation from the unrewritten model (the context's teacher) on the
+        context's training data before the graph is rewritten."""
+        self.config, self.finetune_epochs, self.finetune_lr = config, finetune_epochs, finetune_lr
+        self.teacher_logits, self.seed = teacher_logits, seed
+
+    # the views pruning keeps when it searches both axes under one budget
+    def wrap_module(self, module: torch.nn.Module) -> SemanticTokenViT:
+        return module if isinstance(module, SemanticTokenViT) else SemanticTokenViT(module, self.config)
+
+    def rewrite_arch(self, arch):
+        return token_arch(arch, self.config)
+
+    def rewrite_graph(self, model: ir.Model) -> None:
+        from ..ir.discover import discover
+
+        rewrite_semantic_tokens(model, discover(model), self.config)
 
     def requires(self, model: ir.Model, ctx: CompileContext) -> None:
         assert ctx.structure is not None, "semantic tokens need the discovered structure"
+        assert ctx.module is not None, "semantic tokens rewrite the torch model too: the source must be a torch model"
         assert not token_cluster_nodes(model), "the graph already has semantic tokens"
+        if self.finetune_epochs:
+            assert ctx.train is not None and ctx.teacher is not None, "fine-tuning needs training data and a teacher"
 
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
         from ..learn.distill import finetune_with_distillation
         from ..pruning.masks import copy_weights_to_graph
 
-        stvit = self.rewritten
+        trained = isinstance(ctx.module, SemanticTokenViT)  # pruning trained the token model and wrote its weights
+        stvit = self.wrap_module(ctx.module)
         history = []
-        if stvit is None:
-            stvit = SemanticTokenViT(self.module, self.config)
+        if not trained:
             if self.finetune_epochs:
-                if self.teacher is None:
-                    raise AssertionError("fine-tuning after the rewrite needs the unrewritten model as teacher")
-                history = finetune_with_distillation(stvit, self.train, self.test, self.teacher,
-                                                     epochs=self.finetune_epochs,
-                                                     lr=self.finetune_lr, seed=self.seed,
-                                                     teacher_logits=self.teacher_logits, log=self.say).history
+                history = finetune_with_distillation(stvit, ctx.train, ctx.test, ctx.teacher,
+                                                     epochs=self.finetune_epochs, lr=self.finetune_lr, seed=self.seed,
+                                                     teacher_logits=self.teacher_logits, log=ctx.say).history
             copy_weights_to_graph(stvit, model)
         stvit.eval()
         info = rewrite_semantic_tokens(model, ctx.structure, self.config)
         token_structure(ctx.structure, self.config)
+        ctx.module = stvit
         ctx.reference, ctx.reference_kind = torch_reference(stvit), "torch (semantic tokens)"
         ctx.results["semantic_tokens"] = {**info, "finetune": history}
         return PassResult(model, modified=True, info=info)
@@ -78,7 +86,8 @@ class SemanticTokensPass(Pass):
         assert len(token_cluster_nodes(model)) == 2, "expected two TokenCluster nodes (the generator)"
 
 
-class LowerTokenClusterPass(Pass):
+@register_pass
+class LowerTokenClusterPass(Rewrite):
     """Replace TokenCluster nodes with what the target runs: the standard-op decomposition, or
     ONNX Runtime's fused MultiHeadAttention (``ort-mha``)."""
 
@@ -87,6 +96,9 @@ class LowerTokenClusterPass(Pass):
     def __init__(self, how: str):
         assert how in LOWERINGS, how
         self.how = how
+
+    def rewrite_graph(self, model: ir.Model) -> None:
+        lower(model, self.how)
 
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
         count = lower(model, self.how)

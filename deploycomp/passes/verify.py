@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import VerificationError
-from .base import CompileContext, Pass, PassResult
+from .base import CompileContext, Pass, PassResult, register_pass
 
 
 def relative_l2(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -20,6 +20,7 @@ def relative_l2(actual: np.ndarray, expected: np.ndarray) -> float:
     return diff / denom if denom > 0 else diff
 
 
+@register_pass
 class VerifyPass(Pass):
     name = "verify"
 

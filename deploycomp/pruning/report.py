@@ -7,24 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from ..ir.shapes import matmul_flops, param_count
 from ..ir.structure import Structure
 
 PLOT = "pruning.png"
-
-
-def measure_pair(unpruned: bytes, pruned: bytes, shape: tuple[int, ...], session_config: dict, batch: int,
-                 rounds: int) -> dict[str, dict[str, float]]:
-    """Median/spread of both graphs at ``batch``, interleaved (shuffled order every round)."""
-    from ..bench.harness import measure_interleaved, ort_candidate, stats
-
-    cands = [ort_candidate("unpruned", "deploycomp", unpruned, shape, session_config),
-             ort_candidate("pruned", "deploycomp", pruned, shape, session_config)]
-    times = measure_interleaved(cands, batch=batch, rounds=rounds, iters=3, warmup=2)
-    return {c.name: stats(times[c.name]) for c in cands}
 
 
 def block_rows(original: list[dict], pruned: Structure) -> list[dict]:
@@ -55,17 +43,13 @@ def plot_blocks(rows: list[dict], emb: tuple[int, int], path: Path) -> None:
     plt.close(fig)
 
 
-def finish_pruning_report(results: dict[str, Any], structure: Structure, manifest: dict[str, Any], staging: Path,
-                          batch: int, rounds: int) -> dict[str, Any]:
-    """Measure, tabulate and plot; returns the manifest's ``pruning`` section (written next to the model)."""
-    info = dict(results["pruning"])
-    unpruned_bytes = results.pop("unpruned_model")
-    pruned_bytes = (staging / manifest["files"]["model"]).read_bytes()
-    unpruned = ir.serde.deserialize_model(onnx.load_from_string(unpruned_bytes))
-    pruned = ir.serde.deserialize_model(onnx.load_from_string(pruned_bytes))
-
+def finish_pruning_report(section: dict[str, Any], unpruned: ir.Model, pruned: ir.Model, artifact, structure: Structure,
+                          manifest: dict[str, Any], staging: Path, backend, batch: int, rounds: int) -> dict[str, Any]:
+    """Measure (the unpruned graph against the emitted ``artifact``, interleaved on ``backend``),
+    tabulate and plot; returns the manifest's ``pruning`` section (the plot is written to ``staging``)."""
+    info = dict(section)
     shape = tuple(d if isinstance(d, int) else 1 for d in manifest["input"]["shape"])
-    measured = measure_pair(unpruned_bytes, pruned_bytes, shape, manifest["session_options"], batch, rounds)
+    measured = backend.time({"unpruned": unpruned, "pruned": artifact}, shape, batch, rounds)
     ratio = measured["pruned"]["median_ms"] / measured["unpruned"]["median_ms"]
     original = info.pop("original")
     rows = block_rows(original, structure)

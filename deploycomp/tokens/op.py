@@ -102,9 +102,11 @@ def lower(model, how: str) -> int:
     return len(nodes)
 
 
-def token_cluster_model(m: int, n: int, num_heads: int, dq: int, dv: int, scale: float):
+def token_cluster_model(m: int, n: int, num_heads: int, dq: int, dv: int, scale: float, single_input: bool = False):
     """A model of one TokenCluster node with inputs q, k, v (symbolic batch): for checking and
-    timing implementations of the op on their own."""
+    timing implementations of the op on their own. ``single_input`` (dq == dv): one input x of N
+    tokens, the queries its first M (a Slice), keys and values x itself, as in the generator; any
+    backend's one-input runner and timing can then run it."""
     import onnx_ir as ir
 
     from ..ir.build import ChainBuilder
@@ -112,9 +114,18 @@ def token_cluster_model(m: int, n: int, num_heads: int, dq: int, dv: int, scale:
     def inp(name, length, width):
         return ir.Value(name=name, shape=ir.Shape(["B", length, width]), type=ir.TensorType(ir.DataType.FLOAT))
 
-    q, k, v = inp("q", m, num_heads * dq), inp("k", n, num_heads * dq), inp("v", n, num_heads * dv)
-    graph = ir.Graph([q, k, v], [], nodes=[], opset_imports={"": 18, DOMAIN: VERSION}, name="token_cluster")
-    builder = ChainBuilder(graph, "token_cluster")
+    if single_input:
+        assert dq == dv, "one input holds q, k and v: dq must equal dv"
+        x = inp("x", n, num_heads * dq)
+        graph = ir.Graph([x], [], nodes=[], opset_imports={"": 18, DOMAIN: VERSION}, name="token_cluster")
+        builder = ChainBuilder(graph, "token_cluster")
+        q = builder.op("Slice", x, builder.const("starts", np.array([0], np.int64)),
+                       builder.const("ends", np.array([m], np.int64)), builder.const("axes", np.array([1], np.int64)))
+        k = v = x
+    else:
+        q, k, v = inp("q", m, num_heads * dq), inp("k", n, num_heads * dq), inp("v", n, num_heads * dv)
+        graph = ir.Graph([q, k, v], [], nodes=[], opset_imports={"": 18, DOMAIN: VERSION}, name="token_cluster")
+        builder = ChainBuilder(graph, "token_cluster")
     out = token_cluster_node(builder, q, k, v, num_heads, scale)
     graph.extend(builder.nodes)
     out.shape, out.type = ir.Shape(["B", m, num_heads * dv]), ir.TensorType(ir.DataType.FLOAT)

@@ -143,13 +143,3 @@ def rewrite_semantic_tokens(model: ir.Model, structure: Structure, config: Seman
     model.opset_imports[DOMAIN] = VERSION
     return {"generator_blocks": [k, k + 1], "semantic_tokens": config.tokens, "tokens_after": 1 + config.tokens,
             "tokens_before": first.tokens, "pooling": config.pooling, "attention_rebuilt": [blk.index for blk, _ in later]}
-
-
-def rewrite_and_lower(model: ir.Model, config: SemanticTokenConfig, lowering: str) -> None:
-    """Semantic tokens on any DeiT graph (its structure discovered here), TokenCluster lowered: what
-    pruning times on the device while it searches an architecture for both axes."""
-    from ..ir.discover import discover
-    from .op import lower
-
-    rewrite_semantic_tokens(model, discover(model), config)
-    lower(model, lowering)

@@ -1,0 +1,144 @@
+"""The two CPU runtimes side by side: plain ONNX Runtime, deploycomp ort-cpu, plain OpenVINO,
+deploycomp openvino-cpu (all fp32), plus deploycomp openvino-cpu with 16 semantic tokens and with
+``--latency 0.5x`` on DeiT-S.
+
+Per model, every candidate is timed interleaved in one run at batch 1 and at batch 8 (224x224,
+random weights: timing does not depend on weight values). "Plain" is the same exported ONNX given
+to the runtime with its defaults (ONNX Runtime: ORT_ENABLE_ALL, spinning on; OpenVINO: LATENCY
+hint), threads pinned to the machine's cores, OpenVINO pinned to f32. Candidates whose runtime
+spins idle 100 ms after their turn (``Candidate.settle_s``) so they do not slow the next one.
+Ratios are per round (candidate / reference in the same round): median and p10-p90 reported.
+
+    .venv/bin/python benchmarks/bench_runtimes.py                       # DeiT-S, DeiT-B, Swin-T
+    .venv/bin/python benchmarks/bench_runtimes.py --models deit_small --rounds 3 --no-rewrites   # quick look
+
+Writes benchmarks/results/runtimes.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch threads must not spin while runtimes are timed
+
+import argparse  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import deploycomp  # noqa: E402
+from deploycomp.api import baseline_name  # noqa: E402
+from deploycomp.artifact import read_manifest, write_json  # noqa: E402
+from deploycomp.backends.base import backend_for_manifest, get_backend  # noqa: E402
+from deploycomp.backends.fingerprint import host_fingerprint, usable_cores  # noqa: E402
+from deploycomp.bench.harness import measure_interleaved, stats  # noqa: E402
+from deploycomp.frontend.export import export_to_onnx  # noqa: E402
+from deploycomp.frontend.timm_models import build_timm_model, timm_spec  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+PLAIN_OF = {"ort-cpu": "ort plain", "openvino-cpu": "openvino plain"}
+
+
+def artifacts_for(name: str, threads: int, workdir: Path, rewrites: bool, say) -> dict[str, dict]:
+    """Compile the deploycomp candidates of one model; {label: {"dir", "manifest", "seconds"}}."""
+    jobs = {"deploycomp ort-cpu": deploycomp.CompileOptions(target="ort-cpu"),
+            "deploycomp openvino-cpu": deploycomp.CompileOptions(target="openvino-cpu")}
+    if rewrites and name.startswith("deit_small"):
+        from deploycomp.pruning.schedule import PruneConfig
+        from deploycomp.tokens.stvit import SemanticTokenConfig
+
+        jobs["deploycomp openvino-cpu, 16 semantic tokens"] = deploycomp.CompileOptions(
+            target="openvino-cpu", semantic_tokens=SemanticTokenConfig(tokens=16))
+        jobs["deploycomp openvino-cpu, --latency 0.5x"] = deploycomp.CompileOptions(
+            target="openvino-cpu", prune=PruneConfig(latency="0.5x"))
+    out = {}
+    for label, options in jobs.items():
+        options.threads, options.measure_rounds, options.seed = threads, 0, 0
+        say(f"compile {name}: {label}")
+        t0 = time.perf_counter()
+        d = workdir / label.replace(" ", "_").replace(",", "").replace("-", "_").replace(".", "")
+        manifest = deploycomp.compile(f"timm:{name}", d, options)
+        out[label] = {"dir": d, "manifest": manifest, "seconds": time.perf_counter() - t0}
+    return out
+
+
+def ratios(a: list[float], b: list[float]) -> dict[str, float]:
+    """Speed of ``a`` relative to ``b`` (b time / a time), per paired sample of the same round."""
+    r = np.asarray(b[: len(a)]) / np.asarray(a[: len(b)])
+    return {"median": float(np.median(r)), "p10": float(np.percentile(r, 10)), "p90": float(np.percentile(r, 90))}
+
+
+def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[int], rewrites: bool, say) -> dict:
+    name = baseline_name(alias)
+    spec = timm_spec(name)
+    shape = (1, spec.in_chans, spec.img_size, spec.img_size)
+    plain = export_to_onnx(build_timm_model(name), shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        arts = artifacts_for(name, threads, Path(tmp), rewrites, say)
+        cands = [get_backend("ort-cpu", threads=threads, allow_spinning=True).candidate("ort plain", plain, shape),
+                 get_backend("openvino-cpu", threads=threads).candidate("openvino plain", plain, shape)]
+        for label, art in arts.items():
+            backend = backend_for_manifest(read_manifest(art["dir"]))
+            cands.append(backend.candidate(label, backend.artifact(art["dir"], art["manifest"]), shape))
+        out = {"model": name, "compile_seconds": {k: round(v["seconds"], 1) for k, v in arts.items()},
+               "runtime_options": {k: v["manifest"]["runtime_options"] for k, v in arts.items()},
+               "pruning": {k: {f: v["manifest"]["pruning"][f] for f in ("latency", "budget_checks", "target_ms",
+                                                                        "predicted_ms", "baseline_predicted_ms")}
+                           for k, v in arts.items() if "pruning" in v["manifest"]},
+               "latency_calibration": {k: v["manifest"]["latency_calibration"] for k, v in arts.items()
+                                       if "latency_calibration" in v["manifest"]},
+               "batches": {}}
+        for batch in batches:
+            say(f"time {name} at batch {batch}")
+            times = measure_interleaved(cands, batch=batch, rounds=rounds, iters=iters, warmup=3)
+            rows = {}
+            for c in cands:
+                runtime = "openvino-cpu" if ("openvino" in c.name) else "ort-cpu"
+                rows[c.name] = {**stats(times[c.name]), "vs_plain_ort": ratios(times[c.name], times["ort plain"]),
+                                "vs_own_runtime_plain": ratios(times[c.name], times[PLAIN_OF[runtime]])}
+            out["batches"][str(batch)] = rows
+    return out
+
+
+def table(result: dict) -> str:
+    lines = ["| model | batch | candidate | median ms (p10-p90) | vs plain ORT | vs its runtime's plain |", "|---|---|---|---|---|---|"]
+    for m in result["models"]:
+        for batch, rows in m["batches"].items():
+            for label, r in rows.items():
+                a, b = r["vs_plain_ort"], r["vs_own_runtime_plain"]
+                lines.append(f"| {m['model']} | {batch} | {label} | {r['median_ms']:.1f} ({r['p10_ms']:.1f}-{r['p90_ms']:.1f}) | "
+                             f"{a['median']:.2f}x ({a['p10']:.2f}-{a['p90']:.2f}) | {b['median']:.2f}x ({b['p10']:.2f}-{b['p90']:.2f}) |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="deit_small,deit_base,swin_tiny")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--threads", type=int, default=usable_cores())
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--no-rewrites", action="store_true", help="skip the DeiT-S semantic-token and pruned artifacts")
+    ap.add_argument("--out", type=Path, default=RESULTS / "runtimes.json")
+    args = ap.parse_args()
+    say = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    t0 = time.perf_counter()
+    models = [run_model(m.strip(), args.threads, args.rounds, args.iters, [int(b) for b in args.batches.split(",")],
+                        not args.no_rewrites, say) for m in args.models.split(",")]
+    result = {"command": " ".join(shlex.quote(a) for a in sys.argv), "host": {**host_fingerprint(), "threads": args.threads},
+              "deploycomp_version": deploycomp.__version__, "seconds": round(time.perf_counter() - t0, 1),
+              "protocol": {"rounds": args.rounds, "iters_per_round": args.iters, "interleaved": True,
+                           "settle_s_after_spinning_candidates": 0.1, "ratios": "per round, median (p10-p90)"},
+              "models": models}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, result)
+    print(table(result))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""``openvino-cpu``: Intel's OpenVINO runtime on the CPU.
+
+The artifact is the OpenVINO IR (``model.xml`` + ``model.bin``) converted from the compiled ONNX
+graph, plus that ``model.onnx``. OpenVINO reads the ONNX directly (``Core.read_model`` on the
+serialized bytes) for verification and timing, so the graph that is checked is the graph that is
+converted. The runtime options (threads, performance hint, inference precision) are recorded in the
+manifest and rebuilt from it. OpenVINO on a CPU with avx512_bf16/AMX infers in bf16 unless told
+``f32``; fp32 artifacts pin ``INFERENCE_PRECISION_HINT=f32`` so verification holds at 1e-4.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from ..bench.harness import Candidate
+from ..errors import DeployCompError
+from .base import BackendBase, ModelLike, Runner, onnx_bytes, random_input, register_backend
+from .fingerprint import cpu_flags, host_fingerprint, usable_cores
+
+HINTS = ("LATENCY", "THROUGHPUT")
+# compile --precision -> OpenVINO's inference precision hint
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+
+
+def import_openvino():
+    try:
+        import openvino
+    except ImportError as exc:  # pragma: no cover - a regular dependency; only a broken install gets here
+        raise DeployCompError("target 'openvino-cpu' needs the openvino package: pip install openvino") from exc
+    return openvino
+
+
+def has_bf16() -> bool:
+    """bf16 runs natively (not emulated) on this CPU."""
+    return bool({"avx512_bf16", "amx_tile"} & set(cpu_flags()))
+
+
+@register_backend("openvino-cpu")
+class OpenVinoCpuBackend(BackendBase):
+    name = "openvino-cpu"
+    # both set as OpenVINO's inference precision hint; the graph stays fp32
+    precisions = {"fp32": "runtime", "bf16": "runtime"}
+    # TokenCluster as the standard-op decomposition, which OpenVINO fuses itself (measured against
+    # the ORT MultiHeadAttention form, which OpenVINO also reads: docs/ARCHITECTURE.md)
+    token_cluster_lowering = "reference"
+
+    def __init__(self, threads: int | None = None, performance_hint: str = "LATENCY", precision: str = "fp32"):
+        if performance_hint not in HINTS:
+            raise DeployCompError(f"unknown OpenVINO performance hint '{performance_hint}': use {' or '.join(HINTS)}")
+        if precision not in INFERENCE_PRECISION:
+            raise DeployCompError(f"openvino-cpu runs precisions {', '.join(INFERENCE_PRECISION)}, not '{precision}'")
+        if precision == "bf16" and not has_bf16():
+            raise DeployCompError("--precision bf16 needs a CPU with avx512_bf16 or AMX; this one has "
+                                  f"{', '.join(cpu_flags()) or 'neither'}")
+        self.threads = int(threads or usable_cores())
+        self.performance_hint = performance_hint
+        self.precision = precision
+        self._core = None
+
+    def options(self) -> dict[str, Any]:
+        return {"threads": self.threads, "performance_hint": self.performance_hint, "precision": self.precision}
+
+    def config(self) -> dict[str, Any]:
+        """OpenVINO's compile_model properties for these options."""
+        return {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": self.performance_hint,
+                "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[self.precision]}
+
+    def check_available(self) -> None:
+        ov = import_openvino()
+        if "CPU" not in self.core().available_devices:
+            raise DeployCompError(f"OpenVINO {ov.__version__} sees no CPU device here")
+
+    def core(self):
+        if self._core is None:
+            self._core = import_openvino().Core()
+        return self._core
+
+    def fingerprint(self) -> dict[str, Any]:
+        ov = import_openvino()
+        return {"target": self.name, **host_fingerprint(), "threads": self.threads, "backend": "openvino",
+                "backend_version": ov.__version__, "performance_hint": self.performance_hint,
+                "inference_precision": INFERENCE_PRECISION[self.precision]}
+
+    def read(self, model: ModelLike):
+        """An ``openvino.Model`` from an IR file or any ONNX model."""
+        if isinstance(model, (str, Path)) and Path(model).suffix == ".xml":
+            return self.core().read_model(str(model))
+        return self.core().read_model(onnx_bytes(model))
+
+    def compiled(self, model: ModelLike):
+        return self.core().compile_model(self.read(model), "CPU", self.config())
+
+    def runner(self, model: ModelLike) -> Runner:
+        request = self.compiled(model).create_infer_request()
+
+        def run(x: np.ndarray) -> np.ndarray:
+            request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+            return request.get_output_tensor(0).data.copy()
+
+        return run
+
+    def candidate(self, name: str, model: ModelLike, input_shape: tuple[int, ...]) -> Candidate:
+        ov_model = self.read(model)
+
+        def make(batch: int):
+            request = self.core().compile_model(ov_model, "CPU", self.config()).create_infer_request()
+            feed = {0: random_input(input_shape, batch)}
+            return lambda: request.infer(feed)
+
+        return Candidate(name, self.name, make, meta={"runtime_options": self.options()},
+                         settle_s=self.interleave_gap_s)
+
+    def emit(self, model: ir.Model, out_dir: Path) -> dict[str, Any]:
+        ov = import_openvino()
+        out_dir = Path(out_dir)
+        ir.save(model, out_dir / "model.onnx")
+        ov.save_model(self.read(out_dir / "model.onnx"), str(out_dir / "model.xml"), compress_to_fp16=False)
+        return {"files": {"model": "model.xml", "weights": "model.bin", "onnx": "model.onnx"}}

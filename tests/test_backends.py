@@ -1,0 +1,172 @@
+"""The Backend protocol: every target implements it, openvino-cpu end to end, options rebuilt from a
+manifest, a pipeline built by hand, and latency-table calibration on a backend with known timings."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import deploycomp
+from deploycomp.api import plan_compile
+from deploycomp.artifact import read_manifest
+from deploycomp.backends.base import Backend, backend_for_manifest, backend_names, get_backend
+from deploycomp.bench.harness import Candidate
+from deploycomp.errors import DeployCompError
+from deploycomp.job import CompileJob
+from deploycomp.passes.base import build_pass
+
+from .conftest import TINY, input_shape, tiny_module
+
+PROTOCOL = ("check_available", "fingerprint", "options", "runner", "candidate", "time", "time_part", "emit", "artifact")
+
+
+def rel_l2(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_every_target_implements_the_protocol():
+    from deploycomp.backends.base import _BACKENDS
+
+    assert {"ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "openvino-cpu"} <= set(backend_names())
+    for name, cls in _BACKENDS.items():
+        missing = [m for m in PROTOCOL if not callable(getattr(cls, m, None))]
+        assert not missing, f"{name} lacks {missing}"
+        assert set(cls.precisions) >= {"fp32"} and set(cls.precisions.values()) <= {"graph", "runtime"}
+    for name in ("ort-cpu", "openvino-cpu"):  # the ones this machine runs
+        backend = get_backend(name)
+        assert isinstance(backend, Backend)
+        rebuilt = type(backend)(**backend.options())
+        assert rebuilt.options() == backend.options()
+
+
+def test_unknown_runtime_option_is_one_clear_error():
+    with pytest.raises(DeployCompError, match="target 'openvino-cpu' has no option allow_spinning"):
+        get_backend("openvino-cpu", allow_spinning=True)
+    with pytest.raises(DeployCompError, match="unknown OpenVINO performance hint"):
+        get_backend("openvino-cpu", performance_hint="FASTEST")
+
+
+def options(**kw):
+    return deploycomp.CompileOptions(model_kwargs=dict(TINY["deit"][1]), measure_rounds=1, seed=0, **kw)
+
+
+def run_openvino_ir(xml: Path, x: np.ndarray) -> np.ndarray:
+    """The IR run by OpenVINO directly (not through deploycomp), in f32."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return compiled(x)[0]
+
+
+def test_openvino_artifact_matches_an_independent_torch_model(tmp_path):
+    from safetensors.torch import save_file
+
+    out = tmp_path / "out"
+    save_file(tiny_module("deit", seed=5).state_dict(), str(tmp_path / "w.safetensors"))
+    manifest = deploycomp.compile(f"timm:{TINY['deit'][0]}", out, options(target="openvino-cpu", threads=1,
+                                                                         weights=str(tmp_path / "w.safetensors")))
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.bin", "model.onnx", "model.xml", "report.md"]
+    assert manifest["runtime_options"] == {"threads": 1, "performance_hint": "LATENCY", "precision": "fp32"}
+    assert manifest["target"]["backend"] == "openvino" and manifest["target"]["inference_precision"] == "f32"
+    module = tiny_module("deit", seed=5)  # built separately here, handed to the compile as a weights file
+
+    x = np.random.default_rng(11).standard_normal((5, *input_shape("deit")[1:])).astype(np.float32)
+    with torch.inference_mode():
+        want = module(torch.from_numpy(x)).numpy()
+    got = run_openvino_ir(out / "model.xml", x)
+    assert rel_l2(got, want) < 1e-4
+    # control: a model with one weight changed by 1 % is told apart at this tolerance
+    with torch.no_grad(), torch.inference_mode():
+        module.blocks[0].mlp.fc1.weight.mul_(1.01)
+        other = module(torch.from_numpy(x)).numpy()
+    assert rel_l2(got, other) > 1e-4
+    # evaluate, inspect and bench rebuild the backend from the manifest
+    backend = backend_for_manifest(read_manifest(out))
+    assert backend.name == "openvino-cpu" and backend.options() == manifest["runtime_options"]
+    assert len(deploycomp.inspect(out).blocks) == 2
+
+
+def test_a_pipeline_built_by_hand(tmp_path):
+    """No monkeypatching: a job with its own pass list (cleanup, discover, a planted scale, verify)."""
+    from .test_compile import PerturbWeight
+
+    job = plan_compile(f"timm:{TINY['deit'][0]}", tmp_path / "ok", options())
+    job.passes = [build_pass("cleanup"), build_pass("discover"), build_pass("verify")]
+    manifest = job.run()
+    assert [p["pass"] for p in manifest["passes"]] == ["cleanup", "discover", "verify"]
+    bad = CompileJob(job.source, job.backend, [build_pass("cleanup"), build_pass("discover"), PerturbWeight(1.05),
+                                               build_pass("verify")], tmp_path / "bad", job.ctx, job.before)
+    with pytest.raises(deploycomp.errors.VerificationError):
+        bad.run()
+    assert not (tmp_path / "bad").exists()
+
+
+def test_openvino_semantic_tokens_match_the_token_model(tmp_path):
+    from deploycomp.tokens.stvit import SemanticTokenConfig, SemanticTokenViT
+
+    out = tmp_path / "st"
+    tokens = SemanticTokenConfig(tokens=4, layer=0)
+    from safetensors.torch import save_file
+
+    save_file(tiny_module("deit", seed=6).state_dict(), str(tmp_path / "w.safetensors"))
+    manifest = deploycomp.compile(f"timm:{TINY['deit'][0]}", out, options(target="openvino-cpu", semantic_tokens=tokens,
+                                                                         weights=str(tmp_path / "w.safetensors")))
+    lowering = next(p for p in manifest["passes"] if p["pass"] == "lower_token_cluster")
+    assert lowering["lowering"] == "reference"
+    source = tiny_module("deit", seed=6)
+    model = SemanticTokenViT(tiny_module("deit", seed=6), tokens.resolved(2)).eval()
+    x = np.random.default_rng(3).standard_normal((3, *input_shape("deit")[1:])).astype(np.float32)
+    with torch.inference_mode():
+        want = model(torch.from_numpy(x)).numpy()
+        unrewritten = source(torch.from_numpy(x)).numpy()
+    got = run_openvino_ir(out / "model.xml", x)
+    assert rel_l2(got, want) < 1e-4 and rel_l2(got, unrewritten) > 1e-3
+
+
+def test_bf16_is_a_runtime_precision_on_openvino(tmp_path):
+    from deploycomp.backends.openvino import has_bf16
+
+    if not has_bf16():
+        with pytest.raises(DeployCompError, match="needs a CPU with avx512_bf16 or AMX"):
+            deploycomp.compile(f"timm:{TINY['deit'][0]}", tmp_path / "bf16", options(target="openvino-cpu", precision="bf16"))
+        return
+    manifest = deploycomp.compile(f"timm:{TINY['deit'][0]}", tmp_path / "bf16", options(target="openvino-cpu",
+                                                                                          precision="bf16"))
+    assert manifest["runtime_options"]["precision"] == "bf16" and manifest["target"]["inference_precision"] == "bf16"
+    assert "precision" not in [p["pass"] for p in manifest["passes"]]  # the graph stays fp32
+    errs = [c["rel_l2"] for c in manifest["parity"]["checks"]]
+    assert all(e <= 2e-2 for e in errs) and max(errs) > 1e-5  # really ran in bf16, within its tolerance
+
+
+class SleepBackend:
+    """A backend whose every part takes a known time now: ``factor`` x what the table says."""
+
+    name = "sleep"
+    interleave_gap_s = 0.0
+
+    def __init__(self, table, factor: float):
+        self.table, self.factor = table, factor
+
+    def candidate(self, name, model, shape):
+        part, point = name.split("(")[0], tuple(int(v) for v in name.split("(")[1].rstrip(")").split(",") if v.strip())
+        seconds = self.table.median(part, point) * self.factor / 1e3
+        return Candidate(name, "sleep", lambda batch: (lambda: time.sleep(seconds)))
+
+
+def test_calibration_measures_the_drift_of_the_device():
+    from deploycomp.latency.calibrate import anchor_points, measure_drift
+    from deploycomp.latency.profiler import FIXED, GRIDS
+    from deploycomp.latency.table import LatencyTable
+
+    grid = GRIDS["tiny"]
+    table = LatencyTable({"batch": 1}, grid, FIXED["tiny"], {"repeats": 1, "passes": 1})
+    for part, point in anchor_points(grid):
+        table.add_samples(part, point, [5.0 + sum(point) / 100])  # 5-8 ms: sleep() resolves these well
+    slow = measure_drift(table, SleepBackend(table, 2.0), rounds=2)
+    assert 1.8 < slow["scale"] < 2.4 and "warning" in slow
+    same = measure_drift(table, SleepBackend(table, 1.0), rounds=2)
+    assert 0.9 < same["scale"] < 1.2 and "warning" not in same
