@@ -59,7 +59,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import triton
 import triton.language as tl
@@ -325,6 +325,7 @@ class KernelPTX:
     scale: float               # the softmax scale baked in
     ptx_isa: int = 0           # the .version line x10 (80 = 8.0), see ptx_isa_for
     ptx_isa_reason: str = ""   # where that cap came from (driver, or the documented floor)
+    constexprs: dict = field(default_factory=dict)  # what the entry was specialised with (SCALE, DQK, ...)
 
 
 _DTYPES = {"float32": "*fp32", "float16": "*fp16"}
@@ -375,7 +376,7 @@ def ptx_for(arch: int, dtype: str, dq: int, dv: int, scale: float, ptx_isa: int 
     assert params == AOT_PARAMS, params
     return KernelPTX(ptx=compiled.asm["ptx"], name=md.name, num_warps=md.num_warps, shared_bytes=md.shared,
                      block_m=DEFAULT_BLOCK_M, params=params, arch=arch, scale=float(scale), ptx_isa=isa,
-                     ptx_isa_reason=reason)
+                     ptx_isa_reason=reason, constexprs=dict(constexprs))
 
 
 __all__ = ["AOT_PARAMS", "KernelPTX", "PTX_ISA_FLOOR", "TOLERANCE", "launch_grid", "max_error", "ptx_for",
