@@ -322,6 +322,8 @@ class DriverKernel:
 
         if self.cu is None:
             values = [np.uint64(v) if kind == "ptr" else np.int32(v) for kind, v in args]
+            if shared > 48 * 1024:
+                self.function.max_dynamic_shared_size_bytes = shared
             self.function(tuple(grid), (block, 1, 1), tuple(values), shared_mem=shared)
             return
         cu = self.cu
