@@ -3,8 +3,10 @@
 The graph handed to TensorRT's parser (checker, plugin attributes, same numbers under ONNX Runtime
 with TokenCluster decomposed), the AOT kernel's PTX for sm_80/sm_90 in TensorRT's calling
 convention (assembled by Triton's bundled ptxas), the launch values against torch's strides, the
-precision pass on ORT CPU, and the one-line error without TensorRT. Tests that need TensorRT and
-a GPU are marked ``gpu`` and skipped here with the reason.
+precision pass on ORT CPU, and the one-line error without TensorRT. The plugin's registration and
+AOT implementation run against ``kernels.trt_standin`` (TensorRT's signature rules), and the engine
+runner against stand-ins for the engine and the CUDA wrapper. Tests that need TensorRT and a GPU are
+marked ``gpu`` and skipped here with the reason.
 """
 
 from __future__ import annotations
