@@ -111,3 +111,9 @@ def test_model_check_bookkeeping_on_cpu(gpu_check, tmp_path):
         assert r["speedup"] == pytest.approx(base / r["ms"])
     assert rows["FlexViT 0.3x uniform plan"]["baseline"] == "FlexViT unpruned"
     assert rows["STViT 16 tokens"]["baseline"] == "timm DeiT"
+
+
+def test_a_check_past_its_timeout_is_stopped_and_reported(gpu_check, tmp_path):
+    result = gpu_check.run_check(1, tmp_path, True, timeout=3)
+    assert result["status"] == "timeout" and result["seconds"] < 10
+    assert "3 s timeout" in result["notes"][-1]
