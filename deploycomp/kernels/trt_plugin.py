@@ -1,6 +1,6 @@
 """``deploycomp::TokenCluster`` as a TensorRT Quickly Deployable Plugin with an ahead-of-time kernel.
 
-Two halves:
+Three parts:
 
 * ``mark_for_tensorrt(model)`` — pure ONNX, runs anywhere. The TensorRT ONNX parser maps a node it
   has no importer for to a registered plugin when the node's ``op_type`` is the plugin name and the
@@ -9,18 +9,23 @@ Two halves:
   "ONNX model with an AOT plugin"). An AOT kernel receives its tensors plus int32 scalars only
   (``tensorrt.plugin.aot_impl``: extra args are symbolic ints), so the node's float ``scale``
   reaches the kernel as a compile-time constant of its PTX (``ptx_for(..., scale)``).
-* ``register(arch)`` — needs TensorRT (imported there, never at module import). Registers the
-  output shape/type (``tensorrt.plugin.register``) and the AOT implementation
-  (``tensorrt.plugin.aot_impl``) returning the PTX of the Triton kernel's AOT entry
+* ``aot_launch(...)`` — no TensorRT needed: the kernel name, the PTX of the Triton kernel's AOT entry
   (``deploycomp.kernels.token_cluster.ptx_for``, already in TensorRT's argument order; ``trt_abi``
-  checks that order and drops Triton's two unused hidden parameters),
-  a ``KernelLaunchParams`` (grid from ``launch_grid``, ``num_warps * 32`` threads, the kernel's
-  shared memory) and the int32 scalars as ``SymIntExprs``. The engine then holds the PTX and runs
-  without Python (e.g. ``trtexec --loadEngine``).
+  checks that order and drops Triton's two unused hidden parameters), the grid (``launch_grid``),
+  ``num_warps * 32`` threads, the kernel's shared memory and the int32 scalars, as plain values
+  (ints, or TensorRT's symbolic shapes).
+* ``register(arch)`` — needs TensorRT (imported there, never at module import). Registers the
+  output shape/type (``_desc`` with ``tensorrt.plugin.register``) and the AOT implementation
+  (``_aot`` with ``tensorrt.plugin.aot_impl``), which wraps ``aot_launch`` in a
+  ``KernelLaunchParams`` and ``SymIntExprs``. Both are module-level functions whose signatures follow
+  TensorRT's registration rules (``_aot(q, k, v, num_heads, scale, outputs, tactic)`` with a return
+  annotation); ``annotate`` fills in the annotations that name ``tensorrt.plugin`` classes. The
+  engine then holds the PTX and runs without Python (e.g. ``trtexec --loadEngine``).
 
 Written against the ``tensorrt.plugin`` API of TensorRT 10.9+ (AOT QDPs were added in 10.9) and
-11.x; never run here (no GPU, no TensorRT). No ``from __future__ import annotations`` in this
-module: ``tensorrt.plugin.register`` reads the decorated function's annotations as objects.
+11.x; never run with TensorRT here (no GPU, no TensorRT): the tests and ``scripts/gpu_check.py`` run
+it against ``kernels.trt_standin``. No ``from __future__ import annotations`` in this module:
+``tensorrt.plugin`` reads the functions' annotations as objects.
 """
 
 import re
