@@ -3,8 +3,10 @@
 The graph handed to TensorRT's parser (checker, plugin attributes, same numbers under ONNX Runtime
 with TokenCluster decomposed), the AOT kernel's PTX for sm_80/sm_90 in TensorRT's calling
 convention (assembled by Triton's bundled ptxas), the launch values against torch's strides, the
-precision pass on ORT CPU, and the one-line error without TensorRT. Tests that need TensorRT and
-a GPU are marked ``gpu`` and skipped here with the reason.
+precision pass on ORT CPU, and the one-line error without TensorRT. The plugin's registration and
+AOT implementation run against ``kernels.trt_standin`` (TensorRT's signature rules), and the engine
+runner against stand-ins for the engine and the CUDA wrapper. Tests that need TensorRT and a GPU are
+marked ``gpu`` and skipped here with the reason.
 """
 
 from __future__ import annotations
@@ -304,3 +306,235 @@ def test_selftest_on_gpu(precision):
 
     rows = selftest(precision=precision, rounds=10)
     assert [r["passed"] for r in rows] == [True, True], rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The plugin's registration as TensorRT checks it (deploycomp.kernels.trt_standin mimics
+# tensorrt.plugin's register / aot_impl rules; see its docstring)
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    from deploycomp.kernels import trt_standin
+
+    monkeypatch.setattr(tp, "_REGISTERED", {})
+    with trt_standin.installed() as plugin:
+        yield plugin
+
+
+def test_plugin_registers_under_tensorrts_signature_rules(standin):
+    tp.register(90)
+    plugin = standin.registry.plugins[tp.PLUGIN_ID]
+    assert plugin.tensors == ["q", "k", "v"] and plugin.attrs == {"num_heads": int, "scale": float}
+    assert plugin.aot_fn is tp._aot
+    tp.register(90)  # again: a no-op
+    with pytest.raises(RuntimeError, match="registered for sm_90"):
+        tp.register(80)
+
+
+def test_aot_impl_without_tactic_or_return_annotation_is_refused(standin):
+    """The stand-in refuses what TensorRT's _validate_aot_impl refuses (the check is not vacuous)."""
+    from typing import Tuple
+
+    tp.annotate(standin)
+    standin.register(tp.PLUGIN_ID)(tp._desc)
+
+    def no_tactic(q, k, v, num_heads, scale, outputs) -> tp._aot.__annotations__["return"]:
+        pass
+
+    def no_return(q, k, v, num_heads, scale, outputs, tactic):
+        pass
+
+    def wrong_attr(q, k, v, num_heads: float, scale, outputs: Tuple[standin.TensorDesc],
+                   tactic) -> tp._aot.__annotations__["return"]:
+        pass
+
+    for fn, message in ((no_tactic, "does not match"), (no_return, "no return annotation"),
+                        (wrong_attr, "registered as")):
+        with pytest.raises(ValueError, match=message):
+            standin.aot_impl(tp.PLUGIN_ID)(fn)
+
+
+def test_register_can_be_retried_after_aot_impl_failed(standin, monkeypatch):
+    """register() succeeded, aot_impl() raised: a second call must not register the id again."""
+    real_aot_impl, calls = standin.aot_impl, []
+
+    def failing_once(plugin_id):
+        calls.append(plugin_id)
+        if len(calls) == 1:
+            raise RuntimeError("simulated failure inside tensorrt.plugin.aot_impl")
+        return real_aot_impl(plugin_id)
+
+    monkeypatch.setattr(standin, "aot_impl", failing_once)
+    with pytest.raises(RuntimeError, match="simulated"):
+        tp.register(90)
+    tp.register(90)  # TensorRT would say "already has a definition" if register() ran twice
+    assert standin.registry.plugins[tp.PLUGIN_ID].aot_fn is tp._aot and len(calls) == 2
+
+
+def test_aot_impl_returns_the_launch_tensorrt_makes(standin):
+    """What _aot hands TensorRT (through the stand-in's types) is aot_launch's launch, with symbolic
+    batch and token counts; the PTX entry takes exactly inputs, the scalars, the output."""
+    from deploycomp.kernels import trt_standin as ts
+
+    tp.register(90)
+    b, m, n, h, d = 3, 17, 197, 6, 64
+    descs = [ts.TensorDesc((b, t, h * d), ts.float16, constant_axes=(2,)) for t in (m, n, n)]
+    outputs = (ts.TensorDesc((b, m, h * d), ts.float16, constant_axes=(2,)),)
+    name, ptx, params, extra = tp._aot(*descs, h, 0.125, outputs, 0)
+    want = tp.aot_launch(90, "float16", b, m, n, h * d, h * d, h, 0.125)
+    assert name == want.name.encode() and ptx == want.ptx.encode()
+    assert tuple(ts.value_of(g) for g in (params.grid_x, params.grid_y, params.grid_z)) == want.grid == (1, b * h, 1)
+    assert (params.block_x, params.shared_mem) == (want.block, want.shared_mem) == (128, want.kernel.shared_bytes)
+    assert isinstance(extra, ts.SymIntExprs)
+    assert [ts.value_of(e) for e in extra] == [want.scalar_values[p] for p in want.scalars]
+    assert [ts.value_of(e) for e in extra][:3] == [m, n, h]
+    assert len(tp.entry_params(ptx.decode(), name.decode())) == 3 + len(extra) + 1
+    with pytest.raises(ValueError, match="must be static"):
+        tp._aot(*(ts.TensorDesc((b, t, h * d), ts.float16, constant_axes=(0,)) for t in (m, n, n)), h, 0.125, outputs,
+                0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine runner's checks, with stand-ins for TensorRT's engine/context and the CUDA wrapper
+
+
+class FakeContext:
+    """An execution context whose profile admits batch 1..8 of x (B, 4) -> y (B, 2)."""
+
+    def __init__(self):
+        self.batch, self.enqueue_ok = None, True
+
+    def set_input_shape(self, name, shape):
+        if not 1 <= shape[0] <= 8:
+            return False  # what TensorRT returns for a shape outside the profile
+        self.batch = shape[0]
+        return True
+
+    def get_tensor_shape(self, name):
+        b = -1 if self.batch is None else self.batch
+        return (b, 4) if name == "x" else (b, 2)
+
+    def set_tensor_address(self, name, ptr):
+        pass
+
+    def execute_async_v3(self, handle):
+        return self.enqueue_ok
+
+
+class FakeEngine:
+    num_io_tensors = 2
+
+    def get_tensor_name(self, i):
+        return ["x", "y"][i]
+
+    def get_tensor_mode(self, name):
+        return "input" if name == "x" else "output"
+
+    def get_tensor_dtype(self, name):
+        return np.float32
+
+    def get_tensor_profile_shape(self, name, profile):
+        return [(1, 4), (4, 4), (8, 4)]
+
+    def create_execution_context(self):
+        return FakeContext()
+
+
+class FakeCuda:
+    def __init__(self):
+        self.allocated, self.activations, self.handle = [], 0, 0
+
+    def activate(self):
+        self.activations += 1
+
+    def empty(self, shape, dtype):
+        self.allocated.append(tuple(shape))
+        return 0, np.zeros(shape, dtype)
+
+    def upload(self, buf, host):
+        buf[...] = host
+
+    def download(self, buf):
+        return buf.copy()
+
+    def events(self):
+        return object(), object()
+
+    def record(self, event):
+        pass
+
+    @staticmethod
+    def elapsed_ms(start, end):
+        return 1.0
+
+
+@pytest.fixture
+def fake_runner(monkeypatch):
+    import sys
+
+    from deploycomp.backends import tensorrt as trt_backend
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    fake_trt = SimpleNamespace(Logger=Logger, Runtime=lambda logger: SimpleNamespace(
+        deserialize_cuda_engine=lambda plan: FakeEngine()), TensorIOMode=SimpleNamespace(INPUT="input"),
+        nptype=lambda t: t, __version__="10.9.0")
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt)
+    cuda = FakeCuda()
+    monkeypatch.setattr(trt_backend, "cuda_device", lambda device=0: cuda)
+    return trt_backend.EngineRunner(b"plan", device=1), cuda
+
+
+def test_runner_refuses_a_batch_outside_the_profile(fake_runner):
+    runner, cuda = fake_runner
+    with pytest.raises(DeployCompError, match=r"outside the engine's optimization profile \(\(1, 4\) to \(8, 4\)\)"):
+        runner.run(np.zeros((16, 4), np.float32))
+    assert cuda.allocated == []  # refused before any (1-byte) buffer was made
+    assert runner.run(np.ones((3, 4), np.float32))[0].shape == (3, 2)
+    assert cuda.activations >= 2  # the runner's device made current at load and at every bind
+
+
+def test_runner_checks_every_enqueue(fake_runner):
+    runner, _ = fake_runner
+    x = np.ones((2, 4), np.float32)
+    assert runner.time(x, warmup=1, repeats=2) == [1.0, 1.0]
+    runner.context.enqueue_ok = False
+    with pytest.raises(DeployCompError, match="failed to enqueue"):
+        runner.run(x)
+    with pytest.raises(DeployCompError, match="failed to enqueue"):
+        runner.time(x, warmup=1, repeats=2)
+
+
+def test_torch_cuda_sets_the_device(monkeypatch):
+    from deploycomp.backends import tensorrt as trt_backend
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: SimpleNamespace(cuda_stream=7))
+    dev = trt_backend._TorchCuda(1)
+    assert current == [torch.device("cuda", 1)] and dev.handle == 7
+
+
+def test_pycuda_context_is_popped_at_exit(monkeypatch):
+    import sys
+
+    from deploycomp.backends import tensorrt as trt_backend
+
+    stack = []
+    context = SimpleNamespace(push=lambda: stack.append("primary"), pop=lambda: stack.pop())
+    driver = SimpleNamespace(init=lambda: None, Device=lambda i: SimpleNamespace(retain_primary_context=lambda: context),
+                             Stream=lambda: SimpleNamespace(handle=5))
+    monkeypatch.setitem(sys.modules, "pycuda", SimpleNamespace(driver=driver))
+    monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
+    at_exit = []
+    monkeypatch.setattr(trt_backend.atexit, "register", at_exit.append)
+    trt_backend._PyCuda(0)
+    assert stack == ["primary"]
+    for fn in at_exit:
+        fn()
+    assert stack == []  # pycuda aborts at exit when a pushed context is left on the stack

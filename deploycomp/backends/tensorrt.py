@@ -14,6 +14,7 @@ and time with CUDA events. See docs/gpu.md for the versions and what has (not) b
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import os
@@ -151,8 +152,13 @@ class _TorchCuda:
         import torch
 
         self.torch, self.device = torch, torch.device("cuda", device)
+        self.activate()
         self.stream = torch.cuda.Stream(self.device)
         self.handle = self.stream.cuda_stream
+
+    def activate(self) -> None:
+        """Make this the current device: TensorRT builds, deserializes and enqueues on the current one."""
+        self.torch.cuda.set_device(self.device)
 
     def empty(self, shape, dtype):
         t = self.torch.empty(tuple(shape), dtype=self.torch.from_numpy(np.empty(0, dtype)).dtype, device=self.device)
@@ -186,8 +192,19 @@ class _PyCuda:
         self.cuda = cuda
         self.context = cuda.Device(device).retain_primary_context()  # the context TensorRT's runtime uses
         self.context.push()
+        # pycuda aborts at exit ("context stack was not empty") if a pushed context is left on the
+        # stack: pop it at interpreter exit, as pycuda's own autoprimaryctx does
+        atexit.register(self.close)
         self.stream = cuda.Stream()
         self.handle = self.stream.handle
+
+    def activate(self) -> None:
+        """The primary context pushed in __init__ stays current (one device per process with pycuda)."""
+
+    def close(self) -> None:
+        if self.context is not None:
+            self.context.pop()
+            self.context = None
 
     def empty(self, shape, dtype):
         mem = self.cuda.mem_alloc(max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1))
@@ -252,6 +269,7 @@ class EngineRunner:
     def __init__(self, plan: bytes, device: int = 0):
         trt = import_tensorrt()
         self.cuda = cuda_device(device)
+        self.cuda.activate()  # the engine lives on the device current at deserialization
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
@@ -265,10 +283,17 @@ class EngineRunner:
         self._buffers: dict[str, tuple[tuple[int, ...], Any]] = {}
 
     def _bind(self, arrays: list[np.ndarray]) -> None:
+        self.cuda.activate()
         for name, array in zip(self.inputs, arrays):
-            self.context.set_input_shape(name, tuple(array.shape))
+            if not self.context.set_input_shape(name, tuple(array.shape)):
+                lo, _, hi = (tuple(s) for s in self.engine.get_tensor_profile_shape(name, 0))
+                raise DeployCompError(f"input '{name}' of shape {tuple(array.shape)} is outside the engine's "
+                                      f"optimization profile ({lo} to {hi}): rebuild with a wider batch range")
         for name in self.inputs + self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise DeployCompError(f"TensorRT left tensor '{name}' without a shape ({shape}): an input shape is "
+                                      "missing")
             if name not in self._buffers or self._buffers[name][0] != shape:
                 ptr, buf = self.cuda.empty(shape, self.dtypes[name])
                 self._buffers[name] = (shape, buf)
@@ -292,7 +317,8 @@ class EngineRunner:
         for i in range(warmup + repeats):
             start, end = self.cuda.events()
             self.cuda.record(start)
-            self.context.execute_async_v3(self.cuda.handle)
+            if not self.context.execute_async_v3(self.cuda.handle):
+                raise DeployCompError("TensorRT failed to enqueue the engine")
             self.cuda.record(end)
             ms = self.cuda.elapsed_ms(start, end)
             if i >= warmup:
@@ -339,6 +365,7 @@ class TensorRTBackend(BackendBase):
         key = hashlib.sha256(onnx_bytes + repr(asdict(config)).encode()).hexdigest()
         if key not in self._plans:
             arch = (self._device_info or device_info(self.device))["arch"]
+            cuda_device(self.device).activate()  # the builder times tactics on the current device
             self._plans[key] = build_engine(onnx_bytes, config, arch, plugin=bool(token_cluster_nodes(model)))
         return self._plans[key]
 

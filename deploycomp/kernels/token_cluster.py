@@ -4,8 +4,8 @@ Multi-head cross-attention of M query tokens over N key/value tokens, read strai
 layouts (no transposes): q (B, M, H·Dqk), k (B, N, H·Dqk), v (B, N, H·Dv) -> out (B, M, H·Dv).
 
 Kernel shape: one program per (block of BLOCK_M queries, batch·head); it walks the keys in BLOCK_N
-blocks with an online (flash-attention style) softmax, accumulating in float32. Inputs are float32
-or float16 and the output has the input dtype. float32 dots use ``input_precision="ieee"`` (no TF32),
+blocks with an online (flash-attention style) softmax, accumulating in float32. Inputs are float32,
+float16 or (launcher only, not the AOT PTX) bfloat16, and the output has the input dtype. float32 dots use ``input_precision="ieee"`` (no TF32),
 so the GPU result matches the float32 reference to ~1e-5; float16 dots run on tensor cores with the
 probabilities rounded to float16 before ``p @ v`` (the usual flash-attention trade, ~1e-3 relative).
 
@@ -43,16 +43,23 @@ entry (``kernels/trt_plugin.trt_abi``). Grid: :func:`launch_grid`; block: ``Kern
 threads; dynamic shared memory: ``KernelPTX.shared_bytes`` (48 KiB for float32, 16 KiB for float16
 at d=64; above 48 KiB a launcher must raise ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` first).
 
-What triton 3.8 emits: ``.version 8.8`` (load needs a CUDA 12.8+ driver), ``.target sm_80`` for
-arch 80 and the arch-specific ``.target sm_90a`` for arch 90 (loads only on 9.0 devices, so ship
-one PTX per arch). float16 dots are ``mma.sync`` (BLOCK_M = 32 is below wgmma's 64 rows), float32
-dots are plain FMAs.
+PTX ISA version (the ``.version`` line): a driver refuses PTX newer than it knows
+(``CUDA_ERROR_UNSUPPORTED_PTX_VERSION`` when TensorRT loads the engine's kernel), and Triton by
+default writes the newest ISA its bundled ptxas knows (triton 3.8: ptxas 12.9, ISA 8.8). ``ptx_for``
+therefore caps the ISA (:func:`ptx_isa_for`): at the driver's own ISA when a CUDA driver can be
+queried (``cuDriverGetVersion``), otherwise at :data:`PTX_ISA_FLOOR`, the lowest ISA that can
+express the arch's target: 8.0 (CUDA 12.0 drivers, r525+) for sm_80 and sm_90a; the kernel
+assembles at 8.0 for both (checked by ptxas in the tests). ``.target sm_80`` for arch 80 and the
+arch-specific ``.target sm_90a`` for arch 90 (loads only on 9.0 devices, so ship one PTX per arch).
+float16 dots are ``mma.sync`` (BLOCK_M = 32 is below wgmma's 64 rows), float32 dots are plain FMAs.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 
 import triton
 import triton.language as tl
@@ -70,6 +77,82 @@ AOT_PARAMS: tuple[str, ...] = (
 )
 #: Hidden parameters Triton appends after the kernel's own runtime arguments.
 HIDDEN_PARAMS: tuple[str, ...] = ("global_scratch", "profile_scratch")
+
+#: Largest error allowed against ``tokens.op.token_cluster_reference`` (outputs are O(1)), as
+#: (bound, kind): "abs" = max |kernel - reference| <= bound; "rel" = <= bound x max |reference|.
+#: float32 dots are IEEE; float16 rounds the probabilities to 11 significant bits before p @ v;
+#: bfloat16 keeps 8 bits, so 8x the float16 bound. Shared by the tests and scripts/gpu_check.py.
+TOLERANCE: dict[str, tuple[float, str]] = {"float32": (1e-5, "abs"), "float16": (2e-3, "rel"),
+                                           "bfloat16": (1.6e-2, "rel")}
+
+#: Lowest PTX ISA (x10: 80 = 8.0) whose ``.target`` covers each compute capability, used when no
+#: CUDA driver can be asked (PTX ISA release notes, "PTX ISA version / target" table): sm_90a needs
+#: 8.0, sm_100a 8.6, sm_120a 8.7, sm_103a/sm_121a 8.8, sm_110a 9.0. 8.0 (CUDA 12.0, driver r525+) is
+#: also used for sm_80-89, which would accept 7.x: every CUDA 12 driver loads it.
+PTX_ISA_FLOOR: dict[int, int] = {80: 80, 86: 80, 87: 80, 89: 80, 90: 80, 100: 86, 103: 88, 110: 90, 120: 87,
+                                 121: 88}
+
+
+def max_error(dtype: str, ref_max_abs: float) -> float:
+    """The allowed max |kernel - reference| for ``dtype`` (see :data:`TOLERANCE`)."""
+    bound, kind = TOLERANCE[dtype]
+    return bound * ref_max_abs if kind == "rel" else bound
+
+
+def ptx_isa_of_cuda(version: str) -> int:
+    """Newest PTX ISA (x10) that CUDA ``major.minor`` (a driver or a ptxas) accepts: CUDA 12.0-12.5
+    shipped ISA 8.0-8.5, 12.6 kept 8.5, 12.7 8.6, 12.8 8.7, 12.9 8.8; 13.x is 9.x; 11.x is 7.x."""
+    major, minor = (int(p) for p in version.split(".")[:2])
+    if major >= 13:
+        return 90 + 10 * (major - 13) + minor
+    if major == 12:
+        return 80 + minor if minor < 6 else 80 + minor - 1
+    if major == 11:
+        return 70 + minor
+    raise ValueError(f"CUDA {version} is older than any PTX this kernel can target")
+
+
+def driver_cuda_version() -> str | None:
+    """CUDA version of the installed driver (``cuDriverGetVersion``, e.g. "12.8"), or None when there
+    is no driver library (CPU machines). Needs no GPU context."""
+    name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    if lib.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
+        return None
+    return f"{version.value // 1000}.{version.value % 1000 // 10}"
+
+
+def ptxas_cuda_version(arch: int) -> str:
+    """CUDA version of the ptxas Triton assembles with for ``arch`` (its bundled one by default)."""
+    nvidia = triton.knobs.nvidia
+    tool = getattr(nvidia, "ptxas_blackwell", None) if arch >= 100 else None
+    return (tool or nvidia.ptxas).version
+
+
+def ptx_isa_for(arch: int, driver: str | None = None, ptxas: str | None = None) -> tuple[int, str]:
+    """(PTX ISA x10, why) for the AOT PTX of ``sm_<arch>``: never newer than Triton's ptxas can
+    assemble; capped at the driver's ISA when a driver answers (``driver``: its CUDA version,
+    default: asked), else at :data:`PTX_ISA_FLOOR`. A driver too old for the arch's target refuses."""
+    ptxas = ptxas or ptxas_cuda_version(arch)
+    driver = driver if driver is not None else driver_cuda_version()
+    assembler = ptx_isa_of_cuda(ptxas)
+    floor = PTX_ISA_FLOOR.get(arch)
+    if driver:
+        isa = min(assembler, ptx_isa_of_cuda(driver))
+        if floor is not None and isa < floor:
+            from ..errors import DeployCompError
+
+            raise DeployCompError(f"the CUDA {driver} driver loads PTX ISA up to {isa / 10:.1f}, but sm_{arch} "
+                                  f"needs {floor / 10:.1f}: update the NVIDIA driver")
+        return isa, f"CUDA {driver} driver (ISA {ptx_isa_of_cuda(driver) / 10:.1f}), ptxas {ptxas}"
+    if floor is None:
+        raise ValueError(f"no CUDA driver to ask and no documented PTX ISA floor for sm_{arch} "
+                         f"(known: {sorted(PTX_ISA_FLOOR)}); build the PTX on the GPU machine")
+    return min(assembler, floor), f"no CUDA driver here: the documented floor for sm_{arch}, ptxas {ptxas}"
 
 
 def _token_cluster_kernel(
@@ -184,8 +267,8 @@ def token_cluster(q, k, v, num_heads: int, scale: float, *, block_m: int = DEFAU
         raise ValueError(f"inconsistent shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
     if num_heads <= 0 or hq % num_heads or hv % num_heads:
         raise ValueError(f"channel dims {hq}, {hv} not divisible by num_heads={num_heads}")
-    if q.dtype not in (torch.float32, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"dtypes must all be float32 or all float16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"dtypes must all be float32, all float16 or all bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
     if n == 0:
         raise ValueError("softmax over zero keys is undefined")
     if not _interpreting() and not (q.is_cuda and k.is_cuda and v.is_cuda):
@@ -240,6 +323,9 @@ class KernelPTX:
     params: tuple[str, ...]    # every .param in order (AOT_PARAMS); the 2 hidden scratch ones are unused
     arch: int                  # compute capability, e.g. 80, 90
     scale: float               # the softmax scale baked in
+    ptx_isa: int = 0           # the .version line x10 (80 = 8.0), see ptx_isa_for
+    ptx_isa_reason: str = ""   # where that cap came from (driver, or the documented floor)
+    constexprs: dict = field(default_factory=dict)  # what the entry was specialised with (SCALE, DQK, ...)
 
 
 _DTYPES = {"float32": "*fp32", "float16": "*fp16"}
@@ -251,11 +337,12 @@ def _aot_fn():
 
 
 @functools.lru_cache(maxsize=None)
-def ptx_for(arch: int, dtype: str, dq: int, dv: int, scale: float) -> KernelPTX:
+def ptx_for(arch: int, dtype: str, dq: int, dv: int, scale: float, ptx_isa: int | None = None) -> KernelPTX:
     """Compile the AOT entry for ``sm_<arch>`` ("float32" | "float16", head dims dq, dv, softmax scale).
 
     Needs no GPU: ``triton.compile`` runs to PTX (and through Triton's bundled ptxas) for an
     explicit ``GPUTarget("cuda", arch, 32)``. Needs a process without ``TRITON_INTERPRET=1``.
+    ``ptx_isa`` (x10) overrides the cap of :func:`ptx_isa_for` (driver, else documented floor).
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -268,6 +355,7 @@ def ptx_for(arch: int, dtype: str, dq: int, dv: int, scale: float) -> KernelPTX:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     if dq <= 0 or dv <= 0:
         raise ValueError(f"head dims must be positive, got dq={dq}, dv={dv}")
+    isa, reason = (ptx_isa, "given") if ptx_isa is not None else ptx_isa_for(arch)
     fn = _aot_fn()
     ptr = _DTYPES[dtype]
     constexprs = {
@@ -278,7 +366,8 @@ def ptx_for(arch: int, dtype: str, dq: int, dv: int, scale: float) -> KernelPTX:
                  for name in fn.arg_names}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": DEFAULT_NUM_WARPS, "num_stages": DEFAULT_NUM_STAGES})
+                              options={"num_warps": DEFAULT_NUM_WARPS, "num_stages": DEFAULT_NUM_STAGES,
+                                       "ptx_version": isa})
     md = compiled.metadata
     if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
         raise RuntimeError("kernel unexpectedly needs Triton scratch memory, which a TensorRT plugin cannot pass")
@@ -286,7 +375,9 @@ def ptx_for(arch: int, dtype: str, dq: int, dv: int, scale: float) -> KernelPTX:
     params = runtime + HIDDEN_PARAMS
     assert params == AOT_PARAMS, params
     return KernelPTX(ptx=compiled.asm["ptx"], name=md.name, num_warps=md.num_warps, shared_bytes=md.shared,
-                     block_m=DEFAULT_BLOCK_M, params=params, arch=arch, scale=float(scale))
+                     block_m=DEFAULT_BLOCK_M, params=params, arch=arch, scale=float(scale), ptx_isa=isa,
+                     ptx_isa_reason=reason, constexprs=dict(constexprs))
 
 
-__all__ = ["AOT_PARAMS", "KernelPTX", "launch_grid", "ptx_for", "token_cluster"]
+__all__ = ["AOT_PARAMS", "KernelPTX", "PTX_ISA_FLOOR", "TOLERANCE", "launch_grid", "max_error", "ptx_for",
+           "ptx_isa_for", "token_cluster"]

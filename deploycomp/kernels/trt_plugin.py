@@ -1,6 +1,6 @@
 """``deploycomp::TokenCluster`` as a TensorRT Quickly Deployable Plugin with an ahead-of-time kernel.
 
-Two halves:
+Three parts:
 
 * ``mark_for_tensorrt(model)`` — pure ONNX, runs anywhere. The TensorRT ONNX parser maps a node it
   has no importer for to a registered plugin when the node's ``op_type`` is the plugin name and the
@@ -9,21 +9,28 @@ Two halves:
   "ONNX model with an AOT plugin"). An AOT kernel receives its tensors plus int32 scalars only
   (``tensorrt.plugin.aot_impl``: extra args are symbolic ints), so the node's float ``scale``
   reaches the kernel as a compile-time constant of its PTX (``ptx_for(..., scale)``).
-* ``register(arch)`` — needs TensorRT (imported there, never at module import). Registers the
-  output shape/type (``tensorrt.plugin.register``) and the AOT implementation
-  (``tensorrt.plugin.aot_impl``) returning the PTX of the Triton kernel's AOT entry
+* ``aot_launch(...)`` — no TensorRT needed: the kernel name, the PTX of the Triton kernel's AOT entry
   (``deploycomp.kernels.token_cluster.ptx_for``, already in TensorRT's argument order; ``trt_abi``
-  checks that order and drops Triton's two unused hidden parameters),
-  a ``KernelLaunchParams`` (grid from ``launch_grid``, ``num_warps * 32`` threads, the kernel's
-  shared memory) and the int32 scalars as ``SymIntExprs``. The engine then holds the PTX and runs
-  without Python (e.g. ``trtexec --loadEngine``).
+  checks that order and drops Triton's two unused hidden parameters), the grid (``launch_grid``),
+  ``num_warps * 32`` threads, the kernel's shared memory and the int32 scalars, as plain values
+  (ints, or TensorRT's symbolic shapes).
+* ``register(arch)`` — needs TensorRT (imported there, never at module import). Registers the
+  output shape/type (``_desc`` with ``tensorrt.plugin.register``) and the AOT implementation
+  (``_aot`` with ``tensorrt.plugin.aot_impl``), which wraps ``aot_launch`` in a
+  ``KernelLaunchParams`` and ``SymIntExprs``. Both are module-level functions whose signatures follow
+  TensorRT's registration rules (``_aot(q, k, v, num_heads, scale, outputs, tactic)`` with a return
+  annotation); ``annotate`` fills in the annotations that name ``tensorrt.plugin`` classes. The
+  engine then holds the PTX and runs without Python (e.g. ``trtexec --loadEngine``).
 
 Written against the ``tensorrt.plugin`` API of TensorRT 10.9+ (AOT QDPs were added in 10.9) and
-11.x; never run here (no GPU, no TensorRT). No ``from __future__ import annotations`` in this
-module: ``tensorrt.plugin.register`` reads the decorated function's annotations as objects.
+11.x; never run with TensorRT here (no GPU, no TensorRT): the tests and ``scripts/gpu_check.py`` run
+it against ``kernels.trt_standin``. No ``from __future__ import annotations`` in this module:
+``tensorrt.plugin`` reads the functions' annotations as objects.
 """
 
 import re
+from dataclasses import dataclass
+from typing import Tuple, Union
 
 import numpy as np
 import onnx_ir as ir
@@ -35,7 +42,7 @@ PLUGIN_ID = f"{DOMAIN}::{OP_TYPE}"
 INPUTS, OUTPUTS = ("q_ptr", "k_ptr", "v_ptr"), ("o_ptr",)
 HIDDEN = ("global_scratch", "profile_scratch")  # Triton's, appended to every kernel; unused by ours
 _ENTRY = re.compile(r"(\.visible\s+\.entry\s+(\w+)\s*\()([^)]*)(\))", re.S)
-_REGISTERED: dict[str, int] = {}
+_REGISTERED: dict[str, int | bool] = {}  # arch; which of register / aot_impl succeeded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +154,95 @@ def trt_abi(kernel) -> tuple[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# The launch TensorRT makes (no TensorRT needed): what the AOT implementation returns, as plain values.
+
+
+@dataclass(frozen=True)
+class AotLaunch:
+    """Everything ``aot_impl`` hands TensorRT, before it is wrapped in ``tensorrt.plugin`` types.
+
+    ``grid`` entries and ``scalar_values`` are ints, or TensorRT's symbolic ``ShapeExpr`` at engine
+    build time. TensorRT launches ``name`` from ``ptx`` with ``grid``, ``block`` threads and
+    ``shared_mem`` bytes of dynamic shared memory, passing the input pointers (q, k, v), then
+    ``[scalar_values[p] for p in scalars]`` as int32, then the output pointer."""
+
+    name: str
+    ptx: str
+    grid: tuple
+    block: int
+    shared_mem: int
+    scalars: tuple[str, ...]
+    scalar_values: dict
+    kernel: object  # the KernelPTX (arch, ISA, the untrimmed PTX)
+
+    def args(self, inputs, outputs) -> list:
+        """The kernel's arguments in TensorRT's order, from input/output pointers."""
+        return [*inputs, *(self.scalar_values[p] for p in self.scalars), *outputs]
+
+
+def aot_launch(arch: int, dtype: str, batch, m, n, hq: int, hv: int, num_heads: int, scale: float) -> AotLaunch:
+    """The launch of TokenCluster for ``sm_<arch>``: q (batch, m, hq), k (batch, n, hq), v (batch, n, hv)
+    in ``dtype`` ("float32" | "float16"). ``batch``, ``m``, ``n`` may be symbolic."""
+    from .token_cluster import launch_grid, ptx_for
+
+    if num_heads <= 0 or hq % num_heads or hv % num_heads:
+        raise ValueError(f"{PLUGIN_ID}: channel widths {hq}, {hv} are not divisible by num_heads={num_heads}")
+    kernel = ptx_for(arch, dtype, hq // num_heads, hv // num_heads, float(scale))
+    ptx, scalars = trt_abi(kernel)
+    return AotLaunch(name=kernel.name, ptx=ptx, grid=launch_grid(batch, m, num_heads, kernel.block_m),
+                     block=kernel.num_warps * 32, shared_mem=kernel.shared_bytes, scalars=tuple(scalars),
+                     scalar_values=scalar_values(m, n, num_heads, hq, hv), kernel=kernel)
+
+
+# ---------------------------------------------------------------------------------------------
 # The TensorRT side (imported lazily; nothing here runs without TensorRT).
+#
+# TensorRT checks both functions' signatures when they are registered (tensorrt/plugin/_validate.py):
+# ``register``'s needs TensorDesc annotations on the tensors, serializable types on the attributes and
+# a TensorDesc return; ``aot_impl``'s must be (tensors, the attributes it uses, outputs, tactic) and
+# needs a return annotation tuple[str|bytes, str|bytes, KernelLaunchParams, a SymExprs type]. The
+# annotations that name ``tensorrt.plugin`` classes are filled in by ``annotate`` at registration, so
+# that this module imports without TensorRT.
+
+
+def _desc(q, k, v, num_heads: int, scale: float):
+    """Output descriptor: (B, M, H·Dv) in q's dtype."""
+    from tensorrt import plugin as trtp
+
+    return trtp.from_shape_expr((q.shape_expr[0], q.shape_expr[1], v.shape_expr[2]), dtype=q.dtype)
+
+
+def _aot(q, k, v, num_heads: int, scale: float, outputs, tactic: int):
+    """The AOT implementation TensorRT calls while building an engine: the kernel's name, its PTX in
+    TensorRT's calling convention, the launch parameters and the int32 scalars (``aot_launch``)."""
+    import tensorrt as trt
+    from tensorrt import plugin as trtp
+
+    dtypes = {trt.float32: "float32", trt.float16: "float16"}
+    if q.dtype not in dtypes or not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{PLUGIN_ID}: q, k, v must all be float32 or all float16 (the kernel's types)")
+    if "arch" not in _REGISTERED:
+        raise RuntimeError(f"{PLUGIN_ID}: register(arch) was not called")
+    hq, hv = _static(q.shape_expr[2], "H*Dqk"), _static(v.shape_expr[2], "H*Dv")
+    launch = aot_launch(_REGISTERED["arch"], dtypes[q.dtype], q.shape_expr[0], q.shape_expr[1], k.shape_expr[1], hq, hv,
+                        num_heads, scale)
+    params = trtp.KernelLaunchParams()
+    params.grid_x, params.grid_y, params.grid_z = launch.grid
+    params.block_x = launch.block
+    params.shared_mem = launch.shared_mem
+    extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(launch.scalar_values[p]) for p in launch.scalars])
+    return launch.name.encode(), launch.ptx.encode(), params, extra
+
+
+def annotate(trtp) -> None:
+    """Give ``_desc`` and ``_aot`` the annotations TensorRT's registration reads, from ``trtp`` (the
+    ``tensorrt.plugin`` module, or a stand-in with the same class names in tests)."""
+    tensors = {name: trtp.TensorDesc for name in ("q", "k", "v")}
+    _desc.__annotations__ = {**tensors, "num_heads": int, "scale": float, "return": trtp.TensorDesc}
+    _aot.__annotations__ = {**tensors, "num_heads": int, "scale": float, "outputs": Tuple[trtp.TensorDesc],
+                            "tactic": int,
+                            "return": Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams,
+                                            trtp.SymIntExprs]}
 
 
 def register(arch: int) -> None:
@@ -155,9 +250,11 @@ def register(arch: int) -> None:
 
     The AOT implementation runs while TensorRT builds an engine; the PTX it returns is compiled
     for ``arch``. Registering twice for the same arch is a no-op; a different arch is refused
-    (TensorRT keeps one definition per plugin id in a process).
+    (TensorRT keeps one definition per plugin id in a process). Each of the two registrations is
+    recorded as it succeeds, so a call that failed half-way can be retried: TensorRT refuses a
+    second ``register`` of the same id ("already has a definition").
     """
-    if _REGISTERED:
+    if _REGISTERED.get("aot_impl"):
         if _REGISTERED["arch"] != arch:
             raise RuntimeError(f"{PLUGIN_ID} is registered for sm_{_REGISTERED['arch']}, not sm_{arch}")
         return
@@ -169,35 +266,18 @@ def register(arch: int) -> None:
     if not hasattr(trtp, "aot_impl"):
         raise DeployCompError(f"TokenCluster needs TensorRT >= 10.9 (AOT plugins); this is {trt.__version__}")
     try:
-        from .token_cluster import launch_grid, ptx_for
+        from . import token_cluster  # noqa: F401
     except ImportError as exc:
         raise DeployCompError(f"TokenCluster's TensorRT plugin needs Triton for its kernel ({exc}): "
                               "pip install 'deploycomp[tensorrt]'") from None
 
-    dtypes = {trt.float32: "float32", trt.float16: "float16"}
-
-    @trtp.register(PLUGIN_ID)
-    def _desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: int,
-              scale: float) -> trtp.TensorDesc:
-        return trtp.from_shape_expr((q.shape_expr[0], q.shape_expr[1], v.shape_expr[2]), dtype=q.dtype)
-
-    @trtp.aot_impl(PLUGIN_ID)
-    def _aot(q, k, v, num_heads, scale, outputs):  # hints optional for aot_impl (checked against _desc if given)
-        if q.dtype not in dtypes or not (q.dtype == k.dtype == v.dtype):
-            raise ValueError(f"{PLUGIN_ID}: q, k, v must all be float32 or all float16 (the kernel's types)")
-        hq, hv = _static(q.shape_expr[2], "H*Dqk"), _static(v.shape_expr[2], "H*Dv")
-        kernel = ptx_for(arch, dtypes[q.dtype], hq // num_heads, hv // num_heads, float(scale))
-        ptx, scalars = trt_abi(kernel)
-        batch, m, n = q.shape_expr[0], q.shape_expr[1], k.shape_expr[1]
-        launch = trtp.KernelLaunchParams()
-        launch.grid_x, launch.grid_y, launch.grid_z = launch_grid(batch, m, num_heads, kernel.block_m)
-        launch.block_x = kernel.num_warps * 32
-        launch.shared_mem = kernel.shared_bytes
-        values = scalar_values(m, n, num_heads, hq, hv)
-        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(values[p]) for p in scalars])
-        return kernel.name.encode(), ptx.encode(), launch, extra
-
-    _REGISTERED["arch"] = arch
+    annotate(trtp)
+    if not _REGISTERED.get("register"):
+        trtp.register(PLUGIN_ID)(_desc)
+        _REGISTERED["register"] = True
+    _REGISTERED["arch"] = arch  # read by _aot, which TensorRT calls at engine build time
+    trtp.aot_impl(PLUGIN_ID)(_aot)
+    _REGISTERED["aot_impl"] = True
 
 
 def _static(expr, what: str) -> int:
