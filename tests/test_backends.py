@@ -170,3 +170,26 @@ def test_calibration_measures_the_drift_of_the_device():
     assert 1.8 < slow["scale"] < 2.4 and "warning" in slow
     same = measure_drift(table, SleepBackend(table, 1.0), rounds=2)
     assert 0.9 < same["scale"] < 1.2 and "warning" not in same
+
+
+def test_openvino_profile_and_prune_to_a_table_budget(tmp_path):
+    """profile --target openvino-cpu fills a table through the backend's own timing, and --latency
+    on openvino-cpu prunes to the table's prediction (no on-device rounds: nothing here depends on
+    the machine being quiet) and verifies through OpenVINO."""
+    from deploycomp.latency.profiler import profile
+    from deploycomp.pruning.schedule import PruneConfig
+
+    backend = get_backend("openvino-cpu")
+    table = profile(backend, tmp_path / "tables", batch=1, grid="tiny", protocol={"warmup": 1, "repeats": 2, "passes": 1})
+    assert table.complete and table.fingerprint["target"] == "openvino-cpu"
+    assert table.fingerprint["inference_precision"] == "f32" and table.path.parent.name == "openvino-cpu"
+    tiny = {"img_size": 64, "patch_size": 16, "embed_dim": 32, "num_heads": 2, "depth": 2, "num_classes": 10}
+    prune = PruneConfig(latency="0.9x", steps=2, saliency_batches=1, batch_size=4, budget_rounds=0, method="magnitude")
+    manifest = deploycomp.compile("timm:deit_tiny_patch16_224", tmp_path / "out", deploycomp.CompileOptions(
+        target="openvino-cpu", model_kwargs=tiny, prune=prune, tables=str(tmp_path / "tables"), measure_rounds=1,
+        calibrate_rounds=1, seed=0))
+    p = manifest["pruning"]
+    assert p["predicted_ms"] <= p["target_ms"] < p["baseline_predicted_ms"]
+    assert manifest["latency_calibration"]["scale"] > 0 and manifest["source"]["latency_table"] == str(table.path)
+    assert all(c["rel_l2"] <= 1e-4 for c in manifest["parity"]["checks"])
+    assert (tmp_path / "out" / "model.xml").is_file()

@@ -82,7 +82,7 @@ class OpenVinoCpuBackend(BackendBase):
     def fingerprint(self) -> dict[str, Any]:
         ov = import_openvino()
         return {"target": self.name, **host_fingerprint(), "threads": self.threads, "backend": "openvino",
-                "backend_version": ov.__version__, "performance_hint": self.performance_hint,
+                "backend_version": ov.__version__.split("-")[0], "build": ov.__version__, "performance_hint": self.performance_hint,
                 "inference_precision": INFERENCE_PRECISION[self.precision]}
 
     def read(self, model: ModelLike):

@@ -88,7 +88,8 @@ class LatencyTable:
 
 def device_slug(fp: dict[str, Any]) -> str:
     cpu = re.sub(r"[^a-z0-9]+", "-", fp["cpu_model"].lower()).strip("-")
-    return f"{cpu}-{fp['cores']}c-t{fp['threads']}-b{fp['batch']}-{fp['dtype']}-{fp['backend']}{fp['backend_version']}"
+    version = re.sub(r"[^A-Za-z0-9.]+", "-", str(fp["backend_version"]))  # OpenVINO's has a '/' in it
+    return f"{cpu}-{fp['cores']}c-t{fp['threads']}-b{fp['batch']}-{fp['dtype']}-{fp['backend']}{version}"
 
 
 def table_path(root: Path, fp: dict[str, Any], grid: str = "deit-base") -> Path:
