@@ -38,7 +38,7 @@ console = Console()
 err_console = Console(stderr=True)
 STATE = {"debug": False}
 
-COMPILE_STAGES = ["load", "calibrate latency table", "cleanup", "discover", "prune", "semantic_tokens", "lower_token_cluster", "ort_fusion", "precision", "verify",
+COMPILE_STAGES = ["load", "calibrate latency table", "cleanup", "discover", "prune", "semantic_tokens", "lower_token_cluster", "ort_fusion", "precision", "quantize", "verify",
                   "emit", "evaluate", "measure", "measure pruned vs unpruned"]
 
 
@@ -70,7 +70,7 @@ def compile_cmd(
     spinning: Optional[bool] = typer.Option(None, "--spinning/--no-spinning", help="ort-* targets: let ONNX Runtime worker threads spin-wait (default: off; see docs/ARCHITECTURE.md)."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset to export at."),
     fuse: bool = typer.Option(False, "--fuse/--no-fuse", help="Apply ONNX Runtime's transformer fusions (off: not measurably faster on CPU)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32; fp16 (ort-*, tensorrt: the precision pass keeps float32 for norms, softmax and I/O); bf16 (openvino-cpu on a CPU with avx512_bf16/AMX, tensorrt)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32; fp16 (ort-*, tensorrt: the precision pass keeps float32 for norms, softmax and I/O); bf16 (openvino-cpu on a CPU with avx512_bf16/AMX, tensorrt); int8 (openvino-cpu: NNCF post-training quantization to Q/DQ, calibrated on --data or synthetic images, behind a fidelity gate)."),
     tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max relative L2 error of the logits vs the reference (default 1e-4 fp32, 5e-3 fp16, 2e-2 bf16)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the verification inputs (default: fresh)."),
     model_arg: list[str] = typer.Option([], "--model-arg", help="timm constructor override KEY=VALUE (repeatable), e.g. depth=6."),
@@ -124,7 +124,7 @@ def compile_cmd(
                              token_teacher_logits=None if prune or not teacher_logits else str(teacher_logits))
     stages = [s for s in COMPILE_STAGES if (s != "ort_fusion" or fuse) and (s != "measure" or not no_measure)
               and (s != "evaluate" or data) and ("prune" not in s and "pruned" not in s and "latency table" not in s or latency)
-              and ("token" not in s or semantic_tokens) and (s != "precision" or precision != "fp32")]
+              and ("token" not in s or semantic_tokens) and (s != "precision" or precision not in ("fp32", "int8")) and (s != "quantize" or precision == "int8")]
     with _progress() as progress:
         task = progress.add_task("compile", total=len(stages))
 

@@ -82,10 +82,19 @@ def render_report(m: dict[str, Any]) -> str:
         lines.append(f"- top-1 on {acc['samples']} samples of {acc['data']}: {acc['reference']} reference "
                      f"{acc['reference_top1']:.2f} %, artifact on {tgt['target']} {acc['artifact_top1']:.2f} % "
                      f"({acc['delta_pt']:+.2f} pt)")
-    checks = ", ".join(f"batch {c['batch']}: {c['rel_l2']:.2e}" for c in parity["checks"])
+    if parity.get("gate") == "fidelity":
+        verdict = (f"- fidelity gate vs the {parity['reference']} reference on {parity['inputs']}: top-1 agreement "
+                   f"{parity['top1_agreement']:.3f} (min {parity['min_top1_agreement']}), cosine {parity['cosine']:.4f} "
+                   f"(min {parity['min_cosine']}), relative L2 {parity['rel_l2']:.3g} - passed")
+    else:
+        checks = ", ".join(f"batch {c['batch']}: {c['rel_l2']:.2e}" for c in parity["checks"])
+        verdict = (f"- verification vs the {parity['reference']} reference (relative L2 <= {parity['tolerance']:g}, "
+                   f"seed {parity['seed']}): {checks} - passed")
+    quant = m.get("quantization")
     lines += [
-        f"- verification vs the {parity['reference']} reference (relative L2 <= {parity['tolerance']:g}, seed "
-        f"{parity['seed']}): {checks} - passed",
+        verdict,
+        *([f"- int8: {quant['method']}, calibrated on {quant['calibration']} ({quant['samples']} images)"
+           + (f". Warning: {quant['warning']}" if "warning" in quant else "")] if quant else []),
         "",
         "## Structure",
         "",

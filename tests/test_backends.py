@@ -193,3 +193,46 @@ def test_openvino_profile_and_prune_to_a_table_budget(tmp_path):
     assert manifest["latency_calibration"]["scale"] > 0 and manifest["source"]["latency_table"] == str(table.path)
     assert all(c["rel_l2"] <= 1e-4 for c in manifest["parity"]["checks"])
     assert (tmp_path / "out" / "model.xml").is_file()
+
+
+def test_int8_on_openvino_passes_the_fidelity_gate_and_a_broken_quantization_does_not(tmp_path):
+    """NNCF int8 as Q/DQ ONNX, run by OpenVINO, calibrated on real images and gated on held-out ones;
+    then the same compile with the quantized weights scrambled must be refused, leaving nothing."""
+    import onnx_ir as ir
+
+    from deploycomp.passes.base import PassResult
+    from deploycomp.passes.quantize import QuantizePass
+
+    opts = dict(model_kwargs={"depth": 2}, measure_rounds=1, seed=0, target="openvino-cpu", precision="int8",
+                data="fashion-mnist", calibration_samples=32, fidelity_samples=32)
+    save_dir = tmp_path / "ok"
+    job = plan_compile("timm:deit_fmnist_patch4_28", save_dir, deploycomp.CompileOptions(**opts))
+    manifest = job.run()
+    parity, quant = manifest["parity"], manifest["quantization"]
+    assert parity["gate"] == "fidelity" and parity["agreement_gated"] and parity["inputs"].startswith("fashion-mnist/test")
+    assert parity["cosine"] >= 0.99 and parity["top1_agreement"] >= 0.9 and parity["rel_l2"] > 1e-4  # lossy, but close
+    assert quant["calibration"].startswith("fashion-mnist/train") and "warning" not in quant
+    qdq = ir.load(save_dir / "model.onnx")
+    assert sum(n.op_type == "QuantizeLinear" for n in qdq.graph) >= 8  # every block's matmuls
+
+    class ScrambledQuantize(QuantizePass):
+        def run(self, model, ctx):
+            result = super().run(model, ctx)
+            for value in result.model.graph.initializers.values():  # int8 weights shuffled
+                arr = value.const_value.numpy() if value.const_value is not None else None
+                if arr is not None and arr.dtype == np.int8 and arr.size > 64:
+                    value.const_value = ir.tensor(np.random.default_rng(0).permutation(arr.ravel()).reshape(arr.shape),
+                                                  name=value.name)
+            return PassResult(result.model, True)
+
+    bad = plan_compile("timm:deit_fmnist_patch4_28", tmp_path / "bad", deploycomp.CompileOptions(**opts))
+    bad.passes = [ScrambledQuantize(samples=32) if p.name == "quantize" else p for p in bad.passes]
+    with pytest.raises(deploycomp.errors.VerificationError, match="fidelity gate failed"):
+        bad.run()
+    assert not (tmp_path / "bad").exists()
+
+
+def test_int8_is_refused_where_the_target_does_not_run_it(tmp_path):
+    with pytest.raises(DeployCompError, match="target 'ort-cpu' runs precisions fp32, fp16, not 'int8'"):
+        deploycomp.compile(f"timm:{TINY['deit'][0]}", tmp_path / "x", options(precision="int8"))
+    assert not (tmp_path / "x").exists()

@@ -42,8 +42,9 @@ def has_bf16() -> bool:
 @register_backend("openvino-cpu")
 class OpenVinoCpuBackend(BackendBase):
     name = "openvino-cpu"
-    # both set as OpenVINO's inference precision hint; the graph stays fp32
-    precisions = {"fp32": "runtime", "bf16": "runtime"}
+    # fp32/bf16: OpenVINO's inference precision hint, the graph stays fp32; int8: the quantize pass
+    # writes Q/DQ into the graph, which OpenVINO runs as int8 kernels
+    precisions = {"fp32": "runtime", "bf16": "runtime", "int8": "graph"}
     # TokenCluster as the standard-op decomposition, which OpenVINO fuses itself (measured against
     # the ORT MultiHeadAttention form, which OpenVINO also reads: docs/ARCHITECTURE.md)
     token_cluster_lowering = "reference"

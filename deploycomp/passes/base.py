@@ -58,6 +58,8 @@ class CompileContext:
     baseline_model: ir.Model | None = None  # the graph before latency-changing rewrites (timed against the result)
     verify_batches: tuple[int, ...] = (1, 3)
     tolerance: float = 1e-4
+    # a lossy precision's gate instead of the tolerance: {"top1_agreement", "cosine", "samples"}
+    fidelity: dict[str, float] | None = None
     seed: int = 0
     say: Callable[[str], None] = field(default=lambda stage: None)
     log: list[dict[str, Any]] = field(default_factory=list)

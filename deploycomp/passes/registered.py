@@ -1,3 +1,3 @@
 """Every pass module; importing this registers their passes (``base.build_pass`` does it lazily)."""
 
-from . import cleanup, discover, fuse, precision, prune, semantic_tokens, verify  # noqa: F401
+from . import cleanup, discover, fuse, precision, prune, quantize, semantic_tokens, verify  # noqa: F401

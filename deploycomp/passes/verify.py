@@ -3,6 +3,13 @@
 Fresh random inputs (a new seed per compile, recorded) at several batch sizes are run through the
 target backend and through the reference (the torch module the graph came from, or the input ONNX
 graph run unoptimized); the relative L2 error of the logits must stay within tolerance.
+
+A lossy precision (int8) cannot meet a relative L2 of 1e-4, so it gets a fidelity gate instead
+(``CompileContext.fidelity``): on inputs the calibration never saw (the test split with --data,
+else Gaussian images of another seed) the per-sample cosine of the outputs must stay above its
+threshold, and on real images the artifact's top-1 must agree with the fp32 reference's. On
+Gaussian images a model's logits are near ties (random-init DeiT-Tiny: cosine 0.9997 yet 92 %
+agreement), so agreement there is recorded, not gated.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ class VerifyPass(Pass):
         assert ctx.backend is not None, "no backend to run the graph on"
 
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
+        if ctx.fidelity is not None:
+            return self.fidelity_gate(model, ctx)
         run = ctx.backend.runner(model)
         shape = [d if isinstance(d, int) else 1 for d in model.graph.inputs[0].shape]
         rng = np.random.default_rng(ctx.seed)
@@ -48,3 +57,32 @@ class VerifyPass(Pass):
         ctx.results["parity"] = {"reference": ctx.reference_kind, "tolerance": ctx.tolerance, "seed": ctx.seed,
                                  "checks": parity}
         return PassResult(model, modified=False, info={"max_rel_l2": max(p["rel_l2"] for p in parity)})
+
+    def fidelity_gate(self, model: ir.Model, ctx: CompileContext) -> PassResult:
+        gate = ctx.fidelity
+        run = ctx.backend.runner(model)
+        n = int(gate["samples"])
+        if ctx.test is not None:
+            held = ctx.test.head(n)
+            x, inputs = held.normalize(held.images).numpy(), held.name
+        else:
+            shape = [d if isinstance(d, int) else 1 for d in model.graph.inputs[0].shape]
+            x = np.random.default_rng(ctx.seed + 2).standard_normal([n, *shape[1:]]).astype(np.float32)
+            inputs = f"gaussian, seed {ctx.seed + 2}"
+        got = np.concatenate([run(x[i:i + 16]) for i in range(0, len(x), 16)])
+        want = np.concatenate([np.asarray(ctx.reference(x[i:i + 16])) for i in range(0, len(x), 16)])
+        a, b = got.reshape(len(x), -1).astype(np.float64), want.reshape(len(x), -1).astype(np.float64)
+        cosine = float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)))
+        agreement = float(np.mean(a.argmax(1) == b.argmax(1)))
+        result = {"reference": ctx.reference_kind, "gate": "fidelity", "inputs": inputs, "samples": len(x),
+                  "top1_agreement": agreement, "cosine": cosine, "rel_l2": relative_l2(got, want),
+                  "min_top1_agreement": gate["top1_agreement"], "min_cosine": gate["cosine"], "seed": ctx.seed,
+                  "tolerance": None, "checks": []}
+        result["agreement_gated"] = ctx.test is not None
+        if (ctx.test is not None and agreement < gate["top1_agreement"]) or cosine < gate["cosine"]:
+            raise VerificationError(
+                f"fidelity gate failed: top-1 agreement {agreement:.3f} (min {gate['top1_agreement']}), cosine "
+                f"{cosine:.4f} (min {gate['cosine']}) against the {ctx.reference_kind} reference on {inputs}; "
+                "no artifact written")
+        ctx.results["parity"] = result
+        return PassResult(model, modified=False, info={"top1_agreement": agreement, "cosine": cosine})
