@@ -202,8 +202,9 @@ class Designer:
         return pred.stem_ms + pred.head_ms, fixed_params(arch), flops
 
     # -- one programme -------------------------------------------------------------------------
-    def solve_one(self, emb: int, depth: int, budget: Budget) -> tuple[float, ViTArch] | None:
-        """The entropy-maximal architecture of this EMB and depth within the budget, or None."""
+    def _programme(self, emb: int, depth: int, budget: Budget | None):
+        """Columns and constraints of the MILP at this EMB and depth (``budget`` None: only the
+        one-option-per-half and effectiveness rows)."""
         arch = self.template(emb, depth)
         if arch is None:
             return None
@@ -228,28 +229,43 @@ class Designer:
             lo.append(groups[g][0])
             hi.append(groups[g][0])
             start += size
-        rows.append(stack("latency"))
-        lo.append(-np.inf)
-        hi.append(budget.latency_ms - fixed_ms)
-        if budget.params is not None:
-            rows.append(stack("params"))
-            lo.append(-np.inf)
-            hi.append(budget.params - fixed_par)
-        if budget.flops is not None:
-            rows.append(stack("flops"))
-            lo.append(-np.inf)
-            hi.append(budget.flops - fixed_fl)
         layers = objective.LAYERS_PER_BLOCK * depth  # effectiveness: L / exp(mean log width) <= rho
         rows.append(stack("log_width"))
         lo.append(layers * math.log(layers / self.rho))
         hi.append(np.inf)
+        if budget is not None:
+            for attr, cap, fixed in (("latency", budget.latency_ms, fixed_ms), ("params", budget.params, fixed_par),
+                                     ("flops", budget.flops, fixed_fl)):
+                if cap is not None:
+                    rows.append(stack(attr))
+                    lo.append(-np.inf)
+                    hi.append(cap - fixed)
         upper = np.concatenate([np.full(size, groups[g][0]) for (g, _, _), size in zip(cols, sizes)])
-        res = milp(-stack("entropy"), integrality=np.ones(n), bounds=Bounds(np.zeros(n), upper),
-                   constraints=LinearConstraint(np.array(rows), lo, hi), options={"mip_rel_gap": 1e-6})
+        return dict(arch=arch, groups=groups, cols=cols, sizes=sizes, stack=stack, n=n,
+                    fixed={"latency": fixed_ms, "params": fixed_par, "flops": fixed_fl},
+                    bounds=Bounds(np.zeros(n), upper), constraints=LinearConstraint(np.array(rows), lo, hi))
+
+    def solve_one(self, emb: int, depth: int, budget: Budget) -> tuple[float, ViTArch] | None:
+        """The entropy-maximal architecture of this EMB and depth within the budget, or None."""
+        prog = self._programme(emb, depth, budget)
+        if prog is None:
+            return None
+        res = milp(-prog["stack"]("entropy"), integrality=np.ones(prog["n"]), bounds=prog["bounds"],
+                   constraints=prog["constraints"], options={"mip_rel_gap": 1e-6})
         if res.status != 0 or res.x is None:  # 2: infeasible; anything else without a solution: treat so too
             return None
         counts = np.rint(res.x).astype(int)
-        return float(-res.fun), self._assemble(arch, groups, cols, sizes, counts)
+        return float(-res.fun), self._assemble(prog["arch"], prog["groups"], prog["cols"], prog["sizes"], counts)
+
+    def least(self, emb: int, depth: int, quantity: str) -> float | None:
+        """The least latency / params / FLOPs any architecture of this EMB and depth reaches within
+        the effectiveness bound (None if none is within it)."""
+        prog = self._programme(emb, depth, None)
+        if prog is None:
+            return None
+        res = milp(prog["stack"](quantity), integrality=np.ones(prog["n"]), bounds=prog["bounds"],
+                   constraints=prog["constraints"])
+        return None if res.status != 0 else float(res.fun) + prog["fixed"][quantity]
 
     def _assemble(self, arch: ViTArch, groups, cols, sizes, counts) -> ViTArch:
         """Blocks from the option counts; within a group, widths non-decreasing (DeepMAD's guideline)."""
@@ -294,23 +310,18 @@ class Designer:
                             count_params(model_arch), arch.flops(), milps, seconds, candidates)
 
     def infeasible_message(self, budget: Budget) -> str:
-        """Why nothing fits: the smallest latency, parameters and FLOPs the search space reaches."""
-        lows = []
-        for emb in self.space.emb:
-            arch = self.template(emb, min(self.space.depths))
-            if arch is None:
-                continue
-            ms, par, fl = self.fixed_costs(arch)
-            for count, block in block_layout(arch):
-                att, mlp = self.options(emb, block)
-                ms += count * (att.latency.min() + mlp.latency.min())
-                par += count * (att.params.min() + mlp.params.min())
-                fl += count * (att.flops.min() + mlp.flops.min())
-            lows.append((ms, par, fl))
+        """Why nothing fits: the least latency, parameters and FLOPs reachable within the effectiveness bound."""
+        depth = min(self.space.depths)  # the shallowest is the cheapest and the easiest to keep effective
+        lows = {}
+        for q in ("latency", "params", "flops"):
+            vals = [v for v in (self.least(emb, depth, q) for emb in self.space.emb) if v is not None]
+            if vals:
+                lows[q] = min(vals)
         if not lows:
-            return f"no depth in {self.space.depths[0]}-{self.space.depths[-1]} leaves room for the semantic token generator"
-        ms, par, fl = (min(x[i] for x in lows) for i in range(3))
+            return (f"no architecture of depth {self.space.depths[0]}-{self.space.depths[-1]} in the search space keeps "
+                    f"effectiveness rho <= {self.rho:g}" + (" and leaves room for the semantic token generator"
+                                                          if self.semantic_tokens else "") + "; raise --rho")
         return (f"no architecture in the search space meets {budget.describe()} with effectiveness rho <= {self.rho:g}: "
-                f"the least the space reaches (depth {min(self.space.depths)}, separately per quantity) is "
-                f"{ms:.4g} ms, {par / 1e6:.4g} M params, {fl / 1e9:.4g} GFLOPs; raise the budget, lower "
+                f"the least the space reaches there (depth {depth}, each quantity on its own) is {lows['latency']:.4g} ms, "
+                f"{lows['params'] / 1e6:.4g} M params, {lows['flops'] / 1e9:.4g} GFLOPs; raise the budget, lower "
                 "--depth-range or raise --rho")
