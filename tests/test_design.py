@@ -134,11 +134,15 @@ def test_uniform_scaling_is_the_widest_that_fits(predictor):
 
     space = SearchSpace.from_grid(GRID, (2, 4))
     src = arch(32, [(2, 8, 8, 48)] * 4)
-    budget = Budget(0.6 * predictor.predict(src).total_ms)
+    budget = Budget(0.5 * predictor.predict(src).total_ms)  # lands between grid steps of the MLP
     r = scale_uniform(predictor, src, budget, space)
     assert r.predicted_ms <= budget.latency_ms and len(r.arch.blocks) == 4
     assert len({(b.heads, b.qk_dim, b.v_dim, b.mlp_dim) for b in r.arch.blocks}) == 1  # uniform
     assert all(b.qk_dim == 8 for b in r.arch.blocks)  # head dims kept
+    w = r.width  # every width is the largest grid value <= width x the source's
+    assert r.arch.emb == max(e for e in space.emb if e <= w * 32)
+    assert r.arch.blocks[0].mlp_dim == max(m for m in space.mlp if m <= w * 48)
+    assert r.arch.blocks[0].heads == max([1] + [h for h in space.heads if h <= w * 2])
     wider = next(scaled_arch(src, w, 4, space) for w in np.linspace(r.width, 1.0, 500)
                  if scaled_arch(src, w, 4, space) != r.arch)
     assert predictor.predict(wider).total_ms > budget.latency_ms  # the next grid step does not fit
