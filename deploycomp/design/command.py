@@ -152,7 +152,8 @@ def run_design(output: Path, *, latency: str, target: str = "ort-cpu", batch: in
         arch, model_arch = result.arch, result.model_arch
         kind = "deepmad"
         top = sorted(result.candidates, key=lambda c: -c["entropy"])[:8]
-        solver = {"method": "scipy.optimize.milp (HiGHS), one MILP per (EMB, depth)", "milps": result.milps,
+        solver = {"method": "scipy.optimize.milp (HiGHS): LP bounds for every (EMB, depth), MILPs in bound order until "
+                            "none can win", "lp_bounds": result.lp_bounds, "milps": result.milps,
                   "seconds": round(result.solve_seconds, 3), "search_space_size": float(space.size()), "best_per_emb_depth": top}
         name = name or f"design_{arch_digest(model_arch)}"
     check_name(name)
