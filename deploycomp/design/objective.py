@@ -25,7 +25,7 @@ import math
 from ..latency.arch import ViTArch
 
 LAYERS_PER_BLOCK = 4  # values, output projection, fc1, fc2
-DEFAULT_RHO = 0.5  # DeepMAD's effectiveness bound for ImageNet-scale CNNs
+DEFAULT_RHO = 0.5  # our reading of DeepMAD's ImageNet setting (docs/design.md); not re-derived for ViTs
 
 
 def attention_entropy(tokens: int, emb: int, heads: int, qk: int, v: int) -> float:
