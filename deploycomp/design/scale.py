@@ -45,7 +45,8 @@ def arch_of_vit(module) -> ViTArch:
         head_dim = attn.qkv.out_features // (3 * heads)
         blocks.append(BlockArch(heads, head_dim, head_dim, blk.mlp.fc1.out_features, tokens))
     img = module.patch_embed.img_size
-    return ViTArch(module.embed_dim, tuple(blocks), img_size=int(img[0]), patch=int(module.patch_embed.patch_size[0]),
+    return ViTArch(int(module.pos_embed.shape[-1]), tuple(blocks),  # (embed_dim goes stale when a pruner cuts EMB)
+                   img_size=int(img[0]), patch=int(module.patch_embed.patch_size[0]),
                    in_chans=int(module.patch_embed.proj.in_channels), num_classes=int(module.num_classes))
 
 
