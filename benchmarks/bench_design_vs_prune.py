@@ -30,7 +30,7 @@ seed and mean +- std over seeds) and a Pareto plot of top-1 vs measured latency 
     .venv/bin/python benchmarks/bench_design_vs_prune.py  # hours on 2 cores; resumes per (budget, row, seed)
     .venv/bin/python benchmarks/bench_design_vs_prune.py --quick   # end-to-end smoke run, minutes, tiny data
 
-``--quick`` trains on 512 images for 1 epoch, one seed, the 0.5x budget only, writes to a temporary
+``--quick`` trains on 256 images for 1 epoch, one seed, the 0.5x budget only, writes to a temporary
 directory (never to benchmarks/results) and trains a throwaway teacher if the real one is missing:
 its numbers mean nothing beyond "the pipeline runs".
 """
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--train-samples", type=int, default=None)
     ap.add_argument("--eval-samples", type=int, default=None)
     ap.add_argument("--table", type=Path, default=TABLE, help="the proxy-fmnist latency table at --batch")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 512 images, 1 epoch, 1 seed, 0.5x, temp dir")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 256 images, 1 epoch, 1 seed, 0.5x, temp dir")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/design_vs_prune.json)")
     ap.add_argument("--work", type=Path, default=None, help="work directory (default ~/.cache/deploycomp/design-bench; "
                                                             "--quick: a new temporary directory)")
@@ -79,7 +79,7 @@ def main() -> None:
     if args.quick:
         tmp = args.work or Path(tempfile.mkdtemp(prefix="design-bench-quick-"))
         args.budgets, args.seeds, args.epochs, args.rounds = "0.5x", "0", 1, 3
-        args.train_samples, args.eval_samples = args.train_samples or 512, args.eval_samples or 500
+        args.train_samples, args.eval_samples = args.train_samples or 256, args.eval_samples or 200
         args.out = args.out or tmp / "design_vs_prune.json"
         work = tmp / "work"
     else:
