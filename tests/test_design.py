@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import os
 import subprocess
 import sys
@@ -254,3 +255,23 @@ def test_cli_infeasible_budget_exits_2_and_from_writes_sliced_init(tmp_path):
     emb = init["pos_embed"].shape[-1]
     assert emb <= 32 and torch.equal(init["pos_embed"], source.pos_embed[..., :emb].detach())
     assert torch.equal(init["blocks.0.mlp.0.weight"], source.blocks[0].mlp.fc1.weight[: init["blocks.0.mlp.0.weight"].shape[0], :emb].detach())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"latency": "2x"}, "a fraction must lie in"),
+    ({"latency": "0.5x", "params": "lots"}, "--params 'lots'"),
+    ({"latency": "0.5x", "flops": "-1G"}, "--flops '-1G'"),
+    ({"latency": "0.5x", "depth_range": "6:3"}, "--depth-range '6:3'"),
+    ({"latency": "0.5x", "rho": 0.0}, "--rho 0.0"),
+    ({"latency": "0.5x", "name": "Bad-Name"}, "design name 'Bad-Name'"),
+    ({"latency": "0.5x", "name": "deit_tiny_patch16_224"}, "is a built-in timm model"),
+    ({"latency": "0.5x", "grid": "nope"}, "unknown grid 'nope'"),
+    ({"latency": "0.5x", "semantic_tokens": 5}, "give a square number"),
+    ({"latency": "0.5x", "weights": "w.safetensors"}, "--weights are the --from model's weights"),
+])
+def test_bad_input_is_refused_before_any_work(tmp_path, kwargs, message):
+    from deploycomp.design.command import run_design
+
+    with pytest.raises(DeployCompError, match=re.escape(message)):
+        run_design(tmp_path / "out", table=tmp_path / "missing.json", **kwargs)  # the table is never looked at
+    assert not (tmp_path / "out").exists()
