@@ -244,6 +244,42 @@ def profile_cmd(
         console.print(f"[green]wrote[/green] {json_out}")
 
 
+@app.command("design")
+def design_cmd(
+    output: Path = typer.Option(..., "-o", "--output", help="Directory for design.json, report.md (and init.safetensors with --from)."),
+    latency: str = typer.Option(..., "--latency", help="Latency budget: 5ms, or 0.3x of the reference model's predicted latency."),
+    target: str = typer.Option("ort-cpu", "--target", help="Target whose latency table the budget is judged by."),
+    batch: int = typer.Option(1, "--batch", help="Batch size the budget is for (selects the latency table)."),
+    params: Optional[str] = typer.Option(None, "--params", help="Parameter cap, e.g. 5M or 800k."),
+    flops: Optional[str] = typer.Option(None, "--flops", help="FLOPs cap per image (2 x MACs), e.g. 1.2G."),
+    depth_range: str = typer.Option("4:12", "--depth-range", help="Blocks the design may have, MIN:MAX."),
+    source: Optional[str] = typer.Option(None, "--from", help="Scale this timm:<name> down uniformly (TinyViT-style) instead of designing."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Weights of the --from model (sliced into init.safetensors)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="timm:<name> a relative budget is a fraction of (default: the grid's model)."),
+    semantic_tokens: Optional[int] = typer.Option(None, "--semantic-tokens", help="Budget for STViT semantic tokens (M, a square) from a third of the depth."),
+    rho: Optional[float] = typer.Option(None, "--rho", help="DeepMAD effectiveness bound: depth-in-layers / mean width <= rho (default 0.5)."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="Latency grid preset (default: from the --from/--reference model, else deit-base)."),
+    tables: Path = typer.Option(Path("latency_tables"), "--tables", help="Root directory of the latency tables."),
+    table: Optional[Path] = typer.Option(None, "--table", help="A latency table file to use instead of looking one up."),
+    force: bool = typer.Option(False, "--force", help="Use a table even if its device fingerprint does not match."),
+    name: Optional[str] = typer.Option(None, "--name", help="timm name to register the architecture under (default: from its content)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads the table was profiled with (default: all cores)."),
+):
+    """Design a ViT for a latency budget from the device's latency table (DeepMAD, no data), or scale one down (--from)."""
+    from .design.command import run_design
+
+    record = run_design(output, latency=latency, target=target, batch=batch, params=params, flops=flops,
+                        depth_range=depth_range, source=source, weights=str(weights) if weights else None,
+                        reference=reference, semantic_tokens=semantic_tokens, rho=rho, grid=grid, tables=tables,
+                        table=table, force=force, name=name, threads=threads)
+    p, a = record["predicted"], record["arch"]
+    frac = f" ({p['fraction_of_reference']:.3f}x)" if p["fraction_of_reference"] else ""
+    console.print(f"[green]timm:{record['name']}[/green]: EMB {a['emb']}, depth {len(a['blocks'])}, "
+                  f"{record['params'] / 1e6:.3g} M params, predicted {p['total_ms']:.4g} ms{frac} "
+                  f"<= {record['budget']['latency_ms']:.4g} ms; solved in {record['solver']['seconds']} s")
+    console.print(f"wrote {output}/design.json, report.md; train it: {record['train']}", markup=False, highlight=False)
+
+
 @app.command("train")
 def train_cmd(
     model: str = typer.Argument(..., help="timm:<name>, e.g. timm:deit_fmnist_patch4_28 (the proxy DeiT)."),

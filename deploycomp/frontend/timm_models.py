@@ -46,6 +46,11 @@ def timm_spec(name: str) -> TimmModelSpec:
     try:
         return TIMM_MODELS[name]
     except KeyError:
+        from ..design.registry import design_spec  # architectures written by `deploycomp design`
+
+        spec = design_spec(name)
+        if spec is not None:
+            return spec
         raise DeployCompError(
             f"unknown model 'timm:{name}': supported are "
             + ", ".join(f"timm:{n}" for n in TIMM_MODELS)
