@@ -1,6 +1,6 @@
 """The two CPU runtimes side by side: plain ONNX Runtime, deploycomp ort-cpu, plain OpenVINO,
-deploycomp openvino-cpu (all fp32), plus deploycomp openvino-cpu with 16 semantic tokens and with
-``--latency 0.5x`` on DeiT-S.
+deploycomp openvino-cpu (all fp32), plus on DeiT-S: OpenVINO + NNCF int8 (the peer a user would
+pick), deploycomp openvino-cpu int8, with 16 semantic tokens (fp32 and int8), and ``--latency 0.5x``.
 
 Per model, every candidate is timed interleaved in one run at batch 1 and at batch 8 (224x224,
 random weights: timing does not depend on weight values). "Plain" is the same exported ONNX given
@@ -43,7 +43,23 @@ RESULTS = Path(__file__).parent / "results"
 PLAIN_OF = {"ort-cpu": "ort plain", "openvino-cpu": "openvino plain"}
 
 
-def artifacts_for(name: str, threads: int, workdir: Path, rewrites: bool, say) -> dict[str, dict]:
+def openvino_nncf_int8(plain, shape, workdir: Path, samples: int = 128) -> Path:
+    """The peer a user would pick: the plain export read by OpenVINO, quantized by NNCF's PTQ with
+    the transformer preset on Gaussian images (no data, like deploycomp's speed runs), saved as IR."""
+    import nncf
+    import onnx_ir as ir
+    import openvino as ov
+
+    model = ov.Core().read_model(ir.to_proto(plain).SerializeToString())
+    rng = np.random.default_rng(1)
+    calib = [rng.standard_normal(shape).astype(np.float32) for _ in range(samples)]
+    quantized = nncf.quantize(model, nncf.Dataset(calib), model_type=nncf.ModelType.TRANSFORMER, subset_size=samples)
+    path = workdir / "openvino_nncf_int8.xml"
+    ov.save_model(quantized, str(path), compress_to_fp16=False)
+    return path
+
+
+def artifacts_for(name: str, threads: int, workdir: Path, rewrites: bool, say, prune_table: bool) -> dict[str, dict]:
     """Compile the deploycomp candidates of one model; {label: {"dir", "manifest", "seconds"}}."""
     jobs = {"deploycomp ort-cpu": deploycomp.CompileOptions(target="ort-cpu"),
             "deploycomp openvino-cpu": deploycomp.CompileOptions(target="openvino-cpu")}
@@ -53,8 +69,12 @@ def artifacts_for(name: str, threads: int, workdir: Path, rewrites: bool, say) -
 
         jobs["deploycomp openvino-cpu, 16 semantic tokens"] = deploycomp.CompileOptions(
             target="openvino-cpu", semantic_tokens=SemanticTokenConfig(tokens=16))
-        jobs["deploycomp openvino-cpu, --latency 0.5x"] = deploycomp.CompileOptions(
-            target="openvino-cpu", prune=PruneConfig(latency="0.5x"))
+        jobs["deploycomp openvino-cpu, int8"] = deploycomp.CompileOptions(target="openvino-cpu", precision="int8")
+        jobs["deploycomp openvino-cpu, 16 semantic tokens, int8"] = deploycomp.CompileOptions(
+            target="openvino-cpu", semantic_tokens=SemanticTokenConfig(tokens=16), precision="int8")
+        if prune_table:
+            jobs["deploycomp openvino-cpu, --latency 0.5x"] = deploycomp.CompileOptions(
+                target="openvino-cpu", prune=PruneConfig(latency="0.5x"))
     out = {}
     for label, options in jobs.items():
         options.threads, options.measure_rounds, options.seed = threads, 0, 0
@@ -72,15 +92,21 @@ def ratios(a: list[float], b: list[float]) -> dict[str, float]:
     return {"median": float(np.median(r)), "p10": float(np.percentile(r, 10)), "p90": float(np.percentile(r, 90))}
 
 
-def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[int], rewrites: bool, say) -> dict:
+def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[int], rewrites: bool, say,
+              prune_table: bool) -> dict:
     name = baseline_name(alias)
     spec = timm_spec(name)
     shape = (1, spec.in_chans, spec.img_size, spec.img_size)
     plain = export_to_onnx(build_timm_model(name), shape)
     with tempfile.TemporaryDirectory() as tmp:
-        arts = artifacts_for(name, threads, Path(tmp), rewrites, say)
+        arts = artifacts_for(name, threads, Path(tmp), rewrites, say, prune_table)
+        ov_plain = get_backend("openvino-cpu", threads=threads)
         cands = [get_backend("ort-cpu", threads=threads, allow_spinning=True).candidate("ort plain", plain, shape),
-                 get_backend("openvino-cpu", threads=threads).candidate("openvino plain", plain, shape)]
+                 ov_plain.candidate("openvino plain", plain, shape)]
+        if rewrites and name.startswith("deit_small"):
+            say(f"quantize {name} with NNCF on OpenVINO (the peer)")
+            cands.append(ov_plain.candidate("openvino + NNCF int8 (peer)", openvino_nncf_int8(plain, shape, Path(tmp)),
+                                            shape))
         for label, art in arts.items():
             backend = backend_for_manifest(read_manifest(art["dir"]))
             cands.append(backend.candidate(label, backend.artifact(art["dir"], art["manifest"]), shape))
@@ -122,13 +148,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=usable_cores())
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--no-rewrites", action="store_true", help="skip the DeiT-S semantic-token and pruned artifacts")
+    ap.add_argument("--no-rewrites", action="store_true", help="skip the DeiT-S semantic-token, int8 and pruned artifacts")
+    ap.add_argument("--no-prune", action="store_true", help="skip the DeiT-S --latency 0.5x artifact (needs an "
+                    "openvino-cpu latency table at batch 1)")
     ap.add_argument("--out", type=Path, default=RESULTS / "runtimes.json")
     args = ap.parse_args()
     say = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     models = [run_model(m.strip(), args.threads, args.rounds, args.iters, [int(b) for b in args.batches.split(",")],
-                        not args.no_rewrites, say) for m in args.models.split(",")]
+                        not args.no_rewrites, say, not args.no_prune) for m in args.models.split(",")]
     result = {"command": " ".join(shlex.quote(a) for a in sys.argv), "host": {**host_fingerprint(), "threads": args.threads},
               "deploycomp_version": deploycomp.__version__, "seconds": round(time.perf_counter() - t0, 1),
               "protocol": {"rounds": args.rounds, "iters_per_round": args.iters, "interleaved": True,
