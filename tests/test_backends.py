@@ -193,6 +193,13 @@ def test_openvino_profile_and_prune_to_a_table_budget(tmp_path):
     assert manifest["latency_calibration"]["scale"] > 0 and manifest["source"]["latency_table"] == str(table.path)
     assert all(c["rel_l2"] <= 1e-4 for c in manifest["parity"]["checks"])
     assert (tmp_path / "out" / "model.xml").is_file()
+    # an absolute budget is judged against the unpruned model measured on the device, not the table
+    absolute = PruneConfig(latency="1000ms", steps=1, saliency_batches=1, batch_size=4, budget_rounds=1)
+    with pytest.raises(DeployCompError, match="not below the unpruned model's measured .* ms at batch 1 on openvino-cpu"):
+        deploycomp.compile("timm:deit_tiny_patch16_224", tmp_path / "abs", deploycomp.CompileOptions(
+            target="openvino-cpu", model_kwargs=tiny, prune=absolute, tables=str(tmp_path / "tables"),
+            calibrate_rounds=0, seed=0))
+    assert not (tmp_path / "abs").exists()
 
 
 def test_int8_on_openvino_passes_the_fidelity_gate_and_a_broken_quantization_does_not(tmp_path):

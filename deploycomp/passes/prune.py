@@ -8,18 +8,20 @@ model, so the artifact is checked against exactly what was trained.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import onnx
 import onnx_ir as ir
 import torch
 
+from ..errors import DeployCompError
 from ..frontend import torch_reference
 from ..ir.discover import discover
 from ..pruning.masks import copy_weights_to_graph
 from ..pruning.plan import PrunePlan, plan_arch
 from ..pruning.rewrite import prune_graph
-from ..pruning.schedule import PruneConfig, prune
+from ..pruning.schedule import LatencyBudget, PruneConfig, prune
 from .base import CompileContext, Pass, PassResult, Rewrite, register_pass
 
 
@@ -83,8 +85,19 @@ class PrunePass(Pass):
                                      self.measure_rounds)
             return times["pruned"]["median_ms"] / times["unpruned"]["median_ms"]
 
-        outcome = prune(module, model, structure, predict, self.config, shape, ctx.train, ctx.test, ctx.say,
-                        measure if self.config.budget_rounds and ctx.backend is not None else None,
+        config, absolute = self.config, None
+        budget = LatencyBudget.parse(config.latency)
+        if not budget.relative and config.budget_rounds and ctx.backend is not None:
+            # an absolute budget is judged on the device: the unpruned graph is measured now and the
+            # budget becomes the fraction of it that the on-device checks then close on
+            ms = ctx.backend.time({"unpruned": unpruned}, shape, self.latency_batch, self.measure_rounds)["unpruned"]["median_ms"]
+            if budget.value >= ms:
+                raise DeployCompError(f"the budget {budget} is not below the unpruned model's measured {ms:.2f} ms "
+                                      f"at batch {self.latency_batch} on {ctx.backend.name}: nothing to prune")
+            config = replace(config, latency=f"{budget.value / ms:.6g}x")
+            absolute = {"budget_ms": budget.value, "unpruned_measured_ms": ms, "as_fraction": budget.value / ms}
+        outcome = prune(module, model, structure, predict, config, shape, ctx.train, ctx.test, ctx.say,
+                        measure if config.budget_rounds and ctx.backend is not None else None,
                         grid_floors(predictor.table.grid), teacher=ctx.teacher if self.rewrites else None,
                         baseline_ms=predict(PrunePlan(), rewritten=False))
         copy_weights_to_graph(module, model)
@@ -101,6 +114,7 @@ class PrunePass(Pass):
             "arch": arch.to_dict(),
             "rewrites": [r.name for r in self.rewrites],
             "config": {**vars(self.config)},
+            "absolute_budget": absolute,
             "original": structure.table(),
             "baseline_predicted_ms": outcome.baseline_ms, "target_ms": outcome.target_ms,
             "predicted_ms": outcome.predicted_ms, "steps": outcome.steps, "finetune": outcome.finetune,
