@@ -1,6 +1,6 @@
 """The two CPU runtimes side by side: plain ONNX Runtime, deploycomp ort-cpu, plain OpenVINO,
 deploycomp openvino-cpu (all fp32), plus on DeiT-S: OpenVINO + NNCF int8 (the peer a user would
-pick), deploycomp openvino-cpu int8, with 16 semantic tokens (fp32 and int8), and ``--latency 0.5x``.
+pick), ORT dynamic int8 (its peer), deploycomp ort-cpu and openvino-cpu int8, with 16 semantic tokens (fp32 and int8), and ``--latency 0.5x``.
 
 Per model, every candidate is timed interleaved in one run at batch 1 and at batch 8 (224x224,
 random weights: timing does not depend on weight values). "Plain" is the same exported ONNX given
@@ -59,6 +59,16 @@ def openvino_nncf_int8(plain, shape, workdir: Path, samples: int = 128) -> Path:
     return path
 
 
+def ort_dynamic_int8(plain, workdir: Path) -> Path:
+    """The ONNX Runtime peer: its dynamic int8 quantization of the plain export, as documented."""
+    import onnx_ir as ir
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = workdir / "ort_dynamic_int8.onnx"
+    quantize_dynamic(ir.to_proto(plain), path, per_channel=True, weight_type=QuantType.QInt8)
+    return path
+
+
 def artifacts_for(name: str, threads: int, workdir: Path, rewrites: bool, say, prune_table: bool) -> dict[str, dict]:
     """Compile the deploycomp candidates of one model; {label: {"dir", "manifest", "seconds"}}."""
     jobs = {"deploycomp ort-cpu": deploycomp.CompileOptions(target="ort-cpu"),
@@ -69,6 +79,7 @@ def artifacts_for(name: str, threads: int, workdir: Path, rewrites: bool, say, p
 
         jobs["deploycomp openvino-cpu, 16 semantic tokens"] = deploycomp.CompileOptions(
             target="openvino-cpu", semantic_tokens=SemanticTokenConfig(tokens=16))
+        jobs["deploycomp ort-cpu, int8"] = deploycomp.CompileOptions(target="ort-cpu", precision="int8")
         jobs["deploycomp openvino-cpu, int8"] = deploycomp.CompileOptions(target="openvino-cpu", precision="int8")
         jobs["deploycomp openvino-cpu, 16 semantic tokens, int8"] = deploycomp.CompileOptions(
             target="openvino-cpu", semantic_tokens=SemanticTokenConfig(tokens=16), precision="int8")
@@ -107,6 +118,8 @@ def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[i
             say(f"quantize {name} with NNCF on OpenVINO (the peer)")
             cands.append(ov_plain.candidate("openvino + NNCF int8 (peer)", openvino_nncf_int8(plain, shape, Path(tmp)),
                                             shape))
+            cands.append(get_backend("ort-cpu", threads=threads, allow_spinning=True).candidate(
+                "ort dynamic int8 (peer)", ort_dynamic_int8(plain, Path(tmp)), shape))
         for label, art in arts.items():
             backend = backend_for_manifest(read_manifest(art["dir"]))
             cands.append(backend.candidate(label, backend.artifact(art["dir"], art["manifest"]), shape))

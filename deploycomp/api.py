@@ -121,7 +121,7 @@ def default_passes(options: CompileOptions, backend: "Backend", tokens: "Semanti
     if options.fuse:
         passes.append(build_pass("ort_fusion"))
     if options.precision == "int8":
-        passes.append(build_pass("quantize", samples=options.calibration_samples))
+        passes.append(build_pass("quantize", samples=options.calibration_samples, method=backend.int8_quantizer))
     elif options.precision != "fp32" and backend.precisions[options.precision] == "graph":
         passes.append(build_pass("precision", dtype=options.precision))
     passes.append(build_pass("verify"))
@@ -167,7 +167,7 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
 
             ctx.train = load_data(options.data, "train", img_size=src.input_shape[-1],
                                   in_chans=src.input_shape[1]).head(options.train_samples)
-    if options.precision == "int8":
+    if options.precision == "int8" and backend.int8_quantizer == "nncf":  # a calibrated method
         if options.data:
             from .learn.data import load_data
 

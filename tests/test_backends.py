@@ -239,7 +239,14 @@ def test_int8_on_openvino_passes_the_fidelity_gate_and_a_broken_quantization_doe
     assert not (tmp_path / "bad").exists()
 
 
-def test_int8_is_refused_where_the_target_does_not_run_it(tmp_path):
-    with pytest.raises(DeployCompError, match="target 'ort-cpu' runs precisions fp32, fp16, not 'int8'"):
-        deploycomp.compile(f"timm:{TINY['deit'][0]}", tmp_path / "x", options(precision="int8"))
-    assert not (tmp_path / "x").exists()
+def test_int8_on_ort_cpu_is_dynamic_and_gated(tmp_path):
+    import onnx_ir as ir
+
+    manifest = deploycomp.compile(f"timm:{TINY['deit'][0]}", tmp_path / "x", options(precision="int8"))
+    assert manifest["quantization"]["method"].startswith("onnxruntime dynamic int8")
+    assert manifest["parity"]["gate"] == "fidelity" and manifest["parity"]["cosine"] >= 0.99
+    graph = ir.load(tmp_path / "x" / "model.onnx")
+    assert sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.graph) >= 8
+    with pytest.raises(DeployCompError, match="target 'ort-cpu' runs precisions fp32, fp16, int8, not 'bf16'"):
+        deploycomp.compile(f"timm:{TINY['deit'][0]}", tmp_path / "y", options(precision="bf16"))
+    assert not (tmp_path / "y").exists()

@@ -231,7 +231,7 @@ def test_compile_fp16_on_ort_cpu(tmp_path):
     model = ir.load(tmp_path / "fp16" / "model.onnx")
     types = {v.const_value.dtype for v in model.graph.initializers.values() if v.const_value is not None}
     assert ir.DataType.FLOAT16 in types and model.graph.inputs[0].dtype == ir.DataType.FLOAT
-    for args, message in ((["--precision", "bf16"], "runs precisions fp32, fp16, not 'bf16'"), (["--precision", "int4"], "unknown precision"),
+    for args, message in ((["--precision", "bf16"], "runs precisions fp32, fp16, int8, not 'bf16'"), (["--precision", "int4"], "unknown precision"),
                           (["--precision", "fp16", "--latency", "0.5x"], "fp32 latency tables")):
         r = cli("compile", DEIT, *DEIT_ARGS, *args, "-o", tmp_path / "bad")
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

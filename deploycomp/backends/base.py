@@ -38,6 +38,8 @@ class Backend(Protocol):
     precisions: ClassVar[dict[str, str]]
     # how TokenCluster (semantic tokens) is lowered for this target; None: the target runs the node itself
     token_cluster_lowering: ClassVar[str | None]
+    # how the quantize pass makes an int8 graph for this target (passes/quantize.py), if it runs int8
+    int8_quantizer: ClassVar[str]
 
     def check_available(self) -> None:
         """Raise DeployCompError saying what is missing if this target cannot run here."""
@@ -76,6 +78,7 @@ class BackendBase:
     name: str = "backend"
     precisions: ClassVar[dict[str, str]] = {"fp32": "graph"}
     token_cluster_lowering: ClassVar[str | None] = "reference"
+    int8_quantizer: ClassVar[str] = "nncf"
     # seconds of idle between two candidates of an interleaved measurement: a runtime whose worker
     # threads keep spinning after a run needs it, or it slows the next candidate (see harness)
     interleave_gap_s: float = 0.0

@@ -43,7 +43,11 @@ class OrtBackend(BackendBase):
     name = "ort"
     provider = "CPUExecutionProvider"
     extra: str = ""
-    precisions = {"fp32": "graph", "fp16": "graph"}  # fp16: the precision pass (ORT's CPU EP has no bf16 MatMul)
+    # fp16: the precision pass (ORT's CPU EP has no bf16 MatMul); int8: the quantize pass
+    precisions = {"fp32": "graph", "fp16": "graph", "int8": "graph"}
+    # dynamic int8 measured faster than static QDQ on this CPU (peers in docs/ARCHITECTURE.md);
+    # benchmarks/bench_runtimes.py times both
+    int8_quantizer = "ort-dynamic"
     # TokenCluster as ONNX Runtime's fused MultiHeadAttention: 1.5-2.1x faster than the standard-op
     # decomposition alone at DeiT-S sizes (benchmarks/results/semantic_tokens_deit.json)
     token_cluster_lowering = "ort-mha"

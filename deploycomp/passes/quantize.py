@@ -1,10 +1,15 @@
-"""quantize: int8 post-training quantization of the graph with NNCF, as explicit Q/DQ ONNX.
+"""quantize: int8 post-training quantization of the graph: NNCF's Q/DQ ONNX, or ONNX Runtime's
+dynamic int8 for targets that run it faster.
 
 NNCF's transformer preset (``ModelType.TRANSFORMER``) keeps LayerNorm, Softmax, GELU and the
 residual Adds in float and quantizes the MatMul/Gemm inputs (weights per channel), with
 SmoothQuant-style activation scaling where it helps. The result is standard ONNX with
 QuantizeLinear/DequantizeLinear pairs: OpenVINO turns them into int8 kernels, ONNX Runtime runs
 them as QDQ, and TensorRT builds a strongly typed int8 engine from them without builder flags.
+
+``ort-dynamic`` is ONNX Runtime's dynamic quantization of the MatMul/Gemm weights (per channel,
+activations quantized at run time, no calibration): ORT-only ops (MatMulInteger,
+DynamicQuantizeMatMul); the backend says which method it runs (``Backend.int8_quantizer``).
 
 Calibration uses ``--data`` training images when given; without data it uses Gaussian images and
 says that the accuracy is unknown. The verification gate for int8 is a fidelity gate (top-1
@@ -43,13 +48,19 @@ def calibration_inputs(ctx: CompileContext, samples: int, seed: int) -> tuple[li
 class QuantizePass(Pass):
     name = "quantize"
 
-    def __init__(self, samples: int = 128, fast_bias_correction: bool = True):
-        self.samples, self.fast_bias_correction = samples, fast_bias_correction
+    METHODS = ("nncf", "ort-dynamic")
+
+    def __init__(self, samples: int = 128, method: str = "nncf", fast_bias_correction: bool = True):
+        if method not in self.METHODS:
+            raise DeployCompError(f"unknown int8 method '{method}': use {' or '.join(self.METHODS)}")
+        self.samples, self.method, self.fast_bias_correction = samples, method, fast_bias_correction
 
     def requires(self, model: ir.Model, ctx: CompileContext) -> None:
         assert ctx.input_shape is not None, "quantization needs the input shape for its calibration images"
 
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
+        if self.method == "ort-dynamic":
+            return self.run_ort_dynamic(model, ctx)
         try:
             import nncf
         except ImportError as exc:
@@ -68,8 +79,32 @@ class QuantizePass(Pass):
         q = sum(n.op_type == "QuantizeLinear" for n in out.graph)
         return PassResult(out, modified=True, info={"quantize_nodes": q, "calibration": source})
 
+    def run_ort_dynamic(self, model: ir.Model, ctx: CompileContext) -> PassResult:
+        import tempfile
+        from pathlib import Path
+
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "int8.onnx"
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_dynamic(ir.to_proto(model), out, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                                 weight_type=QuantType.QInt8)
+            quantized = ir.from_proto(onnx.load(str(out)))
+        import onnxruntime
+
+        ctx.results["quantization"] = {"method": "onnxruntime dynamic int8 (MatMul/Gemm weights per channel)",
+                                       "onnxruntime": onnxruntime.__version__, "calibration": "none (dynamic)",
+                                       "samples": 0}
+        n = sum(node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for node in quantized.graph)
+        return PassResult(quantized, modified=True, info={"int8_matmuls": n})
+
     def ensures(self, model: ir.Model, ctx: CompileContext) -> None:
         ops = {n.op_type for n in model.graph}
+        if self.method == "ort-dynamic":
+            assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}, "no int8 MatMul: nothing was quantized"
+            return
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops, "no Q/DQ nodes: nothing was quantized"
         for node in model.graph:  # the transformer preset keeps these in float
             if node.op_type in ("LayerNormalization", "Softmax"):
