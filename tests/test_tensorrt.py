@@ -21,6 +21,7 @@ import onnx_ir as ir
 import pytest
 import torch
 
+from deploycomp.backends.base import get_backend
 from deploycomp.backends.tensorrt import network_flags, prepare_for_tensorrt, profile_shapes
 from deploycomp.errors import DeployCompError
 from deploycomp.kernels import trt_plugin as tp
@@ -538,3 +539,25 @@ def test_pycuda_context_is_popped_at_exit(monkeypatch):
     for fn in at_exit:
         fn()
     assert stack == []  # pycuda aborts at exit when a pushed context is left on the stack
+
+
+def test_int8_for_tensorrt_is_symmetric_qdq_that_onnx_runtime_runs(tmp_path):
+    """What TensorRT would build int8 from (no TensorRT here): the quantize pass's symmetric Q/DQ graph
+    passes the ONNX checker, every zero point is 0, and it runs under ONNX Runtime close to fp32."""
+    import onnx
+
+    from deploycomp.frontend import load_source
+    from deploycomp.passes.base import CompileContext, Pipeline, build_pass
+
+    src = load_source(f"timm:{DEIT.removeprefix('timm:')}", None, {"depth": 2, "img_size": 32, "patch_size": 8})
+    ctx = CompileContext(input_shape=src.input_shape, seed=0)
+    model = Pipeline([build_pass("cleanup"), build_pass("quantize", samples=16, method="nncf-symmetric")])(src.model, ctx)
+    proto = ir.to_proto(model)
+    onnx.checker.check_model(proto)
+    zero_points = [n for n in model.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert zero_points and all(len(n.inputs) < 3 or not n.inputs[2].const_value.numpy().any() for n in zero_points)
+    x = np.random.default_rng(1).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    got = get_backend("ort-cpu").runner(proto)(x)
+    want = src.reference(x)
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() > 0.99 and np.abs(got - want).max() > 0  # quantized, and close

@@ -332,7 +332,10 @@ class TensorRTBackend(BackendBase):
 
     name = "tensorrt"
     # strongly typed: the precision pass writes the types into the graph, no builder flags
-    precisions = {"fp32": "graph", "fp16": "graph", "bf16": "graph"}
+    # int8: explicit Q/DQ in the graph (symmetric, zero points 0), which a strongly typed network
+    # builds as int8 without builder flags
+    precisions = {"fp32": "graph", "fp16": "graph", "bf16": "graph", "int8": "graph"}
+    int8_quantizer = "nncf-symmetric"
     token_cluster_lowering = None  # TokenCluster stays a node: the AOT plugin (kernels/trt_plugin.py) runs it
 
     def __init__(self, batch: tuple[int, int, int] = (1, 8, 32), workspace_mb: int = 1024,

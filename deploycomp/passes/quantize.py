@@ -48,7 +48,9 @@ def calibration_inputs(ctx: CompileContext, samples: int, seed: int) -> tuple[li
 class QuantizePass(Pass):
     name = "quantize"
 
-    METHODS = ("nncf", "ort-dynamic")
+    # nncf: NNCF's transformer preset (symmetric weights, asymmetric activations where it helps);
+    # nncf-symmetric: every zero point 0, as TensorRT's explicit-precision int8 requires
+    METHODS = ("nncf", "nncf-symmetric", "ort-dynamic")
 
     def __init__(self, samples: int = 128, method: str = "nncf", fast_bias_correction: bool = True):
         if method not in self.METHODS:
@@ -69,8 +71,9 @@ class QuantizePass(Pass):
         name = model.graph.inputs[0].name
         logging.getLogger("nncf").setLevel(logging.ERROR)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            preset = nncf.QuantizationPreset.PERFORMANCE if self.method == "nncf-symmetric" else None
             quantized = nncf.quantize(ir.to_proto(model), nncf.Dataset(inputs, lambda x: {name: x}),
-                                      model_type=nncf.ModelType.TRANSFORMER, subset_size=len(inputs),
+                                      model_type=nncf.ModelType.TRANSFORMER, subset_size=len(inputs), preset=preset,
                                       fast_bias_correction=self.fast_bias_correction)
         out = ir.from_proto(quantized)
         ctx.results["quantization"] = {"method": "nncf post-training quantization (transformer preset), Q/DQ ONNX",
@@ -106,6 +109,11 @@ class QuantizePass(Pass):
             assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}, "no int8 MatMul: nothing was quantized"
             return
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops, "no Q/DQ nodes: nothing was quantized"
+        if self.method == "nncf-symmetric":
+            for node in model.graph:
+                if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.inputs) > 2:
+                    zp = node.inputs[2].const_value
+                    assert zp is None or not zp.numpy().any(), f"{node.name}: zero point is not 0 (TensorRT needs symmetric int8)"
         for node in model.graph:  # the transformer preset keeps these in float
             if node.op_type in ("LayerNormalization", "Softmax"):
                 assert not (node.inputs[0].producer() and node.inputs[0].producer().op_type == "DequantizeLinear"), \
