@@ -35,38 +35,14 @@ from deploycomp.api import baseline_name  # noqa: E402
 from deploycomp.artifact import read_manifest, write_json  # noqa: E402
 from deploycomp.backends.base import backend_for_manifest, get_backend  # noqa: E402
 from deploycomp.backends.fingerprint import host_fingerprint, usable_cores  # noqa: E402
+from deploycomp.backends.openvino import nncf_int8_ir  # noqa: E402
+from deploycomp.backends.ort import dynamic_int8  # noqa: E402
 from deploycomp.bench.harness import measure_interleaved, stats  # noqa: E402
 from deploycomp.frontend.export import export_to_onnx  # noqa: E402
 from deploycomp.frontend.timm_models import build_timm_model, timm_spec  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PLAIN_OF = {"ort-cpu": "ort plain", "openvino-cpu": "openvino plain"}
-
-
-def openvino_nncf_int8(plain, shape, workdir: Path, samples: int = 128) -> Path:
-    """The peer a user would pick: the plain export read by OpenVINO, quantized by NNCF's PTQ with
-    the transformer preset on Gaussian images (no data, like deploycomp's speed runs), saved as IR."""
-    import nncf
-    import onnx_ir as ir
-    import openvino as ov
-
-    model = ov.Core().read_model(ir.to_proto(plain).SerializeToString())
-    rng = np.random.default_rng(1)
-    calib = [rng.standard_normal(shape).astype(np.float32) for _ in range(samples)]
-    quantized = nncf.quantize(model, nncf.Dataset(calib), model_type=nncf.ModelType.TRANSFORMER, subset_size=samples)
-    path = workdir / "openvino_nncf_int8.xml"
-    ov.save_model(quantized, str(path), compress_to_fp16=False)
-    return path
-
-
-def ort_dynamic_int8(plain, workdir: Path) -> Path:
-    """The ONNX Runtime peer: its dynamic int8 quantization of the plain export, as documented."""
-    import onnx_ir as ir
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    path = workdir / "ort_dynamic_int8.onnx"
-    quantize_dynamic(ir.to_proto(plain), path, per_channel=True, weight_type=QuantType.QInt8)
-    return path
 
 
 def artifacts_for(name: str, threads: int, workdir: Path, rewrites: bool, say, prune_table: bool) -> dict[str, dict]:
@@ -116,10 +92,10 @@ def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[i
                  ov_plain.candidate("openvino plain", plain, shape)]
         if rewrites and name.startswith("deit_small"):
             say(f"quantize {name} with NNCF on OpenVINO (the peer)")
-            cands.append(ov_plain.candidate("openvino + NNCF int8 (peer)", openvino_nncf_int8(plain, shape, Path(tmp)),
+            cands.append(ov_plain.candidate("openvino + NNCF int8 (peer)", nncf_int8_ir(plain, shape, Path(tmp) / "ov_nncf_int8.xml"),
                                             shape))
             cands.append(get_backend("ort-cpu", threads=threads, allow_spinning=True).candidate(
-                "ort dynamic int8 (peer)", ort_dynamic_int8(plain, Path(tmp)), shape))
+                "ort dynamic int8 (peer)", dynamic_int8(plain, Path(tmp) / "ort_dynamic_int8.onnx"), shape))
         for label, art in arts.items():
             backend = backend_for_manifest(read_manifest(art["dir"]))
             cands.append(backend.candidate(label, backend.artifact(art["dir"], art["manifest"]), shape))

@@ -281,21 +281,35 @@ def bench(artifact: str | Path | None = None, baselines: list[str] = (), *, thre
     The artifact runs on the backend and options its manifest records (threads overridden by
     ``threads``). ``kinds`` picks the baseline flavours: ``torch`` (timm in torch eager), ``ort``
     (the plain export in ONNX Runtime with its default session options, spinning on) and
-    ``openvino`` (the plain export in OpenVINO, fp32).
+    ``openvino`` (the plain export in OpenVINO, fp32), and the int8 a user of each runtime would
+    make without deploycomp: ``ort-int8`` (ONNX Runtime's dynamic quantization) and
+    ``openvino-int8`` (NNCF post-training quantization, transformer preset, Gaussian calibration).
     """
+    import shutil
+    import tempfile
+
     from .backends.base import backend_for_manifest, get_backend
     from .backends.fingerprint import host_fingerprint, usable_cores
+    from .backends.openvino import nncf_int8_ir
+    from .backends.ort import dynamic_int8
     from .bench.harness import measure_interleaved, summarize, torch_candidate
     from .frontend.export import export_to_onnx
     from .frontend.timm_models import build_timm_model, timm_input_shape, timm_spec
     from .ir.shapes import matmul_flops
 
-    threads = threads or usable_cores()
-    plain = {"ort": lambda: get_backend("ort-cpu", threads=threads, allow_spinning=True),
-             "openvino": lambda: get_backend("openvino-cpu", threads=threads)}
-    unknown = sorted(set(kinds) - {"torch", *plain})
+    unknown = sorted(set(kinds) - {"torch", "ort", "openvino", "ort-int8", "openvino-int8"})
     if unknown:
-        raise DeployCompError(f"unknown baseline kind {', '.join(unknown)}: use torch, {', '.join(plain)}")
+        raise DeployCompError(f"unknown baseline kind {', '.join(unknown)}: use torch, ort, openvino, ort-int8, openvino-int8")
+    threads = threads or usable_cores()
+    tmp = Path(tempfile.mkdtemp(prefix="deploycomp-bench-"))
+    peers = {  # kind -> (backend, the plain export as that peer prepares it)
+        "ort": lambda m, shape, name: (get_backend("ort-cpu", threads=threads, allow_spinning=True), m),
+        "openvino": lambda m, shape, name: (get_backend("openvino-cpu", threads=threads), m),
+        "ort-int8": lambda m, shape, name: (get_backend("ort-cpu", threads=threads, allow_spinning=True),
+                                            dynamic_int8(m, tmp / f"{name}-ort-int8.onnx")),
+        "openvino-int8": lambda m, shape, name: (get_backend("openvino-cpu", threads=threads),
+                                                 nncf_int8_ir(m, shape, tmp / f"{name}-openvino-int8.xml")),
+    }
     candidates = []
     if artifact is not None:
         manifest = read_manifest(Path(artifact))
@@ -315,17 +329,22 @@ def bench(artifact: str | Path | None = None, baselines: list[str] = (), *, thre
         gflops = matmul_flops(onnx_model) / 1e9
         if "torch" in kinds:
             candidates.append(torch_candidate(f"torch:{name}", module, shape, threads, name, gflops))
-        for kind in (k for k in kinds if k in plain):
-            cand = plain[kind]().candidate(f"{kind}:{name}", onnx_model, shape)
+        for kind in (k for k in kinds if k in peers):
+            backend, prepared = peers[kind](onnx_model, shape, name)
+            cand = backend.candidate(f"{kind}:{name}", prepared, shape)
             cand.kind, cand.model, cand.gflops = f"{kind} plain", name, gflops
             candidates.append(cand)
     if not candidates:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise DeployCompError("nothing to bench: give an artifact directory and/or --baselines")
 
     tick = (lambda phase: (lambda: progress(phase, rounds))) if progress else (lambda phase: None)
-    latency = measure_interleaved(candidates, batch=1, rounds=rounds, iters=iters, progress=tick("batch 1"))
-    throughput = measure_interleaved(candidates, batch=throughput_batch, rounds=rounds, iters=max(1, iters - 1),
-                                     progress=tick(f"batch {throughput_batch}"))
+    try:
+        latency = measure_interleaved(candidates, batch=1, rounds=rounds, iters=iters, progress=tick("batch 1"))
+        throughput = measure_interleaved(candidates, batch=throughput_batch, rounds=rounds, iters=max(1, iters - 1),
+                                         progress=tick(f"batch {throughput_batch}"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     rows = summarize(candidates, latency, throughput, throughput_batch)
     result = {
         "deploycomp_version": __version__,

@@ -168,7 +168,7 @@ def inspect_cmd(
 def bench_cmd(
     artifact: Optional[Path] = typer.Argument(None, help="Artifact directory written by compile (optional)."),
     baselines: str = typer.Option("", "--baselines", help="Comma-separated timm baselines: deit_tiny,deit_small,deit_base,swin_tiny,swin_small."),
-    kinds: str = typer.Option("torch,ort,openvino", "--kinds", help="Baseline flavours: torch (eager), ort (plain export in ONNX Runtime), openvino (plain export in OpenVINO, fp32)."),
+    kinds: str = typer.Option("torch,ort,openvino", "--kinds", help="Baseline flavours: torch (eager), ort (plain export in ONNX Runtime), openvino (plain export in OpenVINO, fp32), ort-int8 (ORT dynamic int8), openvino-int8 (NNCF int8 on OpenVINO)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads for every candidate (default: all cores)."),
     rounds: int = typer.Option(10, "--rounds", help="Interleaved rounds; each runs every candidate --iters times."),
     iters: int = typer.Option(3, "--iters", help="Runs per candidate per round."),

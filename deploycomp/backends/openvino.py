@@ -121,3 +121,23 @@ class OpenVinoCpuBackend(BackendBase):
         ir.save(model, out_dir / "model.onnx")
         ov.save_model(self.read(out_dir / "model.onnx"), str(out_dir / "model.xml"), compress_to_fp16=False)
         return {"files": {"model": "model.xml", "weights": "model.bin", "onnx": "model.onnx"}}
+
+
+def nncf_int8_ir(model: ModelLike, input_shape: tuple[int, ...], path: Path, samples: int = 128, seed: int = 1) -> Path:
+    """The OpenVINO user's own int8: the ONNX read by OpenVINO, quantized by NNCF's post-training
+    quantization with the transformer preset on Gaussian images, saved as IR at ``path`` (a peer
+    baseline for bench, not deploycomp's path)."""
+    import contextlib
+    import io
+
+    import nncf
+
+    ov = import_openvino()
+    ov_model = ov.Core().read_model(onnx_bytes(model))
+    rng = np.random.default_rng(seed)
+    calib = [rng.standard_normal((1, *input_shape[1:])).astype(np.float32) for _ in range(samples)]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        quantized = nncf.quantize(ov_model, nncf.Dataset(calib), model_type=nncf.ModelType.TRANSFORMER,
+                                  subset_size=samples)
+    ov.save_model(quantized, str(path), compress_to_fp16=False)
+    return Path(path)

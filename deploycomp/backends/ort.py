@@ -156,3 +156,18 @@ class OrtTensorRTBackend(OrtBackend):
                        "trt_engine_cache_path": self.cache_dir, "trt_timing_cache_enable": "True",
                        "trt_timing_cache_path": self.cache_dir}
         return [(self.provider, trt_options), "CUDAExecutionProvider"]
+
+
+def dynamic_int8(model: ModelLike, path: Path) -> Path:
+    """ONNX Runtime's documented dynamic int8 quantization of a model (weights per channel), saved at
+    ``path``: the ORT user's own int8 (a peer baseline for bench) and what ort-cpu's int8 runs."""
+    import contextlib
+    import io
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantize_dynamic(onnx.load_from_string(onnx_bytes(model)), path, op_types_to_quantize=["MatMul", "Gemm"],
+                         per_channel=True, weight_type=QuantType.QInt8)
+    return Path(path)

@@ -87,16 +87,12 @@ class QuantizePass(Pass):
         from pathlib import Path
 
         import onnx
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "int8.onnx"
-            with contextlib.redirect_stdout(io.StringIO()):
-                quantize_dynamic(ir.to_proto(model), out, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
-                                 weight_type=QuantType.QInt8)
-            quantized = ir.from_proto(onnx.load(str(out)))
         import onnxruntime
 
+        from ..backends.ort import dynamic_int8
+
+        with tempfile.TemporaryDirectory() as tmp:
+            quantized = ir.from_proto(onnx.load(str(dynamic_int8(model, Path(tmp) / "int8.onnx"))))
         ctx.results["quantization"] = {"method": "onnxruntime dynamic int8 (MatMul/Gemm weights per channel)",
                                        "onnxruntime": onnxruntime.__version__, "calibration": "none (dynamic)",
                                        "samples": 0}
