@@ -1,0 +1,280 @@
+"""Sources: Hugging Face directories and configs, open_clip towers and timm's registry, each converted
+into timm's VisionTransformer and checked against the original library's own module (tiny configs
+built with the real libraries)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import deploycomp
+from deploycomp.errors import DeployCompError
+from deploycomp.frontend import check_source_spec, load_source
+from deploycomp.frontend.timm_models import timm_spec
+
+transformers = pytest.importorskip("transformers")
+open_clip = pytest.importorskip("open_clip")
+
+TINY_HF = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, image_size=32,
+               patch_size=8, num_labels=5)
+HF_CASES = {  # architecture -> (config class, extra config, output field)
+    "ViTModel": ("ViTConfig", {}, "cls"),
+    "ViTForImageClassification": ("ViTConfig", {"hidden_act": "gelu_new"}, "logits"),
+    "DeiTModel": ("DeiTConfig", {}, "cls"),
+    "DeiTForImageClassification": ("DeiTConfig", {}, "logits"),
+    "DeiTForImageClassificationWithTeacher": ("DeiTConfig", {}, "logits"),
+    "CLIPVisionModel": ("CLIPVisionConfig", {}, "pooler_output"),
+    "CLIPVisionModelWithProjection": ("CLIPVisionConfig", {"projection_dim": 12}, "image_embeds"),
+}
+
+
+def _perturbed(module, seed: int = 0):
+    """Non-trivial norms, biases and tokens, so that a wrongly mapped tensor changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def _hf_model(arch: str, seed: int = 0):
+    config_cls, extra, _ = HF_CASES[arch]
+    torch.manual_seed(seed)
+    return _perturbed(getattr(transformers, arch)(getattr(transformers, config_cls)(**TINY_HF, **extra)), seed)
+
+
+def _hf_output(model, arch: str, x: torch.Tensor) -> torch.Tensor:
+    out = model(pixel_values=x)
+    field = HF_CASES[arch][2]
+    return out.last_hidden_state[:, 0] if field == "cls" else getattr(out, field)
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _images(n: int = 3, shape=(3, 32, 32), seed: int = 7) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("arch", list(HF_CASES))
+def test_hf_dir_converts_to_timm_and_matches_transformers(tmp_path, arch):
+    """hf:DIR: the converted timm module and its ONNX export reproduce transformers' own module."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = _hf_model(arch)
+    model.save_pretrained(tmp_path)
+    src = load_source(f"hf:{tmp_path}")
+    assert isinstance(src.torch_module, VisionTransformer)
+    assert src.input_shape == (1, 3, 32, 32) and src.family in ("hf-vit", "hf-deit", "hf-clip")
+    x = _images()
+    with torch.no_grad():
+        want = _hf_output(model, arch, torch.from_numpy(x)).numpy()
+        got = src.torch_module(torch.from_numpy(x)).numpy()
+    assert got.shape == want.shape
+    assert _rel(got, want) < 1e-5
+    assert _rel(src.reference(x), want) < 1e-6  # the reference is transformers' module itself
+    from tests.conftest import run_ort
+
+    assert _rel(run_ort(src.model, x), want) < 1e-4
+    assert src.meta["output"] == ("logits" if "Classification" in arch else "embedding")
+
+
+def test_hf_clip_model_dir_gives_its_image_tower(tmp_path):
+    """A whole CLIPModel directory is read as CLIPVisionModelWithProjection (image embeddings)."""
+    text = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50)
+    config = transformers.CLIPConfig(text_config=text, vision_config={k: v for k, v in TINY_HF.items() if k != "num_labels"},
+                                     projection_dim=12)
+    torch.manual_seed(0)
+    model = _perturbed(transformers.CLIPModel(config))
+    model.save_pretrained(tmp_path)
+    src = load_source(f"hf:{tmp_path}")
+    x = _images()
+    with torch.no_grad():
+        want = model.get_image_features(pixel_values=torch.from_numpy(x))
+        want = getattr(want, "pooler_output", want).numpy()
+    assert _rel(src.torch_module(torch.from_numpy(x)).detach().numpy(), want) < 1e-5
+
+
+def test_hf_config_random_init(tmp_path):
+    config = transformers.ViTConfig(**TINY_HF, architectures=["ViTForImageClassification"])
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json_string())
+    src = load_source(f"hf-config:{path}")
+    assert src.meta["weights"] == "random-init" and src.meta["output"] == "logits"
+    x = _images()
+    assert src.reference(x).shape == (3, 5)
+    assert _rel(src.torch_module(torch.from_numpy(x)).detach().numpy(), src.reference(x)) < 1e-5
+
+
+def test_conversion_check_refuses_a_wrong_mapping(monkeypatch):
+    """The load-time numerical check catches a converter that maps a tensor wrongly (k and v swapped)."""
+    from deploycomp.frontend import hf
+
+    real = hf._qkv
+
+    def swapped(attn, q, k, v, prefix, state):
+        real(attn, q, v, k, prefix, state)
+
+    monkeypatch.setattr(hf, "_qkv", swapped)
+    with pytest.raises(DeployCompError, match="does not reproduce the source"):
+        hf.convert_hf_module(_hf_model("ViTForImageClassification"), "ViTForImageClassification", {})
+
+
+def test_hf_checkpoint_with_missing_tensor_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _hf_model("ViTForImageClassification").save_pretrained(tmp_path)
+    (weights,) = tmp_path.glob("*.safetensors")
+    state = load_file(str(weights))
+    del state["classifier.weight"]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(DeployCompError, match="does not fit ViTForImageClassification: missing keys"):
+        load_source(f"hf:{tmp_path}")
+
+
+def test_hf_refusals_are_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "beit", "architectures": ["BeitModel"]}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(DeployCompError, match="'BeitModel' is not a supported ViT"):
+        load_source(f"hf:{tmp_path}")
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(DeployCompError, match="no .safetensors weights"):
+        load_source(f"hf:{tmp_path}")
+    with pytest.raises(DeployCompError, match="no config.json"):
+        load_source(f"hf:{tmp_path / 'missing'}")
+    with pytest.raises(DeployCompError, match="--weights does not apply"):
+        check_source_spec(f"hf:{tmp_path}", weights="w.safetensors")
+
+
+def test_missing_optional_package_is_one_clear_error(tmp_path, monkeypatch):
+    _hf_model("ViTModel").save_pretrained(tmp_path)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(DeployCompError, match=r"pip install 'deploycomp\[hf\]'"):
+        load_source(f"hf:{tmp_path}")
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    with pytest.raises(DeployCompError, match=r"pip install 'deploycomp\[clip\]'"):
+        load_source("open_clip:ViT-B-16")
+
+
+OPEN_CLIP_TINY = {  # arch -> vision_cfg overrides (and quick_gelu)
+    "dc-tiny-tok": ({}, False),
+    "dc-tiny-quickgelu": ({}, True),
+    "dc-tiny-ls-avg": ({"ls_init_value": 0.1, "pool_type": "avg", "final_ln_after_pool": True}, False),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_open_clip(tmp_path_factory):
+    """Register tiny open_clip architectures (open_clip's own config mechanism)."""
+    d = tmp_path_factory.mktemp("open_clip_cfg")
+    for name, (vision, quick) in OPEN_CLIP_TINY.items():
+        cfg = {"embed_dim": 12, "quick_gelu": quick,
+               "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8,
+                              "mlp_ratio": 1.5, **vision},
+               "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 16, "heads": 2, "layers": 1}}
+        (d / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(d)
+    return d
+
+
+@pytest.mark.parametrize("arch", list(OPEN_CLIP_TINY))
+def test_open_clip_weights_convert_and_match(tiny_open_clip, tmp_path, arch):
+    """open_clip:<arch> --weights (a whole CLIP state dict): the image tower, converted, matches open_clip."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    model = _perturbed(open_clip.create_model(arch, pretrained=None))
+    path = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    src = load_source(f"open_clip:{arch}", weights=path)
+    x = _images()
+    with torch.no_grad():
+        want = model.encode_image(torch.from_numpy(x)).numpy()
+        got = src.torch_module(torch.from_numpy(x)).numpy()
+    assert want.shape == (3, 12)
+    assert _rel(got, want) < 1e-5
+    assert _rel(src.reference(x), want) < 1e-6
+    if OPEN_CLIP_TINY[arch][0].get("ls_init_value"):
+        assert src.torch_module.blocks[0].ls1.gamma.abs().max() > 0.15  # the gammas were copied, not left at init
+
+
+def test_open_clip_openai_style_state_dict(tiny_open_clip, tmp_path):
+    """An OpenAI CLIP state dict (visual.* keys next to the text tower's, plus metadata scalars),
+    read weights-only from a .pt file."""
+    torch.manual_seed(2)
+    model = _perturbed(open_clip.create_model("dc-tiny-quickgelu", pretrained=None))
+    state = {**model.state_dict(), "input_resolution": torch.tensor(32)}
+    torch.save(state, tmp_path / "openai.pt")
+    src = load_source("open_clip:dc-tiny-quickgelu", weights=tmp_path / "openai.pt")
+    x = _images()
+    with torch.no_grad():
+        want = model.encode_image(torch.from_numpy(x)).numpy()
+    assert _rel(src.torch_module(torch.from_numpy(x)).detach().numpy(), want) < 1e-5
+
+
+def test_open_clip_refusals(tiny_open_clip, tmp_path):
+    with pytest.raises(DeployCompError, match="unknown open_clip architecture 'nope'"):
+        load_source("open_clip:nope")
+    with pytest.raises(DeployCompError, match="timm image tower"):
+        load_source("open_clip:ViT-B-16-SigLIP")
+    torch.save({"visual.conv1.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(DeployCompError, match="does not fit VisionTransformer: missing keys"):
+        load_source("open_clip:dc-tiny-tok", weights=tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("name", ["deit3_small_patch16_224", "vit_base_patch16_clip_quickgelu_224",
+                                  "vit_base_patch16_reg4_gap_256", "vit_small_patch16_224", "deit_tiny_distilled_patch16_224",
+                                  "vit_base_patch16_gap_224"])
+def test_timm_registry_accepts_vit_family(name):
+    spec = timm_spec(name)
+    assert spec.name == name and spec.family in ("vit", "deit")
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("vit_base_patch16_siglip_224", "attention-pooling head"),
+    ("vit_base_patch16_rpn_224", "ResPostBlock"),
+    ("vit_small_patch16_18x2_224", "ParallelThingsBlock"),
+    ("vit_giant_patch14_dinov2", "GluMlp|SwiGLU"),
+    ("resnet18", "not a ViT or Swin"),
+    ("no_such_model", "not in timm's registry"),
+])
+def test_timm_registry_refuses_what_it_cannot_express(name, reason):
+    with pytest.raises(DeployCompError, match=reason):
+        timm_spec(name)
+
+
+def test_timm_overrides_are_checked_before_building():
+    with pytest.raises(DeployCompError, match="q/k norms"):
+        load_source("timm:vit_small_patch16_224", model_kwargs={"qk_norm": True, "depth": 1})
+
+
+TIMM_TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+
+
+@pytest.mark.parametrize("source", [
+    "hf:ViTForImageClassification", "hf:CLIPVisionModelWithProjection", "open_clip:dc-tiny-ls-avg",
+    "timm:deit3_small_patch16_224", "timm:vit_base_patch16_reg4_gap_256", "timm:vit_base_patch16_clip_quickgelu_224",
+])
+def test_each_family_compiles_verified(tiny_open_clip, tmp_path, source):
+    """compile end to end: the artifact reproduces the source library's module (verify pass) and
+    the manifest names the family and the conversion."""
+    kind, _, name = source.partition(":")
+    kwargs = None
+    if kind == "hf":
+        _hf_model(name).save_pretrained(tmp_path / "hf")
+        source = f"hf:{tmp_path / 'hf'}"
+    elif kind == "timm":
+        kwargs = TIMM_TINY
+    m = deploycomp.compile(source, tmp_path / "out",
+                           deploycomp.CompileOptions(threads=2, measure_rounds=0, model_kwargs=kwargs))
+    assert all(c["rel_l2"] < 1e-4 for c in m["parity"]["checks"])
+    assert [b["heads"] for b in m["structure"]["blocks"]] == [2, 2]
+    if kind != "timm":
+        assert m["source"]["conversion_rel_l2"] < 1e-4 and m["source"]["family"] in ("hf-vit", "hf-clip", "open_clip")
