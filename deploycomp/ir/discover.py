@@ -445,7 +445,32 @@ def discover(model: ir.Model, family: str | None = None) -> Structure:
     last_of_stage = [b for b, nxt in zip(blocks, blocks[1:] + [None]) if nxt is None or nxt.stage != b.stage]
     for b in last_of_stage:
         _couple_stage_exit(builder, b, block_mlp[b.index][1], stage_embs, claimed)
-    return Structure(family=family or "vit", blocks=blocks, stage_embs=stage_embs, graph=builder.graph)
+    return Structure(family=family or detect_family(model, blocks), blocks=blocks, stage_embs=stage_embs,
+                     graph=builder.graph)
+
+
+# Initializer-name marks of the libraries a ViT graph is exported from: both exporters keep the
+# module's parameter names for the tensors they do not fold (norms, tokens, embeddings).
+FAMILY_MARKS = (
+    ("hf-clip", ("pre_layrnorm", "vision_model.embeddings", "post_layernorm")),
+    ("hf-deit", ("distillation_token", "deit.embeddings", "deit.layers", "deit.encoder")),
+    ("hf-vit", ("embeddings.patch_embeddings", "layernorm_before", "layernorm_after")),
+    ("open_clip", ("transformer.resblocks", "positional_embedding", "class_embedding", "ln_pre.")),
+    ("timm-vit", ("patch_embed.proj", "blocks.0.norm1", "cls_token", "pos_embed")),
+)
+
+
+def detect_family(model: ir.Model, blocks: list[BlockStructure]) -> str:
+    """The source family of a discovered graph, for ``inspect`` and the report: ``swin`` when
+    attention runs in windows, else the library whose parameter names the graph carries
+    (``hf-vit``, ``hf-deit``, ``hf-clip``, ``open_clip``, ``timm-vit``), else ``vit``."""
+    if any(b.sequences > 1 for b in blocks):
+        return "swin"
+    names = list(model.graph.initializers)
+    for family, marks in FAMILY_MARKS:
+        if any(mark in name for name in names for mark in marks):
+            return family
+    return "vit"
 
 
 def _couple_block(builder: StructureGraphBuilder, b: BlockStructure, a: Attention, fc1: Projection, fc2: Projection) -> None:
