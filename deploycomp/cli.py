@@ -58,7 +58,7 @@ def _parse_model_args(items: list[str]) -> dict:
 
 @app.command("compile")
 def compile_cmd(
-    model: str = typer.Argument(..., help="timm:<name> (e.g. timm:deit_small_patch16_224) or a path to a ViT .onnx file."),
+    model: str = typer.Argument(..., help="timm:<name> (e.g. timm:deit_small_patch16_224), hf:<dir>, hf-config:<config.json>, open_clip:<arch>, or a ViT .onnx file."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write (replaced atomically)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict (.safetensors or .pth, weights only) for a timm model."),
     target: str = typer.Option("ort-cpu", "--target", help="Target backend: ort-cpu (default), ort-cuda."),

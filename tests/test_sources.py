@@ -101,12 +101,21 @@ def test_hf_clip_model_dir_gives_its_image_tower(tmp_path):
     assert _rel(src.torch_module(torch.from_numpy(x)).detach().numpy(), want) < 1e-5
 
 
-def test_hf_config_random_init(tmp_path):
-    config = transformers.ViTConfig(**TINY_HF, architectures=["ViTForImageClassification"])
+@pytest.mark.parametrize("kind", ["vit", "clip"])
+def test_hf_config_random_init(tmp_path, kind):
+    if kind == "vit":
+        config = transformers.ViTConfig(**TINY_HF, architectures=["ViTForImageClassification"])
+    else:  # a whole CLIPModel config: its image tower with the model's projection width
+        text = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50,
+                    eos_token_id=2)
+        vision = {k: v for k, v in TINY_HF.items() if k != "num_labels"}
+        config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=5,
+                                         architectures=["CLIPModel"])
     path = tmp_path / "config.json"
     path.write_text(config.to_json_string())
     src = load_source(f"hf-config:{path}")
-    assert src.meta["weights"] == "random-init" and src.meta["output"] == "logits"
+    assert src.meta["weights"] == "random-init"
+    assert src.meta["output"] == ("logits" if kind == "vit" else "embedding")
     x = _images()
     assert src.reference(x).shape == (3, 5)
     assert _rel(src.torch_module(torch.from_numpy(x)).detach().numpy(), src.reference(x)) < 1e-5
