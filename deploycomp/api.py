@@ -92,7 +92,7 @@ def default_passes(options: CompileOptions, prune_pass: Pass | None = None, toke
 def compile(source: str, output: str | Path, options: CompileOptions | None = None,
             progress: Progress | None = None) -> dict[str, Any]:
     """Compile ``source`` (``timm:<name>`` or a ``.onnx`` path) into a verified artifact at ``output``."""
-    from .frontend import load_source
+    from .frontend import check_compile_request, load_source
     from .report import render_report
 
     options = options or CompileOptions()
@@ -102,6 +102,8 @@ def compile(source: str, output: str | Path, options: CompileOptions | None = No
         raise DeployCompError("ONNX Runtime's CPU provider has no bf16 MatMul kernels: use --precision fp16 on ort-cpu")
     if options.precision != "fp32" and options.prune is not None:
         raise DeployCompError("--latency pruning predicts with fp32 latency tables: compile it at --precision fp32")
+    check_compile_request(source, options.weights, options.model_kwargs, prune=options.prune is not None,
+                          semantic_tokens=options.semantic_tokens is not None)  # before anything is loaded
     say = progress or (lambda stage: None)
     output = Path(output)
     backend = get_backend(options.target, threads=options.threads, allow_spinning=options.allow_spinning)

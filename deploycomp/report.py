@@ -82,7 +82,8 @@ def render_report(m: dict[str, Any]) -> str:
         lines.append(f"- top-1 on {acc['samples']} samples of {acc['data']}: {acc['reference']} reference "
                      f"{acc['reference_top1']:.2f} %, artifact on {tgt['target']} {acc['artifact_top1']:.2f} % "
                      f"({acc['delta_pt']:+.2f} pt)")
-    checks = ", ".join(f"batch {c['batch']}: {c['rel_l2']:.2e}" for c in parity["checks"])
+    checks = ", ".join(f"batch {c['batch']}: {c['rel_l2']:.2e}"
+                       + (f" (cosine >= {c['cosine_min']:.6f})" if "cosine_min" in c else "") for c in parity["checks"])
     lines += [
         f"- verification vs the {parity['reference']} reference (relative L2 <= {parity['tolerance']:g}, seed "
         f"{parity['seed']}): {checks} - passed",

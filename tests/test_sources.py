@@ -287,3 +287,35 @@ def test_each_family_compiles_verified(tiny_open_clip, tmp_path, source):
     assert [b["heads"] for b in m["structure"]["blocks"]] == [2, 2]
     if kind != "timm":
         assert m["source"]["conversion_rel_l2"] < 1e-4 and m["source"]["family"] in ("hf-vit", "hf-clip", "open_clip")
+    if m["source"].get("output") == "embedding":  # CLIP towers: verified by cosine to the source embedding too
+        assert all(0.9999 <= c["cosine_min"] <= 1 + 1e-9 for c in m["parity"]["checks"])
+        assert "(cosine >= " in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_cosine_similarity_per_sample():
+    from deploycomp.passes.verify import cosine_similarity
+
+    e = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 1.0, 0.0]], np.float32)
+    a = np.array([[3.0, 0.0, 0.0], [0.0, 0.0, 5.0], [-1.0, -1.0, 0.0]], np.float32)
+    np.testing.assert_allclose(cosine_similarity(a, e), [1.0, 0.0, -1.0], atol=1e-12)
+
+
+@pytest.mark.parametrize("flags", [{"prune": "0.5x"}, {"semantic_tokens": 4}])
+def test_methods_on_an_onnx_file_are_refused_before_loading(tmp_path, monkeypatch, flags):
+    """--latency / --semantic-tokens on a bare .onnx: one line, before the graph is read or a
+    backend started (load_source must not run)."""
+    import deploycomp.frontend as frontend
+    from deploycomp.tokens.stvit import SemanticTokenConfig
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the graph was loaded before the request was checked")
+
+    monkeypatch.setattr(frontend, "load_source", must_not_load)
+    (tmp_path / "m.onnx").write_bytes(b"not read")
+    from deploycomp.pruning.schedule import PruneConfig
+
+    opts = {"prune": PruneConfig(flags["prune"]) if "prune" in flags else None,
+            "semantic_tokens": SemanticTokenConfig(flags["semantic_tokens"]) if "semantic_tokens" in flags else None}
+    with pytest.raises(DeployCompError, match="not an .onnx file"):
+        deploycomp.compile(str(tmp_path / "m.onnx"), tmp_path / "out", deploycomp.CompileOptions(**opts))
+    assert not (tmp_path / "out").exists()

@@ -76,6 +76,21 @@ def check_source_spec(spec: str, weights: str | Path | None = None, model_kwargs
                               f"unknown model '{spec}': give {SOURCE_FORMS}")
 
 
+TORCH_SOURCES = ("timm:", "hf:", "hf-config:", "open_clip:")
+
+
+def check_compile_request(spec: str, weights: str | Path | None = None, model_kwargs: dict | None = None, *,
+                          prune: bool = False, semantic_tokens: bool = False) -> None:
+    """Refuse a compile request that cannot succeed before the graph is loaded or anything is built:
+    the source spec's cheap checks, and methods that train the model (pruning, semantic-token
+    fine-tuning) asked of a source that has no torch module (a bare .onnx file)."""
+    wanted = [flag for flag, on in (("--latency pruning", prune), ("--semantic-tokens", semantic_tokens)) if on]
+    if wanted and not spec.startswith(TORCH_SOURCES):
+        raise DeployCompError(f"{' and '.join(wanted)} rewrite{'s' if len(wanted) == 1 else ''} and train the model "
+                              f"in torch: give {', '.join(s + '...' for s in TORCH_SOURCES)}, not an .onnx file")
+    check_source_spec(spec, weights, model_kwargs)
+
+
 def _load_converted(spec: str, weights, model_kwargs, opset: int) -> Source:
     """hf:, hf-config: and open_clip: sources: the library's module converted into timm's ViT."""
     from .export import export_to_onnx

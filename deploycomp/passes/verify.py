@@ -2,7 +2,9 @@
 
 Fresh random inputs (a new seed per compile, recorded) at several batch sizes are run through the
 target backend and through the reference (the torch module the graph came from, or the input ONNX
-graph run unoptimized); the relative L2 error of the logits must stay within tolerance.
+graph run unoptimized); the relative L2 error of the outputs must stay within tolerance. The
+per-sample cosine similarity is recorded alongside: for a model that outputs an embedding (a CLIP
+image tower) it is the number its users compare.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ def relative_l2(actual: np.ndarray, expected: np.ndarray) -> float:
     denom = float(np.linalg.norm(expected.astype(np.float64)))
     diff = float(np.linalg.norm(actual.astype(np.float64) - expected.astype(np.float64)))
     return diff / denom if denom > 0 else diff
+
+
+def cosine_similarity(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """Cosine between each sample's output vector and the reference's (batch axis first)."""
+    a = actual.reshape(len(actual), -1).astype(np.float64)
+    e = expected.reshape(len(expected), -1).astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(e, axis=1)
+    return np.einsum("ij,ij->i", a, e) / np.maximum(norms, np.finfo(np.float64).tiny)
 
 
 class VerifyPass(Pass):
@@ -38,7 +48,8 @@ class VerifyPass(Pass):
             if got.shape != want.shape:
                 raise VerificationError(f"verification failed: output shape {got.shape} != reference {want.shape} at batch {batch}")
             err = relative_l2(got, want)
-            parity.append({"batch": batch, "rel_l2": err, "max_abs": float(np.max(np.abs(got - want)))})
+            parity.append({"batch": batch, "rel_l2": err, "max_abs": float(np.max(np.abs(got - want))),
+                           "cosine_min": float(cosine_similarity(got, want).min())})
             if not err <= ctx.tolerance:
                 raise VerificationError(
                     f"verification failed: relative L2 error {err:.3g} > {ctx.tolerance:g} at batch {batch} "
