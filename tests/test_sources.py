@@ -319,3 +319,61 @@ def test_methods_on_an_onnx_file_are_refused_before_loading(tmp_path, monkeypatc
     with pytest.raises(DeployCompError, match="not an .onnx file"):
         deploycomp.compile(str(tmp_path / "m.onnx"), tmp_path / "out", deploycomp.CompileOptions(**opts))
     assert not (tmp_path / "out").exists()
+
+
+def test_exported_conv_without_bias_has_no_computed_bias():
+    """A pre-norm (CLIP) patch embedding has no bias; the export must not carry the exporter's
+    computed zero bias, which would become a tensor with no torch parameter behind it."""
+    import timm
+
+    from deploycomp.frontend.export import export_to_onnx
+
+    module = timm.create_model("vit_base_patch16_clip_224", **TIMM_TINY).eval()
+    model = export_to_onnx(module, (1, 3, 32, 32))
+    (conv,) = [n for n in model.graph if n.op_type == "Conv"]
+    assert len(conv.inputs) == 2
+
+
+PRUNE_GEOMETRY = dict(img_size=64, patch=16)  # the "tiny" latency grid's geometry
+
+
+@pytest.fixture(scope="module")
+def tiny_tables(tmp_path_factory):
+    from deploycomp.backends.base import get_backend
+    from deploycomp.latency.profiler import profile
+
+    root = tmp_path_factory.mktemp("tables")
+    profile(get_backend("ort-cpu"), root, batch=1, grid="tiny", protocol={"warmup": 2, "repeats": 5, "passes": 1})
+    return root
+
+
+@pytest.mark.parametrize("source", ["hf:CLIPVisionModelWithProjection", "open_clip:dc-probe-ls"])
+def test_converted_sources_prune_and_tokenize(tiny_open_clip, tiny_tables, tmp_path, source):
+    """--latency and --semantic-tokens run on converted sources (pre-norm, projection head, layer
+    scale), and the artifacts verify against the torch models they were trained from."""
+    from deploycomp.pruning.schedule import PruneConfig
+    from deploycomp.tokens.stvit import SemanticTokenConfig
+
+    kind, _, name = source.partition(":")
+    if kind == "hf":
+        torch.manual_seed(0)
+        config = transformers.CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                               intermediate_size=128, image_size=64, patch_size=16, projection_dim=10)
+        _perturbed(transformers.CLIPVisionModelWithProjection(config)).save_pretrained(tmp_path / "hf")
+        source = f"hf:{tmp_path / 'hf'}"
+    else:
+        cfg = {"embed_dim": 10, "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16,
+                                               "patch_size": 16, "ls_init_value": 0.1},
+               "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 16, "heads": 2, "layers": 1}}
+        (tiny_open_clip / f"{name}.json").write_text(json.dumps(cfg))
+        open_clip.add_model_config(tiny_open_clip / f"{name}.json")
+    pruned = deploycomp.compile(source, tmp_path / "pruned", deploycomp.CompileOptions(
+        prune=PruneConfig("0.7x"), tables=str(tiny_tables), measure_rounds=1))
+    before = 2 * (2 * 16 * 2 + 16 * 2 + 128)  # heads x (qk + v) x dims + mlp, summed over the blocks
+    after = sum(b["heads"] * (b["qk_dim"] + b["v_dim"]) + b["mlp_dim"] for b in pruned["structure"]["blocks"])
+    assert after < before
+    assert all(c["rel_l2"] < 1e-4 and c["cosine_min"] > 0.9999 for c in pruned["parity"]["checks"])
+    tokens = deploycomp.compile(source, tmp_path / "tokens", deploycomp.CompileOptions(
+        semantic_tokens=SemanticTokenConfig(4, layer=0), measure_rounds=0))
+    assert any(b["keys"] for b in tokens["structure"]["blocks"])
+    assert all(c["rel_l2"] < 1e-4 for c in tokens["parity"]["checks"])
