@@ -95,6 +95,10 @@ def compile_cmd(
     token_lowering: Optional[str] = typer.Option(None, "--token-lowering", help="How the TokenCluster op runs: reference (standard ops) or ort-mha (ONNX Runtime's fused attention); default: the target's."),
 ):
     """Compile a model into a verified artifact: model.onnx + manifest.json + report.md (+ pruning.png)."""
+    from .frontend import check_compile_request  # refuse a request that cannot succeed before torch is imported
+
+    check_compile_request(model, weights, _parse_model_args(model_arg), prune=latency is not None,
+                          semantic_tokens=semantic_tokens is not None)
     from .api import CompileOptions, compile as do_compile
 
     prune = None

@@ -377,3 +377,19 @@ def test_converted_sources_prune_and_tokenize(tiny_open_clip, tiny_tables, tmp_p
         semantic_tokens=SemanticTokenConfig(4, layer=0), measure_rounds=0))
     assert any(b["keys"] for b in tokens["structure"]["blocks"])
     assert all(c["rel_l2"] < 1e-4 for c in tokens["parity"]["checks"])
+
+
+def test_cli_refuses_methods_on_onnx_before_importing_torch(tmp_path):
+    """The CLI checks the request first: one error line, exit 2, and torch was never imported."""
+    import subprocess
+
+    (tmp_path / "m.onnx").write_bytes(b"not read")
+    code = ("import sys\nfrom deploycomp.cli import main\n"
+            f"sys.argv = ['deploycomp', 'compile', {str(tmp_path / 'm.onnx')!r}, '--latency', '0.5x', "
+            f"'-o', {str(tmp_path / 'out')!r}]\n"
+            "try:\n    main()\nexcept SystemExit as exc:\n    print('exit', exc.code, 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.stdout.split() == ["exit", "2", "False"], (r.stdout, r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: --latency pruning rewrites and trains the model"), r.stderr
+    assert not (tmp_path / "out").exists()

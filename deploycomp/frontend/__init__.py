@@ -86,8 +86,9 @@ def check_compile_request(spec: str, weights: str | Path | None = None, model_kw
     fine-tuning) asked of a source that has no torch module (a bare .onnx file)."""
     wanted = [flag for flag, on in (("--latency pruning", prune), ("--semantic-tokens", semantic_tokens)) if on]
     if wanted and not spec.startswith(TORCH_SOURCES):
-        raise DeployCompError(f"{' and '.join(wanted)} rewrite{'s' if len(wanted) == 1 else ''} and train the model "
-                              f"in torch: give {', '.join(s + '...' for s in TORCH_SOURCES)}, not an .onnx file")
+        verbs = "rewrites and trains" if len(wanted) == 1 else "rewrite and train"
+        raise DeployCompError(f"{' and '.join(wanted)} {verbs} the model in torch: give "
+                              f"{', '.join(s + '...' for s in TORCH_SOURCES)}, not an .onnx file")
     check_source_spec(spec, weights, model_kwargs)
 
 
