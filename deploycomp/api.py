@@ -103,7 +103,7 @@ def compile(source: str, output: str | Path, options: CompileOptions | None = No
     if options.precision != "fp32" and options.prune is not None:
         raise DeployCompError("--latency pruning predicts with fp32 latency tables: compile it at --precision fp32")
     check_compile_request(source, options.weights, options.model_kwargs, prune=options.prune is not None,
-                          semantic_tokens=options.semantic_tokens is not None)  # before anything is loaded
+                          semantic_tokens=options.semantic_tokens)  # before anything is loaded
     say = progress or (lambda stage: None)
     output = Path(output)
     backend = get_backend(options.target, threads=options.threads, allow_spinning=options.allow_spinning)

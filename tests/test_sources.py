@@ -393,3 +393,18 @@ def test_cli_refuses_methods_on_onnx_before_importing_torch(tmp_path):
     assert r.stdout.split() == ["exit", "2", "False"], (r.stdout, r.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: --latency pruning rewrites and trains the model"), r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_token_rewrite_limits_are_refused_before_loading_a_timm_model(tmp_path, monkeypatch):
+    """A timm model without one cls token read by the head (registers + GAP) cannot take semantic
+    tokens: refused from the meta-device model, before any weights are built or exported."""
+    import deploycomp.frontend as frontend
+    from deploycomp.tokens.stvit import SemanticTokenConfig
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the model was built before the request was checked")
+
+    monkeypatch.setattr(frontend, "load_source", must_not_load)
+    with pytest.raises(DeployCompError, match="exactly one cls token"):
+        deploycomp.compile("timm:vit_base_patch16_reg4_gap_256", tmp_path / "out",
+                           deploycomp.CompileOptions(semantic_tokens=SemanticTokenConfig(4), model_kwargs=TIMM_TINY))

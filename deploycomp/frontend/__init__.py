@@ -12,12 +12,15 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import onnx_ir as ir
 
 from ..errors import DeployCompError
+
+if TYPE_CHECKING:
+    from ..tokens.stvit import SemanticTokenConfig
 
 
 @dataclass
@@ -80,16 +83,24 @@ TORCH_SOURCES = ("timm:", "hf:", "hf-config:", "open_clip:")
 
 
 def check_compile_request(spec: str, weights: str | Path | None = None, model_kwargs: dict | None = None, *,
-                          prune: bool = False, semantic_tokens: bool = False) -> None:
+                          prune: bool = False, semantic_tokens: "bool | SemanticTokenConfig" = False) -> None:
     """Refuse a compile request that cannot succeed before the graph is loaded or anything is built:
-    the source spec's cheap checks, and methods that train the model (pruning, semantic-token
-    fine-tuning) asked of a source that has no torch module (a bare .onnx file)."""
+    the source spec's cheap checks, methods that train the model (pruning, semantic-token
+    fine-tuning) asked of a source that has no torch module (a bare .onnx file), and, for a timm
+    source given a token config, what the token rewrite does not support (checked on the model
+    built on the meta device: no weights, well under a second)."""
     wanted = [flag for flag, on in (("--latency pruning", prune), ("--semantic-tokens", semantic_tokens)) if on]
     if wanted and not spec.startswith(TORCH_SOURCES):
         verbs = "rewrites and trains" if len(wanted) == 1 else "rewrite and train"
         raise DeployCompError(f"{' and '.join(wanted)} {verbs} the model in torch: give "
                               f"{', '.join(s + '...' for s in TORCH_SOURCES)}, not an .onnx file")
     check_source_spec(spec, weights, model_kwargs)
+    if spec.startswith("timm:") and semantic_tokens and not isinstance(semantic_tokens, bool):
+        from ..tokens.stvit import check_supported
+        from .timm_models import meta_model
+
+        meta = meta_model(spec[len("timm:"):], model_kwargs)
+        check_supported(meta, semantic_tokens.resolved(len(getattr(meta, "blocks", None) or getattr(meta, "layers", []))))
 
 
 def _load_converted(spec: str, weights, model_kwargs, opset: int) -> Source:

@@ -63,7 +63,7 @@ def timm_spec(name: str) -> TimmModelSpec:
         raise DeployCompError(f"timm:{name} is not a ViT or Swin that deploycomp reads (timm module "
                               f"'{timm.models.get_arch_name(name)}'); supported are timm's "
                               f"{', '.join(m for m in TIMM_MODULES if m != 'proxy')} models")
-    meta = _meta_model(name)
+    meta = meta_model(name)
     reason = unsupported_part(meta)
     if reason:
         raise DeployCompError(f"timm:{name} cannot be compiled: {reason}")
@@ -75,7 +75,8 @@ def timm_spec(name: str) -> TimmModelSpec:
     return TimmModelSpec(name, TIMM_MODULES[module_name], img[0] if img[0] == img[1] else img, int(in_chans))
 
 
-def _meta_model(name: str, kwargs: dict[str, Any] | None = None):
+def meta_model(name: str, kwargs: dict[str, Any] | None = None):
+    """timm model ``name`` built on the meta device: its structure without memory or weights."""
     import timm
     import torch
 
@@ -131,7 +132,7 @@ def build_timm_model(name: str, weights: Path | None = None, model_kwargs: dict[
     spec = timm_spec(name)
     kwargs = dict(model_kwargs or {})
     if kwargs:  # overrides can add parts (class_token=False, qk_norm=True, ...): check them first, cheaply
-        reason = unsupported_part(_meta_model(name, kwargs))
+        reason = unsupported_part(meta_model(name, kwargs))
         if reason:
             raise DeployCompError(f"timm:{name} with {kwargs} cannot be compiled: {reason}")
     try:
