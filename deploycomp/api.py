@@ -78,10 +78,10 @@ def check_options(source: str, options: CompileOptions) -> None:
         raise DeployCompError(f"unknown precision '{options.precision}': use one of {', '.join(PRECISIONS)}")
     if options.precision != "fp32" and options.prune is not None:
         raise DeployCompError("--latency pruning predicts with fp32 latency tables: compile it at --precision fp32")
-    if not source.startswith("timm:"):
-        for flag, given in (("--latency", options.prune is not None), ("--semantic-tokens", options.semantic_tokens is not None)):
-            if given:
-                raise DeployCompError(f"{flag} rewrites and trains the torch model: give timm:<name>, not an .onnx file")
+    from .frontend import check_compile_request
+
+    check_compile_request(source, options.weights, options.model_kwargs, prune=options.prune is not None,
+                          semantic_tokens=options.semantic_tokens or False)
     if options.token_finetune_epochs and not options.data:
         raise DeployCompError("fine-tuning after the token rewrite needs training data (--data)")
     if options.prune is not None and (options.prune.kd_steps or options.prune.finetune_epochs) and not options.data:

@@ -62,7 +62,7 @@ def _parse_model_args(items: list[str]) -> dict:
 
 @app.command("compile")
 def compile_cmd(
-    model: str = typer.Argument(..., help="timm:<name> (e.g. timm:deit_small_patch16_224) or a path to a ViT .onnx file."),
+    model: str = typer.Argument(..., help="timm:<name> (e.g. timm:deit_small_patch16_224), hf:<dir>, hf-config:<config.json>, open_clip:<arch>, or a ViT .onnx file."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write (replaced atomically)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict (.safetensors or .pth, weights only) for a timm model."),
     target: str = typer.Option("ort-cpu", "--target", help=f"Target backend: {TARGETS_HELP}."),
@@ -99,6 +99,10 @@ def compile_cmd(
     token_lowering: Optional[str] = typer.Option(None, "--token-lowering", help="How the TokenCluster op runs: reference (standard ops) or ort-mha (ONNX Runtime's fused attention); default: the target's."),
 ):
     """Compile a model into a verified artifact: model.onnx + manifest.json + report.md (+ pruning.png)."""
+    from .frontend import check_compile_request  # refuse a request that cannot succeed before torch is imported
+
+    check_compile_request(model, weights, _parse_model_args(model_arg), prune=latency is not None,
+                          semantic_tokens=semantic_tokens is not None)
     from .api import CompileOptions, compile as do_compile
 
     prune = None

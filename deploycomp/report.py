@@ -87,7 +87,8 @@ def render_report(m: dict[str, Any]) -> str:
                    f"{parity['top1_agreement']:.3f} (min {parity['min_top1_agreement']}), cosine {parity['cosine']:.4f} "
                    f"(min {parity['min_cosine']}), relative L2 {parity['rel_l2']:.3g} - passed")
     else:
-        checks = ", ".join(f"batch {c['batch']}: {c['rel_l2']:.2e}" for c in parity["checks"])
+        checks = ", ".join(f"batch {c['batch']}: {c['rel_l2']:.2e}"
+                           + (f" (cosine >= {c['cosine_min']:.6f})" if "cosine_min" in c else "") for c in parity["checks"])
         verdict = (f"- verification vs the {parity['reference']} reference (relative L2 <= {parity['tolerance']:g}, "
                    f"seed {parity['seed']}): {checks} - passed")
     quant = m.get("quantization")

@@ -32,7 +32,7 @@ fi
 echo "== installing torch 2.14.1, torchvision 0.29.1"
 quiet .venv/bin/python -m pip install --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
 quiet .venv/bin/python -c "import torch, torchvision"
-echo "== installing deploycomp[dev]"
-quiet .venv/bin/python -m pip install --disable-pip-version-check -e ".[dev]"
+echo "== installing deploycomp[dev,hf,clip]"
+quiet .venv/bin/python -m pip install --disable-pip-version-check -e ".[dev,hf,clip]"
 quiet .venv/bin/deploycomp --help
 echo "== ready: .venv/bin/deploycomp"

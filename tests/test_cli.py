@@ -103,7 +103,8 @@ def test_bad_timm_inputs(tmp_path, bad_files, case):
 
 
 @pytest.mark.parametrize("model,message", [
-    ("timm:vit_giant_patch14_224", "unknown model 'timm:vit_giant_patch14_224': supported are"),
+    ("timm:vit_no_such_model_224", "unknown model 'timm:vit_no_such_model_224': not in timm's registry"),
+    ("timm:vit_base_patch16_siglip_224", "timm:vit_base_patch16_siglip_224 cannot be compiled: attention-pooling head"),
     ("{d}/missing.onnx", "model file not found"),
     ("{d}/garbage.onnx", "not a valid ONNX model"),
     ("{d}/cnn.onnx", "not a ViT: no self-attention"),

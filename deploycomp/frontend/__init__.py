@@ -1,19 +1,26 @@
 """Frontends: turn what the user names into an ONNX graph plus a reference to verify against.
 
-``timm:<name>`` builds a timm model (random init, or ``--weights``) and exports it; a path to an
-``.onnx`` file is read as it is. Either way the result is a :class:`Source`.
+``timm:<name>`` builds a timm model (random init, or ``--weights``) and exports it; ``hf:DIR``,
+``hf-config:JSON`` and ``open_clip:<arch>`` build the source library's module and convert it into
+timm's ``VisionTransformer`` (frontend/canonical.py), which is exported while the library's own
+module stays the reference; a path to an ``.onnx`` file is read as it is. Either way the result is
+a :class:`Source`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import onnx_ir as ir
 
 from ..errors import DeployCompError
+
+if TYPE_CHECKING:
+    from ..tokens.stvit import SemanticTokenConfig
 
 
 @dataclass
@@ -28,20 +35,129 @@ class Source:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+SOURCE_FORMS = "timm:<name>, hf:<dir>, hf-config:<config.json>, open_clip:<arch> or a path to an .onnx file"
+
+
 def load_source(spec: str, weights: str | Path | None = None, model_kwargs: dict | None = None,
                 opset: int = 18) -> Source:
     if spec.startswith("timm:"):
         return _load_timm(spec[len("timm:"):], weights, model_kwargs, opset)
+    if spec.startswith(("hf:", "hf-config:", "open_clip:")):
+        return _load_converted(spec, weights, model_kwargs, opset)
     path = Path(spec)
     if path.suffix == ".onnx" or path.is_file():
         if weights is not None:
-            raise DeployCompError("--weights applies to timm: models; an .onnx file carries its own weights")
+            raise DeployCompError("--weights applies to timm: and open_clip: models; an .onnx file carries its own weights")
         return load_onnx_file(path)
-    raise DeployCompError(f"unknown model '{spec}': give timm:<name> or a path to an .onnx file")
+    raise DeployCompError(f"unknown model '{spec}': give {SOURCE_FORMS}")
+
+
+def check_source_spec(spec: str, weights: str | Path | None = None, model_kwargs: dict | None = None) -> None:
+    """The cheap checks of a source spec (name known, files present, options that apply), made
+    before anything is built or loaded, so that a bad source is refused in well under a second."""
+    kind, _, rest = spec.partition(":")
+    if kind in ("hf", "hf-config", "open_clip"):
+        if model_kwargs:
+            raise DeployCompError(f"--model-arg applies to timm: models; {kind}: reads its architecture from "
+                                  f"{'the config' if kind.startswith('hf') else 'open_clip'}")
+        if kind.startswith("hf") and weights is not None:
+            raise DeployCompError(f"--weights does not apply to {kind}: (hf:DIR reads the directory's safetensors)")
+        if kind == "hf" and not (Path(rest) / "config.json").is_file():
+            raise DeployCompError(f"hf:{rest}: no config.json (give a local Hugging Face model directory)")
+        if kind == "hf-config" and not Path(rest).is_file():
+            raise DeployCompError(f"hf-config:{rest}: file not found")
+        if weights is not None and not Path(weights).is_file():
+            raise DeployCompError(f"weights file not found: {weights}")
+    elif kind == "timm":
+        from .timm_models import timm_spec
+
+        timm_spec(rest)
+        if weights is not None and not Path(weights).is_file():
+            raise DeployCompError(f"weights file not found: {weights}")
+    elif not Path(spec).is_file():
+        raise DeployCompError(f"model file not found: {spec}" if spec.endswith(".onnx") else
+                              f"unknown model '{spec}': give {SOURCE_FORMS}")
+
+
+TORCH_SOURCES = ("timm:", "hf:", "hf-config:", "open_clip:")
+
+
+def check_compile_request(spec: str, weights: str | Path | None = None, model_kwargs: dict | None = None, *,
+                          prune: bool = False, semantic_tokens: "bool | SemanticTokenConfig" = False) -> None:
+    """Refuse a compile request that cannot succeed before the graph is loaded or anything is built:
+    the source spec's cheap checks, methods that train the model (pruning, semantic-token
+    fine-tuning) asked of a source that has no torch module (a bare .onnx file), and, for a timm
+    source given a token config, what the token rewrite does not support (checked on the model
+    built on the meta device: no weights, well under a second)."""
+    wanted = [flag for flag, on in (("--latency pruning", prune), ("--semantic-tokens", semantic_tokens)) if on]
+    if wanted and not spec.startswith(TORCH_SOURCES):
+        verbs = "rewrites and trains" if len(wanted) == 1 else "rewrite and train"
+        raise DeployCompError(f"{' and '.join(wanted)} {verbs} the model in torch: give "
+                              f"{', '.join(s + '...' for s in TORCH_SOURCES)}, not an .onnx file")
+    check_source_spec(spec, weights, model_kwargs)
+    if spec.startswith("timm:") and semantic_tokens and not isinstance(semantic_tokens, bool):
+        from ..tokens.stvit import check_supported
+        from .timm_models import meta_model
+
+        meta = meta_model(spec[len("timm:"):], model_kwargs)
+        check_supported(meta, semantic_tokens.resolved(len(getattr(meta, "blocks", None) or getattr(meta, "layers", []))))
+
+
+def _load_converted(spec: str, weights, model_kwargs, opset: int) -> Source:
+    """hf:, hf-config: and open_clip: sources: the library's module converted into timm's ViT."""
+    from .export import export_to_onnx
+
+    check_source_spec(spec, weights, model_kwargs)
+    kind, _, rest = spec.partition(":")
+    with _quiet_libraries(hf=kind.startswith("hf")):
+        if kind == "hf":
+            from .hf import load_hf_dir
+
+            converted = load_hf_dir(rest)
+        elif kind == "hf-config":
+            from .hf import load_hf_config
+
+            converted = load_hf_config(rest)
+        else:
+            from .openclip import load_open_clip
+
+            converted = load_open_clip(rest, weights)
+    model = export_to_onnx(converted.module, converted.input_shape, opset)
+    return Source(spec, converted.family, model, converted.input_shape, torch_reference(converted.original), "torch",
+                  converted.module, {**converted.meta, "opset": opset})
+
+
+@contextlib.contextmanager
+def _quiet_libraries(hf: bool):
+    """transformers' progress bars and open_clip's "no pretrained weights" warning say nothing the
+    manifest does not record."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    bars = None
+    if hf:
+        from .canonical import import_optional
+
+        transformers = import_optional("transformers", "hf")
+        bars = transformers.utils.logging.is_progress_bar_enabled()
+        verbosity = transformers.utils.logging.get_verbosity()
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()  # the load report: missing keys are refused by hf.py
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        if hf:
+            transformers.utils.logging.set_verbosity(verbosity)
+            if bars:
+                transformers.utils.logging.enable_progress_bar()
 
 
 def torch_reference(module) -> Callable[[np.ndarray], np.ndarray]:
-    """The reference function of a torch module: images (N,C,H,W float32) -> logits, no autograd."""
+    """The reference function of a torch module (or any callable on image tensors): images
+    (N,C,H,W float32) -> logits or embedding, no autograd."""
     import torch
 
     def reference(x: np.ndarray) -> np.ndarray:

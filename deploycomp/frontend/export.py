@@ -5,6 +5,11 @@ leave a model at another opset than asked, so both are checked after every expor
 own optimizer is off: it deduplicates equal initializers across blocks (all-zero biases of a
 freshly initialised model become one tensor), which would couple independent structures. The
 cleanup pass does the folding instead.
+
+A Conv whose torch module has no bias (CLIP's pre-norm patch embedding) is exported with a computed
+all-zero bias (``Expand(0, [C])``); it is dropped, since the cleanup pass would fold it into an
+initializer that belongs to no torch parameter, which pruning (gradients per coupled tensor)
+cannot map back.
 """
 
 from __future__ import annotations
@@ -42,7 +47,23 @@ def export_to_onnx(module, input_shape: tuple[int, ...], opset: int = 18) -> ir.
         )
     model = program.model
     check_exported(model, opset)
+    drop_zero_conv_bias(model, module)
     return model
+
+
+def drop_zero_conv_bias(model: ir.Model, module) -> int:
+    """Remove the bias input of every Conv whose torch module has none (the exporter computes a
+    zero one): an exact rewrite; returns how many."""
+    modules = dict(module.named_modules())
+    dropped = 0
+    for node in model.graph:
+        if node.op_type != "Conv" or len(node.inputs) < 3 or node.inputs[2] is None or node.inputs[1] is None:
+            continue
+        conv = modules.get(node.inputs[1].name.removesuffix(".weight"))
+        if conv is not None and getattr(conv, "bias", "absent") is None:
+            node.resize_inputs(2)
+            dropped += 1
+    return dropped
 
 
 def check_exported(model: ir.Model, opset: int) -> None:

@@ -1,37 +1,32 @@
-"""timm model registry: the ViT families deploycomp compiles from a model name.
+"""timm models by name: every ViT and Swin in timm's own registry that deploycomp can read.
 
-A registry entry says which family a timm name belongs to (structure discovery and the report
-use it) and its input resolution. Weights come from a user's state dict file, never from a hub.
+Names come from timm's registry (``timm.list_models``), not from a list kept here: a name is
+accepted when timm registers it in one of :data:`TIMM_MODULES` and the model it builds has only
+parts that structure discovery and the exported graph can express (:func:`unsupported_part`).
+That is checked on the *meta* device (no memory, no weights: about 0.1 s), so an unsupported name
+is refused in one line before any slow work. Weights come from a user's state dict file, never
+from a hub.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from ..errors import DeployCompError
+
+# timm module -> the family name deploycomp reports
+TIMM_MODULES = {"vision_transformer": "vit", "deit": "deit", "swin_transformer": "swin", "proxy": "deit"}
 
 
 @dataclass(frozen=True)
 class TimmModelSpec:
     name: str
     family: str  # "deit" | "vit" | "swin"
-    img_size: int = 224
+    img_size: int | tuple[int, int] = 224
     in_chans: int = 3
-
-
-TIMM_MODELS: dict[str, TimmModelSpec] = {
-    spec.name: spec
-    for spec in (
-        TimmModelSpec("deit_tiny_patch16_224", "deit"),
-        TimmModelSpec("deit_small_patch16_224", "deit"),
-        TimmModelSpec("deit_base_patch16_224", "deit"),
-        TimmModelSpec("swin_tiny_patch4_window7_224", "swin"),
-        TimmModelSpec("swin_small_patch4_window7_224", "swin"),
-        TimmModelSpec("deit_fmnist_patch4_28", "deit", img_size=28, in_chans=1),  # frontend/proxy.py
-    )
-}
 
 
 def timm_input_shape(spec: TimmModelSpec, model_kwargs: dict[str, Any] | None = None) -> tuple[int, int, int, int]:
@@ -42,19 +37,94 @@ def timm_input_shape(spec: TimmModelSpec, model_kwargs: dict[str, Any] | None = 
     return (1, int(kwargs.get("in_chans", spec.in_chans)), int(h), int(w))
 
 
-def timm_spec(name: str) -> TimmModelSpec:
-    try:
-        return TIMM_MODELS[name]
-    except KeyError:
-        from ..design.registry import design_spec  # architectures written by `deploycomp design`
+def supported_timm_models() -> list[str]:
+    """Every timm name in the supported modules (whether each one converts is checked on use)."""
+    import timm
 
-        spec = design_spec(name)
-        if spec is not None:
-            return spec
-        raise DeployCompError(
-            f"unknown model 'timm:{name}': supported are "
-            + ", ".join(f"timm:{n}" for n in TIMM_MODELS)
-        ) from None
+    from . import proxy  # noqa: F401  (registers the proxy model with timm)
+
+    return sorted(n for module in TIMM_MODULES for n in timm.list_models(module=module))
+
+
+@lru_cache(maxsize=64)
+def timm_spec(name: str) -> TimmModelSpec:
+    """The spec of timm model ``name``, or a one-line refusal (unknown name, or a part that the
+    compiler cannot express), decided without building weights."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    from ..design.registry import design_spec  # architectures written by `deploycomp design`
+    from . import proxy  # noqa: F401
+
+    designed = design_spec(name)
+    if designed is not None:
+        return designed
+    if not timm.is_model(name):
+        raise DeployCompError(f"unknown model 'timm:{name}': not in timm's registry "
+                              f"(deploycomp reads timm's {', '.join(m for m in TIMM_MODULES if m != 'proxy')} models)")
+    module_name = next((m for m in TIMM_MODULES if timm.models.is_model_in_modules(name, [m])), None)
+    if module_name is None:
+        raise DeployCompError(f"timm:{name} is not a ViT or Swin that deploycomp reads (timm module "
+                              f"'{timm.models.get_arch_name(name)}'); supported are timm's "
+                              f"{', '.join(m for m in TIMM_MODULES if m != 'proxy')} models")
+    meta = meta_model(name)
+    reason = unsupported_part(meta)
+    if reason:
+        raise DeployCompError(f"timm:{name} cannot be compiled: {reason}")
+    cfg = get_pretrained_cfg(name)
+    img = tuple(meta.patch_embed.img_size) if hasattr(meta, "patch_embed") and meta.patch_embed.img_size else None
+    if img is None and cfg is not None:
+        img = tuple(cfg.input_size[1:])
+    in_chans = meta.patch_embed.proj.in_channels
+    return TimmModelSpec(name, TIMM_MODULES[module_name], img[0] if img[0] == img[1] else img, int(in_chans))
+
+
+def meta_model(name: str, kwargs: dict[str, Any] | None = None):
+    """timm model ``name`` built on the meta device: its structure without memory or weights."""
+    import timm
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False, **(kwargs or {}))
+    except TypeError as exc:
+        raise DeployCompError(f"bad model arguments for timm:{name}: {exc}") from None
+
+
+def unsupported_part(model) -> str | None:
+    """Why ``model`` (a timm module) cannot be compiled, or None: the parts structure discovery,
+    the pruning rewrite and the exported graph do not express."""
+    import torch.nn as nn
+    from timm.layers import Mlp, PatchEmbed
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+    if isinstance(model, SwinTransformer):
+        return None
+    if not isinstance(model, VisionTransformer):
+        return f"{type(model).__name__} is not a timm VisionTransformer"
+    if type(model.patch_embed) is not PatchEmbed or not isinstance(model.patch_embed.proj, nn.Conv2d):
+        return f"patch embedding {type(model.patch_embed).__name__} is not a plain Conv (hybrid CNN stems are not read)"
+    if getattr(model, "attn_pool", None) is not None:
+        return f"attention-pooling head (global_pool='{model.global_pool}')"
+    if model.global_pool not in ("token", "avg", ""):
+        return f"global_pool '{model.global_pool}' (token and avg are read)"
+    if getattr(model, "dynamic_img_size", False):
+        return "dynamic image size (position embeddings resampled at run time)"
+    norms = [m for m in model.modules() if "norm" in type(m).__name__.lower() and not isinstance(m, nn.LayerNorm)]
+    if norms:
+        return f"{type(norms[0]).__name__} layers (LayerNorm is read)"
+    for i, block in enumerate(model.blocks):
+        if type(block) is not Block:
+            return f"block {i} is a {type(block).__name__} (parallel or post-norm blocks are not read)"
+        attn = block.attn
+        if type(attn) is not Attention:
+            return f"block {i} attention is a {type(attn).__name__}"
+        if any(not isinstance(getattr(attn, n, None), (nn.Identity, type(None))) for n in ("q_norm", "k_norm", "norm")):
+            return f"block {i} has q/k norms or a norm inside the attention"
+        if type(block.mlp) is not Mlp or not isinstance(getattr(block.mlp, "norm", None), (nn.Identity, type(None))):
+            return f"block {i} MLP is a {type(block.mlp).__name__} (gated or normed MLPs are not read)"
+    return None
 
 
 def build_timm_model(name: str, weights: Path | None = None, model_kwargs: dict[str, Any] | None = None):
@@ -65,6 +135,10 @@ def build_timm_model(name: str, weights: Path | None = None, model_kwargs: dict[
 
     spec = timm_spec(name)
     kwargs = dict(model_kwargs or {})
+    if kwargs:  # overrides can add parts (class_token=False, qk_norm=True, ...): check them first, cheaply
+        reason = unsupported_part(meta_model(name, kwargs))
+        if reason:
+            raise DeployCompError(f"timm:{name} with {kwargs} cannot be compiled: {reason}")
     try:
         model = timm.create_model(spec.name, pretrained=False, **kwargs)
     except TypeError as exc:

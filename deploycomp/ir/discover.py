@@ -35,7 +35,7 @@ ELEMENTWISE_OPS = {"Add", "Sub", "Mul", "Div", "Erf", "Gelu", "FastGelu", "BiasG
 SCORE_OPS = {"Add", "Mul", "Div", "Reshape", "Sub", "Cast", "Identity", "Where"}
 STREAM_UP_OPS = {"Add", "Concat", "Expand", "Transpose", "Reshape", "Flatten", "LayerNormalization",
                  "Identity", "Squeeze", "Unsqueeze", "Pad", "Slice", "Cast"}
-STREAM_DOWN_OPS = {"Add", "LayerNormalization", "Gather", "Slice", "Squeeze", "Unsqueeze", "ReduceMean",
+STREAM_DOWN_OPS = {"Add", "Mul", "LayerNormalization", "Gather", "Slice", "Squeeze", "Unsqueeze", "ReduceMean",
                    "Reshape", "Transpose", "Flatten", "GlobalAveragePool", "Identity", "Pad", "Concat", "Cast"}
 
 
@@ -56,6 +56,16 @@ def _is_shape_derived(value: ir.Value | None, depth: int = 12) -> bool:
     if node.op_type == "CastLike":  # the second input only lends its type
         return _is_shape_derived(node.inputs[0], depth - 1)
     return all(_is_shape_derived(v, depth - 1) for v in node.inputs)
+
+
+# Consumers that read only a value's shape or type: exporters branch to them (TorchScript's
+# ``Shape(attn_out) -> Reshape target``), and they never carry the value's data on.
+SHAPE_ONLY_OPS = {"Shape", "Size"}
+
+
+def _data_consumers(value: ir.Value) -> list[ir.Node]:
+    """The consumers of ``value`` that use its data (not only its shape)."""
+    return [n for n in value.consumers() if n.op_type not in SHAPE_ONLY_OPS]
 
 
 def _array(value: ir.Value) -> np.ndarray:
@@ -101,7 +111,7 @@ def as_projection(node: ir.Node | None) -> Projection | None:
             return None
         out = node.outputs[0]
         bias = None
-        consumers = out.consumers()
+        consumers = _data_consumers(out)
         if len(consumers) == 1 and consumers[0].op_type == "Add":
             add = consumers[0]
             other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
@@ -223,7 +233,7 @@ def find_attention(softmax: ir.Node) -> Attention | None:
         value = live[0]
     if qk is None:
         return None
-    av = next((c for c in softmax.outputs[0].consumers() if c.op_type == "MatMul" and c.inputs[0] is softmax.outputs[0]), None)
+    av = _forward_to_av(softmax.outputs[0])
     if av is None:
         return None
     q, k, v = (trace_to_projection(x) for x in (qk.inputs[0], qk.inputs[1], av.inputs[1]))
@@ -253,9 +263,40 @@ def _gathered_table(value: ir.Value) -> ir.Value | None:
     return None
 
 
+def _forward_to_av(probs: ir.Value) -> ir.Node | None:
+    """The MatMul that applies attention probabilities to v, through what exporters put between:
+    casts, and the NaN guard of a decomposed scaled_dot_product_attention
+    (``Where(IsNaN(p), 0, p)``, dynamo)."""
+    value = probs
+    for _ in range(8):
+        consumers = [n for n in _data_consumers(value) if not (n.op_type == "IsNaN" and _guards(n, value))]
+        if len(consumers) != 1:
+            return None
+        node = consumers[0]
+        if node.op_type == "MatMul" and node.inputs[0] is value:
+            return node
+        if node.op_type in ("Cast", "Identity"):
+            value = node.outputs[0]
+        elif node.op_type == "Where" and node.inputs[2] is value and _is_shape_derived(node.inputs[1]) \
+                and node.inputs[0].producer() is not None and node.inputs[0].producer().op_type == "IsNaN" \
+                and node.inputs[0].producer().inputs[0] is value:
+            value = node.outputs[0]
+        else:
+            return None
+    return None
+
+
+def _guards(isnan: ir.Node, value: ir.Value) -> bool:
+    """An IsNaN of ``value`` whose result only selects between ``value`` and a constant."""
+    return all(c.op_type == "Where" and c.inputs[0] is isnan.outputs[0] and c.inputs[2] is value
+               for c in isnan.outputs[0].consumers())
+
+
 def _forward_to_projection(value: ir.Value) -> Projection | None:
+    """The output projection reached from the attention output through layout ops; branches
+    that read only the shape (TorchScript's ``Shape -> Reshape`` target) are not data paths."""
     for _ in range(16):
-        consumers = value.consumers()
+        consumers = _data_consumers(value)
         if len(consumers) != 1:
             return None
         node = consumers[0]
@@ -293,7 +334,7 @@ def find_mlp_partner(proj: Projection, claimed: set[int]) -> Projection | None:
             if partner is not None and partner.node is not other.node:
                 return None
             partner = other
-        elif node.op_type not in ELEMENTWISE_OPS:
+        elif node.op_type not in ELEMENTWISE_OPS and node.op_type not in SHAPE_ONLY_OPS:
             return None
     if partner is None or id(partner.node) in claimed or partner.in_dim != proj.out_dim:
         return None
@@ -404,7 +445,32 @@ def discover(model: ir.Model, family: str | None = None) -> Structure:
     last_of_stage = [b for b, nxt in zip(blocks, blocks[1:] + [None]) if nxt is None or nxt.stage != b.stage]
     for b in last_of_stage:
         _couple_stage_exit(builder, b, block_mlp[b.index][1], stage_embs, claimed)
-    return Structure(family=family or "vit", blocks=blocks, stage_embs=stage_embs, graph=builder.graph)
+    return Structure(family=family or detect_family(model, blocks), blocks=blocks, stage_embs=stage_embs,
+                     graph=builder.graph)
+
+
+# Initializer-name marks of the libraries a ViT graph is exported from: both exporters keep the
+# module's parameter names for the tensors they do not fold (norms, tokens, embeddings).
+FAMILY_MARKS = (
+    ("hf-clip", ("pre_layrnorm", "vision_model.embeddings", "post_layernorm")),
+    ("hf-deit", ("distillation_token", "deit.embeddings", "deit.layers", "deit.encoder")),
+    ("hf-vit", ("embeddings.patch_embeddings", "layernorm_before", "layernorm_after")),
+    ("open_clip", ("transformer.resblocks", "positional_embedding", "class_embedding", "ln_pre.")),
+    ("timm-vit", ("patch_embed.proj", "blocks.0.norm1", "cls_token", "pos_embed")),
+)
+
+
+def detect_family(model: ir.Model, blocks: list[BlockStructure]) -> str:
+    """The source family of a discovered graph, for ``inspect`` and the report: ``swin`` when
+    attention runs in windows, else the library whose parameter names the graph carries
+    (``hf-vit``, ``hf-deit``, ``hf-clip``, ``open_clip``, ``timm-vit``), else ``vit``."""
+    if any(b.sequences > 1 for b in blocks):
+        return "swin"
+    names = list(model.graph.initializers)
+    for family, marks in FAMILY_MARKS:
+        if any(mark in name for name in names for mark in marks):
+            return family
+    return "vit"
 
 
 def _couple_block(builder: StructureGraphBuilder, b: BlockStructure, a: Attention, fc1: Projection, fc2: Projection) -> None:
@@ -468,6 +534,29 @@ def _couple_block(builder: StructureGraphBuilder, b: BlockStructure, a: Attentio
         builder.couple(emb, ChannelSlice(p.weight.name, p.out_axis))
         if p.bias is not None:
             builder.couple(emb, ChannelSlice(p.bias.name, 0))
+        gamma = layer_scale(p, b.emb)
+        if gamma is not None:
+            builder.couple(emb, ChannelSlice(gamma.name, len(gamma.const_value.shape) - 1))
+
+
+def layer_scale(proj: Projection, emb: int) -> ir.Value | None:
+    """The per-channel gamma a block multiplies a residual branch by (LayerScale: CaiT, DeiT-III,
+    open_clip ``ls_init_value``), if the projection's output goes through one."""
+    value = proj.output
+    for _ in range(4):  # nn.MultiheadAttention reshapes/transposes its output back to the batch layout first
+        consumers = _data_consumers(value)
+        if len(consumers) != 1 or consumers[0].op_type not in ("Mul", "Reshape", "Transpose", "Identity"):
+            return None
+        if consumers[0].op_type == "Mul":
+            break
+        value = consumers[0].outputs[0]
+    else:
+        return None
+    gamma = next((v for v in consumers[0].inputs if v is not value), None)
+    if _is_const(gamma) and gamma.is_initializer() and gamma.const_value.shape[-1] == emb \
+            and int(np.prod(gamma.const_value.shape)) == emb:
+        return gamma
+    return None
 
 
 def _couple_layernorm(builder: StructureGraphBuilder, group: str, ln: ir.Node, emb: int) -> None:

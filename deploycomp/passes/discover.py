@@ -13,9 +13,7 @@ class DiscoverPass(Pass):
     name = "discover"
 
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
-        structure = discover(model, family=ctx.family)
-        if ctx.family is None:
-            structure.family = "swin" if any(b.sequences > 1 for b in structure.blocks) else "vit"
+        structure = discover(model, family=ctx.family)  # without a family: detected from the graph
         ctx.structure = structure
         return PassResult(model, modified=False, info={"blocks": len(structure.blocks),
                                                        "groups": len(structure.groups())})
