@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--target", default="ort-cpu", help="ort-cpu or openvino-cpu (the op lowerings are timed on it)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "semantic_tokens_deit.json")
+    ap.add_argument("--out", type=Path, default=None, help="default: results/semantic_tokens_deit[_<target>].json")
     args = ap.parse_args()
 
     manifests, cands = {}, []
@@ -118,11 +118,13 @@ def main() -> None:
     result = {"model": args.model, "predicted": predicted_ratio(manifests["unrewritten"], args), "semantic_tokens": args.tokens, "generator_layer": args.layer, "batch": args.batch,
               "rounds": args.rounds, "host": host_fingerprint(), "rows": rows,
               "command": f".venv/bin/python benchmarks/bench_semantic_tokens.py --model {args.model} --tokens {args.tokens} "
-                         f"--batch {args.batch} --rounds {args.rounds}"}
+                         f"--batch {args.batch} --rounds {args.rounds} --target {args.target}", "target": args.target}
     print(f"\n{'candidate':32s} {'median ms':>10s} {'p10':>8s} {'p90':>8s} {'img/s':>8s} {'x unrewr.':>9s} {'x ref':>6s}")
     for r in rows:
         print(f"{r['name']:32s} {r['median_ms']:10.2f} {r['p10_ms']:8.2f} {r['p90_ms']:8.2f} {r['img_per_s']:8.1f} "
               f"{r.get('speedup_vs_unrewritten', float('nan')):9.2f} {r.get('speedup_vs_reference', float('nan')):6.2f}")
+    args.out = args.out or ROOT / "benchmarks" / "results" / (
+        "semantic_tokens_deit.json" if args.target == "ort-cpu" else f"semantic_tokens_deit_{args.target}.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, result)
     print(f"wrote {args.out}")
