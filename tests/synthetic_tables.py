@@ -1,0 +1,58 @@
+"""Latency tables written from a formula instead of measured: budget logic with answers known by hand.
+
+A table here is stamped with this device's fingerprint (so ``compile --latency`` accepts it) but its
+entries come from :data:`LINEAR`, a formula the predictor interpolates exactly (each part is linear
+in every key). No test that uses one depends on how busy the machine is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from deploycomp.backends.base import get_backend
+from deploycomp.latency.profiler import FIXED, GRIDS, device_fingerprint
+from deploycomp.latency.table import LatencyTable, save_table, table_path
+
+Formula = Callable[[str, tuple[int, ...]], float]
+
+# Milliseconds per unit of each part (ALPHA per MLP channel, per attention head-dim channel, ...).
+ALPHA = 0.01
+
+
+def mlp_only(part: str, point: tuple[int, ...]) -> float:
+    """Only the MLP width costs: ``ALPHA`` ms per MLP channel of a block; everything else a constant
+    (stem 0.3 ms, head 0.1 ms, attention 0.12 ms per block)."""
+    if part == "mlp":
+        return ALPHA * point[2]
+    return {"stem": 0.3, "head": 0.1, "attention": 0.12}[part]
+
+
+def attention_heavy(part: str, point: tuple[int, ...]) -> float:
+    """Attention costs ``ALPHA`` ms per head and head-dim channel (H·(QK+V)); the MLP costs a
+    hundredth of that per channel: latency-aware selection must take heads / head dims first."""
+    if part == "attention":
+        _, _, heads, qk, v = point
+        return 0.05 + ALPHA * heads * (qk + v)
+    if part == "mlp":
+        return 0.05 + 1e-4 * point[2]
+    return {"stem": 0.3, "head": 0.1}[part]
+
+
+def synthetic_table(formula: Formula, grid: str = "tiny", batch: int = 1, threads: int | None = None) -> LatencyTable:
+    fp = device_fingerprint(get_backend("ort-cpu", threads=threads), batch, "fp32")
+    protocol = {"warmup": 0, "repeats": 1, "passes": 1, "grid_name": grid}
+    table = LatencyTable(fp, GRIDS[grid], FIXED[grid], protocol)
+    for part in GRIDS[grid]:
+        for point in table.points(part):
+            table.add_samples(part, point, [formula(part, point)])
+    return table
+
+
+def write_synthetic_table(root: Path, formula: Formula, grid: str = "tiny", batch: int = 1,
+                          threads: int | None = None) -> Path:
+    """Write the table where ``compile --latency --tables root`` looks for this device's; returns its path."""
+    table = synthetic_table(formula, grid, batch, threads)
+    path = table_path(Path(root), table.fingerprint, grid)
+    save_table(table, path)
+    return path
