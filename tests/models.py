@@ -19,10 +19,13 @@ PRUNE_DEIT = {"img_size": 64, "patch_size": 16, "embed_dim": 32, "num_heads": 2,
 # four blocks: blocks 1-2 generate the semantic tokens, block 3 runs on them
 TOKEN_DEIT = {"img_size": 64, "patch_size": 16, "embed_dim": 48, "num_heads": 3, "depth": 4, "num_classes": 10}
 TOKEN_PRUNE_DEIT = {**TOKEN_DEIT, "embed_dim": 32, "num_heads": 2}
+QK_GAIN = 8.0
 
 
 def timm_deit(kwargs: dict, seed: int = 0) -> torch.nn.Module:
-    """A timm DeiT with non-trivial norms and biases (a wrong slice or scale of them shows)."""
+    """A timm DeiT with non-trivial norms and biases (a wrong slice of them shows), and q/k weights
+    large enough that attention is peaked: at timm's init (std 0.02) the softmax is nearly uniform,
+    and a wrong softmax scale moved the logits of a tiny model by only ~1e-4."""
     import timm
 
     torch.manual_seed(seed)
@@ -31,6 +34,9 @@ def timm_deit(kwargs: dict, seed: int = 0) -> torch.nn.Module:
         for n, p in module.named_parameters():
             if n.endswith("bias") or "norm" in n:
                 p.add_(0.1 * torch.randn_like(p))
+        for block in module.blocks:
+            emb = block.attn.qkv.in_features
+            block.attn.qkv.weight[: 2 * emb].mul_(QK_GAIN)
     return module
 
 
@@ -62,17 +68,18 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def perturbed(module: torch.nn.Module, scale: float = 1.01) -> torch.nn.Module:
-    """A copy with the last block's first MLP weight scaled: the control a parity check must fail."""
+    """A copy with the last block's first MLP weight scaled by 1 %: the control a parity check must fail."""
     import copy
 
     out = copy.deepcopy(module)
+    name = [n for n, _ in out.named_parameters() if n.endswith("mlp.fc1.weight")][-1]
     with torch.no_grad():
-        out.blocks[-1].mlp.fc1.weight.mul_(scale)
+        out.get_parameter(name).mul_(scale)
     return out
 
 
 def source_structure(module: torch.nn.Module, kwargs: dict):
-    """The structure the compiler discovers in the unpruned export (group names, unit counts)."""
+    """The cleaned export and the structure the compiler discovers in it (group names, unit counts)."""
     from deploycomp.frontend.export import export_to_onnx
     from deploycomp.passes.base import CompileContext, Pipeline
     from deploycomp.passes.cleanup import CleanupPass
@@ -81,7 +88,7 @@ def source_structure(module: torch.nn.Module, kwargs: dict):
     model = export_to_onnx(module.eval(), (1, 3, kwargs["img_size"], kwargs["img_size"]), 18)
     ctx = CompileContext(family="deit")
     Pipeline([CleanupPass(), DiscoverPass()])(model, ctx)
-    return ctx.structure
+    return model, ctx.structure
 
 
 def pruned_flexvit(module: torch.nn.Module, kwargs: dict, kept: dict[str, list[int]]):
@@ -89,8 +96,19 @@ def pruned_flexvit(module: torch.nn.Module, kwargs: dict, kept: dict[str, list[i
     from deploycomp.pruning.plan import PrunePlan, plan_arch
     from deploycomp.pruning.torch_prune import flexvit_from_timm
 
-    structure = source_structure(module, kwargs)
+    _, structure = source_structure(module, kwargs)
     plan = PrunePlan({g: np.asarray(units, dtype=np.int64) for g, units in kept.items()})
     arch = plan_arch(structure, plan, img_size=kwargs["img_size"], patch=kwargs["patch_size"], in_chans=3,
                      num_classes=kwargs["num_classes"])
     return flexvit_from_timm(module, structure, plan, arch).eval()
+
+
+def masked(module: torch.nn.Module, kwargs: dict, kept: dict[str, list[int]]) -> torch.nn.Module:
+    """The pruned model as the pruning schedule trains it: the source with removed units masked."""
+    from deploycomp.pruning.masks import PlanMasks
+    from deploycomp.pruning.plan import PrunePlan
+
+    model, structure = source_structure(module, kwargs)
+    plan = PrunePlan({g: np.asarray(units, dtype=np.int64) for g, units in kept.items()})
+    PlanMasks(module, model, structure, plan).apply()
+    return module.eval()

@@ -39,6 +39,21 @@ def attention_heavy(part: str, point: tuple[int, ...]) -> float:
     return {"stem": 0.3, "head": 0.1}[part]
 
 
+def flops_like(part: str, point: tuple[int, ...]) -> float:
+    """Every width costs, in proportion to the multiply-adds of the part (a sum of products of
+    single keys: still multilinear), so pruning takes some of every kind."""
+    if part == "attention":
+        t, e, h, qk, v = point
+        return 0.02 + 1e-4 * t * e * h * (qk + v)
+    if part == "mlp":
+        t, e, m = point
+        return 0.02 + 2e-5 * t * e * m
+    if part == "stem":
+        return 0.05 + 1e-3 * point[0]
+    t, e = point
+    return 0.01 + 1e-5 * t * e
+
+
 def synthetic_table(formula: Formula, grid: str = "tiny", batch: int = 1, threads: int | None = None) -> LatencyTable:
     fp = device_fingerprint(get_backend("ort-cpu", threads=threads), batch, "fp32")
     protocol = {"warmup": 0, "repeats": 1, "passes": 1, "grid_name": grid}

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from .models import DEIT, PRUNE_DEIT, TOKEN_DEIT, TOKEN_PRUNE_DEIT
+from .models import DEIT, PRUNE_DEIT, TOKEN_DEIT, TOKEN_PRUNE_DEIT, save_weights, timm_deit
 from .synthetic_tables import attention_heavy, write_synthetic_table
 
 
@@ -52,21 +52,26 @@ def wrap(monkeypatch, module, name: str, make_wrong):
 # ---- the planted bugs ---------------------------------------------------------------------------
 
 def cleanup_scales_a_weight(real):
-    """plain path: cleanup's transpose folding also scales one MLP weight by 1 % (a folding bug)."""
+    """plain path: cleanup's transpose folding also scales one MLP weight by 5 % (a folding bug)."""
     import onnx_ir as ir
 
     def wrong(model):
         count = real(model)
         value = next(v for n, v in model.graph.initializers.items() if n.endswith("fc1.weight"))
-        value.const_value = ir.tensor(value.const_value.numpy() * 1.01, name=value.name)
+        value.const_value = ir.tensor(value.const_value.numpy() * 1.05, name=value.name)
         return count
 
     return wrong
 
 
-def stale_softmax_scale(real):
-    """prune path: the rebuilt attention uses a wrong softmax scale (e.g. recomputed from the pruned head dim)."""
-    return lambda a: real(a) * 1.3
+def qkv_split_drops_the_v_bias(real):
+    """prune path: splitting the (fused) qkv for the rebuilt attention loses the v bias."""
+
+    def wrong(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        return {**parts, "v": (parts["v"][0], None)}
+
+    return wrong
 
 
 def token_cluster_wrong_scale(real):
@@ -89,7 +94,7 @@ PRUNE = ["--latency", "0.8x", "--prune-groups", "heads,qk,v", "--prune-steps", "
          "--saliency-batches", "1", "--calib-batch", "4"]
 CASES = {
     "plain": ("deploycomp.passes.cleanup", "fold_parameter_transposes", cleanup_scales_a_weight, PRUNE_DEIT, []),
-    "prune": ("deploycomp.pruning.rewrite", "softmax_scale", stale_softmax_scale, PRUNE_DEIT, PRUNE),
+    "prune": ("deploycomp.pruning.rewrite", "qkv_arrays", qkv_split_drops_the_v_bias, PRUNE_DEIT, PRUNE),
     "tokens": ("deploycomp.tokens.rewrite", "token_cluster_node", token_cluster_wrong_scale, TOKEN_DEIT,
                ["--semantic-tokens", "4", "--token-layer", "1"]),
     "tokens+prune": ("deploycomp.tokens.rewrite", "token_cluster_node", token_cluster_wrong_scale, TOKEN_PRUNE_DEIT,
@@ -108,10 +113,13 @@ def test_gate_refuses_a_wrong_rewrite(tmp_path, monkeypatch, capsys, path):
     parent = tmp_path / "outs"
     parent.mkdir()
     out = parent / "out"
-    code, err = run_cli(monkeypatch, capsys, "compile", DEIT, *model_args(kwargs), *extra, "--tables", tables,
-                        "--seed", "0", "--no-measure", "-q", "-o", out)
+    weights = save_weights(timm_deit(kwargs), tmp_path / "w.safetensors")  # non-zero biases, peaked attention
+    code, err = run_cli(monkeypatch, capsys, "compile", DEIT, *model_args(kwargs), "--weights", weights, *extra,
+                        "--tables", tables, "--seed", "0", "--no-measure", "-q", "-o", out)
     assert calls, f"the planted bug in {module}.{name} never ran: the test no longer covers the {path} path"
     lines = err.strip().splitlines()
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: verification failed: relative L2 error"), err
+    error = float(lines[0].split("relative L2 error ")[1].split()[0])
+    assert error > 10 * 1e-4 if path != "fp16" else error > 2 * 5e-3, f"the planted bug is too subtle to refuse reliably: {err}"
     assert not out.exists() and list(parent.iterdir()) == []
