@@ -49,7 +49,7 @@ def save_weights(module: torch.nn.Module, path) -> str:
 
 def images(batch: int, kwargs: dict, seed: int = 11) -> np.ndarray:
     size = kwargs["img_size"]
-    return np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
+    return np.random.default_rng(seed).standard_normal((batch, kwargs.get("in_chans", 3), size, size)).astype(np.float32)
 
 
 def run_artifact(out_dir, x: np.ndarray) -> np.ndarray:
@@ -85,7 +85,7 @@ def source_structure(module: torch.nn.Module, kwargs: dict):
     from deploycomp.passes.cleanup import CleanupPass
     from deploycomp.passes.discover import DiscoverPass
 
-    model = export_to_onnx(module.eval(), (1, 3, kwargs["img_size"], kwargs["img_size"]), 18)
+    model = export_to_onnx(module.eval(), (1, kwargs.get("in_chans", 3), kwargs["img_size"], kwargs["img_size"]), 18)
     ctx = CompileContext(family="deit")
     Pipeline([CleanupPass(), DiscoverPass()])(model, ctx)
     return model, ctx.structure
@@ -98,7 +98,8 @@ def pruned_flexvit(module: torch.nn.Module, kwargs: dict, kept: dict[str, list[i
 
     _, structure = source_structure(module, kwargs)
     plan = PrunePlan({g: np.asarray(units, dtype=np.int64) for g, units in kept.items()})
-    arch = plan_arch(structure, plan, img_size=kwargs["img_size"], patch=kwargs["patch_size"], in_chans=3,
+    arch = plan_arch(structure, plan, img_size=kwargs["img_size"], patch=kwargs["patch_size"],
+                     in_chans=kwargs.get("in_chans", 3),
                      num_classes=kwargs["num_classes"])
     return flexvit_from_timm(module, structure, plan, arch).eval()
 

@@ -71,3 +71,44 @@ def write_synthetic_table(root: Path, formula: Formula, grid: str = "tiny", batc
     path = table_path(Path(root), table.fingerprint, grid)
     save_table(table, path)
     return path
+
+
+def graph_ms(model_bytes: bytes, formula: Formula) -> float:
+    """What ``formula`` says a compiled graph costs: its discovered architecture, part by part."""
+    import onnx
+    import onnx_ir as ir
+
+    from deploycomp.ir.discover import discover
+
+    structure = discover(ir.serde.deserialize_model(onnx.load_from_string(model_bytes)))
+    blocks = structure.blocks
+    emb = blocks[0].emb
+    total = formula("stem", (emb,)) + formula("head", (blocks[-1].tokens, emb))
+    for b in blocks:
+        total += formula("attention", (b.tokens, emb, b.heads, b.qk_dim, b.v_dim))
+        total += formula("mlp", (b.tokens, emb, b.mlp_dim))
+    return total
+
+
+class SimulatedDevice:
+    """Stands in for ``measure_pair`` (the interleaved timing of the pruned and unpruned graphs): the
+    unpruned graph takes what ``formula`` says, the pruned one ``slowdown`` times that (a table too
+    optimistic about pruned models). Records every graph it was asked to time."""
+
+    def __init__(self, formula: Formula, slowdown: float = 1.0):
+        self.formula, self.slowdown, self.timed = formula, slowdown, []
+
+    def __call__(self, unpruned: bytes, pruned: bytes, shape, session_config, batch, rounds):
+        self.timed.append(pruned)
+        u, p = graph_ms(unpruned, self.formula), self.slowdown * graph_ms(pruned, self.formula)
+        return {name: {"median_ms": ms, "p10_ms": ms, "p90_ms": ms, "min_ms": ms, "n": rounds}
+                for name, ms in (("unpruned", u), ("pruned", p))}
+
+    def install(self, monkeypatch) -> "SimulatedDevice":
+        """Replace the timing where compile does it: the prune pass's budget checks and the report."""
+        import deploycomp.passes.prune
+        import deploycomp.pruning.report
+
+        monkeypatch.setattr(deploycomp.passes.prune, "measure_pair", self)
+        monkeypatch.setattr(deploycomp.pruning.report, "measure_pair", self)
+        return self
