@@ -69,6 +69,8 @@ def bad_files(tmp_path_factory):
     shapes = dict(state)
     shapes["head.weight"] = torch.zeros(10, shapes["head.weight"].shape[1])
     torch.save(shapes, d / "wrong_shapes.pth")
+    save_file({("renamed." + k): v.contiguous() for k, v in state.items()}, str(d / "wrong_keys.safetensors"))
+    save_file({k: v.contiguous() for k, v in shapes.items()}, str(d / "wrong_shapes.safetensors"))
     (d / "garbage.onnx").write_bytes(b"this is not a protobuf")
     cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(5))
     cnn(torch.randn(1, 3, 8, 8))
@@ -83,6 +85,9 @@ BAD = {
     "truncated safetensors": (["--weights", "{d}/truncated.safetensors"], "corrupt or unreadable checkpoint"),
     "wrong keys": (["--weights", "{d}/wrong_keys.pth"], "missing keys .*unexpected keys"),
     "wrong shapes": (["--weights", "{d}/wrong_shapes.pth"], r"shape mismatch head.weight \(10, 192\) vs \(1000, 192\)"),
+    "wrong keys safetensors": (["--weights", "{d}/wrong_keys.safetensors"], "missing keys .*unexpected keys"),
+    "wrong shapes safetensors": (["--weights", "{d}/wrong_shapes.safetensors"],
+                                 r"shape mismatch head.weight \(10, 192\) vs \(1000, 192\)"),
     "unknown target": (["--target", "tpu-v9"], "unknown target 'tpu-v9': available targets are ort-cpu, ort-cuda"),
 }
 
@@ -149,6 +154,26 @@ def test_profile_tiny_grid_then_refuse_another_device(tmp_path):
     table.write_text(json.dumps(data))
     r = cli("profile", "--grid", "tiny", "--tables", tmp_path, "--threads", "1")
     assert r.returncode == 2 and "measured on another device (cpu_model" in r.stderr
+
+
+def test_profile_force_uses_a_table_of_another_device(tmp_path, monkeypatch, capsys):
+    """A table at this device's path whose fingerprint names another CPU: ``profile`` refuses it with
+    one error; ``profile --force`` uses it as it is (nothing re-measured, the file unchanged)."""
+    from .synthetic_tables import mlp_only, write_synthetic_table
+    from .test_gate import run_cli
+
+    path = write_synthetic_table(tmp_path, mlp_only, threads=1)
+    data = json.loads(path.read_text())
+    data["fingerprint"]["cpu_model"] = "Another CPU"
+    path.write_text(json.dumps(data))
+    before = path.read_bytes()
+    code, err = run_cli(monkeypatch, capsys, "profile", "--grid", "tiny", "--tables", tmp_path, "--threads", "1")
+    assert code == 2 and err.strip().startswith("error: latency table") and "cpu_model: table 'Another CPU'" in err
+    code, err = run_cli(monkeypatch, capsys, "profile", "--grid", "tiny", "--tables", tmp_path, "--threads", "1",
+                        "--force")
+    assert code == 0, err
+    assert path.read_bytes() == before and sorted(p.name for p in (tmp_path / "ort-cpu").iterdir()) == \
+        sorted([path.name, path.name + ".lock"])
 
 
 @pytest.mark.parametrize("args,message", [
