@@ -22,6 +22,7 @@ def cli(*args, cwd=None):
                           cwd=cwd, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_compile_inspect_bench(tmp_path):
     out = tmp_path / "out"
     r = cli("compile", DEIT, *DEIT_ARGS, "-o", out)
@@ -44,6 +45,7 @@ def test_compile_inspect_bench(tmp_path):
     assert "deploycomp:" in r.stdout
 
 
+@pytest.mark.slow
 def test_help_is_there():
     r = cli("--help")
     assert r.returncode == 0
@@ -92,6 +94,7 @@ BAD = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_timm_inputs(tmp_path, bad_files, case):
     import re
@@ -106,6 +109,7 @@ def test_bad_timm_inputs(tmp_path, bad_files, case):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,message", [
     ("timm:vit_giant_patch14_224", "unknown model 'timm:vit_giant_patch14_224': supported are"),
     ("{d}/missing.onnx", "model file not found"),
@@ -121,11 +125,13 @@ def test_bad_models(tmp_path, bad_files, model, message):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_inspect_non_vit(bad_files):
     r = cli("inspect", bad_files / "cnn.onnx")
     assert r.returncode == 2 and r.stderr.strip().startswith("error: not a ViT:")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["/proc/deploycomp-test/out", "{tmp}/file/out"])
 def test_unwritable_output(tmp_path, where):
     (tmp_path / "file").write_text("a file, not a directory")
@@ -135,6 +141,7 @@ def test_unwritable_output(tmp_path, where):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -144,6 +151,7 @@ def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
     assert [p.name for p in out.iterdir()] == ["thesis.tex"]
 
 
+@pytest.mark.slow
 def test_profile_tiny_grid_then_refuse_another_device(tmp_path):
     r = cli("profile", "--grid", "tiny", "--tables", tmp_path, "--threads", "1")
     assert r.returncode == 0, r.stderr
@@ -176,6 +184,7 @@ def test_profile_force_uses_a_table_of_another_device(tmp_path, monkeypatch, cap
         sorted([path.name, path.name + ".lock"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["--dtype", "fp16"], "dtype fp16 is not supported"),
     (["--grid", "huge"], "unknown grid 'huge'"),

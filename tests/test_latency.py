@@ -179,6 +179,7 @@ def test_incomplete_table_is_refused(backend):
         LatencyPredictor(t)
 
 
+@pytest.mark.slow
 def test_validate_compiles_and_measures(tmp_path, backend):
     from deploycomp.latency.validate import random_archs, validate
 

@@ -338,6 +338,7 @@ def test_rank_shards_partition_a_batch():
 
 # ---- evaluation of torch models and compiled artifacts -------------------------------------
 
+@pytest.mark.slow
 def test_compiled_artifact_scores_like_the_torch_model(tmp_path, fmnist):
     from deploycomp.api import CompileOptions, compile, evaluate
     from deploycomp.learn.checkpoint import save_weights
@@ -371,6 +372,7 @@ def test_compile_refuses_data_of_another_geometry_before_compiling(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_store_logits_train_evaluate_and_bad_input(tmp_path):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "deploycomp", *map(str, args)], capture_output=True, text=True,

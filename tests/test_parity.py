@@ -36,6 +36,7 @@ def check(out_dir, reference, control, kwargs, tolerance=EXACT):
         assert rel(got, torch_out(control, x)) > max(tolerance, 10 * err), batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,budget,pruned_kinds", [("hessian", "0.2x", ("emb", "heads", "qk", "v")),
                                                          ("uniform", "0.5x", ("emb", "heads", "mlp"))])
 def test_pruned_artifact_is_the_sliced_torch_model(tmp_path, method, budget, pruned_kinds):
@@ -62,7 +63,7 @@ def test_pruned_artifact_is_the_sliced_torch_model(tmp_path, method, budget, pru
     check(tmp_path / "out", reference, pruned_flexvit(source, kwargs, shifted), kwargs)
 
 
-@pytest.mark.parametrize("pooling,lowering", [("max", "reference"), ("avg", "ort-mha")])
+@pytest.mark.parametrize("pooling,lowering", [("max", "reference"), pytest.param("avg", "ort-mha", marks=pytest.mark.slow)])
 def test_token_artifact_is_the_semantic_token_vit(tmp_path, pooling, lowering):
     source = timm_deit(TOKEN_DEIT, seed=6)
     weights = save_weights(source, tmp_path / "w.safetensors")
@@ -94,7 +95,8 @@ def test_pruned_token_artifact_is_the_masked_semantic_token_vit(tmp_path):
     check(tmp_path / "out", reference, unpruned, TOKEN_PRUNE_DEIT)
 
 
-@pytest.mark.parametrize("tokens,lowering", [(False, None), (True, "reference"), (True, "ort-mha")])
+@pytest.mark.parametrize("tokens,lowering", [(False, None), (True, "reference"),
+                                             pytest.param(True, "ort-mha", marks=pytest.mark.slow)])
 def test_fp16_artifact_is_within_fp16_error_of_fp32_torch(tmp_path, tokens, lowering):
     """fp16 is not exact: the error must be there (it did compute in half precision: a graph left
     in float32 measures ~1e-7) and be small (measured ~5e-4; 2e-3 leaves 4x for other inputs).

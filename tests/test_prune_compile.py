@@ -102,7 +102,8 @@ def compile_tiny(tmp_path, tables, **prune):
     return compile(DEIT, tmp_path / "out", options)
 
 
-@pytest.mark.parametrize("method,budget", [("hessian", "0.74x"), ("magnitude", "0.74x"), ("hessian", "2.3ms")])
+@pytest.mark.parametrize("method,budget", [("hessian", "0.74x"), pytest.param("magnitude", "0.74x", marks=pytest.mark.slow),
+                                           pytest.param("hessian", "2.3ms", marks=pytest.mark.slow)])
 def test_budget_is_met_with_the_known_answer(tmp_path, tiny_tables, monkeypatch, method, budget):
     """MLP only (``--prune-groups mlp``), on a table with a known answer: exactly S = 160 MLP channels
     stay, nothing else changes, and the artifact is the smaller model."""
@@ -189,6 +190,7 @@ def test_latency_table_of_another_device_is_refused(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_swin_compile_latency_is_refused_with_one_error(tmp_path, monkeypatch, capsys):
     """A multi-stage model cannot be pruned to a latency budget yet (the predictor covers one stage):
     one clear error before any work, nothing written."""
@@ -238,6 +240,7 @@ def test_compile_with_data_distills_and_finetunes(tmp_path, monkeypatch, kd_step
     assert moved > 1e-3, f"the pruned model did not train (artifact = the untrained slice, rel {moved:.2g})"
 
 
+@pytest.mark.slow
 def test_cli_prune_errors(tmp_path, tiny_tables):
     cases = [
         (["timm:deit_tiny_patch16_224", "--latency", "half"], "latency budget"),

@@ -79,6 +79,7 @@ def test_semantic_token_model_keeps_the_parameter_names():
     assert out.shape == (3, 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pooling,tokens,lowering", [("max", 9, "reference"), ("avg", 4, "ort-mha")])
 def test_compile_with_semantic_tokens_passes_the_gate(tmp_path, pooling, tokens, lowering):
     """4x4 grid pooled to 3x3 (overlapping adaptive bins) or 2x2: the compile passes the gate, every
@@ -106,6 +107,7 @@ def _unrewritten_gflops() -> float:
     return matmul_flops(export_to_onnx(vit, (1, 3, 64, 64), 18)) / 1e9
 
 
+@pytest.mark.slow
 def test_refusals(tmp_path):
     with pytest.raises(DeployCompError, match="square"):
         SemanticTokenConfig(tokens=10)
@@ -121,6 +123,7 @@ def test_refusals(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_cli_semantic_tokens(tmp_path):
     r = cli("compile", "timm:deit_tiny_patch16_224", *TINY_ARGS, "--semantic-tokens", "4", "--token-layer", "1",
             "--no-measure", "-q", "-o", tmp_path / "out")
@@ -198,6 +201,7 @@ def test_semantic_tokens_finetune_with_distillation(tmp_path):
                 CompileOptions(token_finetune_epochs=1, semantic_tokens=SemanticTokenConfig(4), measure_rounds=0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lowering", LOWERINGS)
 def test_inspect_reads_every_block_of_a_token_artifact(tmp_path, lowering):
     """Discovery reads the generator blocks (decomposed, or fused into one node) as cross-attention:
