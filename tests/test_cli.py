@@ -22,6 +22,7 @@ def cli(*args, cwd=None):
                           cwd=cwd, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_compile_inspect_bench(tmp_path):
     out = tmp_path / "out"
     r = cli("compile", DEIT, *DEIT_ARGS, "-o", out)
@@ -45,6 +46,7 @@ def test_compile_inspect_bench(tmp_path):
     assert "deploycomp:" in r.stdout
 
 
+@pytest.mark.slow
 def test_help_is_there():
     r = cli("--help")
     assert r.returncode == 0
@@ -70,6 +72,8 @@ def bad_files(tmp_path_factory):
     shapes = dict(state)
     shapes["head.weight"] = torch.zeros(10, shapes["head.weight"].shape[1])
     torch.save(shapes, d / "wrong_shapes.pth")
+    save_file({("renamed." + k): v.contiguous() for k, v in state.items()}, str(d / "wrong_keys.safetensors"))
+    save_file({k: v.contiguous() for k, v in shapes.items()}, str(d / "wrong_shapes.safetensors"))
     (d / "garbage.onnx").write_bytes(b"this is not a protobuf")
     cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(5))
     cnn(torch.randn(1, 3, 8, 8))
@@ -84,10 +88,14 @@ BAD = {
     "truncated safetensors": (["--weights", "{d}/truncated.safetensors"], "corrupt or unreadable checkpoint"),
     "wrong keys": (["--weights", "{d}/wrong_keys.pth"], "missing keys .*unexpected keys"),
     "wrong shapes": (["--weights", "{d}/wrong_shapes.pth"], r"shape mismatch head.weight \(10, 192\) vs \(1000, 192\)"),
+    "wrong keys safetensors": (["--weights", "{d}/wrong_keys.safetensors"], "missing keys .*unexpected keys"),
+    "wrong shapes safetensors": (["--weights", "{d}/wrong_shapes.safetensors"],
+                                 r"shape mismatch head.weight \(10, 192\) vs \(1000, 192\)"),
     "unknown target": (["--target", "tpu-v9"], "unknown target 'tpu-v9': available targets are openvino-cpu, ort-cpu, ort-cuda, ort-trt, tensorrt"),
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_timm_inputs(tmp_path, bad_files, case):
     import re
@@ -102,6 +110,7 @@ def test_bad_timm_inputs(tmp_path, bad_files, case):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,message", [
     ("timm:vit_no_such_model_224", "unknown model 'timm:vit_no_such_model_224': not in timm's registry"),
     ("timm:vit_base_patch16_siglip_224", "timm:vit_base_patch16_siglip_224 cannot be compiled: attention-pooling head"),
@@ -118,11 +127,13 @@ def test_bad_models(tmp_path, bad_files, model, message):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_inspect_non_vit(bad_files):
     r = cli("inspect", bad_files / "cnn.onnx")
     assert r.returncode == 2 and r.stderr.strip().startswith("error: not a ViT:")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["/proc/deploycomp-test/out", "{tmp}/file/out"])
 def test_unwritable_output(tmp_path, where):
     (tmp_path / "file").write_text("a file, not a directory")
@@ -132,6 +143,7 @@ def test_unwritable_output(tmp_path, where):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -141,6 +153,7 @@ def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
     assert [p.name for p in out.iterdir()] == ["thesis.tex"]
 
 
+@pytest.mark.slow
 def test_profile_tiny_grid_then_refuse_another_device(tmp_path):
     r = cli("profile", "--grid", "tiny", "--tables", tmp_path, "--threads", "1")
     assert r.returncode == 0, r.stderr
@@ -153,6 +166,27 @@ def test_profile_tiny_grid_then_refuse_another_device(tmp_path):
     assert r.returncode == 2 and "measured on another device (cpu_model" in r.stderr
 
 
+def test_profile_force_uses_a_table_of_another_device(tmp_path, monkeypatch, capsys):
+    """A table at this device's path whose fingerprint names another CPU: ``profile`` refuses it with
+    one error; ``profile --force`` uses it as it is (nothing re-measured, the file unchanged)."""
+    from .synthetic_tables import mlp_only, write_synthetic_table
+    from .test_gate import run_cli
+
+    path = write_synthetic_table(tmp_path, mlp_only, threads=1)
+    data = json.loads(path.read_text())
+    data["fingerprint"]["cpu_model"] = "Another CPU"
+    path.write_text(json.dumps(data))
+    before = path.read_bytes()
+    code, err = run_cli(monkeypatch, capsys, "profile", "--grid", "tiny", "--tables", tmp_path, "--threads", "1")
+    assert code == 2 and err.strip().startswith("error: latency table") and "cpu_model: table 'Another CPU'" in err
+    code, err = run_cli(monkeypatch, capsys, "profile", "--grid", "tiny", "--tables", tmp_path, "--threads", "1",
+                        "--force")
+    assert code == 0, err
+    assert path.read_bytes() == before and sorted(p.name for p in (tmp_path / "ort-cpu").iterdir()) == \
+        sorted([path.name, path.name + ".lock"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["--dtype", "fp16"], "dtype fp16 is not supported"),
     (["--grid", "huge"], "unknown grid 'huge'"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import sys
 import threading
 
 import numpy as np
@@ -102,25 +103,45 @@ def test_profile_resumes_and_refuses_other_devices(tmp_path, backend):
 
 
 def test_concurrent_saves_do_not_corrupt(tmp_path, backend):
+    """Three writers, each measuring its own third of the points and saving after every point (as
+    concurrent profiles of one table do): every point of every writer must survive, which needs the
+    lock (no lost read-merge-write), the merge (a writer's file does not drop the others' points)
+    and the atomic rename (no torn file for a reader)."""
     fp = device_fingerprint(backend, 1, "fp32")
     path = tmp_path / "t.json"
     grid = GRIDS["tiny"]
+    writers = 3
+    template = LatencyTable(fp, grid, {"img_size": 64, "patch": 16, "in_chans": 3, "num_classes": 10},
+                            {"warmup": 0, "repeats": 1, "passes": 1})
+    points = [(part, p) for part in ("mlp", "attention", "head", "stem") for p in template.points(part)]
+    value = {p: 1.0 + i for i, p in enumerate(points)}  # distinct per point: a mix-up shows
+    errors = []
 
-    def writer(seed):
-        rng = np.random.default_rng(seed)
-        t = LatencyTable(fp, grid, {"img_size": 64, "patch": 16, "in_chans": 3, "num_classes": 10},
-                         {"warmup": 0, "repeats": 1, "passes": 1})
-        for point in t.points("mlp"):
-            t.add_samples("mlp", point, [float(rng.random())])
-            save_table(t, path)
+    def writer(w):
+        try:
+            t = LatencyTable(fp, grid, dict(template.fixed), dict(template.protocol))
+            for i, (part, point) in enumerate(points):
+                if i % writers == w:
+                    t.add_samples(part, point, [value[part, point]])
+                    save_table(t, path)
+                    load_table(path, fp)  # a reader never sees a torn file
+        except Exception as exc:  # noqa: BLE001 - reported below, with the thread's error
+            errors.append(exc)
 
-    threads = [threading.Thread(target=writer, args=(s,)) for s in range(3)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: an unlocked read-merge-write loses points
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors, errors
     table = load_table(path, fp)
-    assert len(table.entries["mlp"]) == len(table.points("mlp"))
+    for part, point in points:
+        assert table.samples(part, point) == [value[part, point]], (part, point)
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -158,6 +179,7 @@ def test_incomplete_table_is_refused(backend):
         LatencyPredictor(t)
 
 
+@pytest.mark.slow
 def test_validate_compiles_and_measures(tmp_path, backend):
     from deploycomp.latency.validate import random_archs, validate
 

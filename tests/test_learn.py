@@ -109,8 +109,17 @@ def test_augment_is_an_exact_shift_and_flip():
     assert torch.equal(out[:, :, 1:], x[:, :, :-1]) and (out[:, :, 0] == 0).all()
     flipped = augment(x, identity + 25)
     assert torch.equal(flipped, x.flip(-1))
-    seeds = view_seeds(7, 0, torch.arange(4))
-    assert torch.equal(augment(x, seeds), augment(x.clone(), seeds.clone()))
+    # every (dy, dx, flip) combination and real view seeds, against a per-image shift-then-flip
+    # written here with slicing (the old check compared augment with itself)
+    seeds = torch.cat([torch.arange(2 * span * span), view_seeds(7, 0, torch.arange(14))])
+    images = torch.randint(0, 256, (len(seeds), 1, 28, 28), dtype=torch.uint8)
+    got = augment(images, seeds)
+    for image, seed, out in zip(images, seeds.tolist(), got):
+        dy, dx, flip = seed % span - 2, (seed // span) % span - 2, (seed // (span * span)) % 2
+        want = torch.zeros_like(image)
+        want[:, max(dy, 0):28 + min(dy, 0), max(dx, 0):28 + min(dx, 0)] = \
+            image[:, max(-dy, 0):28 - max(dy, 0), max(-dx, 0):28 - max(dx, 0)]
+        assert torch.equal(out, want.flip(-1) if flip else want), seed
 
 
 # ---- stored teacher logits -----------------------------------------------------------------
@@ -247,31 +256,89 @@ def test_checkpoint_loading_runs_no_code(tmp_path):
 
 # ---- distributed ---------------------------------------------------------------------------
 
-def _train_cli(out: Path, nproc: int) -> None:
+# Runs the train command after wrapping World.shard (records each rank's samples of every step) and
+# fit (saves the weights it starts from), so the test sees what each process trained on.
+SPY = """
+import json, os, sys
+from deploycomp.learn import distributed, train
+from safetensors.torch import save_file
+
+out = os.environ["SPY_OUT"]
+real_shard, real_fit = distributed.World.shard, train.fit
+
+def shard(self, batch):
+    part = real_shard(self, batch)
+    with open(os.path.join(out, f"rank{self.rank}.jsonl"), "a") as f:
+        f.write(json.dumps(part.tolist()) + "\\n")
+    return part
+
+def fit(model, *args, **kwargs):
+    world = kwargs.get("world")
+    if world is None or world.is_main:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "init.safetensors"))
+    return real_fit(model, *args, **kwargs)
+
+distributed.World.shard, train.fit = shard, fit
+from deploycomp.cli import main
+sys.argv = ["deploycomp", *sys.argv[1:]]
+main()
+"""
+
+
+def _train_cli(out: Path, nproc: int) -> list[list[list[int]]]:
+    """Train on ``nproc`` processes; returns, per rank, the sample indices of every step."""
+    import json
+
+    spy = out.parent / "spy.py"
+    spy.write_text(SPY)
+    out.mkdir()
     args = ["train", PROXY, "-o", str(out), *TINY_ARGS, "--train-subset", "256", "--test-subset", "200",
             "--epochs", "1", "--batch-size", "64", "--threads", "1", "--seed", "4"]
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    proc = subprocess.run([*launcher, "-m", "deploycomp", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run([*launcher, str(spy), *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "SPY_OUT": str(out),
+                               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return [[json.loads(line) for line in (out / f"rank{r}.jsonl").read_text().splitlines()] for r in range(nproc)]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path):
+    """Two processes split every global batch into disjoint halves that together are the one-process
+    batch, and end at the one-process weights — which moved from where they started (equal weights
+    alone would also hold if nothing trained, or if both ranks trained on the whole batch)."""
     import json
 
-    _train_cli(tmp_path / "one", 1)
-    _train_cli(tmp_path / "two", 2)
+    (alone,) = _train_cli(tmp_path / "one", 1)
+    rank0, rank1 = _train_cli(tmp_path / "two", 2)
+    assert len(alone) == len(rank0) == len(rank1) == 256 // 64
+    for batch, a, b in zip(alone, rank0, rank1):
+        assert len(a) == len(b) == len(batch) // 2 and not set(a) & set(b) and sorted(a + b) == sorted(batch)
     one, two = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
-    assert rel_diff(two, one) < 1e-5
+    init = load_file(str(tmp_path / "one" / "init.safetensors"))
+    assert rel_diff(init, load_file(str(tmp_path / "two" / "init.safetensors"))) == 0  # the same start
+    moved = rel_diff(one, init)
+    assert moved > 1e-3 and rel_diff(two, one) < 1e-3 * moved, (moved, rel_diff(two, one))
     m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     assert m2["world_size"] == 2 and m1["world_size"] == 1
     assert abs(m1["history"][0]["train_loss"] - m2["history"][0]["train_loss"]) < 1e-4
     assert abs(m1["test_accuracy"] - m2["test_accuracy"]) <= 0.5  # 200 samples: at most one flips
 
 
+def test_rank_shards_partition_a_batch():
+    from deploycomp.learn.distributed import World
+
+    batch = torch.randperm(64)
+    for size in (1, 2, 4):
+        parts = [World(rank, size).shard(batch) for rank in range(size)]
+        assert all(len(p) == 64 // size for p in parts)
+        assert sorted(torch.cat(parts).tolist()) == sorted(batch.tolist())
+
+
 # ---- evaluation of torch models and compiled artifacts -------------------------------------
 
+@pytest.mark.slow
 def test_compiled_artifact_scores_like_the_torch_model(tmp_path, fmnist):
     from deploycomp.api import CompileOptions, compile, evaluate
     from deploycomp.learn.checkpoint import save_weights
@@ -305,6 +372,7 @@ def test_compile_refuses_data_of_another_geometry_before_compiling(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_store_logits_train_evaluate_and_bad_input(tmp_path):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "deploycomp", *map(str, args)], capture_output=True, text=True,

@@ -28,7 +28,7 @@ def run(model: ir.Model, x: np.ndarray) -> np.ndarray:
     return get_backend("ort-cpu").runner(ir.serde.serialize_model(model).SerializeToString())(x)
 
 
-@pytest.mark.parametrize("family", ["deit", "swin"])
+@pytest.mark.parametrize("family", ["deit", pytest.param("swin", marks=pytest.mark.slow)])
 def test_removing_zeroed_mlp_units_leaves_outputs_unchanged(family):
     model, structure = cleaned(family)
     rng = np.random.default_rng(0)

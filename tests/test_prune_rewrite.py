@@ -101,6 +101,7 @@ def test_same_plan_on_torch_model_exports_to_the_same_outputs():
     assert relative_l2(run(model, x), torch_out) <= 1e-5
 
 
+@pytest.mark.slow
 def test_swin_prunes_mlp_and_refuses_windowed_heads():
     module = tiny_module("swin")
     model, structure = cleaned(module, "swin")
@@ -116,3 +117,19 @@ def test_swin_prunes_mlp_and_refuses_windowed_heads():
     model, structure = cleaned(module, "swin")
     with pytest.raises(DeployCompError, match="windowed attention"):
         prune_graph(model, structure, random_plan(structure, rng, kinds=("heads",)))
+
+
+@pytest.mark.slow
+def test_multi_stage_embedding_is_refused():
+    """Swin's per-stage embedding widths (patch merging doubles them) cannot be pruned yet: the graph
+    rewrite and the torch masks refuse a plan that removes embedding channels, with one clear error."""
+    module = tiny_module("swin")
+    model, structure = cleaned(module, "swin")
+    assert len(structure.stage_embs) == 2
+    rng = np.random.default_rng(0)
+    plan = random_plan(structure, rng, kinds=("emb",))
+    assert plan.keep, "the plan removes no embedding channels"
+    with pytest.raises(DeployCompError, match="multi-stage"):
+        PlanMasks(module, model, structure, plan).apply()
+    with pytest.raises(DeployCompError, match="embedding of a multi-stage model"):
+        prune_graph(model, structure, plan)

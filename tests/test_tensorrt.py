@@ -107,7 +107,7 @@ def test_profile_and_network_flags():
 
 @pytest.mark.parametrize("arch,dtype", [(80, "float16"), (90, "float16"), (80, "float32")])
 def test_ptx_for_tensorrt_abi(arch, dtype, tmp_path):
-    tc = pytest.importorskip("deploycomp.kernels.token_cluster", reason="the Triton kernel module is not there yet")
+    tc = importlib.import_module("deploycomp.kernels.token_cluster")  # a broken import fails, not skips
     kernel = tc.ptx_for(arch, dtype, 16, 16, 0.25)
     assert f".entry {kernel.name}(" in kernel.ptx and f".target sm_{arch}" in kernel.ptx
     assert kernel.params == tc.AOT_PARAMS
@@ -183,7 +183,7 @@ def test_launch_values_match_torch_strides_and_symbolic_shapes():
     assert values == expect
     symbolic = tp.scalar_values(Sym(m), Sym(n), h, h * dq, h * dv)  # the build-time form (ShapeExpr)
     assert {key: getattr(val, "v", val) for key, val in symbolic.items()} == values
-    tc = pytest.importorskip("deploycomp.kernels.token_cluster", reason="the Triton kernel module is not there yet")
+    tc = importlib.import_module("deploycomp.kernels.token_cluster")  # a broken import fails, not skips
     grid = tc.launch_grid(Sym(b), Sym(m), h, 32)
     assert tuple(getattr(g, "v", g) for g in grid) == tc.launch_grid(b, m, h, 32)
 

@@ -56,14 +56,16 @@ def _kept(node: ir.Node, keep_ops, low: ir.DataType, opset: int) -> bool:
 
 
 def _fill_missing_dtypes(model: ir.Model) -> None:
-    """Types of values the graph left open: TokenCluster's output is q's type, the rest comes from
-    ONNX shape inference (which skips our custom op, hence twice)."""
+    """Types of values the graph left open: the output of an op of another domain (our TokenCluster,
+    ONNX Runtime's MultiHeadAttention of the ``ort-mha`` lowering) is its query's type, the rest comes
+    from ONNX shape inference (which skips those ops, hence twice). An untyped MultiHeadAttention
+    output used to get no Cast before the fp16 projection after it (fp16 + semantic tokens on ort-cpu)."""
     from onnx_ir.passes.common import ShapeInferencePass
 
-    from ..tokens.op import token_cluster_nodes
-
     for _ in range(2):
-        for node in token_cluster_nodes(model):
+        for node in model.graph:
+            if node.domain in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
+                continue
             if node.outputs[0].dtype is None and node.inputs[0].dtype is not None:
                 node.outputs[0].type = ir.TensorType(node.inputs[0].dtype)
         if all(o.dtype is not None for n in model.graph for o in n.outputs):

@@ -1,0 +1,124 @@
+"""Latency tables written from a formula instead of measured: budget logic with answers known by hand.
+
+A table here is stamped with this device's fingerprint (so ``compile --latency`` accepts it) but its
+entries come from :data:`LINEAR`, a formula the predictor interpolates exactly (each part is linear
+in every key). No test that uses one depends on how busy the machine is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from deploycomp.backends.base import get_backend
+from deploycomp.latency.profiler import FIXED, GRIDS, device_fingerprint
+from deploycomp.latency.table import LatencyTable, save_table, table_path
+
+Formula = Callable[[str, tuple[int, ...]], float]
+
+# Milliseconds per unit of each part (ALPHA per MLP channel, per attention head-dim channel, ...).
+ALPHA = 0.01
+
+
+def mlp_only(part: str, point: tuple[int, ...]) -> float:
+    """Only the MLP width costs: ``ALPHA`` ms per MLP channel of a block; everything else a constant
+    (stem 0.3 ms, head 0.1 ms, attention 0.12 ms per block)."""
+    if part == "mlp":
+        return ALPHA * point[2]
+    return {"stem": 0.3, "head": 0.1, "attention": 0.12}[part]
+
+
+def attention_heavy(part: str, point: tuple[int, ...]) -> float:
+    """Attention costs ``ALPHA`` ms per head and head-dim channel (H·(QK+V)); the MLP costs a
+    hundredth of that per channel: latency-aware selection must take heads / head dims first."""
+    if part == "attention":
+        _, _, heads, qk, v = point
+        return 0.05 + ALPHA * heads * (qk + v)
+    if part == "mlp":
+        return 0.05 + 1e-4 * point[2]
+    return {"stem": 0.3, "head": 0.1}[part]
+
+
+def flops_like(part: str, point: tuple[int, ...]) -> float:
+    """Every width costs, in proportion to the multiply-adds of the part (a sum of products of
+    single keys: still multilinear), so pruning takes some of every kind."""
+    if part == "attention":
+        t, e, h, qk, v = point
+        return 0.02 + 1e-4 * t * e * h * (qk + v)
+    if part == "mlp":
+        t, e, m = point
+        return 0.02 + 2e-5 * t * e * m
+    if part == "stem":
+        return 0.05 + 1e-3 * point[0]
+    t, e = point
+    return 0.01 + 1e-5 * t * e
+
+
+def synthetic_table(formula: Formula, grid: str = "tiny", batch: int = 1, threads: int | None = None) -> LatencyTable:
+    fp = device_fingerprint(get_backend("ort-cpu", threads=threads), batch, "fp32")
+    protocol = {"warmup": 0, "repeats": 1, "passes": 1, "grid_name": grid}
+    table = LatencyTable(fp, GRIDS[grid], FIXED[grid], protocol)
+    for part in GRIDS[grid]:
+        for point in table.points(part):
+            table.add_samples(part, point, [formula(part, point)])
+    return table
+
+
+def write_synthetic_table(root: Path, formula: Formula, grid: str = "tiny", batch: int = 1,
+                          threads: int | None = None) -> Path:
+    """Write the table where ``compile --latency --tables root`` looks for this device's; returns its path."""
+    table = synthetic_table(formula, grid, batch, threads)
+    path = table_path(Path(root), table.fingerprint, grid)
+    save_table(table, path)
+    return path
+
+
+def graph_ms(model_bytes: bytes, formula: Formula) -> float:
+    """What ``formula`` says a compiled graph costs: its discovered architecture, part by part."""
+    import onnx
+    import onnx_ir as ir
+
+    from deploycomp.ir.discover import discover
+
+    structure = discover(ir.serde.deserialize_model(onnx.load_from_string(model_bytes)))
+    blocks = structure.blocks
+    emb = blocks[0].emb
+    total = formula("stem", (emb,)) + formula("head", (blocks[-1].tokens, emb))
+    for b in blocks:
+        total += formula("attention", (b.tokens, emb, b.heads, b.qk_dim, b.v_dim))
+        total += formula("mlp", (b.tokens, emb, b.mlp_dim))
+    return total
+
+
+class SimulatedDevice:
+    """Stands in for the backend's interleaved timing (``Backend.time``) and for the latency table's
+    drift calibration: every graph takes what ``formula`` says, a pruned one ``slowdown`` times that
+    (a table too optimistic about pruned models), and the device has not drifted since profiling.
+    Records every pruned graph it was asked to time."""
+
+    def __init__(self, formula: Formula, slowdown: float = 1.0):
+        self.formula, self.slowdown, self.timed = formula, slowdown, []
+
+    def time(self, backend, models, input_shape, batch, rounds, iters=3):
+        from deploycomp.backends.base import onnx_bytes
+
+        out = {}
+        for name, model in models.items():
+            blob = onnx_bytes(model)
+            ms = graph_ms(blob, self.formula) * (1.0 if name == "unpruned" else self.slowdown)
+            if name == "pruned":
+                self.timed.append(blob)
+            out[name] = {"median_ms": ms, "p10_ms": ms, "p90_ms": ms, "min_ms": ms, "n": rounds}
+        return out
+
+    def install(self, monkeypatch) -> "SimulatedDevice":
+        """Replace the timing where compile does it (budget checks, the report, the artifact's
+        latency: all through ``Backend.time``) and the calibration of the table."""
+        import deploycomp.latency.calibrate
+        from deploycomp.backends.base import BackendBase
+
+        device = self
+        monkeypatch.setattr(BackendBase, "time", lambda backend, *a, **k: device.time(backend, *a, **k))
+        monkeypatch.setattr(deploycomp.latency.calibrate, "measure_drift",
+                            lambda table, backend, rounds=4, points=None: {"scale": 1.0, "simulated": True})
+        return self
