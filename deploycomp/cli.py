@@ -67,7 +67,7 @@ def compile_cmd(
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict (.safetensors or .pth, weights only) for a timm model."),
     target: str = typer.Option("ort-cpu", "--target", help=f"Target backend: {TARGETS_HELP}."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads of the target (default: all cores)."),
-    spinning: Optional[bool] = typer.Option(None, "--spinning/--no-spinning", help="ort-* targets: let ONNX Runtime worker threads spin-wait (default: off; see docs/ARCHITECTURE.md)."),
+    spinning: Optional[bool] = typer.Option(None, "--spinning/--no-spinning", help="ort-* targets: let ONNX Runtime worker threads spin-wait (default: on, measured faster for a lone session; see docs/ARCHITECTURE.md)."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset to export at."),
     fuse: bool = typer.Option(False, "--fuse/--no-fuse", help="Apply ONNX Runtime's transformer fusions (off: not measurably faster on CPU)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32; fp16 (ort-*, tensorrt: the precision pass keeps float32 for norms, softmax and I/O); bf16 (openvino-cpu on a CPU with avx512_bf16/AMX, tensorrt); int8 (openvino-cpu: NNCF post-training quantization to Q/DQ, calibrated on --data or synthetic images, behind a fidelity gate)."),
@@ -204,7 +204,7 @@ def bench_cmd(
 def profile_cmd(
     target: str = typer.Option("ort-cpu", "--target", help=f"Target backend to profile: {TARGETS_HELP}."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads (default: all cores)."),
-    spinning: Optional[bool] = typer.Option(None, "--spinning/--no-spinning", help="ort-* targets: profile with ONNX Runtime's spin-waiting threads (match your deployment)."),
+    spinning: Optional[bool] = typer.Option(None, "--spinning/--no-spinning", help="ort-* targets: profile with ONNX Runtime's spin-waiting threads (default: on, as artifacts run; match your deployment)."),
     batch: int = typer.Option(1, "--batch", help="Batch size the table is measured at."),
     dtype: str = typer.Option("fp32", "--dtype", help="Precision (fp32)."),
     grid: str = typer.Option("deit-base", "--grid", help="Grid preset: deit-base (224 px DeiT: EMB<=768, H<=12, QK/V<=64, MLP<=3072, tokens<=197), proxy-fmnist (the 28 px proxy DeiT) or tiny."),
