@@ -89,7 +89,8 @@ class LatencyTable:
 def device_slug(fp: dict[str, Any]) -> str:
     cpu = re.sub(r"[^a-z0-9]+", "-", fp["cpu_model"].lower()).strip("-")
     version = re.sub(r"[^A-Za-z0-9.]+", "-", str(fp["backend_version"]))  # OpenVINO's has a '/' in it
-    return f"{cpu}-{fp['cores']}c-t{fp['threads']}-b{fp['batch']}-{fp['dtype']}-{fp['backend']}{version}"
+    spin = "-spin" if fp.get("allow_spinning") else ""  # ONNX Runtime sessions with spinning workers
+    return f"{cpu}-{fp['cores']}c-t{fp['threads']}-b{fp['batch']}-{fp['dtype']}-{fp['backend']}{version}{spin}"
 
 
 def table_path(root: Path, fp: dict[str, Any], grid: str = "deit-base") -> Path:
