@@ -91,6 +91,7 @@ def main() -> None:
             shape = tuple(d if isinstance(d, int) else 1 for d in m["input"]["shape"])
             backend = backend_for_manifest(m)
             cands.append(backend.candidate(name, backend.artifact(out, m), shape))
+            cands[-1].kind = "deploycomp"
         emb = {"deit_tiny_patch16_224": (3, 64), "deit_small_patch16_224": (6, 64), "deit_base_patch16_224": (12, 64)}
         heads, d = emb.get(args.model, (6, 64))
         n = manifests["unrewritten"]["structure"]["blocks"][0]["tokens"]
