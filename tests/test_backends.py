@@ -3,7 +3,6 @@ manifest, a pipeline built by hand, and latency-table calibration on a backend w
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ import deploycomp
 from deploycomp.api import plan_compile
 from deploycomp.artifact import read_manifest
 from deploycomp.backends.base import Backend, backend_for_manifest, backend_names, get_backend
-from deploycomp.bench.harness import Candidate
 from deploycomp.errors import DeployCompError
 from deploycomp.job import CompileJob
 from deploycomp.passes.base import build_pass
@@ -142,34 +140,32 @@ def test_bf16_is_a_runtime_precision_on_openvino(tmp_path):
     assert all(e <= 2e-2 for e in errs) and max(errs) > 1e-5  # really ran in bf16, within its tolerance
 
 
-class SleepBackend:
-    """A backend whose every part takes a known time now: ``factor`` x what the table says."""
+class ScaledBackend:
+    """A backend whose parts take ``factor`` x what the table says (the table prices a part by its
+    input size), measured the way the profiler measures."""
 
-    name = "sleep"
-    interleave_gap_s = 0.0
+    name = "scaled"
 
-    def __init__(self, table, factor: float):
-        self.table, self.factor = table, factor
+    def __init__(self, factor: float):
+        self.factor = factor
 
-    def candidate(self, name, model, shape):
-        part, point = name.split("(")[0], tuple(int(v) for v in name.split("(")[1].rstrip(")").split(",") if v.strip())
-        seconds = self.table.median(part, point) * self.factor / 1e3
-        return Candidate(name, "sleep", lambda batch: (lambda: time.sleep(seconds)))
+    def time_part(self, model, x, warmup, repeats):
+        return [self.factor * 1e-3 * x.size] * repeats
 
 
 def test_calibration_measures_the_drift_of_the_device():
     from deploycomp.latency.calibrate import anchor_points, measure_drift
-    from deploycomp.latency.profiler import FIXED, GRIDS
+    from deploycomp.latency.profiler import FIXED, GRIDS, part_input
     from deploycomp.latency.table import LatencyTable
 
     grid = GRIDS["tiny"]
-    table = LatencyTable({"batch": 1}, grid, FIXED["tiny"], {"repeats": 1, "passes": 1})
+    table = LatencyTable({"batch": 1}, grid, FIXED["tiny"], {"warmup": 1, "repeats": 2, "passes": 1})
     for part, point in anchor_points(grid):
-        table.add_samples(part, point, [5.0 + sum(point) / 100])  # 5-8 ms: sleep() resolves these well
-    slow = measure_drift(table, SleepBackend(table, 2.0), rounds=2)
-    assert 1.8 < slow["scale"] < 2.4 and "warning" in slow
-    same = measure_drift(table, SleepBackend(table, 1.0), rounds=2)
-    assert 0.9 < same["scale"] < 1.2 and "warning" not in same
+        table.add_samples(part, point, [1e-3 * part_input(part, point, FIXED["tiny"], 1).size])
+    slow = measure_drift(table, ScaledBackend(1.5), rounds=2)
+    assert slow["scale"] == pytest.approx(1.5) and "warning" in slow and len(slow["points"]) == 4
+    same = measure_drift(table, ScaledBackend(1.0), rounds=1)
+    assert same["scale"] == pytest.approx(1.0) and "warning" not in same
 
 
 def test_openvino_profile_and_prune_to_a_table_budget(tmp_path):

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from ..bench.harness import measure_interleaved, stats
 from .table import LatencyTable
 
 # |log drift| beyond log(1.25): the device runs >25 % slower (or 20 % faster) than at profiling time
@@ -32,14 +31,25 @@ def anchor_points(grid: dict[str, dict[str, list[int]]]) -> list[tuple[str, tupl
 
 
 def measure_drift(table: LatencyTable, backend, rounds: int = 4, points=None) -> dict[str, Any]:
-    """Re-measure ``points`` (default: ``anchor_points``) on ``backend``; the drift scale and the points."""
-    from .validate import part_candidate
+    """Re-measure ``points`` (default: ``anchor_points``) on ``backend`` the way the table was
+    profiled (``profiler.time_part``: each part alone, warm-up then repeats, passes in shuffled
+    order); the drift scale and the points.
+
+    Timing the small parts interleaved with idle gaps instead (as whole models are timed) measured
+    them ~25 % slower than profiling did while whole models matched the table (batch 1, spinning
+    ONNX Runtime: a 1-2 ms part pays the workers' wake-up a 30 ms model amortizes), so the protocol
+    must be the profiler's."""
+    from .profiler import time_part
 
     points = points or anchor_points(table.grid)
-    cands = [part_candidate(backend, part, point, table.fixed) for part, point in points]
-    times = measure_interleaved(cands, table.fingerprint["batch"], rounds=rounds, iters=table.protocol.get("repeats", 2),
-                                warmup=2)
-    now = [stats(times[c.name])["median_ms"] for c in cands]
+    warmup, repeats = table.protocol.get("warmup", 2), table.protocol.get("repeats", 2)
+    samples: list[list[float]] = [[] for _ in points]
+    rng = np.random.default_rng(0)
+    for _ in range(rounds):
+        for i in rng.permutation(len(points)):
+            part, point = points[i]
+            samples[i] += time_part(backend, part, point, table.fixed, table.fingerprint["batch"], warmup, repeats)
+    now = [float(np.median(s)) for s in samples]
     profiled = [table.median(part, point) for part, point in points]
     scale = float(np.exp(np.mean(np.log(np.asarray(now) / np.asarray(profiled)))))
     out: dict[str, Any] = {"scale": scale, "bound": DRIFT_WARN,

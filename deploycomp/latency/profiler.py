@@ -64,14 +64,6 @@ def grid_for(geometry: dict[str, int]) -> str:
                           + ", ".join(f"{n} {f}" for n, f in FIXED.items()))
 
 
-def calibration_points(grid: dict[str, dict[str, list[int]]]) -> list[tuple[str, tuple[int, ...]]]:
-    """Grid points re-measured next to the models being validated: the widest attention and MLP at
-    every EMB with all tokens. Their ratio now/at-profile-time measures the device's state."""
-    att, mlp = grid["attention"], grid["mlp"]
-    return ([("attention", (max(att["tokens"]), e, max(att["heads"]), max(att["qk_dim"]), max(att["v_dim"])))
-             for e in att["emb"]] + [("mlp", (max(mlp["tokens"]), e, max(mlp["mlp_dim"]))) for e in mlp["emb"]])
-
-
 def build_part(part: str, point: tuple[int, ...], fixed: dict[str, Any]):
     if part == "attention":
         return micrographs.attention_part(*point)

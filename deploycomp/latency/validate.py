@@ -67,16 +67,16 @@ def validate(table: LatencyTable, backend, archs: list[ViTArch], rounds: int = 5
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Predict, compile and measure ``archs``; report raw and drift-calibrated prediction errors.
 
-    Raw: the table's numbers as profiled. Calibrated: scaled by how much faster or slower the
-    calibration points (a few grid points, re-measured interleaved with the models) run now than
-    when they were profiled; the scale is reported, so is the raw error.
+    Raw: the table's numbers as profiled. Calibrated: scaled as compile scales them, by how much
+    faster or slower the table's anchor points run now than when they were profiled
+    (``calibrate.measure_drift``, measured right after the models); the scale is reported, so is
+    the raw error, and the best single scale as the bound calibration could reach.
     """
-    from .profiler import calibration_points
+    from .calibrate import measure_drift
 
     say = progress or (lambda s: None)
     predictor = LatencyPredictor(table)
     batch = table.fingerprint["batch"]
-    calibration = calibration_points(table.grid)
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for i, arch in enumerate(archs):
@@ -84,9 +84,10 @@ def validate(table: LatencyTable, backend, archs: list[ViTArch], rounds: int = 5
             paths.append(compile_arch(arch, Path(tmp), f"arch{i}", backend))
         say("measure")
         shape = (1, archs[0].in_chans, archs[0].img_size, archs[0].img_size)
-        measured, cal = measure_models(backend, paths, shape, batch, rounds, iters, calibration, table.fixed)
-    ratios = np.array([c["median_ms"] / table.median(part, point) for c, (part, point) in zip(cal, calibration)])
-    scale = float(np.exp(np.mean(np.log(ratios))))
+        measured, _ = measure_models(backend, paths, shape, batch, rounds, iters)
+        say("calibrate")
+        drift = measure_drift(table, backend)
+    scale = drift["scale"]
     raw = [predictor.predict(a) for a in archs]
     calibrated = [predictor.predict(a, scale) for a in archs]
     meas = np.array([m["median_ms"] for m in measured])
@@ -104,9 +105,7 @@ def validate(table: LatencyTable, backend, archs: list[ViTArch], rounds: int = 5
             for a, p, c, m, f in zip(archs, raw, calibrated, measured, flops)]
     return {"fingerprint": table.fingerprint, "table": str(table.path), "n": len(archs),
             "protocol": {"rounds": rounds, "iters": iters, "interleaved": True},
-            "calibration": {"scale": scale, "points": [{"part": part, "point": list(point), "now": c,
-                                                        "profiled_median_ms": table.median(part, point)}
-                                                       for c, (part, point) in zip(cal, calibration)]},
+            "calibration": drift,
             "table_model": summarize_errors(np.array([p.total_ms for p in raw]), meas),
             "table_model_calibrated": summarize_errors(np.array([c.total_ms for c in calibrated]), meas),
             "table_model_best_scale": {**summarize_errors(raw_ms * best_scale, meas), "scale": best_scale},
