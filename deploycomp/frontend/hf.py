@@ -224,13 +224,8 @@ def _vit_state(model, arch: str, common: dict):
         state["dist_token" if distilled else "reg_token"] = emb.distillation_token
     state["pos_embed"] = emb.position_embeddings
     for i, layer in enumerate(backbone.layers):
-        p = f"blocks.{i}"
-        _qkv(layer.attention, "q_proj", "k_proj", "v_proj", f"{p}.attn", state)
-        _linear(layer.attention.o_proj, f"{p}.attn.proj", state)
-        _norm(layer.layernorm_before, f"{p}.norm1", state)
-        _norm(layer.layernorm_after, f"{p}.norm2", state)
-        _linear(layer.mlp.fc1, f"{p}.mlp.fc1", state)
-        _linear(layer.mlp.fc2, f"{p}.mlp.fc2", state)
+        _block(f"blocks.{i}", layer.attention, layer.attention.o_proj, layer.layernorm_before, layer.layernorm_after,
+               layer.mlp, state)
     _norm(backbone.layernorm, "norm", state)
     if num_classes:
         _linear(head, "head", state)
@@ -244,6 +239,16 @@ def _vit_state(model, arch: str, common: dict):
         def original(x):
             return model(pixel_values=x).logits
     return state, geometry, original
+
+
+def _block(prefix: str, attention, out_proj, norm1, norm2, mlp, state: dict) -> None:
+    """One pre-norm encoder layer (separate q/k/v projections, fc1/fc2 MLP) under timm's block names."""
+    _qkv(attention, "q_proj", "k_proj", "v_proj", f"{prefix}.attn", state)
+    _linear(out_proj, f"{prefix}.attn.proj", state)
+    _norm(norm1, f"{prefix}.norm1", state)
+    _norm(norm2, f"{prefix}.norm2", state)
+    _linear(mlp.fc1, f"{prefix}.mlp.fc1", state)
+    _linear(mlp.fc2, f"{prefix}.mlp.fc2", state)
 
 
 def _clip_state(model, common: dict):
@@ -260,13 +265,8 @@ def _clip_state(model, common: dict):
         raise DeployCompError("CLIP patch embedding with a bias: the canonical pre-norm ViT has none")
     _norm(tower.pre_layrnorm, "norm_pre", state)
     for i, layer in enumerate(tower.encoder.layers):
-        p = f"blocks.{i}"
-        _qkv(layer.self_attn, "q_proj", "k_proj", "v_proj", f"{p}.attn", state)
-        _linear(layer.self_attn.out_proj, f"{p}.attn.proj", state)
-        _norm(layer.layer_norm1, f"{p}.norm1", state)
-        _norm(layer.layer_norm2, f"{p}.norm2", state)
-        _linear(layer.mlp.fc1, f"{p}.mlp.fc1", state)
-        _linear(layer.mlp.fc2, f"{p}.mlp.fc2", state)
+        _block(f"blocks.{i}", layer.self_attn, layer.self_attn.out_proj, layer.layer_norm1, layer.layer_norm2,
+               layer.mlp, state)
     _norm(tower.post_layernorm, "norm", state)
     if projection is not None:
         _linear(projection, "head", state, bias_len=projection.out_features)
