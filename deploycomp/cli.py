@@ -85,6 +85,7 @@ def compile_cmd(
     saliency_norm: str = typer.Option("none", "--saliency-norm", help="Per-kind saliency divisors: none (plain Fisher estimate) or nvit (upstream's DeiT-B constants)."),
     calib_batch: int = typer.Option(32, "--calib-batch", help="Batch size of the calibration and distillation batches."),
     budget_rounds: int = typer.Option(3, "--budget-rounds", help="Check a relative budget on the device up to N times, pruning on while the measured ratio is over it (0: trust the table)."),
+    calibrate_rounds: int = typer.Option(4, "--calibrate-rounds", help="Re-measure the latency table's anchor points N times to scale its predictions to the device now (0: trust the table as profiled)."),
     prune_steps: int = typer.Option(5, "--prune-steps", help="Pruning steps toward the budget."),
     prune_groups: str = typer.Option("emb,heads,qk,v,mlp", "--prune-groups", help="Group kinds to prune (comma-separated)."),
     saliency_batches: int = typer.Option(4, "--saliency-batches", help="Calibration batches per importance estimate."),
@@ -123,6 +124,7 @@ def compile_cmd(
                              fuse=fuse, precision=precision, tolerance=tolerance, seed=seed, model_kwargs=_parse_model_args(model_arg),
                              measure_rounds=0 if no_measure else 5, data=data, eval_samples=eval_samples,
                              prune=prune, latency_batch=latency_batch, tables=str(tables), train_samples=train_samples,
+                             calibrate_rounds=calibrate_rounds,
                              semantic_tokens=tokens, token_lowering=token_lowering,
                              token_finetune_epochs=0 if prune else finetune_epochs,
                              token_teacher_logits=None if prune or not teacher_logits else str(teacher_logits))
