@@ -212,6 +212,9 @@ def _latency_predictor(src, options: CompileOptions, backend, ctx: CompileContex
     from .latency.table import load_table, table_path
     from .passes.prune import geometry_of
 
+    stages = len(getattr(src.torch_module, "layers", ())) if not hasattr(src.torch_module, "blocks") else 1
+    if stages > 1:  # refused here, before the table is calibrated on the device (Swin)
+        raise DeployCompError(f"latency prediction covers single-stage ViTs (DeiT); this model has {stages} stages")
     grid = grid_for(geometry_of(src.torch_module, src.input_shape))
     fp = device_fingerprint(backend, options.latency_batch, "fp32")
     path = table_path(Path(options.tables), fp, grid)
