@@ -37,9 +37,9 @@ def check_name(name: str) -> str:
     if not NAME_RE.match(name):
         raise DeployCompError(f"design name '{name}': use 3-81 lowercase letters, digits and '_', starting with a "
                               "letter (it becomes a timm model name)")
-    from ..frontend.timm_models import TIMM_MODELS
+    import timm
 
-    if name in TIMM_MODELS:
+    if timm.is_model(name) and find_design(name) is None:  # timm's own model, not an earlier design
         raise DeployCompError(f"design name '{name}' is a built-in timm model; choose another")
     return name
 
