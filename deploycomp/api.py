@@ -212,9 +212,10 @@ def _latency_predictor(src, options: CompileOptions, backend, ctx: CompileContex
     from .latency.table import load_table, table_path
     from .passes.prune import geometry_of
 
-    stages = len(getattr(src.torch_module, "layers", ())) if not hasattr(src.torch_module, "blocks") else 1
-    if stages > 1:  # refused here, before the table is calibrated on the device (Swin)
-        raise DeployCompError(f"latency prediction covers single-stage ViTs (DeiT); this model has {stages} stages")
+    from .pruning.plan import check_single_stage
+
+    # refused here, before the table is calibrated on the device (Swin: stages in .layers)
+    check_single_stage(1 if hasattr(src.torch_module, "blocks") else len(getattr(src.torch_module, "layers", ())))
     grid = grid_for(geometry_of(src.torch_module, src.input_shape))
     fp = device_fingerprint(backend, options.latency_batch, "fp32")
     path = table_path(Path(options.tables), fp, grid)
@@ -268,6 +269,10 @@ BASELINE_ALIASES = {
 }
 
 
+# bench baseline flavours: torch eager, each runtime's plain conversion, and the int8 its user would make
+BASELINE_KINDS = ("torch", "ort", "openvino", "ort-int8", "openvino-int8")
+
+
 def baseline_name(alias: str) -> str:
     from .frontend.timm_models import timm_spec
 
@@ -300,9 +305,9 @@ def bench(artifact: str | Path | None = None, baselines: list[str] = (), *, thre
     from .frontend.timm_models import build_timm_model, timm_input_shape, timm_spec
     from .ir.shapes import matmul_flops
 
-    unknown = sorted(set(kinds) - {"torch", "ort", "openvino", "ort-int8", "openvino-int8"})
+    unknown = sorted(set(kinds) - set(BASELINE_KINDS))
     if unknown:
-        raise DeployCompError(f"unknown baseline kind {', '.join(unknown)}: use torch, ort, openvino, ort-int8, openvino-int8")
+        raise DeployCompError(f"unknown baseline kind {', '.join(unknown)}: use {', '.join(BASELINE_KINDS)}")
     threads = threads or usable_cores()
     tmp = Path(tempfile.mkdtemp(prefix="deploycomp-bench-"))
     peers = {  # kind -> (backend, the plain export as that peer prepares it)

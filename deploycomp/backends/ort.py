@@ -91,7 +91,7 @@ class OrtBackend(BackendBase):
     def session(self, model: ModelLike):
         import onnxruntime as ort
 
-        return ort.InferenceSession(onnx_bytes(model), session_options_for(**self.options()),
+        return ort.InferenceSession(onnx_bytes(model), session_options_for(self.threads, self.optimization_level, self.allow_spinning),
                                     providers=self.providers())
 
     def runner(self, model: ModelLike) -> Runner:

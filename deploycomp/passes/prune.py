@@ -62,8 +62,8 @@ class PrunePass(Pass):
         structure, predictor = ctx.structure, ctx.latency
         geometry = geometry_of(ctx.module, ctx.input_shape)
         shape = (1, *ctx.input_shape[1:])
-        ctx.baseline_model = ir.from_proto(ir.to_proto(model))  # timed against the result
         unpruned = ir.to_proto(model).SerializeToString()
+        ctx.baseline_model = ir.serde.deserialize_model(onnx.load_from_string(unpruned))  # timed against the result
         module = ctx.module
         for r in self.rewrites:
             module = r.wrap_module(module)

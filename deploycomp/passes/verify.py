@@ -87,8 +87,7 @@ class VerifyPass(Pass):
         result = {"reference": ctx.reference_kind, "gate": "fidelity", "inputs": inputs, "samples": len(x),
                   "top1_agreement": agreement, "cosine": cosine, "rel_l2": relative_l2(got, want),
                   "min_top1_agreement": gate["top1_agreement"], "min_cosine": gate["cosine"], "seed": ctx.seed,
-                  "tolerance": None, "checks": []}
-        result["agreement_gated"] = ctx.test is not None
+                  "tolerance": None, "checks": [], "agreement_gated": ctx.test is not None}
         if (ctx.test is not None and agreement < gate["top1_agreement"]) or cosine < gate["cosine"]:
             raise VerificationError(
                 f"fidelity gate failed: top-1 agreement {agreement:.3f} (min {gate['top1_agreement']}), cosine "

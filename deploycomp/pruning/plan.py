@@ -66,14 +66,18 @@ def clear_intermediate_shapes(model: ir.Model) -> None:
                 value.shape = None
 
 
+def check_single_stage(stages: int) -> None:
+    """The latency table models single-stage ViTs; a multi-stage model (Swin) is refused."""
+    if stages != 1:
+        raise DeployCompError(f"latency prediction covers single-stage ViTs (DeiT); this model has {stages} stages")
+
+
 def plan_arch(structure: Structure, plan: PrunePlan, *, img_size: int, patch: int, in_chans: int,
               num_classes: int) -> ViTArch:
     """The architecture a plan leaves (single-stage ViTs: the latency table's model)."""
     from ..latency.arch import BlockArch, ViTArch
 
-    if len(structure.stage_embs) != 1:
-        raise DeployCompError("latency prediction covers single-stage ViTs (DeiT); this model has "
-                              f"{len(structure.stage_embs)} stages")
+    check_single_stage(len(structure.stage_embs))
     blocks = tuple(BlockArch(*(len(plan.kept(structure, f"block{b.index}.{k}")) for k in ("heads", "qk", "v", "mlp")),
                              tokens=b.tokens) for b in structure.blocks)
     return ViTArch(len(plan.kept(structure, "stage0.emb")), blocks, img_size=img_size, patch=patch,
