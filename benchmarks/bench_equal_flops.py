@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     archs = candidates(args.ratio * DEIT_S.flops())
     with tempfile.TemporaryDirectory() as tmp:
         paths = [compile_arch(a, Path(tmp), f"a{i}", backend) for i, a in enumerate(archs.values())]
-        measured, _ = measure_models(backend, paths, (1, 3, 224, 224), args.batch, args.rounds, args.iters)
+        measured = measure_models(backend, paths, (1, 3, 224, 224), args.batch, args.rounds, args.iters)
     ref_ms = measured[0]["median_ms"]
     rows = []
     for (name, arch), m in zip(archs.items(), measured):

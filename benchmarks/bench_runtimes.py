@@ -84,7 +84,8 @@ def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[i
     name = baseline_name(alias)
     spec = timm_spec(name)
     shape = (1, spec.in_chans, spec.img_size, spec.img_size)
-    plain = export_to_onnx(build_timm_model(name), shape)
+    module = build_timm_model(name)
+    plain = export_to_onnx(module, shape)
     with tempfile.TemporaryDirectory() as tmp:
         arts = artifacts_for(name, threads, Path(tmp), rewrites, say, prune_table)
         ov_plain = get_backend("openvino-cpu", threads=threads)
@@ -92,7 +93,7 @@ def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[i
                  ov_plain.candidate("openvino plain", plain, shape)]
         if rewrites and name.startswith("deit_small"):
             say(f"quantize {name} with NNCF on OpenVINO (the peer)")
-            cands.append(ov_plain.candidate("openvino + NNCF int8 (peer)", nncf_int8_ir(plain, shape, Path(tmp) / "ov_nncf_int8.xml"),
+            cands.append(ov_plain.candidate("openvino + NNCF int8 (peer)", nncf_int8_ir(module, shape, Path(tmp) / "ov_nncf_int8.xml"),
                                             shape))
             cands.append(get_backend("ort-cpu", threads=threads, allow_spinning=True).candidate(
                 "ort dynamic int8 (peer)", dynamic_int8(plain, Path(tmp) / "ort_dynamic_int8.onnx"), shape))

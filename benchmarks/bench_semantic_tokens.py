@@ -45,7 +45,8 @@ def op_candidates(backend, shapes: list[tuple[int, int, int, int]]) -> list[Cand
 
 
 def predicted_ratio(manifest: dict, args) -> dict | None:
-    """What this device's latency table predicts for the rewrite (generator blocks: FLOPs-scaled)."""
+    """What this device's latency table predicts for the rewrite (generator blocks: its cross-attention
+    part, or FLOPs-scaled self-attention in a table without it)."""
     from deploycomp.backends.base import get_backend
     from deploycomp.errors import DeployCompError
     from deploycomp.latency.arch import BlockArch, ViTArch

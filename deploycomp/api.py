@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import __version__
 from .artifact import check_output_dir, read_manifest, write_json
+from .backends.base import DEFAULT_TARGET
 from .errors import DeployCompError, DeployCompWarning
 from .ir.structure import Structure
 from .job import CompileJob
@@ -40,9 +41,9 @@ PRECISIONS = (*PRECISION_TOLERANCE, "int8")
 
 @dataclass
 class CompileOptions:
-    """Everything ``compile`` can be told; defaults are the embedded default (ort-cpu, fp32)."""
+    """Everything ``compile`` can be told; defaults are the embedded default (``DEFAULT_TARGET``, fp32)."""
 
-    target: str = "ort-cpu"
+    target: str = DEFAULT_TARGET
     weights: str | None = None
     opset: int = 18
     threads: int | None = None  # runtime threads of the target; default: all usable cores
@@ -59,7 +60,7 @@ class CompileOptions:
     prune: "PruneConfig | None" = None  # NViT pruning to a latency budget (needs a timm: source)
     latency_batch: int = 1  # the batch the latency budget is for: picks the latency table
     tables: str = "latency_tables"  # root of the latency tables
-    calibrate_rounds: int = 4  # anchor points of the latency table re-measured before pruning (0: trust the table)
+    calibrate_rounds: int = 4  # rounds the unpruned model is timed to calibrate the latency table (0: trust the table)
     train_samples: int | None = None  # first N training samples for pruning (tests, quick looks)
     semantic_tokens: "SemanticTokenConfig | None" = None  # STViT semantic tokens (needs a timm: DeiT source)
     token_finetune_epochs: int = 0  # fine-tuning after the token rewrite (with --data; pruning has its own)
@@ -116,7 +117,8 @@ def default_passes(options: CompileOptions, backend: "Backend", tokens: "Semanti
             rewrites.append(build_pass("lower_token_cluster", how=lowering))
     if options.prune is not None:  # with tokens: one budget for both axes, pruning trains the token model
         passes.append(build_pass("prune", config=options.prune, rewrites=rewrites, latency_batch=options.latency_batch,
-                                 measure_rounds=max(6 * options.measure_rounds, 10)))
+                                 measure_rounds=max(6 * options.measure_rounds, 10),
+                                 calibrate_rounds=options.calibrate_rounds))
     passes += rewrites
     if options.fuse:
         passes.append(build_pass("ort_fusion"))
@@ -131,7 +133,7 @@ def default_passes(options: CompileOptions, backend: "Backend", tokens: "Semanti
 def plan_compile(source: str, output: str | Path, options: CompileOptions | None = None,
                  progress: Progress | None = None) -> CompileJob:
     """Turn options into a job: check them, build the backend, load the source and data, load and
-    calibrate the latency table when a pass needs one, and build the passes."""
+    the latency table when a pass needs one, and build the passes."""
     import copy
 
     from .frontend import load_source, torch_reference
@@ -181,7 +183,7 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
             warnings.warn(SYNTHETIC_WARNING, DeployCompWarning, stacklevel=2)
     record = {k: v for k, v in asdict(options).items() if k not in ("weights", "model_kwargs")}
     if options.prune is not None:
-        ctx.latency, table_path = _latency_predictor(src, options, backend, ctx, say)
+        ctx.latency, table_path = _latency_predictor(src, options, backend)
         src.meta = {**src.meta, "latency_table": str(table_path)}
     return CompileJob(src, backend, default_passes(options, backend, tokens), output, ctx, before,
                       options.measure_rounds, options.latency_batch, record)
@@ -201,12 +203,9 @@ def _resolve_tokens(src, config: "SemanticTokenConfig") -> "SemanticTokenConfig"
     return config
 
 
-def _latency_predictor(src, options: CompileOptions, backend, ctx: CompileContext, say):
-    """The target's latency table for the source's geometry, calibrated to the device as it runs now
-    (anchor points re-measured; the drift is recorded and warned about beyond its bound)."""
-    import warnings
-
-    from .latency.calibrate import measure_drift
+def _latency_predictor(src, options: CompileOptions, backend):
+    """The target's latency table for the source's geometry (the prune pass calibrates it on the
+    unpruned source model, measured on the device)."""
     from .latency.predictor import LatencyPredictor
     from .latency.profiler import device_fingerprint, grid_for
     from .latency.table import load_table, table_path
@@ -214,7 +213,7 @@ def _latency_predictor(src, options: CompileOptions, backend, ctx: CompileContex
 
     from .pruning.plan import check_single_stage
 
-    # refused here, before the table is calibrated on the device (Swin: stages in .layers)
+    # refused here, before any work (Swin: stages in .layers)
     check_single_stage(1 if hasattr(src.torch_module, "blocks") else len(getattr(src.torch_module, "layers", ())))
     grid = grid_for(geometry_of(src.torch_module, src.input_shape))
     fp = device_fingerprint(backend, options.latency_batch, "fp32")
@@ -223,16 +222,7 @@ def _latency_predictor(src, options: CompileOptions, backend, ctx: CompileContex
         raise DeployCompError(f"no latency table for this device at batch {options.latency_batch} and grid {grid}: "
                               f"run `deploycomp profile --target {options.target} --batch {options.latency_batch} "
                               f"--grid {grid}` (expected {path})")
-    table = load_table(path, fp)
-    drift = 1.0
-    if options.calibrate_rounds:
-        say("calibrate latency table")
-        calibration = measure_drift(table, backend, rounds=options.calibrate_rounds)
-        ctx.results["latency_calibration"] = calibration
-        drift = calibration["scale"]
-        if "warning" in calibration:
-            warnings.warn(calibration["warning"], DeployCompWarning, stacklevel=2)
-    return LatencyPredictor(table, drift), path
+    return LatencyPredictor(load_table(path, fp)), path
 
 
 def load_eval_data(data: str, input_shape: tuple[int, ...], samples: int | None = None):
@@ -310,13 +300,13 @@ def bench(artifact: str | Path | None = None, baselines: list[str] = (), *, thre
         raise DeployCompError(f"unknown baseline kind {', '.join(unknown)}: use {', '.join(BASELINE_KINDS)}")
     threads = threads or usable_cores()
     tmp = Path(tempfile.mkdtemp(prefix="deploycomp-bench-"))
-    peers = {  # kind -> (backend, the plain export as that peer prepares it)
-        "ort": lambda m, shape, name: (get_backend("ort-cpu", threads=threads, allow_spinning=True), m),
-        "openvino": lambda m, shape, name: (get_backend("openvino-cpu", threads=threads), m),
-        "ort-int8": lambda m, shape, name: (get_backend("ort-cpu", threads=threads, allow_spinning=True),
-                                            dynamic_int8(m, tmp / f"{name}-ort-int8.onnx")),
-        "openvino-int8": lambda m, shape, name: (get_backend("openvino-cpu", threads=threads),
-                                                 nncf_int8_ir(m, shape, tmp / f"{name}-openvino-int8.xml")),
+    peers = {  # kind -> (backend, the model as that peer prepares it from the export or the torch module)
+        "ort": lambda m, module, shape, name: (get_backend("ort-cpu", threads=threads, allow_spinning=True), m),
+        "openvino": lambda m, module, shape, name: (get_backend("openvino-cpu", threads=threads), m),
+        "ort-int8": lambda m, module, shape, name: (get_backend("ort-cpu", threads=threads, allow_spinning=True),
+                                                    dynamic_int8(m, tmp / f"{name}-ort-int8.onnx")),
+        "openvino-int8": lambda m, module, shape, name: (get_backend("openvino-cpu", threads=threads),
+                                                         nncf_int8_ir(module, shape, tmp / f"{name}-openvino-int8.xml")),
     }
     candidates = []
     if artifact is not None:
@@ -338,7 +328,7 @@ def bench(artifact: str | Path | None = None, baselines: list[str] = (), *, thre
         if "torch" in kinds:
             candidates.append(torch_candidate(f"torch:{name}", module, shape, threads, name, gflops))
         for kind in (k for k in kinds if k in peers):
-            backend, prepared = peers[kind](onnx_model, shape, name)
+            backend, prepared = peers[kind](onnx_model, module, shape, name)
             cand = backend.candidate(f"{kind}:{name}", prepared, shape)
             cand.kind, cand.model, cand.gflops = f"{kind} plain", name, gflops
             candidates.append(cand)

@@ -22,10 +22,10 @@ from rich.markdown import Markdown  # noqa: E402
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from .backends.base import backend_names  # noqa: E402
+from .backends.base import DEFAULT_TARGET, backend_names  # noqa: E402
 from .errors import DeployCompError  # noqa: E402
 
-TARGETS_HELP = ", ".join(f"{n} (default)" if n == "ort-cpu" else n for n in backend_names())
+TARGETS_HELP = ", ".join(f"{n} (default)" if n == DEFAULT_TARGET else n for n in backend_names())
 
 app = typer.Typer(
     help="deploycomp: compile Vision Transformers (timm DeiT/Swin, ViT ONNX graphs) into fast, verified "
@@ -38,7 +38,7 @@ console = Console()
 err_console = Console(stderr=True)
 STATE = {"debug": False}
 
-COMPILE_STAGES = ["load", "calibrate latency table", "cleanup", "discover", "prune", "semantic_tokens", "lower_token_cluster", "ort_fusion", "precision", "quantize", "verify",
+COMPILE_STAGES = ["load", "cleanup", "discover", "prune", "semantic_tokens", "lower_token_cluster", "ort_fusion", "precision", "quantize", "verify",
                   "emit", "evaluate", "measure", "measure pruned vs unpruned"]
 
 
@@ -65,7 +65,7 @@ def compile_cmd(
     model: str = typer.Argument(..., help="timm:<name> (e.g. timm:deit_small_patch16_224), hf:<dir>, hf-config:<config.json>, open_clip:<arch>, or a ViT .onnx file."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write (replaced atomically)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict (.safetensors or .pth, weights only) for a timm model."),
-    target: str = typer.Option("ort-cpu", "--target", help=f"Target backend: {TARGETS_HELP}."),
+    target: str = typer.Option(DEFAULT_TARGET, "--target", help=f"Target backend: {TARGETS_HELP}."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads of the target (default: all cores)."),
     spinning: Optional[bool] = typer.Option(None, "--spinning/--no-spinning", help="ort-* targets: let ONNX Runtime worker threads spin-wait (default: on, measured faster for a lone session; see docs/ARCHITECTURE.md)."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset to export at."),
@@ -85,7 +85,7 @@ def compile_cmd(
     saliency_norm: str = typer.Option("none", "--saliency-norm", help="Per-kind saliency divisors: none (plain Fisher estimate) or nvit (upstream's DeiT-B constants)."),
     calib_batch: int = typer.Option(32, "--calib-batch", help="Batch size of the calibration and distillation batches."),
     budget_rounds: int = typer.Option(3, "--budget-rounds", help="Check a relative budget on the device up to N times, pruning on while the measured ratio is over it (0: trust the table)."),
-    calibrate_rounds: int = typer.Option(4, "--calibrate-rounds", help="Re-measure the latency table's anchor points N times to scale its predictions to the device now (0: trust the table as profiled)."),
+    calibrate_rounds: int = typer.Option(4, "--calibrate-rounds", help="Time the unpruned model N rounds to scale the latency table to the device now (0: trust the table as profiled)."),
     prune_steps: int = typer.Option(5, "--prune-steps", help="Pruning steps toward the budget."),
     prune_groups: str = typer.Option("emb,heads,qk,v,mlp", "--prune-groups", help="Group kinds to prune (comma-separated)."),
     saliency_batches: int = typer.Option(4, "--saliency-batches", help="Calibration batches per importance estimate."),
@@ -204,7 +204,7 @@ def bench_cmd(
 
 @app.command("profile")
 def profile_cmd(
-    target: str = typer.Option("ort-cpu", "--target", help=f"Target backend to profile: {TARGETS_HELP}."),
+    target: str = typer.Option(DEFAULT_TARGET, "--target", help=f"Target backend to profile: {TARGETS_HELP}."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads (default: all cores)."),
     spinning: Optional[bool] = typer.Option(None, "--spinning/--no-spinning", help="ort-* targets: profile with ONNX Runtime's spin-waiting threads (default: on, as artifacts run; match your deployment)."),
     batch: int = typer.Option(1, "--batch", help="Batch size the table is measured at."),
@@ -254,7 +254,7 @@ def profile_cmd(
 def design_cmd(
     output: Path = typer.Option(..., "-o", "--output", help="Directory for design.json, report.md (and init.safetensors with --from)."),
     latency: str = typer.Option(..., "--latency", help="Latency budget: 5ms, or 0.3x of the reference model's predicted latency."),
-    target: str = typer.Option("ort-cpu", "--target", help="Target whose latency table the budget is judged by."),
+    target: str = typer.Option(DEFAULT_TARGET, "--target", help="Target whose latency table the budget is judged by."),
     batch: int = typer.Option(1, "--batch", help="Batch size the budget is for (selects the latency table)."),
     params: Optional[str] = typer.Option(None, "--params", help="Parameter cap, e.g. 5M or 800k."),
     flops: Optional[str] = typer.Option(None, "--flops", help="FLOPs cap per image (2 x MACs), e.g. 1.2G."),

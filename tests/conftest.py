@@ -88,17 +88,3 @@ def run_ort(model_or_path, x: np.ndarray) -> np.ndarray:
     opts.log_severity_level = 3
     sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
-
-
-# Slow tests in files another change is editing (tests/test_tensorrt.py: issue 19); their
-# @pytest.mark.slow belongs in the file once that change has landed.
-SLOW_ELSEWHERE = {
-    "tests/test_tensorrt.py::test_compile_fp16_on_ort_cpu",  # three CLI processes
-    "tests/test_tensorrt.py::test_without_tensorrt_one_line_and_exit_2",  # two CLI processes
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.nodeid in SLOW_ELSEWHERE:
-            item.add_marker(pytest.mark.slow)

@@ -25,7 +25,7 @@ def mlp_only(part: str, point: tuple[int, ...]) -> float:
     (stem 0.3 ms, head 0.1 ms, attention 0.12 ms per block)."""
     if part == "mlp":
         return ALPHA * point[2]
-    return {"stem": 0.3, "head": 0.1, "attention": 0.12}[part]
+    return {"stem": 0.3, "head": 0.1, "attention": 0.12, "cross_attention": 0.12}[part]
 
 
 def attention_heavy(part: str, point: tuple[int, ...]) -> float:
@@ -36,6 +36,8 @@ def attention_heavy(part: str, point: tuple[int, ...]) -> float:
         return 0.05 + ALPHA * heads * (qk + v)
     if part == "mlp":
         return 0.05 + 1e-4 * point[2]
+    if part == "cross_attention":  # at the grid's widest heads; the predictor scales it by the above
+        return 0.05 + ALPHA * point[0]
     return {"stem": 0.3, "head": 0.1}[part]
 
 
@@ -50,6 +52,9 @@ def flops_like(part: str, point: tuple[int, ...]) -> float:
         return 0.02 + 2e-5 * t * e * m
     if part == "stem":
         return 0.05 + 1e-3 * point[0]
+    if part == "cross_attention":
+        m, n, e = point
+        return 0.02 + 1e-4 * (m + n) * e
     t, e = point
     return 0.01 + 1e-5 * t * e
 
@@ -91,13 +96,13 @@ def graph_ms(model_bytes: bytes, formula: Formula) -> float:
 
 
 class SimulatedDevice:
-    """Stands in for the backend's interleaved timing (``Backend.time``) and for the latency table's
-    drift calibration: every graph takes what ``formula`` says, a pruned one ``slowdown`` times that
-    (a table too optimistic about pruned models), and the device has not drifted since profiling.
-    Records every pruned graph it was asked to time."""
+    """Stands in for the backend's interleaved timing (``Backend.time``): every graph takes
+    ``drift`` times what ``formula`` says (1: the device runs as when the table was profiled), a
+    pruned one ``slowdown`` times that again (a table too optimistic about pruned models). Records
+    every pruned graph it was asked to time."""
 
-    def __init__(self, formula: Formula, slowdown: float = 1.0):
-        self.formula, self.slowdown, self.timed = formula, slowdown, []
+    def __init__(self, formula: Formula, slowdown: float = 1.0, drift: float = 1.0):
+        self.formula, self.slowdown, self.drift, self.timed = formula, slowdown, drift, []
 
     def time(self, backend, models, input_shape, batch, rounds, iters=3):
         from deploycomp.backends.base import onnx_bytes
@@ -105,20 +110,17 @@ class SimulatedDevice:
         out = {}
         for name, model in models.items():
             blob = onnx_bytes(model)
-            ms = graph_ms(blob, self.formula) * (1.0 if name == "unpruned" else self.slowdown)
+            ms = graph_ms(blob, self.formula) * self.drift * (1.0 if name == "unpruned" else self.slowdown)
             if name == "pruned":
                 self.timed.append(blob)
             out[name] = {"median_ms": ms, "p10_ms": ms, "p90_ms": ms, "min_ms": ms, "n": rounds}
         return out
 
     def install(self, monkeypatch) -> "SimulatedDevice":
-        """Replace the timing where compile does it (budget checks, the report, the artifact's
-        latency: all through ``Backend.time``) and the calibration of the table."""
-        import deploycomp.latency.calibrate
+        """Replace the timing where compile does it (the table's calibration, budget checks, the
+        report, the artifact's latency: all through ``Backend.time``)."""
         from deploycomp.backends.base import BackendBase
 
         device = self
         monkeypatch.setattr(BackendBase, "time", lambda backend, *a, **k: device.time(backend, *a, **k))
-        monkeypatch.setattr(deploycomp.latency.calibrate, "measure_drift",
-                            lambda table, backend, rounds=4, points=None: {"scale": 1.0, "simulated": True})
         return self

@@ -155,14 +155,14 @@ def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
 
 @pytest.mark.slow
 def test_profile_tiny_grid_then_refuse_another_device(tmp_path):
-    r = cli("profile", "--grid", "tiny", "--tables", tmp_path, "--threads", "1")
+    r = cli("profile", "--target", "ort-cpu", "--grid", "tiny", "--tables", tmp_path, "--threads", "1")
     assert r.returncode == 0, r.stderr
     (table,) = (tmp_path / "ort-cpu").glob("*.json")
     data = json.loads(table.read_text())
     assert data["complete"] and data["fingerprint"]["threads"] == 1
     data["fingerprint"]["cpu_model"] = "Another CPU"
     table.write_text(json.dumps(data))
-    r = cli("profile", "--grid", "tiny", "--tables", tmp_path, "--threads", "1")
+    r = cli("profile", "--target", "ort-cpu", "--grid", "tiny", "--tables", tmp_path, "--threads", "1")
     assert r.returncode == 2 and "measured on another device (cpu_model" in r.stderr
 
 
@@ -177,9 +177,9 @@ def test_profile_force_uses_a_table_of_another_device(tmp_path, monkeypatch, cap
     data["fingerprint"]["cpu_model"] = "Another CPU"
     path.write_text(json.dumps(data))
     before = path.read_bytes()
-    code, err = run_cli(monkeypatch, capsys, "profile", "--grid", "tiny", "--tables", tmp_path, "--threads", "1")
+    code, err = run_cli(monkeypatch, capsys, "profile", "--target", "ort-cpu", "--grid", "tiny", "--tables", tmp_path, "--threads", "1")
     assert code == 2 and err.strip().startswith("error: latency table") and "cpu_model: table 'Another CPU'" in err
-    code, err = run_cli(monkeypatch, capsys, "profile", "--grid", "tiny", "--tables", tmp_path, "--threads", "1",
+    code, err = run_cli(monkeypatch, capsys, "profile", "--target", "ort-cpu", "--grid", "tiny", "--tables", tmp_path, "--threads", "1",
                         "--force")
     assert code == 0, err
     assert path.read_bytes() == before and sorted(p.name for p in (tmp_path / "ort-cpu").iterdir()) == \

@@ -17,7 +17,9 @@ from .conftest import TINY, input_shape, run_ort, tiny_module
 
 
 def options(family, **kw):
-    return deploycomp.CompileOptions(model_kwargs=dict(TINY[family][1]), measure_rounds=1, **kw)
+    """ort-cpu: these tests run the artifact's model.onnx with ONNX Runtime (openvino-cpu's IR is
+    checked in test_backends.py)."""
+    return deploycomp.CompileOptions(target="ort-cpu", model_kwargs=dict(TINY[family][1]), measure_rounds=1, **kw)
 
 
 @pytest.mark.parametrize("family", ["deit", pytest.param("swin", marks=pytest.mark.slow)])

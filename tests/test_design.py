@@ -205,7 +205,8 @@ def test_design_registers_a_timm_model_that_trains(tmp_path, monkeypatch, predic
     table = tmp_path / "table.json"
     save_table(synthetic_table(_device_fp()), table)
     budget_ms = 0.7 * predictor.predict(REFERENCE).total_ms
-    record = run_design(tmp_path / "out", latency=f"{budget_ms}ms", table=table, depth_range="2:4", name="design_test")
+    record = run_design(tmp_path / "out", latency=f"{budget_ms}ms", target="ort-cpu", table=table, depth_range="2:4",
+                        name="design_test")
     assert record["predicted"]["total_ms"] <= budget_ms
     assert (tmp_path / "out" / "design.json").is_file() and "timm:design_test" in (tmp_path / "out" / "report.md").read_text()
     monkeypatch.setattr(registry, "_REGISTERED", {})  # as a fresh process: found through the registry file
@@ -241,14 +242,14 @@ def test_cli_infeasible_budget_exits_2_and_from_writes_sliced_init(tmp_path):
     table = tmp_path / "table.json"
     save_table(synthetic_table(_device_fp()), table)
     env = {"DEPLOYCOMP_DESIGNS": str(tmp_path / "designs")}
-    r = _cli("design", "--latency", "0.01ms", "--table", table, "--depth-range", "2:4", "-o", tmp_path / "none", env=env)
+    r = _cli("design", "--target", "ort-cpu", "--latency", "0.01ms", "--table", table, "--depth-range", "2:4", "-o", tmp_path / "none", env=env)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: no architecture in the search space meets latency <= 0.01 ms")
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "none").exists()
 
     source = build_timm_model("deit_fmnist_patch4_28")  # EMB 96, 4 heads x 24, MLP 384: wider than the grid
     save_weights(tmp_path / "big.safetensors", source)
-    r = _cli("design", "--from", "timm:deit_fmnist_patch4_28", "--weights", tmp_path / "big.safetensors",
+    r = _cli("design", "--target", "ort-cpu", "--from", "timm:deit_fmnist_patch4_28", "--weights", tmp_path / "big.safetensors",
              "--latency", "0.5x", "--table", table, "--depth-range", "2:4", "--name", "scaled_test", "-o", tmp_path / "scaled", env=env)
     assert r.returncode == 0, r.stderr
     init = load_file(str(tmp_path / "scaled" / "init.safetensors"))

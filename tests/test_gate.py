@@ -114,7 +114,7 @@ def test_gate_refuses_a_wrong_rewrite(tmp_path, monkeypatch, capsys, path):
     parent.mkdir()
     out = parent / "out"
     weights = save_weights(timm_deit(kwargs), tmp_path / "w.safetensors")  # non-zero biases, peaked attention
-    code, err = run_cli(monkeypatch, capsys, "compile", DEIT, *model_args(kwargs), "--weights", weights, *extra,
+    code, err = run_cli(monkeypatch, capsys, "compile", DEIT, *model_args(kwargs), "--target", "ort-cpu", "--weights", weights, *extra,
                         "--tables", tables, "--seed", "0", "--no-measure", "-q", "-o", out)
     assert calls, f"the planted bug in {module}.{name} never ran: the test no longer covers the {path} path"
     lines = err.strip().splitlines()

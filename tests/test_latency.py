@@ -8,6 +8,7 @@ import sys
 import threading
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -46,6 +47,53 @@ def test_micrographs_have_the_ops_of_the_compiled_graph():
                   micrographs.mlp_part(b.tokens, 32, b.mlp_dim)]
     built = _compute_ops(n.op_type for p in parts for n in p.graph.node)
     assert built == exported
+
+
+def test_cross_attention_micrograph_has_the_ops_of_the_generator(tmp_path):
+    """Each generator block of a semantic-token compile has the cross-attention part's compute ops:
+    the nodes the rewrite adds, plus what it reuses from the block (the LayerNorm before the
+    attention, the output projection and the residual Add)."""
+    import deploycomp
+    from deploycomp.tokens.stvit import SemanticTokenConfig
+
+    kwargs = {"img_size": 64, "patch_size": 16, "embed_dim": 48, "num_heads": 3, "depth": 4, "num_classes": 10}
+    deploycomp.compile("timm:deit_tiny_patch16_224", tmp_path / "st", deploycomp.CompileOptions(
+        target="openvino-cpu", model_kwargs=kwargs, semantic_tokens=SemanticTokenConfig(4, layer=1), measure_rounds=0,
+        seed=0))
+    graph = ir.load(tmp_path / "st" / "model.onnx").graph
+    reused = collections.Counter({"LayerNormalization": 1, "MatMul": 1, "Add": 2})
+    part = _compute_ops(n.op_type for n in micrographs.cross_attention_part(5, 17, 48, 3, 16, 16).graph.node)
+    for block in (1, 2):
+        added = _compute_ops(n.op_type for n in graph if n.name.startswith(f"semantic_tokens.block{block}."))
+        assert added + reused == part, block
+
+
+def test_cross_attention_micrograph_computes_token_cluster():
+    """The part's TokenCluster, lowered either way, is cross-attention of the first rows over all."""
+    from deploycomp.tokens.op import lower, token_cluster_numpy
+
+    from .conftest import run_ort
+
+    part = micrographs.cross_attention_part(5, 17, 32, 2, 8, 16, lowering=None)
+    w = {}
+    for t in part.graph.initializer:  # weights large enough that the attention is far from uniform
+        if t.name.startswith("w_"):
+            w[t.name] = onnx.numpy_helper.to_array(t) * 40
+            t.CopyFrom(onnx.numpy_helper.from_array(w[t.name], t.name))
+    x = np.random.default_rng(1).standard_normal((2, 17, 32)).astype(np.float32)
+    outs = []
+    for how in ("reference", "ort-mha"):
+        model = ir.from_proto(part)
+        assert lower(model, how) == 1
+        outs.append(run_ort(model, x))
+    wq, bq, wk, bk, wv, bv, wo, bo = w.values()  # creation order: q, k, v, output projections
+    ln = lambda t: (t - t.mean(-1, keepdims=True)) / np.sqrt(t.var(-1, keepdims=True) + 1e-6)  # noqa: E731
+    p = x[:, :5]
+    want = p + token_cluster_numpy(ln(p) @ wq + bq, ln(x) @ wk + bk, ln(x) @ wv + bv, 2, 8**-0.5) @ wo + bo
+    wrong = p + token_cluster_numpy(p @ wq + bq, ln(x) @ wk + bk, ln(x) @ wv + bv, 2, 8**-0.5) @ wo + bo
+    for out in outs:
+        assert out.shape == (2, 5, 32) and np.linalg.norm(out - want) / np.linalg.norm(want) < 1e-5
+    assert np.linalg.norm(wrong - want) / np.linalg.norm(want) > 1e-2  # the comparison can fail
 
 
 def test_micrographs_run_at_any_batch():
@@ -172,6 +220,45 @@ def test_predictor_sums_interpolated_parts(backend):
         pred.predict(ViTArch(48, arch.blocks))
 
 
+def test_predictor_reads_the_cross_attention_part(backend):
+    """A generator block costs the cross-attention part at (queries, keys, EMB), times what its own
+    heads cost relative to the part's reference heads in self-attention over the same keys; a table
+    profiled before the part existed falls back to FLOPs-scaled self-attention."""
+    from dataclasses import replace
+
+    t = _synthetic_table(device_fingerprint(backend, 1, "fp32"))
+    f = lambda *p: 0.1 + 0.001 * float(np.prod(p)) + 0.01 * sum(p)  # noqa: E731
+    gen = BlockArch(2, 12, 10, 80, 17, queries=5)
+    arch = ViTArch(48, (gen, BlockArch(1, 8, 16, 48, 5)), img_size=64, patch=16, num_classes=10)
+    ref = (2, 16, 16)  # the tiny grid's widest heads
+    rest = f(48) + f(5, 48) + f(5, 48, 80) + f(5, 48, 1, 8, 16) + f(5, 48, 48)
+    cross = f(5, 17, 48) * f(17, 48, 2, 12, 10) / f(17, 48, *ref)
+    p = LatencyPredictor(t).predict(arch)
+    assert p.total_ms == pytest.approx(rest + cross, rel=1e-9) and p.outside_grid == []
+
+    t.grid = {k: v for k, v in t.grid.items() if k != "cross_attention"}  # an older table: FLOPs-scaled
+    flops = f(17, 48, 2, 12, 10) * gen.attention_flops(48) / replace(gen, queries=0).attention_flops(48)
+    assert LatencyPredictor(t).predict(arch).total_ms == pytest.approx(rest + flops, rel=1e-9)
+
+
+def test_a_part_added_to_the_grid_is_all_that_is_profiled(tmp_path, backend, monkeypatch):
+    """Resuming a complete table whose preset gained a part kind keeps every other part's samples."""
+    import deploycomp.latency.profiler as profiler
+
+    protocol = {"warmup": 0, "repeats": 1, "passes": 1}
+    full = profiler.GRIDS["tiny"]
+    monkeypatch.setitem(profiler.GRIDS, "tiny", {k: v for k, v in full.items() if k != "cross_attention"})
+    old = profile(backend, tmp_path, grid="tiny", protocol=protocol)
+    assert old.complete and "cross_attention" not in old.entries
+    monkeypatch.setitem(profiler.GRIDS, "tiny", full)
+    progress = []
+    new = profile(backend, tmp_path, grid="tiny", protocol=protocol, progress=lambda done, total: progress.append((done, total)))
+    cross_points = len(new.points("cross_attention"))
+    assert new.complete and progress[0] == (progress[-1][1] - cross_points, progress[-1][1])
+    for part, points in old.entries.items():
+        assert {k: e["samples_ms"] for k, e in new.entries[part].items()} == {k: e["samples_ms"] for k, e in points.items()}
+
+
 def test_incomplete_table_is_refused(backend):
     t = _synthetic_table(device_fingerprint(backend, 1, "fp32"))
     t.entries["mlp"].pop(next(iter(t.entries["mlp"])))
@@ -192,6 +279,8 @@ def test_validate_compiles_and_measures(tmp_path, backend):
     for row in report["rows"]:
         assert row["measured"]["median_ms"] > 0 and row["predicted_ms"] > 0 and row["outside_grid"] == []
     assert report["table_model"]["median_ape_pct"] >= 0
-    assert report["calibration"]["scale"] > 0 and len(report["calibration"]["points"]) == 4
+    cal = report["calibration"]  # the grid's full architecture, measured in the same run
+    assert cal["scale"] == pytest.approx(cal["measured_ms"] / cal["predicted_ms"])
+    assert "EMB 64, 12 blocks" in cal["anchor"]
     for row in report["rows"]:
         assert row["calibrated_ms"] == pytest.approx(row["predicted_ms"] * report["calibration"]["scale"], rel=1e-6)

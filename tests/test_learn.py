@@ -347,7 +347,7 @@ def test_compiled_artifact_scores_like_the_torch_model(tmp_path, fmnist):
     model = tiny_proxy()
     fit(model, train.subset(range(3200)), None, TrainConfig(epochs=2, batch_size=64, warmup_epochs=0, lr=3e-3))
     save_weights(tmp_path / "w.safetensors", model)
-    options = CompileOptions(weights=str(tmp_path / "w.safetensors"), model_kwargs=TINY_PROXY, data="fashion-mnist",
+    options = CompileOptions(target="ort-cpu", weights=str(tmp_path / "w.safetensors"), model_kwargs=TINY_PROXY, data="fashion-mnist",
                              eval_samples=1000, measure_rounds=0)
     manifest = compile(PROXY, tmp_path / "art", options)
     acc = manifest["accuracy"]

@@ -49,7 +49,7 @@ def test_pruned_artifact_is_the_sliced_torch_model(tmp_path, method, budget, pru
     write_synthetic_table(tmp_path / "tables", flops_like)
     prune = PruneConfig(latency=budget, method=method, steps=1, saliency_batches=1, batch_size=4, budget_rounds=0,
                         group_sizes={"emb": 16, "heads": 1, "qk": 8, "v": 8, "mlp": 32})
-    manifest = compile(DEIT, tmp_path / "out", CompileOptions(weights=weights, model_kwargs=kwargs, prune=prune,
+    manifest = compile(DEIT, tmp_path / "out", CompileOptions(target="ort-cpu", weights=weights, model_kwargs=kwargs, prune=prune,
                                                               tables=str(tmp_path / "tables"), measure_rounds=0, seed=0))
     kept = manifest["pruning"]["kept"]
     full = {"emb": 64, "heads": 4, "qk": 16, "v": 16, "mlp": 256}
@@ -81,9 +81,10 @@ def test_pruned_token_artifact_is_the_masked_semantic_token_vit(tmp_path):
     weights = save_weights(source, tmp_path / "w.safetensors")
     write_synthetic_table(tmp_path / "tables", attention_heavy)
     config = SemanticTokenConfig(4, layer=1)
-    prune = PruneConfig(latency="0.7x", steps=1, saliency_batches=1, batch_size=4, budget_rounds=0,
+    # the token model alone predicts ~0.65x of the source on this table: 0.5x needs attention pruned
+    prune = PruneConfig(latency="0.5x", steps=1, saliency_batches=1, batch_size=4, budget_rounds=0,
                         group_sizes={"emb": 8, "heads": 1, "qk": 4, "v": 4, "mlp": 16})
-    manifest = compile(DEIT, tmp_path / "out", CompileOptions(weights=weights, model_kwargs=TOKEN_PRUNE_DEIT,
+    manifest = compile(DEIT, tmp_path / "out", CompileOptions(target="ort-cpu", weights=weights, model_kwargs=TOKEN_PRUNE_DEIT,
                                                               prune=prune, semantic_tokens=config, measure_rounds=0,
                                                               tables=str(tmp_path / "tables"), seed=0))
     kept = manifest["pruning"]["kept"]
@@ -106,7 +107,7 @@ def test_fp16_artifact_is_within_fp16_error_of_fp32_torch(tmp_path, tokens, lowe
     source = timm_deit(kwargs, seed=8)
     weights = save_weights(source, tmp_path / "w.safetensors")
     config = SemanticTokenConfig(4, layer=1) if tokens else None
-    compile(DEIT, tmp_path / "out", CompileOptions(weights=weights, model_kwargs=kwargs, precision="fp16",
+    compile(DEIT, tmp_path / "out", CompileOptions(target="ort-cpu", weights=weights, model_kwargs=kwargs, precision="fp16",
                                                    semantic_tokens=config, token_lowering=lowering, measure_rounds=0,
                                                    seed=0))
     reference = SemanticTokenViT(source, config).eval() if tokens else source

@@ -98,7 +98,8 @@ def mlp_dims(manifest) -> list[int]:
 def compile_tiny(tmp_path, tables, **prune):
     config = PruneConfig(**{"steps": 2, "saliency_batches": 2, "batch_size": 8, "group_sizes": SIZES,
                             "budget_rounds": 0, **prune})
-    options = CompileOptions(model_kwargs=dict(TINY_DEIT), prune=config, tables=str(tables), measure_rounds=0, seed=0)
+    options = CompileOptions(target="ort-cpu", model_kwargs=dict(TINY_DEIT), prune=config, tables=str(tables),
+                             measure_rounds=0, seed=0)
     return compile(DEIT, tmp_path / "out", options)
 
 
@@ -166,7 +167,7 @@ def test_measured_budget_smoke(tmp_path, tiny_tables):
 def test_cli_prune_groups(tmp_path, tiny_tables, monkeypatch, capsys):
     """``--prune-groups mlp`` on the command line: the known answer, nothing but the MLPs pruned."""
     SimulatedDevice(mlp_only).install(monkeypatch)
-    code, err = run_cli(monkeypatch, capsys, "compile", DEIT, *model_args(TINY_DEIT), "--latency", "0.74x",
+    code, err = run_cli(monkeypatch, capsys, "compile", DEIT, *model_args(TINY_DEIT), "--target", "ort-cpu", "--latency", "0.74x",
                         "--prune-groups", "mlp", "--prune-steps", "1", "--budget-rounds", "0", "--saliency-batches", "1",
                         "--calib-batch", "4", "--tables", tiny_tables, "--no-measure", "-q", "-o", tmp_path / "out")
     assert code == 0, err
@@ -183,7 +184,7 @@ def test_latency_table_of_another_device_is_refused(tmp_path, monkeypatch, capsy
     data = json.loads(path.read_text())
     data["fingerprint"]["cpu_model"] = "Some Other CPU"
     path.write_text(json.dumps(data))
-    code, err = run_cli(monkeypatch, capsys, "compile", DEIT, *model_args(TINY_DEIT), "--latency", "0.74x",
+    code, err = run_cli(monkeypatch, capsys, "compile", DEIT, *model_args(TINY_DEIT), "--target", "ort-cpu", "--latency", "0.74x",
                         "--tables", tmp_path / "tables", "--no-measure", "-q", "-o", tmp_path / "out")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "measured on another device (cpu_model: table 'Some Other CPU'" in lines[0]
@@ -197,7 +198,7 @@ def test_swin_compile_latency_is_refused_with_one_error(tmp_path, monkeypatch, c
     swin = {"img_size": 64, "patch_size": 16, "window_size": 2, "embed_dim": 32, "depths": (2, 2),
             "num_heads": (2, 4), "num_classes": 10}
     write_synthetic_table(tmp_path / "tables", mlp_only)
-    code, err = run_cli(monkeypatch, capsys, "compile", "timm:swin_tiny_patch4_window7_224", *model_args(swin),
+    code, err = run_cli(monkeypatch, capsys, "compile", "timm:swin_tiny_patch4_window7_224", *model_args(swin), "--target", "ort-cpu",
                         "--latency", "0.8x", "--prune-groups", "mlp", "--tables", tmp_path / "tables", "--no-measure",
                         "-q", "-o", tmp_path / "out")
     lines = err.strip().splitlines()
@@ -222,7 +223,7 @@ def test_compile_with_data_distills_and_finetunes(tmp_path, monkeypatch, kd_step
     device = SimulatedDevice(mlp_only).install(monkeypatch)
     prune = PruneConfig(latency="0.8x", steps=2, saliency_batches=2, batch_size=32, kd_steps=kd_steps,
                         finetune_epochs=finetune_epochs)
-    options = CompileOptions(weights=weights, prune=prune, tables=str(tmp_path / "tables"), data="fashion-mnist",
+    options = CompileOptions(target="ort-cpu", weights=weights, prune=prune, tables=str(tmp_path / "tables"), data="fashion-mnist",
                              eval_samples=256, train_samples=256, measure_rounds=0, seed=0)
     manifest = compile("timm:deit_fmnist_patch4_28", tmp_path / "out", options)
     p = manifest["pruning"]

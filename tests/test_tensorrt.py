@@ -110,7 +110,6 @@ def test_ptx_for_tensorrt_abi(arch, dtype, tmp_path):
     tc = importlib.import_module("deploycomp.kernels.token_cluster")  # a broken import fails, not skips
     kernel = tc.ptx_for(arch, dtype, 16, 16, 0.25)
     assert f".entry {kernel.name}(" in kernel.ptx and f".target sm_{arch}" in kernel.ptx
-    assert kernel.params == tc.AOT_PARAMS
     ptx, scalars = tp.trt_abi(kernel)
     decls = tp.entry_params(ptx, kernel.name)
     original = dict(zip(kernel.params, (d.split()[-1] for d in tp.entry_params(kernel.ptx, kernel.name))))
@@ -220,10 +219,11 @@ def test_precision_bf16_graph_structure(tiny_deit):
     assert any(n.op_type == "MatMul" and n.inputs[1].dtype == ir.DataType.BFLOAT16 for n in model.graph)
 
 
+@pytest.mark.slow  # three CLI processes
 def test_compile_fp16_on_ort_cpu(tmp_path):
     """``compile --precision fp16``: the artifact stores fp16 weights, keeps float32 I/O, passes the gate
     at the fp16 tolerance; what cannot work is refused before anything is written."""
-    r = cli("compile", DEIT, *DEIT_ARGS, "--precision", "fp16", "--no-measure", "-q", "-o", tmp_path / "fp16")
+    r = cli("compile", DEIT, *DEIT_ARGS, "--target", "ort-cpu", "--precision", "fp16", "--no-measure", "-q", "-o", tmp_path / "fp16")
     assert r.returncode == 0, r.stderr
     import json
 
@@ -234,7 +234,7 @@ def test_compile_fp16_on_ort_cpu(tmp_path):
     assert ir.DataType.FLOAT16 in types and model.graph.inputs[0].dtype == ir.DataType.FLOAT
     for args, message in ((["--precision", "bf16"], "runs precisions fp32, fp16, int8, not 'bf16'"), (["--precision", "int4"], "unknown precision"),
                           (["--precision", "fp16", "--latency", "0.5x"], "fp32 latency tables")):
-        r = cli("compile", DEIT, *DEIT_ARGS, *args, "-o", tmp_path / "bad")
+        r = cli("compile", DEIT, *DEIT_ARGS, "--target", "ort-cpu", *args, "-o", tmp_path / "bad")
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "bad").exists()
 
@@ -250,13 +250,18 @@ def test_precision_token_cluster():
     assert [v.dtype for v in bf16.graph.node("token_cluster").inputs] == [ir.DataType.FLOAT] * 3  # but not bf16
     lowered = copy(graph)  # ONNX Runtime targets decompose first, then lower the precision
     lower(lowered, "reference")
-    assert relative_l2(run_ort(convert_precision(lowered, "fp16"), x), want) < 1e-2
+    fp32_err = relative_l2(run_ort(lowered, x), want)
+    fp16_err = relative_l2(run_ort(convert_precision(lowered, "fp16"), x), want)
+    # fp16 rounding (measured 5.4e-4) is far above fp32's (~1e-7): a conversion that left the graph
+    # in float32 fails the lower bound, one that broke the math fails the upper one
+    assert fp32_err < 1e-5 < fp16_err < 3e-3, (fp32_err, fp16_err)
 
 
 # ---------------------------------------------------------------------------------------------
 # Without TensorRT
 
 
+@pytest.mark.slow  # two CLI processes
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here")
 def test_without_tensorrt_one_line_and_exit_2(tmp_path):
     for args in (("selftest", "--target", "tensorrt"), ("compile", DEIT, *DEIT_ARGS, "--target", "tensorrt", "-o",

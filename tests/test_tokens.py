@@ -137,8 +137,8 @@ def test_semantic_tokens_with_pruning_share_one_budget(tmp_path, monkeypatch):
     """``--semantic-tokens`` with ``--latency``: the budget is relative to the unrewritten source, and
     pruning measures the token graph (pruned + rewritten) at every step. On the MLP-only table the
     source (4 blocks, MLP 128) predicts 0.4 + 4 x (0.12 + 1.28) = 6.0 ms; a generator block
-    (cross-attention of 5 queries) costs a self-attention over its keys scaled by their MACs. Timing is
-    simulated by the same formula (no live measurement)."""
+    (cross-attention of 5 queries) costs the table's cross-attention part (0.12 ms on this table, at
+    any heads). Timing is simulated by the same formula (no live measurement)."""
     import onnx
 
     from deploycomp.ir.discover import discover
@@ -151,7 +151,7 @@ def test_semantic_tokens_with_pruning_share_one_budget(tmp_path, monkeypatch):
     tiny = {**TINY, "embed_dim": 32, "num_heads": 2}
     prune = PruneConfig(latency="0.9x", steps=2, saliency_batches=2, batch_size=8, budget_rounds=1, kinds=("mlp",),
                         group_sizes={"emb": 8, "heads": 1, "qk": 4, "v": 4, "mlp": 16})
-    options = CompileOptions(model_kwargs=tiny, prune=prune, tables=str(tmp_path / "tables"), measure_rounds=0, seed=0,
+    options = CompileOptions(target="ort-cpu", model_kwargs=tiny, prune=prune, tables=str(tmp_path / "tables"), measure_rounds=0, seed=0,
                              semantic_tokens=SemanticTokenConfig(4, layer=1))
     manifest = compile("timm:deit_tiny_patch16_224", tmp_path / "out", options)
     p = manifest["pruning"]
@@ -159,10 +159,7 @@ def test_semantic_tokens_with_pruning_share_one_budget(tmp_path, monkeypatch):
     assert [b["tokens"] for b in manifest["structure"]["blocks"]] == [17, 5, 5, 5]
     assert p["baseline_predicted_ms"] == pytest.approx(6.0, rel=1e-9)  # the source, not the token model
     assert p["target_ms"] == pytest.approx(5.4, rel=1e-9) and p["predicted_ms"] <= p["target_ms"]
-    def macs(m, n):  # attention of m queries over n keys: q, k/v projections, scores + context, output
-        return m * 32 * 32 + n * 32 * 64 + m * n * 64 + m * 32 * 32
-
-    generator = 0.12 * (macs(5, 17) / macs(17, 17) + macs(5, 22) / macs(22, 22))  # keys: 17, then 5 + 17
+    generator = 2 * 0.12  # the cross-attention part, times self-attention at its heads over the widest (1 here)
     mlp = sum(b["mlp_dim"] for b in manifest["structure"]["blocks"])
     assert mlp < 512 and p["predicted_ms"] == pytest.approx(0.4 + 2 * 0.12 + generator + 0.01 * mlp, rel=1e-9)
     assert len(p["budget_checks"]) == prune.steps and len(device.timed) == prune.steps + 1

@@ -122,6 +122,12 @@ def random_input(input_shape: tuple[int, ...], batch: int, seed: int = 0) -> np.
 _BACKENDS: dict[str, type] = {}
 
 
+# The embedded default target: the faster of the two verified CPU runtimes on the runtimes table
+# (benchmarks/results/runtimes.json: DeiT-S at batch 8, plain OpenVINO 1.28x and deploycomp's
+# openvino-cpu artifact 1.30x of plain ONNX Runtime fp32; deploycomp's ort-cpu artifact 1.03x).
+DEFAULT_TARGET = "openvino-cpu"
+
+
 def register_backend(name: str):
     def deco(cls):
         _BACKENDS[name] = cls

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ..backends.base import DEFAULT_TARGET
 from ..errors import DeployCompError
 from ..latency.arch import ViTArch
 
@@ -69,7 +70,7 @@ def find_table(target: str, batch: int, grid: str, tables: Path, table: Path | N
     return load_table(path, None if force else fp, force=force)
 
 
-def run_design(output: Path, *, latency: str, target: str = "ort-cpu", batch: int = 1, params: str | None = None,
+def run_design(output: Path, *, latency: str, target: str = DEFAULT_TARGET, batch: int = 1, params: str | None = None,
                flops: str | None = None, depth_range: str = "4:12", source: str | None = None,
                weights: str | None = None, reference: str | None = None, semantic_tokens: int | None = None,
                rho: float | None = None, grid: str | None = None, tables: Path = Path("latency_tables"),

@@ -3,15 +3,18 @@
 Each builder returns a standalone ``onnx.ModelProto`` with a symbolic batch axis, random weights
 and the same ops, in the same order and layout, as the corresponding part of a FlexViT exported
 by the dynamo exporter and cleaned by deploycomp (``tests/test_latency.py`` checks that chaining
-the parts gives the op counts of the real export). The profiler times these; the predictor sums
-them.
+the parts gives the op counts of the real export), or, for STViT's generator, by the semantic-token
+rewrite. The profiler times these; the predictor sums them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
+
+from ..tokens.op import DOMAIN, OP_TYPE, VERSION, lower
 
 OPSET = 18
 
@@ -78,6 +81,32 @@ def attention_part(tokens: int, emb: int, heads: int, qk_dim: int, v_dim: int, s
     ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3]), g.const(np.array([-1, tokens, heads * v_dim], np.int64)))
     out = g.op("Add", x, g.linear(ctx, heads * v_dim, emb))
     return g.model(x, ["batch", tokens, emb], out, ["batch", tokens, emb])
+
+
+def cross_attention_part(queries: int, tokens: int, emb: int, heads: int, qk_dim: int, v_dim: int,
+                         lowering: str | None = "reference", seed: int = 0) -> onnx.ModelProto:
+    """p + proj(TokenCluster(q(LN(p)), k(LN(x)), v(LN(x)))) with p the first ``queries`` of the
+    ``tokens`` rows of x: one STViT generator block's attention half as the semantic-token rewrite
+    emits it (``tokens/rewrite.py``), its TokenCluster lowered the way the target runs it
+    (``lowering``; None keeps the node for a target that runs the op itself). The pooling that
+    makes the first block's centres is not in it (a few Slice/ReduceMax on the patch grid)."""
+    g = _Graph(seed)
+    x = "x"
+    p = g.op("Slice", x, g.const(np.array([0], np.int64)), g.const(np.array([queries], np.int64)),
+             g.const(np.array([1], np.int64)))
+    keys = g.layernorm(x, emb)
+    q = g.linear(g.layernorm(p, emb), emb, heads * qk_dim)
+    k, v = g.linear(keys, emb, heads * qk_dim), g.linear(keys, emb, heads * v_dim)
+    ctx = g.name("token_cluster")
+    g.nodes.append(helper.make_node(OP_TYPE, [q, k, v], [ctx], domain=DOMAIN, num_heads=heads, scale=qk_dim**-0.5))
+    out = g.op("Add", p, g.linear(ctx, heads * v_dim, emb))
+    model = g.model(x, ["batch", tokens, emb], out, ["batch", queries, emb])
+    model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
+    if lowering is None:
+        return model
+    lowered = ir.from_proto(model)
+    lower(lowered, lowering)
+    return ir.to_proto(lowered)
 
 
 def mlp_part(tokens: int, emb: int, mlp_dim: int, seed: int = 0) -> onnx.ModelProto:

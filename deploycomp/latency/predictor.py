@@ -3,9 +3,14 @@
 latency(arch) = stem(EMB) + sum over blocks of attention(tokens, EMB, H, QK, V) + mlp(tokens,
 EMB, MLP) + head(tokens, EMB), each part interpolated multilinearly over its grid (NViT keys its
 table by EMB, H, QK, V, MLP; ours adds the token count, which semantic tokens change mid-network).
-STViT's generator blocks (cross-attention of few queries over many keys) are not profiled: their
-attention is the self-attention over the keys scaled by the FLOPs ratio (checked against measured
-artifacts in benchmarks/bench_semantic_tokens.py).
+STViT's generator blocks (cross-attention of M queries over N keys) read the table's cross-attention
+part, profiled at the attention grid's widest heads over (M, N, EMB), times what the block's own
+heads cost relative to those in self-attention over the same keys:
+
+    cross(M, N, E, H, QK, V) = cross(M, N, E) * attention(N, E, H, QK, V) / attention(N, E, H*, QK*, V*)
+
+(keys clamped to the attention grid). A table profiled before that part existed falls back to the
+self-attention over the keys scaled by the FLOPs ratio (the proxy measured that 10 % optimistic).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from scipy.interpolate import RegularGridInterpolator
 
 from ..errors import DeployCompError
 from .arch import ViTArch
-from .table import PART_KEYS, LatencyTable
+from .table import PART_KEYS, LatencyTable, cross_reference
 
 
 @dataclass
@@ -32,15 +37,17 @@ class Prediction:
 
 class LatencyPredictor:
     def __init__(self, table: LatencyTable, drift: float = 1.0):
-        """``drift``: how much slower (>1) or faster the device runs now than when the table was
-        profiled, measured on anchor points (``latency/calibrate.py``); predictions are scaled by it."""
+        """``drift``: measured / predicted for a whole model timed now (``latency/calibrate.py``):
+        the device's drift since profiling and what the runtime gains across parts; predictions are
+        scaled by it."""
         if not table.complete:
             raise DeployCompError(f"latency table {table.path} is incomplete: resume `deploycomp profile` first")
         self.table = table
         self.drift = float(drift)
         self._interp = {}
         self._cache: dict[tuple, float] = {}
-        for part, keys in PART_KEYS.items():
+        for part in table.parts:
+            keys = PART_KEYS[part]
             axes = [np.asarray(table.grid[part][k], dtype=float) for k in keys]
             values = np.empty([len(a) for a in axes])
             for point in table.points(part):
@@ -63,6 +70,19 @@ class LatencyPredictor:
                 out.append(f"{part}.{k}={v} outside [{lo}, {hi}]")
         return out
 
+    def cross_attention_ms(self, b, e: int) -> tuple[float, list[str]]:
+        """A generator block's attention half (``b.queries`` over ``b.tokens`` keys), unscaled."""
+        self_pt = (b.tokens, e, b.heads, b.qk_dim, b.v_dim)
+        if "cross_attention" not in self.table.parts:  # FLOPs-scaled self-attention over the keys
+            return (self.part_ms("attention", self_pt) * b.attention_flops(e)
+                    / replace(b, queries=0).attention_flops(e)), self._outside("attention", self_pt)
+        keys = min(b.tokens, max(self.table.grid["attention"]["tokens"]))
+        ref = cross_reference(self.table.grid)
+        heads_ratio = self.part_ms("attention", (keys, e, b.heads, b.qk_dim, b.v_dim)) / self.part_ms("attention", (keys, e, *ref))
+        cross_pt = (b.queries, b.tokens, e)
+        return (self.part_ms("cross_attention", cross_pt) * heads_ratio,
+                self._outside("cross_attention", cross_pt) + self._outside("attention", (keys, e, b.heads, b.qk_dim, b.v_dim)))
+
     def predict(self, arch: ViTArch, scale: float | None = None) -> Prediction:
         """Predicted latency; ``scale`` (a measured now/at-profile-time ratio; default: the
         predictor's ``drift``) corrects for device drift."""
@@ -78,10 +98,11 @@ class LatencyPredictor:
         attn, mlp = [], []
         for b in arch.blocks:
             a_pt, m_pt = (b.tokens, e, b.heads, b.qk_dim, b.v_dim), (b.out_tokens, e, b.mlp_dim)
-            outside += self._outside("attention", a_pt) + self._outside("mlp", m_pt)
-            a_ms = self.part_ms("attention", a_pt)
-            if b.queries:  # cross-attention (not profiled): self-attention over the keys, scaled by FLOPs
-                a_ms *= b.attention_flops(e) / replace(b, queries=0).attention_flops(e)
+            if b.queries:
+                a_ms, out = self.cross_attention_ms(b, e)
+            else:
+                a_ms, out = self.part_ms("attention", a_pt), self._outside("attention", a_pt)
+            outside += out + self._outside("mlp", m_pt)
             attn.append(a_ms)
             mlp.append(self.part_ms("mlp", m_pt))
         last = arch.blocks[-1].out_tokens if arch.blocks else arch.patches + 1

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import DeployCompError
 from . import micrographs
-from .table import PART_KEYS, LatencyTable, load_table, save_table, table_path
+from .table import LatencyTable, cross_reference, load_table, save_table, table_path
 
 # The DeiT-B search space: EMB <= 768, H <= 12, QK/V <= 64, MLP <= 3072, tokens <= 197.
 GRIDS: dict[str, dict[str, dict[str, list[int]]]] = {
@@ -28,6 +28,8 @@ GRIDS: dict[str, dict[str, dict[str, list[int]]]] = {
                 "mlp_dim": [128, 384, 768, 1536, 2304, 3072]},
         "stem": {"emb": [192, 384, 576, 768]},
         "head": {"tokens": [5, 17, 50, 101, 197], "emb": [192, 384, 576, 768]},
+        # centres = cls + 4..49 semantic tokens; keys: 197 tokens (first generator block) + centres (second)
+        "cross_attention": {"queries": [5, 10, 17, 26, 50], "tokens": [50, 101, 197, 247], "emb": [192, 384, 576, 768]},
     },
     # The proxy DeiT (28 px Fashion-MNIST, patch 4: 49 tokens + cls, EMB 96, 4 heads x 24, MLP 384);
     # 5 tokens = 4 semantic tokens + cls.
@@ -37,6 +39,7 @@ GRIDS: dict[str, dict[str, dict[str, list[int]]]] = {
         "mlp": {"tokens": [5, 17, 50], "emb": [16, 32, 48, 64, 80, 96], "mlp_dim": [16, 64, 128, 192, 256, 384]},
         "stem": {"emb": [16, 32, 48, 64, 80, 96]},
         "head": {"tokens": [5, 17, 50], "emb": [16, 32, 48, 64, 80, 96]},
+        "cross_attention": {"queries": [5, 10, 17], "tokens": [50, 67], "emb": [16, 32, 48, 64, 80, 96]},
     },
     # a small grid for tests and quick looks
     "tiny": {
@@ -44,6 +47,7 @@ GRIDS: dict[str, dict[str, dict[str, list[int]]]] = {
         "mlp": {"tokens": [5, 17], "emb": [32, 64], "mlp_dim": [32, 128]},
         "stem": {"emb": [32, 64]},
         "head": {"tokens": [5, 17], "emb": [32, 64]},
+        "cross_attention": {"queries": [2, 5], "tokens": [17, 22], "emb": [32, 64]},
     },
 }
 FIXED = {"deit-base": {"img_size": 224, "patch": 16, "in_chans": 3, "num_classes": 1000},
@@ -64,7 +68,12 @@ def grid_for(geometry: dict[str, int]) -> str:
                           + ", ".join(f"{n} {f}" for n, f in FIXED.items()))
 
 
-def build_part(part: str, point: tuple[int, ...], fixed: dict[str, Any]):
+def build_part(part: str, point: tuple[int, ...], fixed: dict[str, Any], grid: dict[str, Any] | None = None,
+               lowering: str | None = "reference"):
+    """The micro-graph of one grid point (``grid`` and ``lowering``: the cross-attention part's
+    head shape and the TokenCluster lowering of the target)."""
+    if part == "cross_attention":
+        return micrographs.cross_attention_part(*point, *cross_reference(grid), lowering=lowering)
     if part == "attention":
         return micrographs.attention_part(*point)
     if part == "mlp":
@@ -80,14 +89,17 @@ def part_input(part: str, point: tuple[int, ...], fixed: dict[str, Any], batch: 
     rng = np.random.default_rng(0)
     if part == "stem":
         shape = (batch, fixed["in_chans"], fixed["img_size"], fixed["img_size"])
+    elif part == "cross_attention":  # (queries, tokens, emb): the input holds the keys
+        shape = (batch, point[1], point[2])
     else:
         shape = (batch, point[0], point[1])
     return rng.standard_normal(shape).astype(np.float32)
 
 
-def time_part(backend, part: str, point, fixed, batch: int, warmup: int, repeats: int) -> list[float]:
+def time_part(backend, part: str, point, table: LatencyTable, batch: int, warmup: int, repeats: int) -> list[float]:
     """Milliseconds of ``repeats`` runs of one part after ``warmup`` runs, timed by the backend."""
-    return backend.time_part(build_part(part, point, fixed), part_input(part, point, fixed, batch), warmup, repeats)
+    model = build_part(part, point, table.fixed, table.grid, backend.token_cluster_lowering)
+    return backend.time_part(model, part_input(part, point, table.fixed, batch), warmup, repeats)
 
 
 def device_fingerprint(backend, batch: int, dtype: str) -> dict[str, Any]:
@@ -106,11 +118,13 @@ def profile(backend, root, batch: int = 1, dtype: str = "fp32", grid: str = "dei
     path = path or table_path(root, fp, grid)
     protocol = {**DEFAULT_PROTOCOL, **(protocol or {})}
     table = LatencyTable(fp, GRIDS[grid], FIXED[grid], {**protocol, "grid_name": grid})
-    if path.is_file():  # resume: keep what a previous run of the same grid measured
-        old = load_table(path, fp)
-        if old.grid == table.grid and old.protocol == table.protocol:
-            table.entries, table.profiling_seconds = old.entries, old.profiling_seconds
-    work = [(part, p) for part in PART_KEYS for p in table.points(part)]
+    if path.is_file():  # resume: keep every part a previous run measured on the same grid, so a
+        old = load_table(path, fp)  # part kind added to the preset since is all that is profiled
+        if old.protocol == table.protocol:
+            table.entries = {part: points for part, points in old.entries.items()
+                             if old.grid.get(part) == table.grid.get(part)}
+            table.profiling_seconds = old.profiling_seconds
+    work = [(part, p) for part in table.parts for p in table.points(part)]
     total = len(work) * protocol["passes"]
     done = sum(min(len(table.samples(part, p)) // protocol["repeats"], protocol["passes"]) for part, p in work)
     rng = np.random.default_rng(int(time.time()))
@@ -122,7 +136,7 @@ def profile(backend, root, batch: int = 1, dtype: str = "fp32", grid: str = "dei
         todo = [w for w in work if len(table.samples(*w)) // protocol["repeats"] <= pass_index]
         for idx in rng.permutation(len(todo)):
             part, point = todo[idx]
-            table.add_samples(part, point, time_part(backend, part, point, table.fixed, batch,
+            table.add_samples(part, point, time_part(backend, part, point, table, batch,
                                                      protocol["warmup"], protocol["repeats"]))
             done += 1
             if progress:

@@ -32,7 +32,16 @@ PART_KEYS = {
     "mlp": ("tokens", "emb", "mlp_dim"),
     "stem": ("emb",),
     "head": ("tokens", "emb"),
+    # STViT's generator: TokenCluster of ``queries`` centres over ``tokens`` keys, at the attention
+    # grid's widest heads (``cross_reference``); other head shapes scale by the attention part
+    "cross_attention": ("queries", "tokens", "emb"),
 }
+
+
+def cross_reference(grid: dict[str, dict[str, list[int]]]) -> tuple[int, int, int]:
+    """(heads, QK, V) the cross-attention part is profiled at: the attention grid's largest."""
+    att = grid["attention"]
+    return max(att["heads"]), max(att["qk_dim"]), max(att["v_dim"])
 
 
 def key_of(values) -> str:
@@ -48,6 +57,11 @@ class LatencyTable:
     entries: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     profiling_seconds: float = 0.0
     path: Path | None = None
+
+    @property
+    def parts(self) -> list[str]:
+        """The part kinds this table profiles (tables from before a kind existed lack it)."""
+        return [part for part in PART_KEYS if part in self.grid]
 
     def points(self, part: str) -> list[tuple[int, ...]]:
         axes = [self.grid[part][k] for k in PART_KEYS[part]]
@@ -69,7 +83,7 @@ class LatencyTable:
     @property
     def complete(self) -> bool:
         need = self.protocol["passes"] * self.protocol["repeats"]
-        return all(len(self.samples(part, p)) >= need for part in PART_KEYS for p in self.points(part))
+        return all(len(self.samples(part, p)) >= need for part in self.parts for p in self.points(part))
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "version": VERSION, "fingerprint": self.fingerprint, "grid": self.grid,

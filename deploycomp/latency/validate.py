@@ -38,23 +38,14 @@ def compile_arch(arch: ViTArch, workdir: Path, name: str, backend) -> Path:
     return out / manifest["files"].get("onnx", manifest["files"]["model"])
 
 
-def part_candidate(backend, part: str, point, fixed):
-    """A latency-table micro-graph as a candidate of an interleaved measurement."""
-    from .profiler import build_part, part_input
-
-    shape = part_input(part, point, fixed, 1).shape
-    return backend.candidate(f"{part}{tuple(point)}", build_part(part, point, fixed), shape)
-
-
-def measure_models(backend, paths: list[Path], shape: tuple[int, ...], batch: int, rounds: int, iters: int,
-                   calibration=(), fixed=None) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
-    """Whole models and calibration parts, all interleaved in one measurement on ``backend``."""
+def measure_models(backend, paths: list[Path], shape: tuple[int, ...], batch: int, rounds: int,
+                   iters: int) -> list[dict[str, float]]:
+    """Whole models, interleaved in one measurement on ``backend``."""
     from ..bench.harness import measure_interleaved, stats
 
     models = [backend.candidate(str(i), p, shape) for i, p in enumerate(paths)]
-    parts = [part_candidate(backend, part, point, fixed) for part, point in calibration]
-    times = measure_interleaved(models + parts, batch, rounds=rounds, iters=iters)
-    return [stats(times[c.name]) for c in models], [stats(times[c.name]) for c in parts]
+    times = measure_interleaved(models, batch, rounds=rounds, iters=iters)
+    return [stats(times[c.name]) for c in models]
 
 
 def summarize_errors(pred: np.ndarray, meas: np.ndarray) -> dict[str, float]:
@@ -65,28 +56,30 @@ def summarize_errors(pred: np.ndarray, meas: np.ndarray) -> dict[str, float]:
 
 def validate(table: LatencyTable, backend, archs: list[ViTArch], rounds: int = 5, iters: int = 2,
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Predict, compile and measure ``archs``; report raw and drift-calibrated prediction errors.
+    """Predict, compile and measure ``archs``; report raw and calibrated prediction errors.
 
-    Raw: the table's numbers as profiled. Calibrated: scaled as compile scales them, by how much
-    faster or slower the table's anchor points run now than when they were profiled
-    (``calibrate.measure_drift``, measured right after the models); the scale is reported, so is
-    the raw error, and the best single scale as the bound calibration could reach.
+    Raw: the table's numbers as profiled. Calibrated: scaled as compile scales them, by one whole
+    model measured now (``calibrate``): here the grid's full architecture, measured in the same
+    interleaved run as ``archs`` and not among them, as compile calibrates on the unpruned source
+    of the architectures it predicts. The best single scale is reported as the bound calibration
+    could reach.
     """
-    from .calibrate import measure_drift
+    from .calibrate import calibration, full_arch
 
     say = progress or (lambda s: None)
     predictor = LatencyPredictor(table)
     batch = table.fingerprint["batch"]
+    anchor = full_arch(table)
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
-        for i, arch in enumerate(archs):
-            say(f"compile {i + 1}/{len(archs)}")
+        for i, arch in enumerate([*archs, anchor]):
+            say(f"compile {i + 1}/{len(archs) + 1}")
             paths.append(compile_arch(arch, Path(tmp), f"arch{i}", backend))
         say("measure")
         shape = (1, archs[0].in_chans, archs[0].img_size, archs[0].img_size)
-        measured, _ = measure_models(backend, paths, shape, batch, rounds, iters)
-        say("calibrate")
-        drift = measure_drift(table, backend)
+        *measured, anchor_measured = measure_models(backend, paths, shape, batch, rounds, iters)
+    drift = calibration(predictor.predict(anchor).total_ms, anchor_measured["median_ms"],
+                        f"the grid's full architecture (EMB {anchor.emb}, {len(anchor.blocks)} blocks)")
     scale = drift["scale"]
     raw = [predictor.predict(a) for a in archs]
     calibrated = [predictor.predict(a, scale) for a in archs]

@@ -8,6 +8,7 @@ model, so the artifact is checked against exactly what was trained.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from typing import Sequence
 
@@ -15,9 +16,11 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from ..errors import DeployCompError
+from ..errors import DeployCompError, DeployCompWarning
 from ..frontend import torch_reference
 from ..ir.discover import discover
+from ..latency.calibrate import calibration
+from ..latency.predictor import LatencyPredictor
 from ..pruning.masks import copy_weights_to_graph
 from ..pruning.plan import PrunePlan, plan_arch
 from ..pruning.rewrite import prune_graph
@@ -43,13 +46,15 @@ class PrunePass(Pass):
     name = "prune"
 
     def __init__(self, config: PruneConfig, rewrites: Sequence[Rewrite] = (), latency_batch: int = 1,
-                 measure_rounds: int = 30):
+                 measure_rounds: int = 30, calibrate_rounds: int = 4):
         """``rewrites``: passes applied after pruning that change latency (semantic tokens and their
         lowering). The budget covers them: the latency model sees their architecture, the torch
         model they wrap is what is trained, and every on-device check times the pruned graph with
-        them applied against the unpruned source graph."""
+        them applied against the unpruned source graph. ``calibrate_rounds``: rounds the unpruned
+        graph is timed to scale the latency table to the device now (``latency/calibrate.py``;
+        0 trusts the table as profiled)."""
         self.config, self.rewrites = config, list(rewrites)
-        self.latency_batch, self.measure_rounds = latency_batch, measure_rounds
+        self.latency_batch, self.measure_rounds, self.calibrate_rounds = latency_batch, measure_rounds, calibrate_rounds
 
     def requires(self, model: ir.Model, ctx: CompileContext) -> None:
         assert ctx.structure is not None, "prune needs the discovered structure"
@@ -87,10 +92,21 @@ class PrunePass(Pass):
 
         config, absolute = self.config, None
         budget = LatencyBudget.parse(config.latency)
-        if not budget.relative and config.budget_rounds and ctx.backend is not None:
+        judge_on_device = not budget.relative and config.budget_rounds and ctx.backend is not None
+        ms = None
+        if ctx.backend is not None and (self.calibrate_rounds or judge_on_device):
+            rounds = self.measure_rounds if judge_on_device else self.calibrate_rounds
+            ms = ctx.backend.time({"unpruned": unpruned}, shape, self.latency_batch, rounds)["unpruned"]["median_ms"]
+        if self.calibrate_rounds and ms is not None:  # the table scaled to predict the source as it runs now
+            cal = calibration(predictor.predict(plan_arch(structure, PrunePlan(), **geometry), scale=1.0).total_ms, ms,
+                              "the unpruned source model")
+            ctx.results["latency_calibration"] = cal
+            ctx.latency = predictor = LatencyPredictor(predictor.table, cal["scale"])
+            if "warning" in cal:
+                warnings.warn(cal["warning"], DeployCompWarning, stacklevel=2)
+        if judge_on_device:
             # an absolute budget is judged on the device: the unpruned graph is measured now and the
             # budget becomes the fraction of it that the on-device checks then close on
-            ms = ctx.backend.time({"unpruned": unpruned}, shape, self.latency_batch, self.measure_rounds)["unpruned"]["median_ms"]
             if budget.value >= ms:
                 raise DeployCompError(f"the budget {budget} is not below the unpruned model's measured {ms:.2f} ms "
                                       f"at batch {self.latency_batch} on {ctx.backend.name}: nothing to prune")
