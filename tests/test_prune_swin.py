@@ -322,3 +322,18 @@ def test_window_attention_micrograph_has_the_ops_of_a_pruned_swin_block(swin):
         x = np.random.default_rng(0).standard_normal((2, 14, 14, b.emb)).astype(np.float32)
         out = run(ir.serde.deserialize_model(part), x)
         assert out.shape == x.shape and np.isfinite(out).all()
+
+
+def test_score_views_computed_at_run_time_are_refused_in_one_line(exported):
+    """TorchScript's export computes the window-mask views' targets at run time; the rewrite
+    cannot give them the kept head count, so it refuses in one line rather than drop the step
+    (compile exports with dynamo, whose views are constants)."""
+    from deploycomp.errors import DeployCompError
+
+    path, _ = exported("swin", "torchscript")
+    model = ir.load(path)
+    ctx = CompileContext(family="swin")
+    Pipeline([CleanupPass(), DiscoverPass()])(model, ctx)
+    with pytest.raises(DeployCompError, match="between the scores and the softmax") as err:
+        prune_graph(model, ctx.structure, random_plan(ctx.structure, seed=0, kinds=("heads",)))
+    assert "\n" not in str(err.value)
