@@ -26,7 +26,7 @@ import torch
 from deploycomp.backends.base import get_backend
 from deploycomp.frontend.export import export_to_onnx
 from deploycomp.ir.discover import discover, trace_to_layernorm
-from deploycomp.latency.micrographs import window_attention_part
+from deploycomp.latency.micrographs import patch_merging_part, window_attention_part
 from deploycomp.passes.base import CompileContext, Pipeline
 from deploycomp.passes.cleanup import CleanupPass
 from deploycomp.passes.discover import DiscoverPass
@@ -285,18 +285,16 @@ def test_schedule_prunes_windowed_heads_qk_v_by_importance(swin):
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv", "Softmax", "LayerNormalization", "Erf", "Transpose", "Mul", "Div", "Add")
 
 
-def attention_half_ops(q_matmul: ir.Node) -> collections.Counter:
-    """Compute ops of one block's attention half in a graph: every node on a data path from the
-    block's input (what its first LayerNorm reads) to the residual Add, shape arithmetic excluded."""
-    x = trace_to_layernorm(q_matmul.inputs[0]).inputs[0]
-    residual = next(n for n in x.consumers() if n.op_type == "Add")
-    down, stack = set(), [x]
+def ops_between(start: ir.Value, end: ir.Node) -> collections.Counter:
+    """Compute ops of every node on a data path from ``start`` to ``end`` (included), shape
+    arithmetic excluded."""
+    down, stack = set(), [start]
     while stack:
         for node in stack.pop().consumers():
-            if id(node) not in down and node.op_type not in ("Shape", "Size") and node is not residual:
+            if id(node) not in down and node.op_type not in ("Shape", "Size") and node is not end:
                 down.add(id(node))
                 stack.extend(node.outputs)
-    up, stack, ops = set(), [residual], [residual.op_type]
+    up, stack, ops = set(), [end], [end.op_type]
     while stack:
         for value in stack.pop().inputs:
             node = value.producer() if value is not None else None
@@ -305,6 +303,12 @@ def attention_half_ops(q_matmul: ir.Node) -> collections.Counter:
                 ops.append(node.op_type)
                 stack.append(node)
     return collections.Counter(op for op in ops if op in COMPUTE_OPS)
+
+
+def attention_half_ops(q_matmul: ir.Node) -> collections.Counter:
+    """One block's attention half: from the block's input (what its first LayerNorm reads) to the residual Add."""
+    x = trace_to_layernorm(q_matmul.inputs[0]).inputs[0]
+    return ops_between(x, next(n for n in x.consumers() if n.op_type == "Add"))
 
 
 def test_window_attention_micrograph_has_the_ops_of_a_pruned_swin_block(swin):
@@ -337,3 +341,24 @@ def test_score_views_computed_at_run_time_are_refused_in_one_line(exported):
     with pytest.raises(DeployCompError, match="between the scores and the softmax") as err:
         prune_graph(model, ctx.structure, random_plan(ctx.structure, seed=0, kinds=("heads",)))
     assert "\n" not in str(err.value)
+
+
+def test_patch_merging_micrograph_has_the_ops_of_a_pruned_merge(swin):
+    """The patch-merging micro-graph (a function only) has the compute ops of the merge between
+    stage 0 and 1 of a Swin whose embeddings were pruned, from stage 0's last residual Add to
+    the reduction."""
+    source, data, structure = swin
+    model = fresh(data)
+    plan = random_plan(structure, seed=2, kinds=("emb",))
+    prune_graph(model, structure, plan)
+    nodes = {n.name: n for n in model.graph}
+    fc2 = nodes[structure.blocks[1].nodes["fc2"]]
+    residual = next(n for v in (fc2.outputs[0], *(c.outputs[0] for c in fc2.outputs[0].consumers()))
+                    for n in v.consumers() if n.op_type == "Add" and all(i.const_value is None for i in n.inputs))
+    reduction = next(n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].name.endswith("downsample.reduction.weight"))
+    widths = [len(plan.keep["stage0.emb"]), len(plan.keep["stage1.emb"])]
+    part = patch_merging_part(14, *widths)
+    built = collections.Counter(n.op_type for n in part.graph.node if n.op_type in COMPUTE_OPS)
+    assert built == ops_between(residual.outputs[0], reduction)
+    x = np.random.default_rng(0).standard_normal((2, 14, 14, widths[0])).astype(np.float32)
+    assert run(ir.serde.deserialize_model(part), x).shape == (2, 7, 7, widths[1])
