@@ -165,3 +165,17 @@ def window_attention_part(resolution: int, window: int, emb: int, heads: int, qk
     out = g.op("Add", x, out)
     shape = ["batch", resolution, resolution, emb]
     return g.model(x, shape, out, shape)
+
+
+def patch_merging_part(resolution: int, emb: int, out_emb: int, seed: int = 0) -> onnx.ModelProto:
+    """Swin's patch merging on a (batch, R, R, emb) grid: the 2x2 neighbours' channels concatenated
+    (slot-major, as timm flattens them), LayerNorm over 4·emb, the bias-free reduction to ``out_emb``.
+    Not profiled into any table yet."""
+    g = _Graph(seed)
+    half = resolution // 2
+    x = "x"
+    y = g.op("Reshape", x, g.const(np.array([-1, half, 2, half, 2, emb], np.int64)))
+    y = g.op("Transpose", y, perm=[0, 1, 3, 4, 2, 5])
+    y = g.op("Reshape", y, g.const(np.array([-1, half, half, 4 * emb], np.int64)))
+    out = g.op("MatMul", g.layernorm(y, 4 * emb), g.weight(4 * emb, out_emb))
+    return g.model(x, ["batch", resolution, resolution, emb], out, ["batch", half, half, out_emb])
