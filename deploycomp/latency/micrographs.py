@@ -142,3 +142,69 @@ def head_part(tokens: int, emb: int, num_classes: int = 1000, seed: int = 0) -> 
     cls = g.op("Gather", g.layernorm(x, emb), g.const(np.array(0, np.int64)), axis=1)
     out = g.op("Gemm", cls, g.weight(num_classes, emb), g.weight(num_classes), transB=1)
     return g.model(x, ["batch", tokens, emb], out, ["batch", num_classes])
+
+
+def window_attention_part(resolution: int, window: int, emb: int, heads: int, qk_dim: int, v_dim: int,
+                          shift: int = 0, seed: int = 0) -> onnx.ModelProto:
+    """One Swin block's attention half on a (batch, R, R, emb) grid, as a pruned Swin compiles:
+    LayerNorm, the cyclic shift (Slice/Concat per spatial axis) when ``shift``, window partition,
+    the canonical core (separate q/k/v, relative-position bias per head, the shifted-window mask
+    through the (-1, windows, H, N, N) view), window reverse, the shift back, the residual.
+    Not profiled into any table yet: the latency table has no windowed-attention part."""
+    g = _Graph(seed)
+    n, per_side = window * window, resolution // window
+    windows = per_side * per_side
+    x = "x"
+    y = g.layernorm(x, emb)
+
+    def roll(t: str, by: int) -> str:
+        for axis in (1, 2):
+            cut = (-by) % resolution
+            head = g.op("Slice", t, g.const(np.array([cut], np.int64)), g.const(np.array([resolution], np.int64)),
+                        g.const(np.array([axis], np.int64)))
+            tail = g.op("Slice", t, g.const(np.array([0], np.int64)), g.const(np.array([cut], np.int64)),
+                        g.const(np.array([axis], np.int64)))
+            t = g.op("Concat", head, tail, axis=axis)
+        return t
+
+    if shift:
+        y = roll(y, -shift)
+    y = g.op("Reshape", y, g.const(np.array([-1, per_side, window, per_side, window, emb], np.int64)))
+    y = g.op("Transpose", y, perm=[0, 1, 3, 2, 4, 5])
+    y = g.op("Reshape", y, g.const(np.array([-1, n, emb], np.int64)))
+    q = g.heads(g.linear(y, emb, heads * qk_dim), n, heads, qk_dim)
+    k = g.heads(g.linear(y, emb, heads * qk_dim), n, heads, qk_dim)
+    v = g.heads(g.linear(y, emb, heads * v_dim), n, heads, v_dim)
+    q = g.op("Mul", q, g.const(np.array(qk_dim**-0.5, np.float32)))
+    scores = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2]))
+    scores = g.op("Add", scores, g.weight(1, heads, n, n))
+    if shift:
+        mask = np.where(g.rng.random((1, windows, 1, n, n)) < 0.5, -100.0, 0.0).astype(np.float32)
+        scores = g.op("Reshape", scores, g.const(np.array([-1, windows, heads, n, n], np.int64)))
+        scores = g.op("Add", scores, g.const(mask, "mask"))
+        scores = g.op("Reshape", scores, g.const(np.array([-1, heads, n, n], np.int64)))
+    ctx = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)
+    ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3]), g.const(np.array([0, 0, heads * v_dim], np.int64)))
+    out = g.linear(ctx, heads * v_dim, emb)
+    out = g.op("Reshape", out, g.const(np.array([-1, per_side, per_side, window, window, emb], np.int64)))
+    out = g.op("Transpose", out, perm=[0, 1, 3, 2, 4, 5])
+    out = g.op("Reshape", out, g.const(np.array([-1, resolution, resolution, emb], np.int64)))
+    if shift:
+        out = roll(out, shift)
+    out = g.op("Add", x, out)
+    shape = ["batch", resolution, resolution, emb]
+    return g.model(x, shape, out, shape)
+
+
+def patch_merging_part(resolution: int, emb: int, out_emb: int, seed: int = 0) -> onnx.ModelProto:
+    """Swin's patch merging on a (batch, R, R, emb) grid: the 2x2 neighbours' channels concatenated
+    (slot-major, as timm flattens them), LayerNorm over 4·emb, the bias-free reduction to ``out_emb``.
+    Not profiled into any table yet."""
+    g = _Graph(seed)
+    half = resolution // 2
+    x = "x"
+    y = g.op("Reshape", x, g.const(np.array([-1, half, 2, half, 2, emb], np.int64)))
+    y = g.op("Transpose", y, perm=[0, 1, 3, 4, 2, 5])
+    y = g.op("Reshape", y, g.const(np.array([-1, half, half, 4 * emb], np.int64)))
+    out = g.op("MatMul", g.layernorm(y, 4 * emb), g.weight(4 * emb, out_emb))
+    return g.model(x, ["batch", resolution, resolution, emb], out, ["batch", half, half, out_emb])

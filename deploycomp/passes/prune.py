@@ -21,6 +21,7 @@ from ..frontend import torch_reference
 from ..ir.discover import discover
 from ..latency.calibrate import calibration
 from ..latency.predictor import LatencyPredictor
+from ..pruning.derived import link_relative_position_biases
 from ..pruning.masks import copy_weights_to_graph
 from ..pruning.plan import PrunePlan, plan_arch
 from ..pruning.rewrite import prune_graph
@@ -67,6 +68,9 @@ class PrunePass(Pass):
         structure, predictor = ctx.structure, ctx.latency
         geometry = geometry_of(ctx.module, ctx.input_shape)
         shape = (1, *ctx.input_shape[1:])
+        # Swin's folded position biases are marked with their tables before the graph is copied
+        # for trials, so every copy recomputes them from the trained module
+        link_relative_position_biases(ctx.module, model, structure)
         unpruned = ir.to_proto(model).SerializeToString()
         ctx.baseline_model = ir.serde.deserialize_model(onnx.load_from_string(unpruned))  # timed against the result
         module = ctx.module

@@ -6,7 +6,10 @@ name). Masking gives exactly that: every coupled slice of a removed unit is zero
 after each optimizer step, which makes the module compute what the sliced graph computes —
 except for LayerNorm, whose statistics would still count removed embedding channels. The
 embedding's LayerNorms are therefore replaced by :class:`MaskedLayerNorm`, which normalizes
-over the kept channels only (the same parameters, so names and state dicts do not change).
+over the kept channels only (the same parameters, so names and state dicts do not change); Swin's
+patch-merging LayerNorm over four neighbours' channels keeps a stage's channel in all four slots.
+Swin's relative-position bias is folded into a graph constant; its table is the parameter that
+is masked (``derived.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 from ..errors import DeployCompError
 from ..ir.structure import Structure
 from ..passes.cleanup import TRANSPOSED_FROM
+from .derived import link_relative_position_biases, refresh_derived, torch_slice
 from .plan import PrunePlan
 
 
@@ -53,14 +57,15 @@ class PlanMasks:
         self.module = module
         params = dict(module.named_parameters())
         self.masks: dict[str, torch.Tensor] = {}
-        for (name, axis), indices in plan.removed_indices(structure).items():
+        link_relative_position_biases(module, model, structure)  # Swin: folded biases -> their tables
+        for (tensor, axis), indices in plan.removed_indices(structure).items():
+            where = torch_slice(model, tensor, axis)
+            name = where.parameter
             if name not in params:
                 raise DeployCompError(f"the plan removes slices of '{name}', which is not a parameter of the module")
-            perm = _perm(model, name)
-            torch_axis = perm[axis] if perm is not None else axis
             mask = self.masks.setdefault(name, torch.ones_like(params[name], dtype=torch.bool))
             index = [slice(None)] * mask.dim()
-            index[torch_axis] = torch.as_tensor(indices)
+            index[where.axis] = torch.as_tensor(indices)
             mask[tuple(index)] = False
         self.emb_keep = {}
         for s, emb in enumerate(structure.stage_embs):
@@ -88,16 +93,21 @@ class PlanMasks:
             keep = self.emb_keep[stage]
             if keep.all() and isinstance(norm, nn.LayerNorm):
                 continue
-            if keep.size != norm.weight.shape[-1]:
-                raise DeployCompError(f"LayerNorm '{name}' of width {norm.weight.shape[-1]}: embedding masks of "
-                                      f"multi-stage models are not supported")
+            width = norm.weight.shape[-1]
+            if width % keep.size:
+                raise DeployCompError(f"LayerNorm '{name}' of width {width} does not fit its stage's embedding "
+                                      f"width {keep.size}")
+            # patch merging normalizes the 2x2 neighbours' channels concatenated, slot-major (slot · C + c):
+            # channel c is kept in every slot
+            keep = np.tile(keep, width // keep.size)
             parent = self.module.get_submodule(name.rpartition(".")[0]) if "." in name else self.module
             setattr(parent, name.rpartition(".")[2], MaskedLayerNorm(norm, torch.from_numpy(keep)))
 
 
 def copy_weights_to_graph(module: nn.Module, model: ir.Model) -> int:
     """Write the module's current parameters into the graph's initializers of the same names
-    (undoing nothing: a folded transpose is re-applied). The module is the single source of truth."""
+    (undoing nothing: a folded transpose is re-applied), and recompute the constants folded from
+    them (Swin's relative-position biases, once linked). The module is the single source of truth."""
     count = 0
     for name, param in module.named_parameters():
         value = model.graph.initializers.get(name)
@@ -112,4 +122,4 @@ def copy_weights_to_graph(module: nn.Module, model: ir.Model) -> int:
             raise DeployCompError(f"parameter {name} {tuple(array.shape)} does not fit initializer {tuple(value.const_value.shape)}")
         value.const_value = ir.tensor(array, name=name)
         count += 1
-    return count
+    return count + refresh_derived(module, model)

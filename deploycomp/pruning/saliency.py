@@ -14,7 +14,7 @@ torch parameter names on the ONNX initializers (and records a folded transpose),
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 
 from ..errors import DeployCompError
 from ..ir.structure import ChannelSlice, Structure
-from ..passes.cleanup import TRANSPOSED_FROM
+from .derived import link_relative_position_biases, torch_slice
 
 # The official code divides each kind's per-batch sum by a constant before squaring, so that kinds
 # with very different numbers of coupled weights rank on one scale. EMB is shared by every block of
@@ -63,18 +63,19 @@ class ParameterSlice:
 def parameter_slices(structure: Structure, model: ir.Model, module: torch.nn.Module) -> dict[str, list[ParameterSlice]]:
     """Every group's coupled slices as torch parameter slices; a slice without a parameter is an error."""
     params = dict(module.named_parameters())
+    link_relative_position_biases(module, model, structure)  # Swin: a head's bias is its table column
     out: dict[str, list[ParameterSlice]] = {}
     for group in structure.groups():
         units = structure.graph.nodes[group]["units"]
         items = []
         for sl in structure.slices(group):
-            if sl.tensor not in params:
-                raise DeployCompError(f"saliency of {group} needs the gradient of '{sl.tensor}', which is not a "
+            where = torch_slice(model, sl.tensor, sl.axis)
+            if where.parameter not in params:
+                raise DeployCompError(f"saliency of {group} needs the gradient of '{where.parameter}', which is not a "
                                       f"parameter of the torch model (a constant folded from several parameters?)")
-            value = model.graph.initializers[sl.tensor]
-            perm = value.metadata_props.get(TRANSPOSED_FROM)
-            perm = tuple(int(p) for p in perm.split(",")) if perm else None
-            items.append(ParameterSlice(params[sl.tensor], perm, sl, units))
+            if where.parameter != sl.tensor:  # a folded constant: the same units on the parameter's axis
+                sl = replace(sl, tensor=where.parameter, axis=where.axis)
+            items.append(ParameterSlice(params[where.parameter], where.perm, sl, units))
         out[group] = items
     return out
 
