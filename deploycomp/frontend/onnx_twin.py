@@ -58,6 +58,9 @@ TWIN_TOLERANCE = 1e-4
 # GELU's exact and tanh forms differ by ~1e-4 on these inputs, QuickGELU by ~1e-2).
 ACTIVATION_TOLERANCE = 1e-5
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
+# The opset the compiler's rewrites emit (pruning, semantic tokens: e.g. ReduceMax with axes as an
+# input); an older graph is converted to it (onnxscript's version converter) before it is read.
+REWRITE_OPSET = 18
 
 # Ops allowed between a projection and the attention MatMul that reads it: they move data (heads,
 # chunks of a fused qkv) or scale it by a scalar (the softmax scale).
@@ -113,6 +116,7 @@ class AttentionSpec:
     v: LinearSpec | None
     proj: LinearSpec
     scale_factors: list[tuple[str, bool]]  # (value name, divides) whose product is the softmax scale
+    zero_terms: list[str] = field(default_factory=list)  # added to the scores, computed from shapes: must be 0
     scale: float | None = None  # set by the probe
 
 
@@ -233,13 +237,16 @@ def _path_factors(start: ir.Value, stop: ir.Value, what: str, block: int) -> lis
     raise refuse(f"block {block}: the {what} path does not lead back to its projection")
 
 
-def _score_factors(a, block: int) -> list[tuple[ir.Value, bool]]:
-    """Scalar factors between q·kᵀ and the Softmax; a bias or mask added there is refused."""
+def _score_factors(a, block: int) -> tuple[list[tuple[ir.Value, bool]], list[ir.Value]]:
+    """Scalar factors between q·kᵀ and the Softmax, and the terms added there that are computed from
+    shapes only (an exporter's all-pass mask: the probe checks they are zero); a bias or a mask
+    that depends on anything else is refused."""
     factors: list[tuple[ir.Value, bool]] = []
+    terms: list[ir.Value] = []
     value = a.softmax.inputs[0]
     for _ in range(16):
         if value is a.qk.outputs[0]:
-            return factors
+            return factors, terms
         node = value.producer()
         if node is None:
             break
@@ -251,8 +258,14 @@ def _score_factors(a, block: int) -> list[tuple[ir.Value, bool]]:
                 raise refuse(f"block {block}: attention scores combined with another tensor", node)
             factors.append((node.inputs[1] if node.inputs[0] is data else node.inputs[0], node.op_type == "Div"))
             value = data
-        elif node.op_type in ("Add", "Sub") and any(_is_const(v) and not np.any(v.const_value.numpy()) for v in node.inputs[:2]):
-            value = next(v for v in node.inputs[:2] if not (_is_const(v) and not np.any(v.const_value.numpy())))
+        elif node.op_type in ("Add", "Sub") and sum(not _is_shape_derived(v) for v in node.inputs[:2]) == 1:
+            index = 0 if not _is_shape_derived(node.inputs[0]) else 1
+            if node.op_type == "Sub" and index == 1:
+                raise refuse(f"block {block}: attention scores subtracted from another tensor", node)
+            term = node.inputs[1 - index]
+            if not (_is_const(term) and not np.any(term.const_value.numpy())):
+                terms.append(term)
+            value = node.inputs[index]
         else:
             raise refuse(f"block {block}: an attention bias or mask", node)
     raise refuse(f"block {block}: the attention scores do not lead back to q·kᵀ", a.softmax)
@@ -268,9 +281,9 @@ def _read_attention(model: ir.Model, b, nodes: dict[str, ir.Node]) -> tuple[Atte
         raise refuse(f"block {b.index}: a softmax over axis {axis.as_int()}", softmax)
     if a.score_terms or a.score_tables:
         raise refuse(f"block {b.index}: an attention bias (relative position bias or mask)", softmax)
+    score_factors, zero_terms = _score_factors(a, b.index)
     factors = (_path_factors(a.qk.inputs[0], a.q[0].output, "q", b.index)
-               + _path_factors(a.qk.inputs[1], a.k[0].output, "k", b.index)
-               + _score_factors(a, b.index))
+               + _path_factors(a.qk.inputs[1], a.k[0].output, "k", b.index) + score_factors)
     if _path_factors(a.av.inputs[1], a.v[0].output, "v", b.index):
         raise refuse(f"block {b.index}: v scaled before the attention", a.av)
     for value, _ in factors:
@@ -290,6 +303,7 @@ def _read_attention(model: ir.Model, b, nodes: dict[str, ir.Node]) -> tuple[Atte
     else:
         spec = AttentionSpec(b.heads, b.qk_dim, b.v_dim, None, None, LinearSpec.of(a.q[0]), LinearSpec.of(a.k[0]),
                              LinearSpec.of(a.v[0]), proj, list(zip(names, [d for _, d in factors])))
+    spec.zero_terms = [t.name for t in zero_terms]
     return spec, a
 
 
@@ -608,6 +622,7 @@ def probe(model: ir.Model, spec: TwinSpec, input_shape: tuple[int, ...]) -> None
 
     wanted = [n for b in spec.blocks for n in b.act_probe]
     wanted += [n for b in spec.blocks for n, _ in b.attn.scale_factors if n not in model.graph.initializers]
+    wanted += [n for b in spec.blocks for n in b.attn.zero_terms if n not in model.graph.initializers]
     wanted = list(dict.fromkeys(wanted))
     proto = ir.serde.serialize_model(model)
     existing = {o.name for o in proto.graph.output}
@@ -632,6 +647,9 @@ def probe(model: ir.Model, spec: TwinSpec, input_shape: tuple[int, ...]) -> None
             scale = scale / float(f.ravel()[0]) if divides else scale * float(f.ravel()[0])
         if not (np.isfinite(scale) and scale > 0):
             raise refuse(f"block {i}: a softmax scale of {scale}")
+        for name in b.attn.zero_terms:
+            if np.any(array(name)):
+                raise refuse(f"block {i}: an attention mask or bias ('{name}') that is not zero")
         b.attn.scale = scale
         before, after = (torch.from_numpy(np.asarray(values[n], np.float32)) for n in b.act_probe)
         errors = {}
@@ -856,6 +874,15 @@ def with_torch_twin(src: "Source") -> "Source":
     from . import Source
 
     model = src.model
+    opset = model.opset_imports.get("", 0)
+    if opset < REWRITE_OPSET:
+        from onnxscript.version_converter import convert_version
+
+        try:
+            convert_version(model, REWRITE_OPSET, fallback=True)
+        except Exception as exc:  # noqa: BLE001 - any converter failure: the graph stays unreadable to the rewrites
+            raise refuse(f"opset {opset} (converting it to opset {REWRITE_OPSET} failed: "
+                         f"{(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
     ctx = CompileContext()
     Pipeline([CleanupPass(), DiscoverPass()], DEFAULT_INVARIANTS)(model, ctx)
     structure = ctx.structure
@@ -865,7 +892,7 @@ def with_torch_twin(src: "Source") -> "Source":
     rel = check_twin(twin, src.reference, src.input_shape)
     names = rename_to_twin(model, spec)
     check_names(model, twin)
-    meta = {"rel_l2": rel, "tolerance": TWIN_TOLERANCE, "blocks": len(spec.blocks),
+    meta = {"rel_l2": rel, "tolerance": TWIN_TOLERANCE, "blocks": len(spec.blocks), "opset": max(opset, REWRITE_OPSET),
             "activations": sorted({b.act for b in spec.blocks}), "pool": spec.pool,
             "softmax_scales": [round(b.attn.scale, 8) for b in spec.blocks],
             "names": {k: v for k, v in names.items() if k != v}}
