@@ -280,16 +280,17 @@ def test_prune_to_budget_on_a_bare_hf_export(tmp_path, tiny_tables, monkeypatch)
     assert rel(run_ort(tmp_path / "out" / "model.onnx", x), torch_out(reference, x)) < 1e-4
 
 
-@pytest.mark.slow
-def test_semantic_tokens_on_a_bare_timm_export(tmp_path):
+@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)])
+def test_semantic_tokens_on_a_bare_timm_export(tmp_path, exporter):
     """A timm ViT with dims no preset has (48 wide, 3 heads, MLP 144, no q/k/v bias, layer scale),
     exported by torch.onnx.export: --semantic-tokens 4 through the bare .onnx; the artifact equals
-    STViT's token model built here on the timm module itself."""
+    STViT's token model built here on the timm module itself. (The TorchScript exporter computes the
+    softmax scale from Shape(q) at run time: the twin's probe folds it into a constant the rewrite reads.)"""
     from deploycomp.tokens.stvit import SemanticTokenConfig, SemanticTokenViT
 
     module = timm_vit(img_size=64, patch_size=16, depth=4, num_classes=10, no_embed_class=False, reg_tokens=0)
     path = tmp_path / "vit.onnx"
-    export(module, (1, 3, 64, 64), "dynamo", path)
+    export(module, (1, 3, 64, 64), exporter, path)
     config = SemanticTokenConfig(4, layer=1)
     manifest = deploycomp.compile(str(path), tmp_path / "out", deploycomp.CompileOptions(
         target="ort-cpu", semantic_tokens=config, measure_rounds=0, seed=0))
@@ -379,3 +380,25 @@ def test_inexpressible_graph_is_refused_before_slow_work(tmp_path, monkeypatch, 
     assert lines[0].startswith("error: the torch twin of this ONNX graph cannot express") and what in lines[0], err
     assert "at node '" in lines[0]
     assert not touched and not (tmp_path / "out").exists()
+
+
+def test_tokens_first_attention_is_refused_before_slow_work(exported, tmp_path, monkeypatch):
+    """open_clip's nn.MultiheadAttention runs tokens-first with the heads flattened to 2-D: the twin
+    expresses it (see above), the attention rebuilds of semantic tokens and heads/QK/V pruning do not
+    read that layout yet. Refused in one line before the latency table; pruning EMB/MLP is not."""
+    import deploycomp.api
+    from deploycomp.pruning.schedule import PruneConfig
+    from deploycomp.tokens.stvit import SemanticTokenConfig
+
+    def must_not_run(*a, **k):
+        raise AssertionError("the latency table was loaded before the refusal")
+
+    monkeypatch.setattr(deploycomp.api, "_latency_predictor", must_not_run)
+    path, _ = exported("open_clip", "torchscript")
+    for opts in ({"semantic_tokens": SemanticTokenConfig(4)}, {"prune": PruneConfig("0.5x")}):
+        with pytest.raises(DeployCompError, match="runs tokens-first .*--prune-groups emb,mlp") as info:
+            deploycomp.compile(str(path), tmp_path / "out", deploycomp.CompileOptions(target="ort-cpu", **opts))
+        assert len(str(info.value).splitlines()) == 1 and not (tmp_path / "out").exists()
+    with pytest.raises(AssertionError, match="latency table was loaded"):  # EMB/MLP pruning goes on to the table
+        deploycomp.compile(str(path), tmp_path / "out", deploycomp.CompileOptions(
+            target="ort-cpu", prune=PruneConfig("0.5x", kinds=("emb", "mlp"))))

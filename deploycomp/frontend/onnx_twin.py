@@ -118,6 +118,7 @@ class AttentionSpec:
     scale_factors: list[tuple[str, bool]]  # (value name, divides) whose product is the softmax scale
     zero_terms: list[str] = field(default_factory=list)  # added to the scores, computed from shapes: must be 0
     scale: float | None = None  # set by the probe
+    probed: dict[str, np.ndarray] = field(default_factory=dict)  # computed scale factors and zero terms, as run
 
 
 @dataclass
@@ -154,6 +155,9 @@ class TwinSpec:
     head: LinearSpec | None
     head_act: str | None  # "tanh" (Hugging Face ViT's pooler)
     names: dict[str, str] = field(default_factory=dict)  # twin parameter -> graph initializer
+    # a node that runs some block's attention in another layout than (batch, tokens, channels)
+    # (nn.MultiheadAttention: tokens first, heads flattened to 2-D for the output projection)
+    attention_layout: str | None = None
 
 
 def _is(value: ir.Value | None, values) -> bool:
@@ -324,6 +328,7 @@ def read_twin_spec(model: ir.Model, structure: "Structure") -> TwinSpec:
     blocks: list[BlockSpec] = []
     stream_in: list[ir.Value] = []
     stream_out: list[ir.Value] = []
+    attention_layout = None
     for b in structure.blocks:
         what = f"block {b.index}"
         attn, a = _read_attention(model, b, nodes)
@@ -350,6 +355,9 @@ def read_twin_spec(model: ir.Model, structure: "Structure") -> TwinSpec:
             extra = [n for n in _data_consumers(value) if not any(n is m for m in allowed)]
             if extra:
                 raise refuse(f"{what}: the residual stream is also read elsewhere", extra[0])
+        layout = _attention_layout(a, ln1)
+        if layout is not None and attention_layout is None:
+            attention_layout = f"block {b.index}: '{layout.name}' ({layout.op_type})"
         stream_in.append(x_in)
         stream_out.append(add2.outputs[0])
         blocks.append(BlockSpec(_norm(ln1, what), attn, gamma1.name if gamma1 is not None else None, _norm(ln2, what),
@@ -362,10 +370,33 @@ def read_twin_spec(model: ir.Model, structure: "Structure") -> TwinSpec:
     head = _read_head(graph, stream_out[-1], emb, sum(t for _, t in stem["prefix"]), structure.blocks[-1].tokens)
     if head["pool"] == "token" and not stem["class_token"]:
         raise refuse("a head that reads token 0 of a model without a cls token")
-    spec = TwinSpec(blocks=blocks, emb=emb, **stem, **head)
+    spec = TwinSpec(blocks=blocks, emb=emb, **stem, **head, attention_layout=attention_layout)
     _name_parts(spec)
     _check_tensors(graph, spec, structure)
     return spec
+
+
+def _attention_layout(a, ln: ir.Node) -> ir.Node | None:
+    """The first node that takes the attention out of the (batch, tokens, channels) layout the
+    pruning and token rewrites rebuild attention in: a Transpose/Reshape between the norm and the
+    q projection, or an output projection on a 2-D (flattened) input (Gemm)."""
+    value = a.q[0].node.inputs[0]
+    while value is not ln.outputs[0]:
+        node = value.producer()
+        if node.op_type not in ("Identity", "Cast"):
+            return node
+        value = node.inputs[0]
+    return a.out.node if a.out.node.op_type == "Gemm" else None
+
+
+def check_attention_rewritable(src: "Source") -> None:
+    """Refuse (one line, before any slow work) a request that rebuilds attention — semantic tokens,
+    or pruning heads / QK / V — on a graph whose attention runs in another layout."""
+    where = (src.meta.get("torch_twin") or {}).get("attention_layout")
+    if where:
+        raise DeployCompError(f"the attention of this ONNX graph runs tokens-first ({where}: nn.MultiheadAttention); "
+                              "semantic tokens and pruning heads/QK/V rebuild attention in (batch, tokens, channels) "
+                              "and do not read that layout yet: prune with --prune-groups emb,mlp")
 
 
 def _tokens_of(value: ir.Value, emb: int) -> tuple[str, int] | None:
@@ -640,6 +671,8 @@ def probe(model: ir.Model, spec: TwinSpec, input_shape: tuple[int, ...]) -> None
 
     for i, b in enumerate(spec.blocks):
         scale = 1.0
+        b.attn.probed = {n: np.asarray(values[n]) for n in [*(n for n, _ in b.attn.scale_factors), *b.attn.zero_terms]
+                         if n in values}
         for name, divides in b.attn.scale_factors:
             f = np.asarray(array(name), dtype=np.float64)
             if f.size != 1:
@@ -865,6 +898,33 @@ def check_twin(twin: nn.Module, reference: Callable[[np.ndarray], np.ndarray], i
     return rel
 
 
+def fold_probed(model: ir.Model, spec: TwinSpec) -> int:
+    """Write what the probe read into the graph: softmax scale factors an exporter computes from
+    shapes become constants, and all-zero score terms (an exporter's all-pass mask) are dropped, so
+    that the pruning and token rewrites read the scale as a constant (``softmax_scale``) and find no
+    mask; returns the values replaced. The twin is verified against the input graph afterwards."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    from ..ir.build import add_const
+
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    count = 0
+    for b in spec.blocks:
+        for name in (n for n, _ in b.attn.scale_factors):
+            if name in b.attn.probed and name in values:
+                values[name].replace_all_uses_with(add_const(model.graph, f"{name}.probed", b.attn.probed[name]))
+                count += 1
+        for name in b.attn.zero_terms:
+            term = values.get(name)
+            for add in [n for n in term.consumers() if n.op_type == "Add"] if term is not None else ():
+                other = add.inputs[1] if add.inputs[0] is term else add.inputs[0]
+                add.outputs[0].replace_all_uses_with(other)
+                count += 1
+    if count:
+        RemoveUnusedNodesPass()(model)
+    return count
+
+
 def with_torch_twin(src: "Source") -> "Source":
     """``src`` (a bare ONNX file) with its graph cleaned and renamed to, and its torch module set to,
     a verified torch twin; refuses in one line what the twin cannot express."""
@@ -888,13 +948,15 @@ def with_torch_twin(src: "Source") -> "Source":
     structure = ctx.structure
     spec = read_twin_spec(model, structure)
     probe(model, spec, src.input_shape)
+    folded = fold_probed(model, spec)
     twin = build_twin(model, spec)
     rel = check_twin(twin, src.reference, src.input_shape)
     names = rename_to_twin(model, spec)
     check_names(model, twin)
     meta = {"rel_l2": rel, "tolerance": TWIN_TOLERANCE, "blocks": len(spec.blocks), "opset": max(opset, REWRITE_OPSET),
             "activations": sorted({b.act for b in spec.blocks}), "pool": spec.pool,
-            "softmax_scales": [round(b.attn.scale, 8) for b in spec.blocks],
+            "softmax_scales": [round(b.attn.scale, 8) for b in spec.blocks], "attention_layout": spec.attention_layout,
+            "values_folded": folded,
             "names": {k: v for k, v in names.items() if k != v}}
     return Source(src.name, structure.family, model, src.input_shape, src.reference, src.reference_kind, twin,
                   {**src.meta, "torch_twin": meta})
