@@ -57,12 +57,12 @@ class CompileOptions:
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm overrides, e.g. depth, img_size
     data: str | None = None  # labelled data (fashion-mnist or an image folder): top-1 before/after on the target
     eval_samples: int | None = None  # first N test samples only
-    prune: "PruneConfig | None" = None  # NViT pruning to a latency budget (needs a timm: source)
+    prune: "PruneConfig | None" = None  # NViT pruning to a latency budget (a bare .onnx gets a torch twin)
     latency_batch: int = 1  # the batch the latency budget is for: picks the latency table
     tables: str = "latency_tables"  # root of the latency tables
     calibrate_rounds: int = 4  # rounds the unpruned model is timed to calibrate the latency table (0: trust the table)
     train_samples: int | None = None  # first N training samples for pruning (tests, quick looks)
-    semantic_tokens: "SemanticTokenConfig | None" = None  # STViT semantic tokens (needs a timm: DeiT source)
+    semantic_tokens: "SemanticTokenConfig | None" = None  # STViT semantic tokens (DeiT-style: one cls token)
     token_finetune_epochs: int = 0  # fine-tuning after the token rewrite (with --data; pruning has its own)
     token_finetune_lr: float = 5e-4
     token_teacher_logits: str | None = None  # stored top-K teacher logits for that fine-tuning
@@ -146,7 +146,13 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
     check_output_dir(output)
 
     say("load")
-    src = load_source(source, options.weights, options.model_kwargs, options.opset)
+    src = load_source(source, options.weights, options.model_kwargs, options.opset,
+                      torch_twin=options.prune is not None or options.semantic_tokens is not None)
+    if "torch_twin" in src.meta and (options.semantic_tokens is not None or
+                                     set(options.prune.kinds if options.prune else ()) & {"heads", "qk", "v"}):
+        from .frontend.onnx_twin import check_attention_rewritable
+
+        check_attention_rewritable(src)
     tokens = _resolve_tokens(src, options.semantic_tokens) if options.semantic_tokens is not None else None
     ctx = CompileContext(
         family=src.family, reference=src.reference, reference_kind=src.reference_kind, backend=backend,

@@ -301,22 +301,22 @@ def test_cosine_similarity_per_sample():
 
 
 @pytest.mark.parametrize("flags", [{"prune": "0.5x"}, {"semantic_tokens": 4}])
-def test_methods_on_an_onnx_file_are_refused_before_loading(tmp_path, monkeypatch, flags):
-    """--latency / --semantic-tokens on a bare .onnx: one line, before the graph is read or a
-    backend started (load_source must not run)."""
-    import deploycomp.frontend as frontend
+def test_methods_on_a_corrupt_onnx_file_are_refused_before_the_table(tmp_path, monkeypatch, flags):
+    """--latency / --semantic-tokens on a bare .onnx build its torch twin while loading
+    (tests/test_onnx_twin.py); a file that is not ONNX is one line, before the latency table."""
+    import deploycomp.api
     from deploycomp.tokens.stvit import SemanticTokenConfig
 
-    def must_not_load(*a, **k):
-        raise AssertionError("the graph was loaded before the request was checked")
+    def must_not_run(*a, **k):
+        raise AssertionError("the latency table was loaded before the source was checked")
 
-    monkeypatch.setattr(frontend, "load_source", must_not_load)
+    monkeypatch.setattr(deploycomp.api, "_latency_predictor", must_not_run)
     (tmp_path / "m.onnx").write_bytes(b"not read")
     from deploycomp.pruning.schedule import PruneConfig
 
     opts = {"prune": PruneConfig(flags["prune"]) if "prune" in flags else None,
             "semantic_tokens": SemanticTokenConfig(flags["semantic_tokens"]) if "semantic_tokens" in flags else None}
-    with pytest.raises(DeployCompError, match="not an .onnx file"):
+    with pytest.raises(DeployCompError, match="not a valid ONNX model"):
         deploycomp.compile(str(tmp_path / "m.onnx"), tmp_path / "out", deploycomp.CompileOptions(**opts))
     assert not (tmp_path / "out").exists()
 
@@ -379,11 +379,10 @@ def test_converted_sources_prune_and_tokenize(tiny_open_clip, tiny_tables, tmp_p
     assert all(c["rel_l2"] < 1e-4 for c in tokens["parity"]["checks"])
 
 
-def test_cli_refuses_methods_on_onnx_before_importing_torch(tmp_path):
+def test_cli_refuses_methods_on_a_missing_onnx_before_importing_torch(tmp_path):
     """The CLI checks the request first: one error line, exit 2, and torch was never imported."""
     import subprocess
 
-    (tmp_path / "m.onnx").write_bytes(b"not read")
     code = ("import sys\nfrom deploycomp.cli import main\n"
             f"sys.argv = ['deploycomp', 'compile', {str(tmp_path / 'm.onnx')!r}, '--latency', '0.5x', "
             f"'-o', {str(tmp_path / 'out')!r}]\n"
@@ -391,7 +390,7 @@ def test_cli_refuses_methods_on_onnx_before_importing_torch(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     lines = r.stderr.strip().splitlines()
     assert r.stdout.split() == ["exit", "2", "False"], (r.stdout, r.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: --latency pruning rewrites and trains the model"), r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: model file not found"), r.stderr
     assert not (tmp_path / "out").exists()
 
 

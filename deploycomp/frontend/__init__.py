@@ -3,8 +3,9 @@
 ``timm:<name>`` builds a timm model (random init, or ``--weights``) and exports it; ``hf:DIR``,
 ``hf-config:JSON`` and ``open_clip:<arch>`` build the source library's module and convert it into
 timm's ``VisionTransformer`` (frontend/canonical.py), which is exported while the library's own
-module stays the reference; a path to an ``.onnx`` file is read as it is. Either way the result is
-a :class:`Source`.
+module stays the reference; a path to an ``.onnx`` file is read as it is, and when a method needs a
+torch model (pruning, semantic tokens) it gets a verified torch twin built from the graph
+(frontend/onnx_twin.py). Either way the result is a :class:`Source`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ SOURCE_FORMS = "timm:<name>, hf:<dir>, hf-config:<config.json>, open_clip:<arch>
 
 
 def load_source(spec: str, weights: str | Path | None = None, model_kwargs: dict | None = None,
-                opset: int = 18) -> Source:
+                opset: int = 18, torch_twin: bool = False) -> Source:
+    """The source ``spec`` names. ``torch_twin``: a bare ``.onnx`` file also gets a torch module (its
+    verified twin, the graph's initializers renamed to its parameter names) for methods that train."""
     if spec.startswith("timm:"):
         return _load_timm(spec[len("timm:"):], weights, model_kwargs, opset)
     if spec.startswith(("hf:", "hf-config:", "open_clip:")):
@@ -48,7 +51,12 @@ def load_source(spec: str, weights: str | Path | None = None, model_kwargs: dict
     if path.suffix == ".onnx" or path.is_file():
         if weights is not None:
             raise DeployCompError("--weights applies to timm: and open_clip: models; an .onnx file carries its own weights")
-        return load_onnx_file(path)
+        src = load_onnx_file(path)
+        if torch_twin:
+            from .onnx_twin import with_torch_twin
+
+            src = with_torch_twin(src)
+        return src
     raise DeployCompError(f"unknown model '{spec}': give {SOURCE_FORMS}")
 
 
@@ -79,21 +87,13 @@ def check_source_spec(spec: str, weights: str | Path | None = None, model_kwargs
                               f"unknown model '{spec}': give {SOURCE_FORMS}")
 
 
-TORCH_SOURCES = ("timm:", "hf:", "hf-config:", "open_clip:")
-
-
 def check_compile_request(spec: str, weights: str | Path | None = None, model_kwargs: dict | None = None, *,
                           prune: bool = False, semantic_tokens: "bool | SemanticTokenConfig" = False) -> None:
     """Refuse a compile request that cannot succeed before the graph is loaded or anything is built:
-    the source spec's cheap checks, methods that train the model (pruning, semantic-token
-    fine-tuning) asked of a source that has no torch module (a bare .onnx file), and, for a timm
-    source given a token config, what the token rewrite does not support (checked on the model
-    built on the meta device: no weights, well under a second)."""
-    wanted = [flag for flag, on in (("--latency pruning", prune), ("--semantic-tokens", semantic_tokens)) if on]
-    if wanted and not spec.startswith(TORCH_SOURCES):
-        verbs = "rewrites and trains" if len(wanted) == 1 else "rewrite and train"
-        raise DeployCompError(f"{' and '.join(wanted)} {verbs} the model in torch: give "
-                              f"{', '.join(s + '...' for s in TORCH_SOURCES)}, not an .onnx file")
+    the source spec's cheap checks, and, for a timm source given a token config, what the token
+    rewrite does not support (checked on the model built on the meta device: no weights, well under
+    a second). A bare .onnx file asked for pruning or semantic tokens is checked when it is loaded,
+    by building its torch twin (frontend/onnx_twin.py), before any slow work."""
     check_source_spec(spec, weights, model_kwargs)
     if spec.startswith("timm:") and semantic_tokens and not isinstance(semantic_tokens, bool):
         from ..tokens.stvit import check_supported

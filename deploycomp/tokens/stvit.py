@@ -107,6 +107,9 @@ def cross_attention(block: nn.Module, queries: torch.Tensor, keys: torch.Tensor)
     """The block's attention with queries and keys/values from different token sets (un-normed inputs)."""
     attn = block.attn
     heads, c = attn.num_heads, queries.shape[-1]
+    if hasattr(attn, "project"):  # the torch twin of an ONNX graph (frontend/onnx_twin.py): its own q/k/v layout
+        q, k, v = attn.project(block.norm1(queries), block.norm1(keys))
+        return attn.proj_drop(attn.proj(token_cluster_reference(q, k, v, heads, float(attn.scale))))
     w, bias = attn.qkv.weight, attn.qkv.bias
     width = w.shape[0] // 3
     wq, wk, wv = w[:width], w[width:2 * width], w[2 * width:]
