@@ -936,13 +936,21 @@ def with_torch_twin(src: "Source") -> "Source":
     model = src.model
     opset = model.opset_imports.get("", 0)
     if opset < REWRITE_OPSET:
+        import logging
+
         from onnxscript.version_converter import convert_version
 
+        # its fallback to the onnx C API logs a warning on every use: not the user's business
+        converter_log = logging.getLogger("onnxscript.version_converter")
+        level = converter_log.level
+        converter_log.setLevel(logging.ERROR)
         try:
             convert_version(model, REWRITE_OPSET, fallback=True)
         except Exception as exc:  # noqa: BLE001 - any converter failure: the graph stays unreadable to the rewrites
             raise refuse(f"opset {opset} (converting it to opset {REWRITE_OPSET} failed: "
                          f"{(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
+        finally:
+            converter_log.setLevel(level)
     ctx = CompileContext()
     Pipeline([CleanupPass(), DiscoverPass()], DEFAULT_INVARIANTS)(model, ctx)
     structure = ctx.structure
