@@ -113,3 +113,16 @@ def masked(module: torch.nn.Module, kwargs: dict, kept: dict[str, list[int]]) ->
     plan = PrunePlan({g: np.asarray(units, dtype=np.int64) for g, units in kept.items()})
     PlanMasks(module, model, structure, plan).apply()
     return module.eval()
+
+
+def random_plan(structure, rng: np.random.Generator, kinds=("emb", "heads", "qk", "v", "mlp")):
+    """About 5/8 of every group of the given kinds kept (heads 2 -> 1 and 4 -> 2), drawn at random."""
+    from deploycomp.pruning.plan import PrunePlan
+
+    plan = PrunePlan()
+    for group in structure.groups():
+        data = structure.graph.nodes[group]
+        if data["kind"] in kinds:
+            units = data["units"]
+            plan.keep[group] = np.sort(rng.choice(units, size=max(1, units * 5 // 8), replace=False))
+    return plan

@@ -14,7 +14,7 @@ from deploycomp.pruning.plan import PrunePlan
 from deploycomp.pruning.schedule import LatencyBudget, PruneConfig
 from deploycomp.pruning.select import next_chunk, select_step
 
-from .models import DEIT, images, pruned_flexvit, rel, run_artifact, save_weights, timm_deit, torch_out
+from .models import DEIT, images, pruned_flexvit, rel, run_artifact, save_weights, torch_out
 from .synthetic_tables import ALPHA, SimulatedDevice, mlp_only, write_synthetic_table
 from .test_cli import cli
 from .test_gate import model_args, run_cli

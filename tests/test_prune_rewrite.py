@@ -23,11 +23,12 @@ from deploycomp.passes.cleanup import CleanupPass
 from deploycomp.passes.discover import DiscoverPass
 from deploycomp.passes.verify import relative_l2
 from deploycomp.pruning.masks import PlanMasks, copy_weights_to_graph
-from deploycomp.pruning.plan import PrunePlan, plan_arch
+from deploycomp.pruning.plan import plan_arch
 from deploycomp.pruning.rewrite import prune_graph
 from deploycomp.pruning.torch_prune import flexvit_from_timm
 
 from .conftest import input_shape, tiny_module
+from .models import random_plan
 
 
 def cleaned(module, family: str):
@@ -40,14 +41,6 @@ def run(model: ir.Model, x: np.ndarray) -> np.ndarray:
     return get_backend("ort-cpu").runner(ir.serde.serialize_model(model).SerializeToString())(x)
 
 
-def random_plan(structure, rng, kinds=("emb", "heads", "qk", "v", "mlp")) -> PrunePlan:
-    plan = PrunePlan()
-    for group in structure.groups():
-        data = structure.graph.nodes[group]
-        if data["kind"] in kinds:
-            units = data["units"]
-            plan.keep[group] = np.sort(rng.choice(units, size=max(1, units * 5 // 8), replace=False))
-    return plan
 
 
 def test_removing_zeroed_units_of_every_kind_leaves_outputs_unchanged():

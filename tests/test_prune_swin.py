@@ -39,6 +39,7 @@ from deploycomp.pruning.saliency import parameter_slices
 from deploycomp.pruning.schedule import PruneConfig, prune
 from deploycomp.pruning.torch_prune import swin_from_timm
 
+from .models import random_plan
 from .test_saliency import gate_derivative
 
 SWIN = "swin_tiny_patch4_window7_224"
@@ -103,16 +104,6 @@ def images(batch: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
 
 
-def random_plan(structure, seed: int, kinds=("emb", "heads", "qk", "v", "mlp")) -> PrunePlan:
-    """About 5/8 of every group of the given kinds kept (heads 2 -> 1 and 4 -> 2), drawn at random."""
-    rng = np.random.default_rng(seed)
-    plan = PrunePlan()
-    for group in structure.groups():
-        data = structure.graph.nodes[group]
-        if data["kind"] in kinds:
-            units = data["units"]
-            plan.keep[group] = np.sort(rng.choice(units, size=max(1, units * 5 // 8), replace=False))
-    return plan
 
 
 def wrong_bias_heads(reference: torch.nn.Module, source: torch.nn.Module, plan: PrunePlan) -> torch.nn.Module:
@@ -157,7 +148,7 @@ def test_windowed_attention_pruned_in_the_graph_is_the_sliced_torch_swin(swin):
     masks_before = {n: v.const_value.numpy().copy() for n, v in model.graph.initializers.items()
                     if v.const_value is not None and v.const_value.numpy().ndim == 5}
     assert masks_before, "the tiny Swin has no shifted-window mask"
-    plan = random_plan(structure, seed=1, kinds=("heads", "qk", "v", "mlp"))
+    plan = random_plan(structure, np.random.default_rng(1), kinds=("heads", "qk", "v", "mlp"))
     reference = swin_from_timm(source, structure, plan)
     info = prune_graph(model, structure, plan)
     assert info["attention_rebuilt"] == [b.index for b in structure.blocks]
@@ -175,7 +166,7 @@ def test_embedding_pruned_per_stage_through_patch_merging(swin):
     partition and reverse, the merge's 2x2 flatten) take the new widths."""
     source, data, structure = swin
     model = fresh(data)
-    plan = random_plan(structure, seed=2)
+    plan = random_plan(structure, np.random.default_rng(2))
     reference = swin_from_timm(source, structure, plan)
     info = prune_graph(model, structure, plan)
     assert info["stem_constants"] >= 4  # views of the stream with a width in them
@@ -191,7 +182,7 @@ def test_masked_swin_is_what_the_pruned_graph_computes(swin):
     model, written into the graph and rewritten, equals both the graph and the sliced torch Swin."""
     source, data, structure = swin
     model = fresh(data)
-    plan = random_plan(structure, seed=3)
+    plan = random_plan(structure, np.random.default_rng(3))
     masked = copy.deepcopy(source)
     PlanMasks(masked, model, structure, plan).apply()
     copy_weights_to_graph(masked, model)
@@ -316,7 +307,7 @@ def test_window_attention_micrograph_has_the_ops_of_a_pruned_swin_block(swin):
     ops, op for op, of a pruned Swin block's attention half as compiled, unshifted and shifted."""
     source, data, structure = swin
     model = fresh(data)
-    prune_graph(model, structure, random_plan(structure, seed=1, kinds=("heads", "qk", "v")))
+    prune_graph(model, structure, random_plan(structure, np.random.default_rng(1), kinds=("heads", "qk", "v")))
     found = discover(model)
     nodes = {n.name: n for n in model.graph}
     for b, shift in ((found.blocks[0], 0), (found.blocks[1], 3)):
@@ -349,7 +340,7 @@ def test_patch_merging_micrograph_has_the_ops_of_a_pruned_merge(swin):
     the reduction."""
     source, data, structure = swin
     model = fresh(data)
-    plan = random_plan(structure, seed=2, kinds=("emb",))
+    plan = random_plan(structure, np.random.default_rng(2), kinds=("emb",))
     prune_graph(model, structure, plan)
     nodes = {n.name: n for n in model.graph}
     fc2 = nodes[structure.blocks[1].nodes["fc2"]]

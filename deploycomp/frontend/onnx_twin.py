@@ -645,25 +645,15 @@ def _activation_layer(name: str) -> type[nn.Module]:
     return get_act_layer(name)
 
 
-def probe(model: ir.Model, spec: TwinSpec, input_shape: tuple[int, ...]) -> None:
+def probe(model: ir.Model, spec: TwinSpec) -> None:
     """One ONNX Runtime run at batch 1 with the values the spec needs exposed: each MLP's
     activation, and softmax scale factors computed from shapes. Fills ``act`` and ``scale``."""
-    import onnx
-    import onnxruntime as ort
+    from ..ir.shapes import probe_values
 
     wanted = [n for b in spec.blocks for n in b.act_probe]
     wanted += [n for b in spec.blocks for n, _ in b.attn.scale_factors if n not in model.graph.initializers]
     wanted += [n for b in spec.blocks for n in b.attn.zero_terms if n not in model.graph.initializers]
-    wanted = list(dict.fromkeys(wanted))
-    proto = ir.serde.serialize_model(model)
-    existing = {o.name for o in proto.graph.output}
-    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in existing)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(1).standard_normal((1, *input_shape[1:])).astype(np.float32)
-    values = dict(zip(wanted, sess.run(wanted, {sess.get_inputs()[0].name: x})))
+    values = probe_values(model, wanted, seed=1)
 
     def array(name: str) -> np.ndarray:
         v = model.graph.initializers.get(name)
@@ -955,7 +945,7 @@ def with_torch_twin(src: "Source") -> "Source":
     Pipeline([CleanupPass(), DiscoverPass()], DEFAULT_INVARIANTS)(model, ctx)
     structure = ctx.structure
     spec = read_twin_spec(model, structure)
-    probe(model, spec, src.input_shape)
+    probe(model, spec)
     folded = fold_probed(model, spec)
     twin = build_twin(model, spec)
     rel = check_twin(twin, src.reference, src.input_shape)

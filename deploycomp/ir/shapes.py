@@ -11,8 +11,9 @@ import numpy as np
 import onnx_ir as ir
 
 
-def probe_shapes(model: ir.Model, names: list[str]) -> dict[str, tuple[int, ...]]:
-    """Run the graph once at batch 1 on ONNX Runtime and return the shapes of ``names``."""
+def probe_values(model: ir.Model, names: list[str], seed: int = 0) -> dict[str, np.ndarray]:
+    """Run the graph once at batch 1 on ONNX Runtime (unoptimized, so every value exists) on a
+    Gaussian image and return the values of ``names``."""
     import onnx
     import onnxruntime as ort
 
@@ -26,9 +27,13 @@ def probe_shapes(model: ir.Model, names: list[str]) -> dict[str, tuple[int, ...]
     sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     shape = [1] + [d if isinstance(d, int) else 1 for d in inp.shape[1:]]
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    outs = sess.run(names, {inp.name: x})
-    return {n: tuple(o.shape) for n, o in zip(names, outs)}
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    return dict(zip(names, sess.run(names, {inp.name: x})))
+
+
+def probe_shapes(model: ir.Model, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """The shapes of ``names`` in one run of the graph at batch 1 (``probe_values``)."""
+    return {n: tuple(v.shape) for n, v in probe_values(model, names).items()}
 
 
 def matmul_flops(model: ir.Model) -> float:
