@@ -183,7 +183,7 @@ def test_fallback_on_ort_cpu_keeps_the_scrambled_layer_out_of_dynamic_int8(tmp_p
 
 @pytest.mark.slow
 def test_fallback_that_cannot_pass_within_its_cap_is_refused(tmp_path, monkeypatch, capsys):
-    """Every layer's activation scale garbage: keeping the 2 most sensitive in float cannot pass the
+    """Every layer's activation scale garbage: keeping the 3 most sensitive in float cannot pass the
     gate, so the CLI refuses with one error line, exit 2, and nothing is left behind."""
     weights = save_weights(int8_deit(), tmp_path / "w.safetensors")
     calls = wrap(monkeypatch, "deploycomp.passes.quantize", "nncf_qdq", garbage_activation_scale(None))
@@ -191,13 +191,13 @@ def test_fallback_that_cannot_pass_within_its_cap_is_refused(tmp_path, monkeypat
     parent.mkdir()
     out = parent / "out"
     code, err = run_cli(monkeypatch, capsys, "compile", DEIT, *model_args(INT8_DEIT), "--weights", weights,
-                        "--target", "openvino-cpu", "--precision", "int8", "--max-float-layers", "2",
+                        "--target", "openvino-cpu", "--precision", "int8", "--max-float-layers", "3",
                         "--seed", "0", "--no-measure", "-q", "-o", out)
     assert calls
     lines = [line for line in err.strip().splitlines()
              if line.strip() and not line.startswith("warning: int8 calibrated on synthetic")]
     assert code == 2 and len(lines) == 1, err  # the synthetic-calibration warning, then one error line
-    assert lines[0].startswith("error: fidelity gate failed even with the 2 most sensitive of"), err
+    assert lines[0].startswith("error: fidelity gate failed even with the 3 most sensitive of"), err  # not the default 2
     assert not out.exists() and list(parent.iterdir()) == []
 
 
@@ -313,7 +313,7 @@ def test_max_drop_refuses_an_accuracy_drop_on_real_data(tmp_path, monkeypatch, c
     test = load_data("fashion-mnist", "test", 28, 1).head(EVAL)
     x, labels = test.normalize(test.images).numpy(), test.labels.numpy()
     torch_top1 = 100.0 * float((torch_out(module, x).argmax(1) == labels).mean())
-    assert torch_top1 > 50, "the proxy did not train: a drop could not show"
+    assert torch_top1 > 40, "the proxy did not train (chance is 10 %): a drop could not show"
 
     manifest = deploycomp.compile(PROXY, tmp_path / "honest", proxy_options(weights))
     parity = manifest["parity"]
@@ -323,7 +323,8 @@ def test_max_drop_refuses_an_accuracy_drop_on_real_data(tmp_path, monkeypatch, c
     assert parity["artifact_top1"] == pytest.approx(ov_top1, abs=100 / EVAL + 1e-9)  # thread-order ties at most
     assert torch_top1 - ov_top1 <= 1.0 + 100 / EVAL
 
-    wrap(monkeypatch, "deploycomp.passes.quantize", "nncf_qdq", garbage_activation_scale({"blocks.1.mlp.fc1.weight"}))
+    # block 0's qkv input clipped: 56.0 -> 16.5 % top-1 here (block 1's fc1 clipped alike cost under 1 pt)
+    wrap(monkeypatch, "deploycomp.passes.quantize", "nncf_qdq", garbage_activation_scale({"blocks.0.attn.qkv.weight"}))
     only_drop = dict(fidelity_top1=0.0, fidelity_cosine=-1.0, max_float_layers=0)
     with pytest.raises(VerificationError, match=r"fidelity gate failed: top-1 accuracy drop \d+\.\d+ pt > max 1 pt"):
         deploycomp.compile(PROXY, tmp_path / "planted", proxy_options(weights, **only_drop))
@@ -335,8 +336,8 @@ def test_max_drop_refuses_an_accuracy_drop_on_real_data(tmp_path, monkeypatch, c
     parent.mkdir()
     code, err = run_cli(monkeypatch, capsys, "compile", PROXY, *model_args(PROXY_ARGS), "--weights", weights,
                         "--target", "openvino-cpu", "--precision", "int8", "--data", "fashion-mnist",
-                        "--eval-samples", EVAL, "--max-drop", "1", "--max-float-layers", "0", "--seed", "0",
+                        "--eval-samples", EVAL, "--max-drop", "2.5", "--max-float-layers", "0", "--seed", "0",
                         "--no-measure", "-q", "-o", parent / "out")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: fidelity gate failed:"), err
-    assert "top-1 accuracy drop" in lines[0] and list(parent.iterdir()) == []
+    assert "pt > max 2.5 pt" in lines[0] and list(parent.iterdir()) == []
