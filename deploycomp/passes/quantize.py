@@ -300,7 +300,7 @@ class QuantizePass(Pass):
         info["fallback"] = fallback
         if cap == 0:  # no fallback: the verify pass judges the quantized graph as it is
             return []
-        gate = FidelityGate(ctx)
+        gate = FidelityGate.of(ctx)
         for k in range(cap + 1):
             keep = [r["node"] for r in rows[:k]]
             result = gate.measure(ctx.backend.runner(layers.model(keep)))

@@ -50,8 +50,21 @@ class FidelityGate:
     thresholds it misses (empty: passed). The quantize pass's fallback and the verify pass both use it.
     """
 
+    @classmethod
+    def of(cls, ctx: CompileContext, model: ir.Model | None = None) -> "FidelityGate":
+        """The gate of this compile, prepared once: the quantize pass's fallback and the verify pass
+        share the reference's outputs (on --data, a full pass of the torch model over the test set)
+        while the reference, the data and the thresholds are the same objects."""
+        cached = ctx.results.get("_fidelity_gate")
+        if (cached is not None and cached.reference is ctx.reference and cached.test is ctx.test
+                and cached.config == dict(ctx.fidelity) and cached.seed == ctx.seed):
+            return cached
+        gate = ctx.results["_fidelity_gate"] = cls(ctx, model)
+        return gate
+
     def __init__(self, ctx: CompileContext, model: ir.Model | None = None):
         gate = ctx.fidelity
+        self.reference, self.config, self.seed = ctx.reference, dict(gate), ctx.seed
         self.min_top1, self.min_cosine = float(gate["top1_agreement"]), float(gate["cosine"])
         self.max_drop = gate.get("max_drop")
         n = int(gate["samples"])
@@ -149,7 +162,8 @@ class VerifyPass(Pass):
         return PassResult(model, modified=False, info={"max_rel_l2": max(p["rel_l2"] for p in parity)})
 
     def fidelity_gate(self, model: ir.Model, ctx: CompileContext) -> PassResult:
-        gate = FidelityGate(ctx, model)
+        gate = FidelityGate.of(ctx, model)
+        ctx.results.pop("_fidelity_gate", None)  # not part of the manifest
         result = gate.measure(ctx.backend.runner(model))
         failures = gate.failures(result)
         if failures:
