@@ -98,6 +98,8 @@ def compile_cmd(
     token_layer: Optional[int] = typer.Option(None, "--token-layer", help="First of the two generator blocks, 0-based (default: a third of the depth, STViT's 4 = blocks 5-6 of 12)."),
     token_pooling: str = typer.Option("max", "--token-pooling", help="Initial centres by adaptive max (STViT's code) or avg pooling of the patch grid."),
     token_lowering: Optional[str] = typer.Option(None, "--token-lowering", help="How the TokenCluster op runs: reference (standard ops) or ort-mha (ONNX Runtime's fused attention); default: the target's."),
+    max_drop: float = typer.Option(1.0, "--max-drop", help="int8 with --data: refuse the artifact when its top-1 on the test images (all, or --eval-samples), run by the target, is more than this many points below the fp32 reference's."),
+    max_float_layers: Optional[int] = typer.Option(None, "--max-float-layers", help="int8 accuracy-aware fallback: when the quantized graph misses the fidelity gate, keep at most N of its most sensitive MatMul/Gemm layers in float (default: a quarter of them; 0: no fallback)."),
 ):
     """Compile a model into a verified artifact: model.onnx + manifest.json + report.md (+ pruning.png)."""
     from .frontend import check_compile_request  # refuse a request that cannot succeed before torch is imported
@@ -127,7 +129,8 @@ def compile_cmd(
                              calibrate_rounds=calibrate_rounds,
                              semantic_tokens=tokens, token_lowering=token_lowering,
                              token_finetune_epochs=0 if prune else finetune_epochs,
-                             token_teacher_logits=None if prune or not teacher_logits else str(teacher_logits))
+                             token_teacher_logits=None if prune or not teacher_logits else str(teacher_logits),
+                             max_drop=max_drop, max_float_layers=max_float_layers)
     stages = [s for s in COMPILE_STAGES if (s != "ort_fusion" or fuse) and (s != "measure" or not no_measure)
               and (s != "evaluate" or data) and ("prune" not in s and "pruned" not in s and "latency table" not in s or latency)
               and ("token" not in s or semantic_tokens) and (s != "precision" or precision not in ("fp32", "int8")) and (s != "quantize" or precision == "int8")]

@@ -62,6 +62,32 @@ def tokens_markdown(t: dict[str, Any] | None) -> list[str]:
     return lines + [""]
 
 
+def int8_markdown(q: dict[str, Any] | None) -> list[str]:
+    """int8: per-layer sensitivity (only that layer in float) and what the accuracy-aware fallback kept."""
+    if not q or "sensitivity" not in q:
+        return []
+    sens, fallback = q["sensitivity"], q.get("fallback", {})
+    kept = set(fallback.get("kept_float", []))
+    lines = ["## int8 sensitivity", "",
+             f"- {sens['measure']}; {sens['samples']} images ({sens['inputs']}); fully quantized graph: cosine "
+             f"{sens['cosine_all_int8']:.5f}; {len(sens['layers'])} quantized layers, measured in {sens['seconds']} s"]
+    if fallback.get("cap", 0) == 0:
+        lines.append("- accuracy-aware fallback: off (cap 0)")
+    elif fallback.get("kept_float"):
+        tried = ", ".join(f"{a['kept']}: cosine {a['cosine']:.4f}"
+                          + (f", drop {a['drop_pt']:.2f} pt" if "drop_pt" in a else "")
+                          + (" (passed)" if a["passed"] else "") for a in fallback["attempts"])
+        lines.append(f"- accuracy-aware fallback: the quantized graph missed the fidelity gate; kept "
+                     f"**{len(kept)} of {len(sens['layers'])} layers in float**: {', '.join(fallback['kept_float'])} "
+                     f"(cap {fallback['cap']}; layers kept -> {tried})")
+    else:
+        lines.append(f"- accuracy-aware fallback: not needed (the quantized graph passed the gate; cap {fallback['cap']})")
+    lines += ["", "| rank | layer | cosine, only this layer in float | gain | kept in float |", "|---|---|---|---|---|"]
+    lines += [f"| {r['rank']} | `{r['layer']}` | {r['cosine_only_this_float']:.5f} | {r['gain']:+.5f} | "
+              f"{'yes' if r['layer'] in kept else ''} |" for r in sens["layers"]]
+    return lines + [""]
+
+
 def render_report(m: dict[str, Any]) -> str:
     src, tgt, parity = m["source"], m["target"], m["parity"]
     lines = [
@@ -85,7 +111,10 @@ def render_report(m: dict[str, Any]) -> str:
     if parity.get("gate") == "fidelity":
         verdict = (f"- fidelity gate vs the {parity['reference']} reference on {parity['inputs']}: top-1 agreement "
                    f"{parity['top1_agreement']:.3f} (min {parity['min_top1_agreement']}), cosine {parity['cosine']:.4f} "
-                   f"(min {parity['min_cosine']}), relative L2 {parity['rel_l2']:.3g} - passed")
+                   f"(min {parity['min_cosine']}), relative L2 {parity['rel_l2']:.3g}"
+                   + (f"; top-1 on {parity['accuracy_samples']} {parity['accuracy_data']} images {parity['reference_top1']:.2f} "
+                      f"-> {parity['artifact_top1']:.2f} % (drop {parity['drop_pt']:.2f} pt, max {parity['max_drop_pt']})"
+                      if "drop_pt" in parity else "") + " - passed")
     else:
         checks = ", ".join(f"batch {c['batch']}: {c['rel_l2']:.2e}"
                            + (f" (cosine >= {c['cosine_min']:.6f})" if "cosine_min" in c else "") for c in parity["checks"])
@@ -103,6 +132,7 @@ def render_report(m: dict[str, Any]) -> str:
         "",
         *pruning_markdown(m.get("pruning")),
         *tokens_markdown(m.get("semantic_tokens")),
+        *int8_markdown(quant),
         "## Passes",
         "",
         "| pass | modified | seconds | nodes after |",

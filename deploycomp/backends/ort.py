@@ -8,7 +8,7 @@ rebuilds them, so a deployment runs exactly what was checked.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -159,9 +159,10 @@ class OrtTensorRTBackend(OrtBackend):
         return [(self.provider, trt_options), "CUDAExecutionProvider"]
 
 
-def dynamic_int8(model: ModelLike, path: Path) -> Path:
+def dynamic_int8(model: ModelLike, path: Path, exclude: Sequence[str] = ()) -> Path:
     """ONNX Runtime's documented dynamic int8 quantization of a model (weights per channel), saved at
-    ``path``: the ORT user's own int8 (a peer baseline for bench) and what ort-cpu's int8 runs."""
+    ``path``: the ORT user's own int8 (a peer baseline for bench) and what ort-cpu's int8 runs.
+    ``exclude``: node names left in float (the quantize pass's accuracy-aware fallback)."""
     import contextlib
     import io
 
@@ -170,5 +171,5 @@ def dynamic_int8(model: ModelLike, path: Path) -> Path:
 
     with contextlib.redirect_stdout(io.StringIO()):
         quantize_dynamic(onnx.load_from_string(onnx_bytes(model)), path, op_types_to_quantize=["MatMul", "Gemm"],
-                         per_channel=True, weight_type=QuantType.QInt8)
+                         per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude))
     return Path(path)

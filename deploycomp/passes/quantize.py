@@ -1,5 +1,5 @@
 """quantize: int8 post-training quantization of the graph: NNCF's Q/DQ ONNX, or ONNX Runtime's
-dynamic int8 for targets that run it faster.
+dynamic int8 for targets that run it faster; per-layer sensitivity, and accuracy-aware fallback.
 
 NNCF's transformer preset (``ModelType.TRANSFORMER``) keeps LayerNorm, Softmax, GELU and the
 residual Adds in float and quantizes the MatMul/Gemm inputs (weights per channel), with
@@ -12,9 +12,27 @@ activations quantized at run time, no calibration): ORT-only ops (MatMulInteger,
 DynamicQuantizeMatMul); the backend says which method it runs (``Backend.int8_quantizer``).
 
 Calibration uses ``--data`` training images when given; without data it uses Gaussian images and
-says that the accuracy is unknown. The verification gate for int8 is a fidelity gate (top-1
-agreement and cosine against the fp32 reference on inputs the calibration never saw), since a
-relative L2 of 1e-4 cannot hold for int8.
+says that the accuracy is unknown. The verification gate for int8 is a fidelity gate
+(``passes/verify.FidelityGate``), since a relative L2 of 1e-4 cannot hold for int8.
+
+**Per-layer sensitivity.** For every quantized MatMul/Gemm (named by its torch parameter name; an
+attention product, which has no parameter, by its block) the graph is run by the target runtime
+with only that layer put back in float, on images neither calibration nor the gate uses; the
+layer's sensitivity is how much that raises the mean output cosine to the fp32 reference. One
+variant per layer, so the cost is one runtime compile and one batch per quantized layer.
+
+**Accuracy-aware fallback.** When the quantized graph misses the gate, the most sensitive layers
+are kept in float, one more at a time in ranking order, until the gate passes (the same
+``FidelityGate`` the verify pass applies, on the same held-out data), at most ``max_float_layers``
+of them (default: a quarter of the quantized layers); if even that fails, the compile is refused.
+Keeping a layer in float is exact, not a re-quantization: NNCF's Q/DQ graph is made with its float
+weights still in it (``compress_weights`` off), so a kept layer reads the tensors its Q/DQ pairs
+were fed (SmoothQuant's scaled activation and weight, whose product is the float layer's), and
+NNCF's own weight compression folds the remaining weight quantizers into int8 afterwards. For
+``ort-dynamic`` the kept layers are ONNX Runtime's ``nodes_to_exclude``. NNCF's
+``quantize_with_accuracy_control`` was not used: it judges one scalar metric (this gate has three
+thresholds), ranks quantizers by its own ONNX Runtime engine's outputs unless the metric is computed
+per item, and names what it reverted only in its log.
 """
 
 from __future__ import annotations
@@ -22,15 +40,20 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import time
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
-from ..errors import DeployCompError
+from ..errors import DeployCompError, VerificationError
 from .base import CompileContext, Pass, PassResult, register_pass
 
 SYNTHETIC_WARNING = ("int8 calibrated on synthetic Gaussian images (no --data): the artifact's accuracy on real "
                      "images is unknown; give --data to calibrate and score it")
+MATMULS = ("MatMul", "Gemm")
 
 
 def calibration_inputs(ctx: CompileContext, samples: int, seed: int) -> tuple[list[np.ndarray], str]:
@@ -44,6 +67,159 @@ def calibration_inputs(ctx: CompileContext, samples: int, seed: int) -> tuple[li
     return [rng.standard_normal(shape).astype(np.float32) for _ in range(samples)], "synthetic gaussian"
 
 
+def sensitivity_inputs(ctx: CompileContext, skip: int, samples: int, seed: int) -> tuple[np.ndarray, str]:
+    """Images the per-layer sensitivity is measured on: training images after the ``skip`` that
+    calibration used (the gate's test images stay unseen by every choice made here), or Gaussian
+    images of their own seed."""
+    if ctx.train is not None and len(ctx.train) >= skip + samples:
+        data = ctx.train.subset(range(skip, skip + samples))
+        return data.normalize(data.images).numpy(), f"{ctx.train.name} images {skip}-{skip + samples - 1}"
+    shape = (samples, *ctx.input_shape[1:])
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32), f"gaussian, seed {seed}"
+
+
+def nncf_qdq(model: onnx.ModelProto, inputs: list[np.ndarray], symmetric: bool = False,
+             fast_bias_correction: bool = True) -> onnx.ModelProto:
+    """NNCF post-training quantization (transformer preset) to Q/DQ ONNX, the weights left in float
+    behind their QuantizeLinear (``compress_weights`` off) so that any layer can be put back in float
+    exactly; ``compress_int8_weights`` folds them afterwards."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+
+    name = model.graph.input[0].name
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return nncf.quantize(model, nncf.Dataset(inputs, lambda x: {name: x}), model_type=nncf.ModelType.TRANSFORMER,
+                             subset_size=len(inputs), preset=nncf.QuantizationPreset.PERFORMANCE if symmetric else None,
+                             fast_bias_correction=fast_bias_correction,
+                             advanced_parameters=AdvancedQuantizationParameters(backend_params={"compress_weights": False}))
+
+
+def compress_int8_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """NNCF's own last step of ONNX quantization: every QuantizeLinear of a constant weight folded
+    into an int8 initializer (what ``nncf.quantize`` does by default)."""
+    from nncf.onnx.graph.passes import compress_quantize_weights_transformation
+
+    compress_quantize_weights_transformation(model)
+    return model
+
+
+def dynamic_int8(model, path, exclude: Sequence[str] = ()):
+    """ONNX Runtime's dynamic int8 (``backends/ort.dynamic_int8``), ``exclude`` node names kept in float."""
+    from ..backends.ort import dynamic_int8 as ort_dynamic_int8
+
+    return ort_dynamic_int8(model, path, exclude=exclude)
+
+
+@dataclass(frozen=True)
+class Int8Layer:
+    node: str  # the MatMul/Gemm node's name in the graph
+    name: str  # its torch parameter name (weight), or "block i attention q@k" / "... attn@v"
+
+
+def layer_names(model: ir.Model, structure) -> dict[str, str]:
+    """MatMul/Gemm node name -> what the report calls it: the weight's initializer name (the torch
+    parameter name: cleanup keeps it), or the attention product of block i for the weightless ones."""
+    roles = {"qk_matmul": "q@k", "av_matmul": "attn@v"}
+    attention = {}
+    for block in getattr(structure, "blocks", None) or []:
+        for role, what in roles.items():
+            if role in block.nodes:
+                attention[block.nodes[role]] = f"block {block.index} attention {what}"
+    names = {}
+    for node in model.graph:
+        if node.op_type in MATMULS and node.name:
+            weight = next((v.name for v in node.inputs[1:] if v is not None and v.is_initializer()), None)
+            names[node.name] = weight or attention.get(node.name, node.name)
+    return names
+
+
+class QdqLayers:
+    """An NNCF Q/DQ graph whose quantized layers can be put back in float, any subset at once."""
+
+    def __init__(self, quantized: onnx.ModelProto, names: dict[str, str]):
+        self.quantized = quantized
+        producer = {out: node for node in quantized.graph.node for out in node.output}
+        self.restore: dict[str, dict[int, str]] = {}  # node -> {input index: the float tensor its Q/DQ pair was fed}
+        layers = []
+        for node in quantized.graph.node:
+            if node.op_type not in MATMULS:
+                continue
+            sources = {}
+            for i, name in enumerate(node.input):
+                dq = producer.get(name)
+                if dq is None or dq.op_type != "DequantizeLinear":
+                    continue
+                q = producer.get(dq.input[0])
+                assert q is not None and q.op_type == "QuantizeLinear", \
+                    f"{node.name}: input {i} is a compressed int8 tensor, it cannot be put back in float"
+                sources[i] = q.input[0]
+            if sources:
+                self.restore[node.name] = sources
+                layers.append(Int8Layer(node.name, names.get(node.name, node.name)))
+        self.layers = layers
+
+    def model(self, keep: Sequence[str] = ()) -> onnx.ModelProto:
+        """The quantized graph with the layers ``keep`` (node names) in float."""
+        out = onnx.ModelProto()
+        out.CopyFrom(self.quantized)
+        keep = set(keep)
+        for node in out.graph.node:
+            if node.name in keep:
+                for i, source in self.restore[node.name].items():
+                    node.input[i] = source
+        return out
+
+    def emit(self, keep: Sequence[str] = ()) -> ir.Model:
+        """The artifact's graph: ``keep`` in float, their dead Q/DQ pairs removed, weights int8."""
+        import onnx_ir.passes.common as common
+
+        model = ir.from_proto(self.model(keep))
+        common.RemoveUnusedNodesPass()(model)  # before compression: it would drop a kept layer's float weight
+        return ir.from_proto(compress_int8_weights(ir.to_proto(model)))
+
+
+class DynamicLayers:
+    """ONNX Runtime dynamic int8 of a graph; a layer in float is one ORT leaves out (``nodes_to_exclude``)."""
+
+    def __init__(self, fp32: ir.Model, names: dict[str, str], workdir):
+        from pathlib import Path
+
+        self.fp32 = ir.to_proto(fp32)
+        self.workdir = Path(workdir)
+        quantized = self.model()
+        left = {n.name for n in quantized.graph.node if n.op_type in MATMULS}
+        self.layers = [Int8Layer(n.name, names.get(n.name, n.name)) for n in self.fp32.graph.node
+                       if n.op_type in MATMULS and n.name not in left]
+
+    def model(self, keep: Sequence[str] = ()) -> onnx.ModelProto:
+        path = self.workdir / f"int8-{len(keep)}.onnx"
+        return onnx.load(str(dynamic_int8(self.fp32, path, exclude=list(keep))))
+
+    def emit(self, keep: Sequence[str] = ()) -> ir.Model:
+        return ir.from_proto(self.model(keep))
+
+
+def mean_cosine(got: np.ndarray, want: np.ndarray) -> float:
+    from .verify import cosine_similarity
+
+    return float(np.mean(cosine_similarity(got, want)))
+
+
+def layer_sensitivity(layers, run_model, x: np.ndarray, want: np.ndarray) -> tuple[float, list[dict]]:
+    """Mean output cosine to the fp32 reference of the fully quantized graph, and per layer with
+    only that layer in float; rows sorted most sensitive first (largest cosine gain)."""
+    base = mean_cosine(run_model(layers.model()), want)
+    rows = []
+    for layer in layers.layers:
+        cosine = mean_cosine(run_model(layers.model([layer.node])), want)
+        rows.append({"layer": layer.name, "node": layer.node, "cosine_only_this_float": cosine, "gain": cosine - base})
+    rows.sort(key=lambda r: -r["gain"])
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return base, rows
+
+
 @register_pass
 class QuantizePass(Pass):
     name = "quantize"
@@ -52,52 +228,91 @@ class QuantizePass(Pass):
     # nncf-symmetric: every zero point 0, as TensorRT's explicit-precision int8 requires
     METHODS = ("nncf", "nncf-symmetric", "ort-dynamic")
 
-    def __init__(self, samples: int = 128, method: str = "nncf", fast_bias_correction: bool = True):
+    def __init__(self, samples: int = 128, method: str = "nncf", fast_bias_correction: bool = True,
+                 sensitivity_samples: int = 16, max_float_layers: int | None = None):
         if method not in self.METHODS:
             raise DeployCompError(f"unknown int8 method '{method}': use {' or '.join(self.METHODS)}")
+        if max_float_layers is not None and max_float_layers < 0:
+            raise DeployCompError(f"--max-float-layers must be >= 0, not {max_float_layers}")
+        if sensitivity_samples < 0:
+            raise DeployCompError(f"sensitivity samples must be >= 0, not {sensitivity_samples}")
+        if max_float_layers and not sensitivity_samples:
+            raise DeployCompError("the accuracy-aware fallback (--max-float-layers) needs per-layer sensitivity "
+                                  "(sensitivity samples > 0)")
         self.samples, self.method, self.fast_bias_correction = samples, method, fast_bias_correction
+        self.sensitivity_samples, self.max_float_layers = sensitivity_samples, max_float_layers
 
     def requires(self, model: ir.Model, ctx: CompileContext) -> None:
         assert ctx.input_shape is not None, "quantization needs the input shape for its calibration images"
 
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
-        if self.method == "ort-dynamic":
-            return self.run_ort_dynamic(model, ctx)
-        try:
-            import nncf
-        except ImportError as exc:
-            raise DeployCompError("--precision int8 needs NNCF: pip install 'deploycomp[int8]' (nncf)") from exc
-        inputs, source = calibration_inputs(ctx, self.samples, ctx.seed + 1)
-        name = model.graph.inputs[0].name
-        logging.getLogger("nncf").setLevel(logging.ERROR)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            preset = nncf.QuantizationPreset.PERFORMANCE if self.method == "nncf-symmetric" else None
-            quantized = nncf.quantize(ir.to_proto(model), nncf.Dataset(inputs, lambda x: {name: x}),
-                                      model_type=nncf.ModelType.TRANSFORMER, subset_size=len(inputs), preset=preset,
-                                      fast_bias_correction=self.fast_bias_correction)
-        out = ir.from_proto(quantized)
-        ctx.results["quantization"] = {"method": "nncf post-training quantization (transformer preset), Q/DQ ONNX",
-                                       "nncf": nncf.__version__, "calibration": source, "samples": len(inputs),
-                                       **({"warning": SYNTHETIC_WARNING} if ctx.train is None else {})}
-        q = sum(n.op_type == "QuantizeLinear" for n in out.graph)
-        return PassResult(out, modified=True, info={"quantize_nodes": q, "calibration": source})
-
-    def run_ort_dynamic(self, model: ir.Model, ctx: CompileContext) -> PassResult:
         import tempfile
-        from pathlib import Path
 
-        import onnx
-        import onnxruntime
+        names = layer_names(model, ctx.structure)
+        with tempfile.TemporaryDirectory(prefix="deploycomp-int8-") as tmp:
+            if self.method == "ort-dynamic":
+                import onnxruntime
 
-        from ..backends.ort import dynamic_int8
+                layers = DynamicLayers(model, names, tmp)
+                info = {"method": "onnxruntime dynamic int8 (MatMul/Gemm weights per channel)",
+                        "onnxruntime": onnxruntime.__version__, "calibration": "none (dynamic)", "samples": 0}
+                calibrated = 0
+            else:
+                try:
+                    import nncf
+                except ImportError as exc:
+                    raise DeployCompError("--precision int8 needs NNCF: pip install 'deploycomp[int8]' (nncf)") from exc
+                inputs, source = calibration_inputs(ctx, self.samples, ctx.seed + 1)
+                layers = QdqLayers(nncf_qdq(ir.to_proto(model), inputs, symmetric=self.method == "nncf-symmetric",
+                                            fast_bias_correction=self.fast_bias_correction), names)
+                info = {"method": "nncf post-training quantization (transformer preset), Q/DQ ONNX",
+                        "nncf": nncf.__version__, "calibration": source, "samples": len(inputs),
+                        **({"warning": SYNTHETIC_WARNING} if ctx.train is None else {})}
+                calibrated = len(inputs)
+            info["quantized_layers"] = len(layers.layers)
+            measurable = ctx.backend is not None and ctx.reference is not None  # a hand-built pipeline may lack both
+            keep = self.fit_gate(layers, ctx, info, calibrated) if self.sensitivity_samples and layers.layers \
+                and measurable else []
+            out = layers.emit(keep)
+        ctx.results["quantization"] = info
+        q = sum(n.op_type in ("QuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul") for n in out.graph)
+        return PassResult(out, modified=True, info={"int8_nodes": q, "kept_float": len(keep),
+                                                    "calibration": info["calibration"]})
 
-        with tempfile.TemporaryDirectory() as tmp:
-            quantized = ir.from_proto(onnx.load(str(dynamic_int8(model, Path(tmp) / "int8.onnx"))))
-        ctx.results["quantization"] = {"method": "onnxruntime dynamic int8 (MatMul/Gemm weights per channel)",
-                                       "onnxruntime": onnxruntime.__version__, "calibration": "none (dynamic)",
-                                       "samples": 0}
-        n = sum(node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for node in quantized.graph)
-        return PassResult(quantized, modified=True, info={"int8_matmuls": n})
+    def fit_gate(self, layers, ctx: CompileContext, info: dict, calibrated: int) -> list[str]:
+        """Per-layer sensitivity into ``info``; then, if the quantized graph misses the fidelity gate,
+        the most sensitive layers kept in float until it passes (node names of the kept layers)."""
+        from .verify import FidelityGate
+
+        t0 = time.perf_counter()
+        x, inputs = sensitivity_inputs(ctx, calibrated, self.sensitivity_samples, ctx.seed + 3)
+        want = np.asarray(ctx.reference(x))
+        run_model = lambda m: ctx.backend.runner(m)(x)  # noqa: E731
+        base, rows = layer_sensitivity(layers, run_model, x, want)
+        info["sensitivity"] = {
+            "measure": "mean output cosine to the fp32 reference with only this layer in float, minus the fully "
+                       "quantized graph's (gain); run by the target runtime",
+            "inputs": inputs, "samples": len(x), "cosine_all_int8": base, "layers": rows,
+            "seconds": round(time.perf_counter() - t0, 2)}
+        cap = self.max_float_layers if self.max_float_layers is not None else max(1, len(rows) // 4)
+        cap = min(cap, len(rows)) if ctx.fidelity is not None else 0
+        fallback = {"cap": cap, "kept_float": [], "attempts": []}
+        info["fallback"] = fallback
+        if cap == 0:  # no fallback: the verify pass judges the quantized graph as it is
+            return []
+        gate = FidelityGate.of(ctx)
+        for k in range(cap + 1):
+            keep = [r["node"] for r in rows[:k]]
+            result = gate.measure(ctx.backend.runner(layers.model(keep)))
+            failures = gate.failures(result)
+            fallback["attempts"].append({"kept": k, **result, "passed": not failures})
+            if not failures:
+                fallback["kept_float"] = [r["layer"] for r in rows[:k]]
+                return keep
+        raise VerificationError(
+            f"fidelity gate failed even with the {cap} most sensitive of {len(rows)} quantized layers kept in float "
+            f"(--max-float-layers {cap}): {'; '.join(failures)} against the {ctx.reference_kind} reference on "
+            f"{gate.inputs}; no artifact written")
 
     def ensures(self, model: ir.Model, ctx: CompileContext) -> None:
         ops = {n.op_type for n in model.graph}
@@ -114,3 +329,6 @@ class QuantizePass(Pass):
             if node.op_type in ("LayerNormalization", "Softmax"):
                 assert not (node.inputs[0].producer() and node.inputs[0].producer().op_type == "DequantizeLinear"), \
                     f"{node.op_type} '{node.name}' reads a dequantized int8 tensor"
+        for node in model.graph:  # weights stored as int8 (NNCF's compression ran)
+            if node.op_type == "QuantizeLinear":
+                assert not node.inputs[0].is_initializer(), f"{node.name}: a float weight quantized at run time"
