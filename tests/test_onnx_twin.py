@@ -211,8 +211,8 @@ def swap_q_and_k(real):
 def scale_off(real):
     """The probe reads the softmax scale 30 % too large."""
 
-    def wrong(model, spec, input_shape):
-        real(model, spec, input_shape)
+    def wrong(model, spec):
+        real(model, spec)
         for b in spec.blocks:
             b.attn.scale *= 1.3
 
