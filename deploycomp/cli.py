@@ -98,6 +98,8 @@ def compile_cmd(
     token_layer: Optional[int] = typer.Option(None, "--token-layer", help="First of the two generator blocks, 0-based (default: a third of the depth, STViT's 4 = blocks 5-6 of 12)."),
     token_pooling: str = typer.Option("max", "--token-pooling", help="Initial centres by adaptive max (STViT's code) or avg pooling of the patch grid."),
     token_lowering: Optional[str] = typer.Option(None, "--token-lowering", help="How the TokenCluster op runs: reference (standard ops) or ort-mha (ONNX Runtime's fused attention); default: the target's."),
+    output_kind: Optional[str] = typer.Option(None, "--output-kind", help="What the model outputs: logits or embedding (default: the source's word: CLIP towers, hf ViTModel and timm models with num_classes=0 give an embedding). An embedding model distils with a feature loss and is scored by cosine to the source."),
+    feature_loss: str = typer.Option("cosine", "--feature-loss", help="Distillation loss of an embedding model: cosine (1 - cos) or mse (normalized by the source embedding's mean square)."),
 ):
     """Compile a model into a verified artifact: model.onnx + manifest.json + report.md (+ pruning.png)."""
     from .frontend import check_compile_request  # refuse a request that cannot succeed before torch is imported
@@ -127,7 +129,8 @@ def compile_cmd(
                              calibrate_rounds=calibrate_rounds,
                              semantic_tokens=tokens, token_lowering=token_lowering,
                              token_finetune_epochs=0 if prune else finetune_epochs,
-                             token_teacher_logits=None if prune or not teacher_logits else str(teacher_logits))
+                             token_teacher_logits=None if prune or not teacher_logits else str(teacher_logits),
+                             output=output_kind, feature_loss=feature_loss)
     stages = [s for s in COMPILE_STAGES if (s != "ort_fusion" or fuse) and (s != "measure" or not no_measure)
               and (s != "evaluate" or data) and ("prune" not in s and "pruned" not in s and "latency table" not in s or latency)
               and ("token" not in s or semantic_tokens) and (s != "precision" or precision not in ("fp32", "int8")) and (s != "quantize" or precision == "int8")]
@@ -367,12 +370,18 @@ def evaluate_cmd(
     data: str = typer.Option("fashion-mnist", "--data", help="fashion-mnist or an image folder."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Use the first N test samples."),
 ):
-    """Top-1 accuracy on the test split, of a compiled artifact on its backend or of a timm model in torch."""
+    """Top-1 accuracy on the test split, of a compiled artifact on its backend or of a timm model in torch;
+    for an artifact that outputs an embedding, the mean cosine of its embeddings to the source model's."""
     from .api import evaluate
 
     result = evaluate(model, data=data, weights=str(weights) if weights else None, samples=samples,
                       model_kwargs=_parse_model_args(model_arg))
-    console.print(f"{model}: top-1 {result['top1']:.2f} % on {result['samples']} samples of {result['data']} ({result['runtime']})")
+    if "mean_cosine" in result:
+        console.print(f"{model}: embedding cosine to the source {result['reference']}: mean {result['mean_cosine']:.6f}, "
+                      f"min {result['min_cosine']:.6f} on {result['samples']} samples of {result['data']} "
+                      f"({result['runtime']})", markup=False, highlight=False)
+    else:
+        console.print(f"{model}: top-1 {result['top1']:.2f} % on {result['samples']} samples of {result['data']} ({result['runtime']})")
 
 
 @app.command("selftest")
