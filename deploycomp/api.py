@@ -77,6 +77,11 @@ class CompileOptions:
     max_drop: float = 1.0
     sensitivity_samples: int = 16  # int8: held-out images the per-layer sensitivity runs on (0: none, no fallback)
     max_float_layers: int | None = None  # int8 fallback: most layers kept in float; None: a quarter; 0: no fallback
+    # what the model outputs: None takes the source's word (a CLIP tower, hf ViTModel or a timm model
+    # with num_classes=0: "embedding"; a classifier: "logits"); set "embedding" for a timm CLIP tower
+    # whose head is its projection. An embedding model distils with feature_loss and reports cosine.
+    output: str | None = None
+    feature_loss: str = "cosine"  # embedding distillation: "cosine" (1 - cos) or "mse" (normalized)
 
 
 def check_options(source: str, options: CompileOptions) -> None:
@@ -91,6 +96,9 @@ def check_options(source: str, options: CompileOptions) -> None:
         raise DeployCompError("the int8 fallback (--max-float-layers) ranks layers by sensitivity: sensitivity_samples must be > 0")
     if options.precision != "fp32" and options.prune is not None:
         raise DeployCompError("--latency pruning predicts with fp32 latency tables: compile it at --precision fp32")
+    from .learn.distill import Objective
+
+    Objective(options.output or "logits", options.feature_loss)  # known values, or one line
     from .frontend import check_compile_request
 
     check_compile_request(source, options.weights, options.model_kwargs, prune=options.prune is not None,
@@ -168,6 +176,12 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
 
         check_attention_rewritable(src)
     tokens = _resolve_tokens(src, options.semantic_tokens) if options.semantic_tokens is not None else None
+    output_kind = options.output or src.meta.get("output", "logits")  # (``output`` is the artifact directory)
+    src.meta = {**src.meta, "output": output_kind}
+    stored = options.token_teacher_logits or (options.prune.teacher_logits if options.prune is not None else None)
+    if output_kind == "embedding" and stored:
+        raise DeployCompError(f"{source} outputs an embedding: its distillation matches the source's embedding, "
+                              "stored teacher logits (class probabilities) do not apply")
     ctx = CompileContext(
         family=src.family, reference=src.reference, reference_kind=src.reference_kind, backend=backend,
         module=src.torch_module, input_shape=src.input_shape, verify_batches=tuple(options.verify_batches),
@@ -177,6 +191,7 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
                                                           "samples": options.fidelity_samples,
                                                           "max_drop": options.max_drop},
         seed=options.seed if options.seed is not None else secrets.randbelow(2**31), say=say,
+        output=output_kind, feature_loss=options.feature_loss,
     )
     ctx.test = load_eval_data(options.data, src.input_shape, options.eval_samples) if options.data else None
     before = (src.reference, src.reference_kind)
@@ -221,7 +236,7 @@ def compile(source: str, output: str | Path, options: CompileOptions | None = No
 def _resolve_tokens(src, config: "SemanticTokenConfig") -> "SemanticTokenConfig":
     from .tokens.stvit import check_supported
 
-    config = config.resolved(len(getattr(src.torch_module, "blocks", None) or getattr(src.torch_module, "layers", [])))
+    config = config.for_model(src.torch_module)  # the generator layer and the prefix tokens of this model
     check_supported(src.torch_module, config)
     return config
 
@@ -472,19 +487,33 @@ def store_logits(teacher: str, out: str | Path, *, weights: str | None = None, d
 
 def evaluate(model: str, *, data: str = "fashion-mnist", weights: str | None = None, samples: int | None = None,
              model_kwargs: dict | None = None) -> dict[str, Any]:
-    """Top-1 on the test split: an artifact directory on its backend, or ``timm:<name>`` in torch."""
+    """Top-1 on the test split: an artifact directory on its backend, or ``timm:<name>`` in torch.
+    An artifact whose model outputs an embedding has no top-1: it is scored by the mean cosine of
+    its embeddings to its source model's (rebuilt from the manifest) on the test images."""
     from .learn.evaluate import evaluate_artifact, evaluate_module
 
     if model.startswith("timm:"):
+        from .frontend import timm_output
         from .frontend.timm_models import build_timm_model, timm_input_shape, timm_spec
 
         spec = timm_spec(model.removeprefix("timm:"))
         module = build_timm_model(spec.name, Path(weights) if weights else None, model_kwargs)
+        if timm_output(module) == "embedding":
+            raise DeployCompError(f"{model} outputs an embedding (num_classes=0): there is no top-1; compile it and "
+                                  "evaluate the artifact (cosine to the source)")
         test = load_eval_data(data, timm_input_shape(spec, model_kwargs), samples)
         return {"model": model, "data": test.name, "samples": len(test), "runtime": "torch",
                 "top1": evaluate_module(module, test)}
     manifest = read_manifest(Path(model))
     shape = tuple(d if isinstance(d, int) else 1 for d in manifest["input"]["shape"])
+    if manifest["source"].get("output") == "embedding":
+        from .frontend import source_reference
+        from .learn.evaluate import artifact_cosine
+
+        reference = source_reference(manifest["source"])  # refused before the data is read if it cannot be rebuilt
+        test = load_eval_data(data, shape, samples)
+        return {"model": model, "data": test.name, "runtime": manifest["target"]["target"], "output": "embedding",
+                "reference": manifest["source"]["model"], **artifact_cosine(model, reference, test)}
     test = load_eval_data(data, shape, samples)
     return {"model": model, "data": test.name, "samples": len(test), "runtime": manifest["target"]["target"],
             "top1": evaluate_artifact(model, test)}

@@ -100,6 +100,8 @@ def compile_cmd(
     token_lowering: Optional[str] = typer.Option(None, "--token-lowering", help="How the TokenCluster op runs: reference (standard ops) or ort-mha (ONNX Runtime's fused attention); default: the target's."),
     max_drop: float = typer.Option(1.0, "--max-drop", help="int8 with --data: refuse the artifact when its top-1 on the test images (all, or --eval-samples), run by the target, is more than this many points below the fp32 reference's."),
     max_float_layers: Optional[int] = typer.Option(None, "--max-float-layers", help="int8 accuracy-aware fallback: when the quantized graph misses the fidelity gate, keep at most N of its most sensitive MatMul/Gemm layers in float (default: a quarter of them; 0: no fallback)."),
+    output_kind: Optional[str] = typer.Option(None, "--output-kind", help="What the model outputs: logits or embedding (default: the source's word: CLIP towers, hf ViTModel and timm models with num_classes=0 give an embedding). An embedding model distils with a feature loss and is scored by cosine to the source."),
+    feature_loss: str = typer.Option("cosine", "--feature-loss", help="Distillation loss of an embedding model: cosine (1 - cos) or mse (normalized by the source embedding's mean square)."),
 ):
     """Compile a model into a verified artifact: model.onnx + manifest.json + report.md (+ pruning.png)."""
     from .frontend import check_compile_request  # refuse a request that cannot succeed before torch is imported
@@ -130,7 +132,8 @@ def compile_cmd(
                              semantic_tokens=tokens, token_lowering=token_lowering,
                              token_finetune_epochs=0 if prune else finetune_epochs,
                              token_teacher_logits=None if prune or not teacher_logits else str(teacher_logits),
-                             max_drop=max_drop, max_float_layers=max_float_layers)
+                             max_drop=max_drop, max_float_layers=max_float_layers, output=output_kind,
+                             feature_loss=feature_loss)
     stages = [s for s in COMPILE_STAGES if (s != "ort_fusion" or fuse) and (s != "measure" or not no_measure)
               and (s != "evaluate" or data) and ("prune" not in s and "pruned" not in s and "latency table" not in s or latency)
               and ("token" not in s or semantic_tokens) and (s != "precision" or precision not in ("fp32", "int8")) and (s != "quantize" or precision == "int8")]
@@ -370,12 +373,18 @@ def evaluate_cmd(
     data: str = typer.Option("fashion-mnist", "--data", help="fashion-mnist or an image folder."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Use the first N test samples."),
 ):
-    """Top-1 accuracy on the test split, of a compiled artifact on its backend or of a timm model in torch."""
+    """Top-1 accuracy on the test split, of a compiled artifact on its backend or of a timm model in torch;
+    for an artifact that outputs an embedding, the mean cosine of its embeddings to the source model's."""
     from .api import evaluate
 
     result = evaluate(model, data=data, weights=str(weights) if weights else None, samples=samples,
                       model_kwargs=_parse_model_args(model_arg))
-    console.print(f"{model}: top-1 {result['top1']:.2f} % on {result['samples']} samples of {result['data']} ({result['runtime']})")
+    if "mean_cosine" in result:
+        console.print(f"{model}: embedding cosine to the source {result['reference']}: mean {result['mean_cosine']:.6f}, "
+                      f"min {result['min_cosine']:.6f} on {result['samples']} samples of {result['data']} "
+                      f"({result['runtime']})", markup=False, highlight=False)
+    else:
+        console.print(f"{model}: top-1 {result['top1']:.2f} % on {result['samples']} samples of {result['data']} ({result['runtime']})")
 
 
 @app.command("selftest")

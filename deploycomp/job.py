@@ -32,7 +32,7 @@ class CompileJob:
 
     The stages after the pass manager, in order:
     emit (the backend writes the artifact into a staging directory), evaluate (top-1 before/after
-    on data), measure (the artifact's batch-1 latency), the pruning report, report.md; the
+    on data; for an embedding model the mean cosine of its embeddings to the source's), measure (the artifact's batch-1 latency), the pruning report, report.md; the
     directory is renamed into place only when every stage succeeded.
     """
 
@@ -78,7 +78,10 @@ class CompileJob:
             artifact = backend.artifact(staging, manifest)
             if ctx.test is not None:
                 say("evaluate")
-                manifest["accuracy"] = evaluate_compiled(*self.before, backend.runner(artifact), ctx.test)
+                if ctx.output == "embedding":  # no classes: how close the artifact's embeddings stay to the source's
+                    manifest["embedding_cosine"] = embedding_cosine(*self.before, backend.runner(artifact), ctx.test)
+                else:
+                    manifest["accuracy"] = evaluate_compiled(*self.before, backend.runner(artifact), ctx.test)
             if self.measure_rounds:
                 say("measure")
                 times = backend.time({"artifact": artifact}, shape, batch=1, rounds=self.measure_rounds)
@@ -105,6 +108,14 @@ def evaluate_compiled(reference, reference_kind: str, artifact_runner, test) -> 
     after = evaluate_runner(artifact_runner, test)
     return {"data": test.name, "samples": len(test), "reference": reference_kind, "reference_top1": before,
             "artifact_top1": after, "delta_pt": after - before}
+
+
+def embedding_cosine(reference, reference_kind: str, artifact_runner, test) -> dict[str, Any]:
+    """Mean and min per-image cosine of the artifact's embeddings (on its backend) to the reference's
+    (the source, before pruning or tokens) on the test images."""
+    from .learn.evaluate import runner_cosine
+
+    return {"data": test.name, "reference": reference_kind, **runner_cosine(artifact_runner, reference, test)}
 
 
 def _dims(value: ir.Value) -> list[int | str]:

@@ -40,6 +40,9 @@ def pruning_markdown(p: dict[str, Any] | None) -> list[str]:
         last = p["finetune"][-1]
         if "test_accuracy" in last:
             lines.append(f"- fine-tuned {len(p['finetune'])} epochs: torch top-1 {last['test_accuracy']:.2f} %")
+        if "test_cosine" in last:
+            lines.append(f"- fine-tuned {len(p['finetune'])} epochs (feature distillation): torch cosine to the "
+                         f"unpruned embedding {last['test_cosine']:.5f}")
     lines += ["", "| block | heads | QK/head | V/head | MLP | GFLOPs |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['block']} | {pair(r['heads'])} | {pair(r['qk_dim'])} | {pair(r['v_dim'])} | {pair(r['mlp_dim'])} "
               f"| {pair(r['gflops'])} |" for r in p["blocks"]]
@@ -54,11 +57,14 @@ def tokens_markdown(t: dict[str, Any] | None) -> list[str]:
     lines = ["## Semantic tokens", "",
              f"- blocks 0-{a - 1} on {t['tokens_before']} tokens; generator in blocks {a}-{b} "
              f"({t['pooling']} pooling of the patch grid to {t['semantic_tokens']} centres, then TokenCluster); "
-             f"blocks {b + 1}+ on {t['tokens_after']} tokens (cls + {t['semantic_tokens']})"]
+             f"blocks {b + 1}+ on {t['tokens_after']} tokens ({t.get('prefix_tokens', 1)} prefix + {t['semantic_tokens']})"]
     if t.get("finetune"):
         last = t["finetune"][-1]
         if "test_accuracy" in last:
             lines.append(f"- fine-tuned {len(t['finetune'])} epochs after the rewrite: torch top-1 {last['test_accuracy']:.2f} %")
+        if "test_cosine" in last:
+            lines.append(f"- fine-tuned {len(t['finetune'])} epochs after the rewrite (feature distillation): torch "
+                         f"cosine to the unrewritten embedding {last['test_cosine']:.5f}")
     return lines + [""]
 
 
@@ -108,6 +114,11 @@ def render_report(m: dict[str, Any]) -> str:
         lines.append(f"- top-1 on {acc['samples']} samples of {acc['data']}: {acc['reference']} reference "
                      f"{acc['reference_top1']:.2f} %, artifact on {tgt['target']} {acc['artifact_top1']:.2f} % "
                      f"({acc['delta_pt']:+.2f} pt)")
+    if "embedding_cosine" in m:
+        emb = m["embedding_cosine"]
+        lines.append(f"- embedding cosine to the {emb['reference']} reference on {emb['samples']} samples of "
+                     f"{emb['data']}: mean {emb['mean_cosine']:.6f}, min {emb['min_cosine']:.6f} (artifact on "
+                     f"{tgt['target']})")
     if parity.get("gate") == "fidelity":
         verdict = (f"- fidelity gate vs the {parity['reference']} reference on {parity['inputs']}: top-1 agreement "
                    f"{parity['top1_agreement']:.3f} (min {parity['min_top1_agreement']}), cosine {parity['cosine']:.4f} "
@@ -118,8 +129,9 @@ def render_report(m: dict[str, Any]) -> str:
     else:
         checks = ", ".join(f"batch {c['batch']}: {c['rel_l2']:.2e}"
                            + (f" (cosine >= {c['cosine_min']:.6f})" if "cosine_min" in c else "") for c in parity["checks"])
-        verdict = (f"- verification vs the {parity['reference']} reference (relative L2 <= {parity['tolerance']:g}, "
-                   f"seed {parity['seed']}): {checks} - passed")
+        what = "embedding" if parity.get("output") == "embedding" else "output"
+        verdict = (f"- verification vs the {parity['reference']} reference (relative L2 of the {what} <= "
+                   f"{parity['tolerance']:g}, cosine per image; seed {parity['seed']}): {checks} - passed")
     quant = m.get("quantization")
     lines += [
         verdict,

@@ -395,8 +395,9 @@ def test_cli_refuses_methods_on_a_missing_onnx_before_importing_torch(tmp_path):
 
 
 def test_token_rewrite_limits_are_refused_before_loading_a_timm_model(tmp_path, monkeypatch):
-    """A timm model without one cls token read by the head (registers + GAP) cannot take semantic
-    tokens: refused from the meta-device model, before any weights are built or exported."""
+    """A timm model whose head the token rewrite does not cover (a distilled DeiT's two heads) cannot
+    take semantic tokens: refused from the meta-device model, before any weights are built or exported.
+    (Registers and GAP heads are covered: tests/test_embeddings.py.)"""
     import deploycomp.frontend as frontend
     from deploycomp.tokens.stvit import SemanticTokenConfig
 
@@ -404,6 +405,6 @@ def test_token_rewrite_limits_are_refused_before_loading_a_timm_model(tmp_path, 
         raise AssertionError("the model was built before the request was checked")
 
     monkeypatch.setattr(frontend, "load_source", must_not_load)
-    with pytest.raises(DeployCompError, match="exactly one cls token"):
-        deploycomp.compile("timm:vit_base_patch16_reg4_gap_256", tmp_path / "out",
+    with pytest.raises(DeployCompError, match="distilled DeiT's two heads"):
+        deploycomp.compile("timm:deit_tiny_distilled_patch16_224", tmp_path / "out",
                            deploycomp.CompileOptions(semantic_tokens=SemanticTokenConfig(4), model_kwargs=TIMM_TINY))

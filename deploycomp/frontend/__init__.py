@@ -90,38 +90,62 @@ def check_source_spec(spec: str, weights: str | Path | None = None, model_kwargs
 def check_compile_request(spec: str, weights: str | Path | None = None, model_kwargs: dict | None = None, *,
                           prune: bool = False, semantic_tokens: "bool | SemanticTokenConfig" = False) -> None:
     """Refuse a compile request that cannot succeed before the graph is loaded or anything is built:
-    the source spec's cheap checks, and, for a timm source given a token config, what the token
+    the source spec's cheap checks, and, for a torch source given a token config, what the token
     rewrite does not support (checked on the model built on the meta device: no weights, well under
-    a second). A bare .onnx file asked for pruning or semantic tokens is checked when it is loaded,
-    by building its torch twin (frontend/onnx_twin.py), before any slow work."""
+    a second once its library is imported). A bare .onnx file asked for pruning or semantic tokens
+    is checked when it is loaded, by building its torch twin (frontend/onnx_twin.py), before any
+    slow work."""
     check_source_spec(spec, weights, model_kwargs)
-    if spec.startswith("timm:") and semantic_tokens and not isinstance(semantic_tokens, bool):
+    torch_source = spec.partition(":")[0] in ("timm", "hf", "hf-config", "open_clip")
+    if torch_source and semantic_tokens and not isinstance(semantic_tokens, bool):
         from ..tokens.stvit import check_supported
+
+        meta = meta_module(spec, model_kwargs)
+        check_supported(meta, semantic_tokens.for_model(meta))
+
+
+def meta_module(spec: str, model_kwargs: dict | None = None):
+    """The torch module a torch source becomes (timm's model; the canonical timm ViT of an hf: or
+    open_clip: source), built on the meta device: its structure without memory or weights, and the
+    converters' refusals, in well under a second after the libraries are imported."""
+    kind, _, rest = spec.partition(":")
+    if kind == "timm":
         from .timm_models import meta_model
 
-        meta = meta_model(spec[len("timm:"):], model_kwargs)
-        check_supported(meta, semantic_tokens.resolved(len(getattr(meta, "blocks", None) or getattr(meta, "layers", []))))
+        return meta_model(rest, model_kwargs)
+    with _quiet_libraries(hf=kind.startswith("hf")):
+        if kind in ("hf", "hf-config"):
+            from .hf import meta_canonical
+
+            return meta_canonical(kind, rest)
+        from .openclip import meta_canonical
+
+        return meta_canonical(rest)
 
 
-def _load_converted(spec: str, weights, model_kwargs, opset: int) -> Source:
-    """hf:, hf-config: and open_clip: sources: the library's module converted into timm's ViT."""
-    from .export import export_to_onnx
-
+def _convert(spec: str, weights, model_kwargs):
+    """hf:, hf-config: and open_clip: sources: the library's module converted into timm's ViT (checked)."""
     check_source_spec(spec, weights, model_kwargs)
     kind, _, rest = spec.partition(":")
     with _quiet_libraries(hf=kind.startswith("hf")):
         if kind == "hf":
             from .hf import load_hf_dir
 
-            converted = load_hf_dir(rest)
-        elif kind == "hf-config":
+            return load_hf_dir(rest)
+        if kind == "hf-config":
             from .hf import load_hf_config
 
-            converted = load_hf_config(rest)
-        else:
-            from .openclip import load_open_clip
+            return load_hf_config(rest)
+        from .openclip import load_open_clip
 
-            converted = load_open_clip(rest, weights)
+        return load_open_clip(rest, weights)
+
+
+def _load_converted(spec: str, weights, model_kwargs, opset: int) -> Source:
+    """hf:, hf-config: and open_clip: sources, converted and exported; the library's module is the reference."""
+    from .export import export_to_onnx
+
+    converted = _convert(spec, weights, model_kwargs)
     model = export_to_onnx(converted.module, converted.input_shape, opset)
     return Source(spec, converted.family, model, converted.input_shape, torch_reference(converted.original), "torch",
                   converted.module, {**converted.meta, "opset": opset})
@@ -155,6 +179,27 @@ def _quiet_libraries(hf: bool):
                 transformers.utils.logging.enable_progress_bar()
 
 
+def source_reference(source: dict) -> Callable[[np.ndarray], np.ndarray]:
+    """The reference function of an artifact's source, rebuilt from its manifest's ``source``
+    section without exporting anything: what ``evaluate`` compares an embedding artifact with.
+
+    hf-config: and open_clip: random init is seeded (the same weights every time); timm random init
+    is not, so such a source cannot be rebuilt and is refused."""
+    spec, weights = source["model"], source.get("weights")
+    kind, _, rest = spec.partition(":")
+    given = None if weights in (None, "random-init") else weights
+    if kind == "timm":
+        if given is None:
+            raise DeployCompError(f"{spec} was compiled with random weights, which are not stored: there is no source "
+                                  "to compare the artifact with (compile it with --weights)")
+        from .timm_models import build_timm_model
+
+        return torch_reference(build_timm_model(rest, Path(given), source.get("model_kwargs") or None))
+    if kind in ("hf", "hf-config", "open_clip"):
+        return torch_reference(_convert(spec, given if kind == "open_clip" else None, None).original)
+    return load_onnx_file(Path(source.get("path", spec))).reference
+
+
 def torch_reference(module) -> Callable[[np.ndarray], np.ndarray]:
     """The reference function of a torch module (or any callable on image tensors): images
     (N,C,H,W float32) -> logits or embedding, no autograd."""
@@ -177,7 +222,15 @@ def _load_timm(name: str, weights, model_kwargs, opset: int) -> Source:
     input_shape = timm_input_shape(spec, kwargs)
     model = export_to_onnx(module, input_shape, opset)
     return Source(f"timm:{name}", spec.family, model, input_shape, torch_reference(module), "torch", module,
-                  {"weights": str(weights) if weights else "random-init", "model_kwargs": kwargs, "opset": opset})
+                  {"weights": str(weights) if weights else "random-init", "model_kwargs": kwargs, "opset": opset,
+                   "output": timm_output(module)})
+
+
+def timm_output(module) -> str:
+    """What a timm model outputs: its pooled embedding when it has no classifier (num_classes=0),
+    else logits. (A timm CLIP tower whose head is its image projection says so with
+    ``CompileOptions.output`` / ``--output embedding``: its head looks like any linear classifier.)"""
+    return "embedding" if int(getattr(module, "num_classes", 1) or 0) == 0 else "logits"
 
 
 def load_onnx_file(path: Path) -> Source:

@@ -101,9 +101,9 @@ def _architecture(config: dict, where: Path) -> str:
     return arch
 
 
-def load_hf_dir(directory: str | Path) -> Converted:
-    """``hf:DIR``: the model transformers builds from a local directory, converted and checked."""
-    directory = Path(directory)
+def _dir_config(directory: Path):
+    """(architecture, transformers config) of a local model directory, refused early when missing
+    or unsupported; only config files are read."""
     if not (directory / "config.json").is_file():
         raise DeployCompError(f"hf:{directory}: no config.json (give a local Hugging Face model directory)")
     if not any(directory.glob("*.safetensors")):
@@ -113,13 +113,63 @@ def load_hf_dir(directory: str | Path) -> Converted:
     arch = _architecture(raw, directory)
     transformers = import_optional("transformers", "hf")
     cls = getattr(transformers, HF_ARCHITECTURES[arch][1])
-    extra = {}
+    try:
+        config = cls.config_class.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DeployCompError(f"hf:{directory}: transformers could not read its config: {reason}") from None
     if arch == "CLIPModel":  # the tower's config, with the projection width the whole model declares
-        extra["config"] = transformers.CLIPVisionConfig.from_pretrained(str(directory), local_files_only=True)
-        extra["config"].projection_dim = raw.get("projection_dim", extra["config"].projection_dim)
+        config.projection_dim = raw.get("projection_dim", config.projection_dim)
+    return arch, config
+
+
+def _file_config(path: Path):
+    """(architecture, transformers config) of a config.json given alone (hf-config:)."""
+    if not path.is_file():
+        raise DeployCompError(f"hf-config:{path}: file not found")
+    raw = _read_config(path)
+    arch = _architecture(raw, path)
+    transformers = import_optional("transformers", "hf")
+    fields = {k: v for k, v in raw.items() if k != "model_type"}
+    try:
+        cfg = transformers.AutoConfig.for_model(raw["model_type"], **fields)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DeployCompError(f"hf-config:{path}: {exc}") from None
+    if arch == "CLIPModel":  # the image tower and its projection, as from_pretrained reads them
+        vision = cfg.vision_config
+        vision.projection_dim = cfg.projection_dim
+        cfg = vision
+    return arch, cfg
+
+
+def meta_canonical(kind: str, path: str | Path):
+    """The canonical timm ViT of ``hf:DIR`` / ``hf-config:JSON`` on the meta device (no memory, no
+    weights): transformers' module is built on the meta device from the config and the converter's
+    checks and geometry run on it, so an unsupported model is refused before its weights are read."""
+    arch, config = _dir_config(Path(path)) if kind == "hf" else _file_config(Path(path))
+    return _meta_canonical(arch, config)
+
+
+def _meta_canonical(arch: str, config):
+    import torch
+
+    transformers = import_optional("transformers", "hf")
+    with torch.device("meta"):
+        model = getattr(transformers, HF_ARCHITECTURES[arch][1])(config)
+    _, geometry, _ = _hf_parts(model, arch)
+    with torch.device("meta"):
+        return build_canonical(geometry)
+
+
+def load_hf_dir(directory: str | Path) -> Converted:
+    """``hf:DIR``: the model transformers builds from a local directory, converted and checked."""
+    directory = Path(directory)
+    arch, config = _dir_config(directory)
+    _meta_canonical(arch, config)  # refuses an unsupported model before its weights are read
+    cls = getattr(import_optional("transformers", "hf"), HF_ARCHITECTURES[arch][1])
     try:
         model, info = cls.from_pretrained(str(directory), local_files_only=True, use_safetensors=True,
-                                          output_loading_info=True, **extra)
+                                          output_loading_info=True, config=config)
     except (OSError, ValueError, RuntimeError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DeployCompError(f"hf:{directory}: transformers could not load it: {reason}") from None
@@ -131,32 +181,22 @@ def load_hf_dir(directory: str | Path) -> Converted:
 
 
 def load_hf_config(path: str | Path, seed: int = 0) -> Converted:
-    """``hf-config:JSON``: random init (transformers' own) from a config file alone."""
+    """``hf-config:JSON``: random init (transformers' own, seeded) from a config file alone."""
     import torch
 
     path = Path(path)
-    if not path.is_file():
-        raise DeployCompError(f"hf-config:{path}: file not found")
-    config = _read_config(path)
-    arch = _architecture(config, path)
-    transformers = import_optional("transformers", "hf")
-    fields = {k: v for k, v in config.items() if k != "model_type"}
-    try:
-        cfg = transformers.AutoConfig.for_model(config["model_type"], **fields)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DeployCompError(f"hf-config:{path}: {exc}") from None
-    if arch == "CLIPModel":  # the image tower and its projection, as from_pretrained reads them
-        vision = cfg.vision_config
-        vision.projection_dim = cfg.projection_dim
-        cfg = vision
+    arch, cfg = _file_config(path)
+    _meta_canonical(arch, cfg)  # refuses an unsupported model before the (slow) random init
     torch.manual_seed(seed)
-    model = getattr(transformers, HF_ARCHITECTURES[arch][1])(cfg).eval()
+    model = getattr(import_optional("transformers", "hf"), HF_ARCHITECTURES[arch][1])(cfg).eval()
     return convert_hf_module(model, arch, {"weights": "random-init", "config": str(path)})
 
 
-def convert_hf_module(model, arch: str, meta: dict) -> Converted:
-    """Convert a transformers ViT/DeiT/CLIP module (``arch``) into the canonical timm ViT, checked."""
-    family, _, output = HF_ARCHITECTURES[arch]
+def _hf_parts(model, arch: str):
+    """The converter's checks, then (state dict under timm's names, geometry, the original's output
+    function) of a transformers module. Reads types, shapes and references only: runs on a
+    meta-device module too."""
+    family = HF_ARCHITECTURES[arch][0]
     config = model.config
     act = HF_ACTIVATIONS.get(config.hidden_act)
     if act is None:
@@ -172,11 +212,18 @@ def convert_hf_module(model, arch: str, meta: dict) -> Converted:
                   num_heads=config.num_attention_heads, mlp_dim=config.intermediate_size, act=act,
                   norm_eps=config.layer_norm_eps)
     if family == "hf-clip":
-        state, geometry, original = _clip_state(model, common)
-    else:
-        state, geometry, original = _vit_state(model, arch, common)
+        return _clip_state(model, common)
+    return _vit_state(model, arch, common)
+
+
+def convert_hf_module(model, arch: str, meta: dict) -> Converted:
+    """Convert a transformers ViT/DeiT/CLIP module (``arch``) into the canonical timm ViT, checked."""
+    family, _, output = HF_ARCHITECTURES[arch]
+    config = model.config
+    state, geometry, original = _hf_parts(model, arch)
     module = build_canonical(geometry)
     load_converted(module, state, arch)
+    img = config.image_size
     h, w = (img, img) if isinstance(img, int) else img
     input_shape = (1, int(config.num_channels), int(h), int(w))
     rel = check_conversion(original, module, input_shape, arch)

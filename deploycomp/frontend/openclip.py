@@ -38,10 +38,8 @@ from .canonical import VitGeometry, build_canonical, check_conversion, import_op
 from .hf import Converted
 
 
-def load_open_clip(arch: str, weights: str | Path | None = None, seed: int = 0) -> Converted:
-    """The image tower of open_clip architecture ``arch``, converted and checked."""
-    import torch
-
+def _vision_config(arch: str):
+    """(open_clip module, the architecture's config) with the refusals that need no model."""
     open_clip = import_optional("open_clip", "clip")
     config = open_clip.get_model_config(arch)
     if config is None:
@@ -50,6 +48,34 @@ def load_open_clip(arch: str, weights: str | Path | None = None, seed: int = 0) 
     if vision.get("timm_model_name"):
         raise DeployCompError(f"open_clip:{arch} has a timm image tower ({vision['timm_model_name']}): "
                               f"give timm:{vision['timm_model_name']} with its weights")
+    return open_clip, config
+
+
+def meta_canonical(arch: str):
+    """The canonical timm ViT of open_clip ``arch`` on the meta device (no memory, no weights):
+    open_clip's own tower builder runs on the meta device and the converter's checks and geometry
+    run on it, so an unsupported tower (attentional pooling, custom attention, a ResNet) is refused
+    here, before anything is built for real."""
+    import torch
+    from open_clip.model import _build_vision_tower
+
+    _, config = _vision_config(arch)
+    try:
+        with torch.device("meta"):
+            visual = _build_vision_tower(config["embed_dim"], config["vision_cfg"], config.get("quick_gelu", False))
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        raise DeployCompError(f"open_clip could not build {arch}: {exc}") from None
+    geometry = open_clip_geometry(visual)
+    with torch.device("meta"):
+        return build_canonical(geometry)
+
+
+def load_open_clip(arch: str, weights: str | Path | None = None, seed: int = 0) -> Converted:
+    """The image tower of open_clip architecture ``arch``, converted and checked."""
+    import torch
+
+    open_clip, _ = _vision_config(arch)
+    meta_canonical(arch)  # refuses an unsupported tower before the real (slow) build
     torch.manual_seed(seed)
     try:
         model = open_clip.create_model(arch, pretrained=None, device="cpu")
@@ -73,9 +99,9 @@ def _load_visual_weights(visual, path: Path) -> None:
     load_strict(visual, state, path)
 
 
-def convert_open_clip_visual(visual, meta: dict | None = None) -> Converted:
-    """Convert an ``open_clip.transformer.VisionTransformer`` into the canonical timm ViT, checked."""
-    import torch
+def open_clip_geometry(visual) -> VitGeometry:
+    """The checks an open_clip image tower must pass to be converted, and the geometry of the timm
+    ViT that holds it. Reads only module types and shapes, so it runs on a meta-device tower too."""
     import torch.nn as nn
     from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 
@@ -91,6 +117,8 @@ def convert_open_clip_visual(visual, meta: dict | None = None) -> Converted:
         if type(b) is not ResidualAttentionBlock or hasattr(b, "ln_1_kv"):
             raise DeployCompError(f"open_clip block {i} is a {type(b).__name__} (custom attention: q/k norms, "
                                   "scaled cosine or head scaling); only the standard residual block converts")
+        if b.attn.in_proj_weight is None or b.attn.in_proj_bias is None:
+            raise DeployCompError(f"open_clip block {i}: attention without a packed biased in_proj is not supported")
     first = blocks[0]
     gelu = first.mlp.gelu
     if isinstance(gelu, QuickGELU):
@@ -118,13 +146,21 @@ def convert_open_clip_visual(visual, meta: dict | None = None) -> Converted:
                            fc_norm=bool(visual.final_ln_after_pool), layer_scale=layer_scale)
     if patch[0] != patch[1]:
         raise DeployCompError(f"open_clip patch {patch} is not square")
+    return geometry
+
+
+def convert_open_clip_visual(visual, meta: dict | None = None) -> Converted:
+    """Convert an ``open_clip.transformer.VisionTransformer`` into the canonical timm ViT, checked."""
+    import torch
+
+    geometry = open_clip_geometry(visual)
+    blocks = list(visual.transformer.resblocks)
+    d, img, layer_scale = geometry.embed_dim, visual.image_size, geometry.layer_scale
     state = {"patch_embed.proj.weight": visual.conv1.weight, "cls_token": visual.class_embedding.reshape(1, 1, d),
              "pos_embed": visual.positional_embedding.unsqueeze(0),
              "norm_pre.weight": visual.ln_pre.weight, "norm_pre.bias": visual.ln_pre.bias}
     for i, b in enumerate(blocks):
         p = f"blocks.{i}"
-        if b.attn.in_proj_weight is None or b.attn.in_proj_bias is None:
-            raise DeployCompError(f"open_clip block {i}: attention without a packed biased in_proj is not supported")
         state.update({f"{p}.norm1.weight": b.ln_1.weight, f"{p}.norm1.bias": b.ln_1.bias,
                       f"{p}.attn.qkv.weight": b.attn.in_proj_weight, f"{p}.attn.qkv.bias": b.attn.in_proj_bias,
                       f"{p}.attn.proj.weight": b.attn.out_proj.weight, f"{p}.attn.proj.bias": b.attn.out_proj.bias,

@@ -5,6 +5,12 @@ seed is derived from (run seed, epoch, sample index) and stored with each record
 top-K softmax probabilities (fp16) and class indices (int16). Records have a fixed size, so a
 rank reads its samples by seeking. Training rebuilds a dense target by spreading the missing mass
 1 - sum(top-K) uniformly over the other classes.
+
+A model that outputs an embedding (a CLIP image tower, a ViT without a classifier) has no classes
+to soften: its distillation matches the source's embedding itself (:class:`EmbeddingTeacher`, a
+cosine or normalized-MSE feature loss), and labels play no part. :class:`Objective` says which of
+the two a compile distils with; it is decided by the source (``Source.meta["output"]``), never by
+the shape of an output.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..errors import DeployCompError
 from .data import ImageSet, augment, view_seeds
@@ -129,9 +136,14 @@ class StoredTeacher:
         self.records = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(h["epochs"], h["num_samples"]))
         self.path = path
 
+    uses_labels = True
+
     @property
     def view(self) -> ViewSpec:
         return ViewSpec(self.header["seed"], self.header["max_shift"], self.header["flip"])
+
+    def loss(self, logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        return soft_cross_entropy(logits, soft)
 
     def check_compatible(self, data: ImageSet, view: ViewSpec, epochs: int) -> None:
         h = self.header
@@ -150,8 +162,35 @@ class StoredTeacher:
                              torch.from_numpy(rec["index"].astype(np.int64)), self.header["num_classes"])
 
 
+def soft_cross_entropy(logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the student's logits against the teacher's class probabilities (batch mean)."""
+    return torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+OUTPUTS = ("logits", "embedding")
+FEATURE_LOSSES = ("cosine", "mse")
+
+
+def embedding_loss(student: torch.Tensor, target: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """Feature distillation loss between embeddings (batch first), batch mean.
+
+    ``cosine``: 1 - cos(student, target) per sample, the similarity a CLIP embedding is used by
+    (retrieval, zero-shot) and blind to its scale. ``mse``: the squared error divided by the
+    target's mean square, so that the loss (and a learning rate tuned on it) does not depend on
+    the embedding's scale.
+    """
+    s, t = student.flatten(1), target.flatten(1)
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)).mean()
+    if kind == "mse":
+        return F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)
+    raise DeployCompError(f"unknown feature loss '{kind}': use one of {', '.join(FEATURE_LOSSES)}")
+
+
 class LiveTeacher:
     """Soft targets from running the teacher on the student's batch (the slow path stored logits replace)."""
+
+    uses_labels = True  # the loss mixes these soft targets with the labels' cross-entropy
 
     def __init__(self, module: torch.nn.Module):
         self.module = module.eval()
@@ -160,20 +199,71 @@ class LiveTeacher:
         with torch.no_grad():
             return self.module(x).softmax(-1)
 
+    def loss(self, logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        return soft_cross_entropy(logits, soft)
+
+
+class EmbeddingTeacher:
+    """The source's embedding of the student's batch as the target (feature distillation): no
+    softmax, no labels; the loss is :func:`embedding_loss`."""
+
+    uses_labels = False
+
+    def __init__(self, module: torch.nn.Module, kind: str = "cosine"):
+        if kind not in FEATURE_LOSSES:
+            raise DeployCompError(f"unknown feature loss '{kind}': use one of {', '.join(FEATURE_LOSSES)}")
+        self.module, self.kind = module.eval(), kind
+
+    def targets(self, epoch: int, indices: torch.Tensor, seeds: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.module(x)
+
+    def loss(self, embedding: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return embedding_loss(embedding, target, self.kind)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What distillation matches for a model: the source's class probabilities (``logits``) or its
+    embedding (``embedding``, with ``feature_loss``)."""
+
+    output: str = "logits"
+    feature_loss: str = "cosine"
+
+    def __post_init__(self) -> None:
+        if self.output not in OUTPUTS:
+            raise DeployCompError(f"unknown model output '{self.output}': use one of {', '.join(OUTPUTS)}")
+        if self.feature_loss not in FEATURE_LOSSES:
+            raise DeployCompError(f"unknown feature loss '{self.feature_loss}': use one of {', '.join(FEATURE_LOSSES)}")
+
+    @property
+    def embedding(self) -> bool:
+        return self.output == "embedding"
+
+    def live_teacher(self, module: torch.nn.Module) -> "LiveTeacher | EmbeddingTeacher":
+        return EmbeddingTeacher(module, self.feature_loss) if self.embedding else LiveTeacher(module)
+
 
 def finetune_with_distillation(module: torch.nn.Module, train: ImageSet, test: ImageSet | None, teacher: torch.nn.Module,
                                *, epochs: int, lr: float, seed: int, teacher_logits: str | None = None,
-                               after_step: Callable[[], None] | None = None, log: Callable[[str], None] | None = None):
+                               after_step: Callable[[], None] | None = None, log: Callable[[str], None] | None = None,
+                               objective: Objective = Objective()):
     """Recovery fine-tuning after a rewrite (pruning, semantic tokens): distillation from the source
-    model, from stored top-K logits when given (the views then follow the stored recipe) or live."""
+    model, from stored top-K logits when given (the views then follow the stored recipe) or live.
+    An embedding model (``objective.embedding``) distils the live source's embedding (feature loss)."""
     from .train import TrainConfig, fit
 
+    if teacher_logits and objective.embedding:
+        raise DeployCompError("stored teacher logits are class probabilities; a model that outputs an embedding "
+                              "distils from the source's embedding (drop the teacher logits)")
     stored = StoredTeacher(teacher_logits) if teacher_logits else None
     view = stored.view if stored else None
     recipe = TrainConfig(epochs=epochs, batch_size=128, lr=lr, warmup_epochs=0.2, seed=view.seed if view else seed,
                          max_shift=view.max_shift if view else 2, flip=view.flip if view else True)
     if stored:
         stored.check_compatible(train, recipe.view, recipe.epochs)
+    live = objective.live_teacher(teacher)
     if log:
-        log(f"fine-tune {epochs} epochs ({'stored' if stored else 'live'} teacher)")
-    return fit(module, train, test, recipe, teacher=stored or LiveTeacher(teacher), after_step=after_step, log=log)
+        log(f"fine-tune {epochs} epochs ({'stored' if stored else 'live'} teacher"
+            f"{', ' + objective.feature_loss + ' feature loss' if objective.embedding else ''})")
+    return fit(module, train, test, recipe, teacher=stored or live, after_step=after_step, log=log)

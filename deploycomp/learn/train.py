@@ -2,9 +2,10 @@
 
 Plain AdamW (timm's parameter groups: no weight decay on norms, biases, embeddings), per-step
 linear warm-up then cosine decay (timm's scheduler), seeded shift/flip augmentation, label
-smoothing, and optionally a teacher (stored top-K logits or a live model). Runs alone or under
-``torchrun``; checkpoints atomically every ``save_every_s`` seconds and at each epoch end, and
-resumes mid-epoch to the same weights an uninterrupted run reaches.
+smoothing, and optionally a teacher (stored top-K logits or a live model; for a model that
+outputs an embedding, the live source's embedding under a feature loss, without labels). Runs
+alone or under ``torchrun``; checkpoints atomically every ``save_every_s`` seconds and at each
+epoch end, and resumes mid-epoch to the same weights an uninterrupted run reaches.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .checkpoint import load_checkpoint, save_checkpoint, save_weights
 from .data import ImageSet
 from .distill import ViewSpec
 from .distributed import World
-from .evaluate import evaluate_module
+from .evaluate import evaluate_module, module_cosine
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.safetensors"
@@ -59,7 +60,13 @@ RECIPE_KEYS = ("epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "weight_
 
 
 class Teacher(Protocol):
+    """Soft class targets mixed with the labels (``uses_labels``), or an embedding target alone."""
+
+    uses_labels: bool
+
     def targets(self, epoch: int, indices: torch.Tensor, seeds: torch.Tensor, x: torch.Tensor) -> torch.Tensor: ...
+
+    def loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -101,6 +108,9 @@ def fit(model: torch.nn.Module, train: ImageSet, test: ImageSet | None, config: 
         raise DeployCompError(f"{len(train)} training samples are fewer than one batch of {config.batch_size}")
     total_steps = steps_per_epoch * config.epochs
     say = log if (log and world.is_main) else (lambda msg: None)
+    # a teacher without labels (EmbeddingTeacher) makes this feature distillation: no label loss,
+    # and the test score is the mean cosine to the teacher's embedding instead of top-1
+    features = teacher is not None and not getattr(teacher, "uses_labels", True)
 
     optimizer = create_optimizer_v2(model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
     scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=config.min_lr,
@@ -150,12 +160,14 @@ def fit(model: torch.nn.Module, train: ImageSet, test: ImageSet | None, config: 
             idx = world.shard(order[step * config.batch_size:(step + 1) * config.batch_size])
             seeds = config.view.seeds(epoch, idx)
             x = train.normalize(config.view.view(train.images[idx], seeds))
-            logits = net(x)
-            loss = F.cross_entropy(logits, train.labels[idx], label_smoothing=config.label_smoothing)
-            if teacher is not None and config.kd_weight > 0:
-                soft = teacher.targets(epoch, idx, seeds, x)
-                kd = torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
-                loss = config.kd_weight * kd + (1.0 - config.kd_weight) * loss
+            out = net(x)
+            if features:  # an embedding model: matched to the teacher's embedding, labels unused
+                loss = teacher.loss(out, teacher.targets(epoch, idx, seeds, x))
+            else:
+                loss = F.cross_entropy(out, train.labels[idx], label_smoothing=config.label_smoothing)
+                if teacher is not None and config.kd_weight > 0:
+                    kd = teacher.loss(out, teacher.targets(epoch, idx, seeds, x))
+                    loss = config.kd_weight * kd + (1.0 - config.kd_weight) * loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -177,7 +189,10 @@ def fit(model: torch.nn.Module, train: ImageSet, test: ImageSet | None, config: 
                                "epoch_seconds": time.monotonic() - t_epoch, "train_seconds": result.train_seconds,
                                "lr": optimizer.param_groups[0]["lr"]}
         if test is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
-            row["test_accuracy"] = evaluate_module(model, test, world=world)
+            if features:
+                row["test_cosine"] = module_cosine(model, teacher.module, test, world=world)
+            else:
+                row["test_accuracy"] = evaluate_module(model, test, world=world)
         result.history.append(row)
         say(_epoch_line(row, config.epochs, result.train_seconds))
         checkpoint(epoch + 1, 0)
@@ -191,5 +206,6 @@ def fit(model: torch.nn.Module, train: ImageSet, test: ImageSet | None, config: 
 def _epoch_line(row: dict, epochs: int, seconds: float) -> str:
     eta = seconds / row["epoch"] * (epochs - row["epoch"])
     acc = f"  test top-1 {row['test_accuracy']:.2f} %" if "test_accuracy" in row else ""
+    acc += f"  test cosine to the teacher {row['test_cosine']:.5f}" if "test_cosine" in row else ""
     return (f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}{acc}  "
             f"{row['epoch_seconds']:.0f} s/epoch  elapsed {seconds / 60:.1f} min  eta {eta / 60:.1f} min")

@@ -61,9 +61,20 @@ class CompileContext:
     # a lossy precision's gate instead of the tolerance: {"top1_agreement", "cosine", "samples"}
     fidelity: dict[str, float] | None = None
     seed: int = 0
+    # what the model outputs, as its source says: "logits" (classes) or "embedding" (a CLIP tower,
+    # a ViT without a classifier); an embedding model distils with ``feature_loss`` and has no top-1
+    output: str = "logits"
+    feature_loss: str = "cosine"
     say: Callable[[str], None] = field(default=lambda stage: None)
     log: list[dict[str, Any]] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)  # per-pass sections of the manifest
+
+
+def objective_of(ctx: CompileContext):
+    """The distillation objective of the compile's model (learn.distill.Objective)."""
+    from ..learn.distill import Objective
+
+    return Objective(ctx.output, ctx.feature_loss)
 
 
 class Pass:

@@ -26,7 +26,7 @@ from ..pruning.masks import copy_weights_to_graph
 from ..pruning.plan import PrunePlan, plan_arch
 from ..pruning.rewrite import prune_graph
 from ..pruning.schedule import LatencyBudget, PruneConfig, prune
-from .base import CompileContext, Pass, PassResult, Rewrite, register_pass
+from .base import CompileContext, Pass, PassResult, Rewrite, objective_of, register_pass
 
 
 def grid_floors(grid: dict) -> dict[str, int]:
@@ -119,7 +119,7 @@ class PrunePass(Pass):
         outcome = prune(module, model, structure, predict, config, shape, ctx.train, ctx.test, ctx.say,
                         measure if config.budget_rounds and ctx.backend is not None else None,
                         grid_floors(predictor.table.grid), teacher=ctx.teacher if self.rewrites else None,
-                        baseline_ms=predict(PrunePlan(), rewritten=False))
+                        baseline_ms=predict(PrunePlan(), rewritten=False), objective=objective_of(ctx))
         copy_weights_to_graph(module, model)
         rewrite = prune_graph(model, structure, outcome.plan)
         ctx.structure = discover(model, family=structure.family)

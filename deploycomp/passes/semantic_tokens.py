@@ -3,8 +3,9 @@ of its ``TokenCluster`` op for the target.
 
 The torch model of the rewritten architecture (``SemanticTokenViT``, same parameters as the
 source) is fine-tuned first when data and epochs are given (distillation from the unrewritten
-model), its weights are written into the graph, the graph is rewritten, and the verification gate
-then compares the artifact with that torch model.
+model: its class probabilities, or for a model that outputs an embedding its embedding under a
+feature loss), its weights are written into the graph, the graph is rewritten, and the
+verification gate then compares the artifact with that torch model.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from ..ir.structure import Structure
 from ..tokens.op import LOWERINGS, lower, token_cluster_nodes
 from ..tokens.rewrite import rewrite_semantic_tokens
 from ..tokens.stvit import SemanticTokenConfig, SemanticTokenViT, token_arch
-from .base import CompileContext, PassResult, Rewrite, register_pass
+from .base import CompileContext, PassResult, Rewrite, objective_of, register_pass
 
 
 def token_structure(structure: Structure, config: SemanticTokenConfig) -> None:
     """Record the rewrite in the structure: generator blocks and the token count of later blocks."""
-    n, m = structure.blocks[config.layer].tokens, 1 + config.tokens
+    n, m = structure.blocks[config.layer].tokens, config.tokens_after
     for b in structure.blocks:
         if b.index in (config.layer, config.layer + 1):
             b.nodes = {**b.nodes, "role": "semantic-token generator"}
@@ -72,7 +73,8 @@ class SemanticTokensPass(Rewrite):
             if self.finetune_epochs:
                 history = finetune_with_distillation(stvit, ctx.train, ctx.test, ctx.teacher,
                                                      epochs=self.finetune_epochs, lr=self.finetune_lr, seed=self.seed,
-                                                     teacher_logits=self.teacher_logits, log=ctx.say).history
+                                                     teacher_logits=self.teacher_logits, log=ctx.say,
+                                                     objective=objective_of(ctx)).history
             copy_weights_to_graph(stvit, model)
         stvit.eval()
         info = rewrite_semantic_tokens(model, ctx.structure, self.config)

@@ -11,7 +11,8 @@ A lossy precision (int8) cannot meet a relative L2 of 1e-4, so it gets a fidelit
 test split with --data, else Gaussian images of another seed) the per-sample cosine of the outputs
 must stay above its threshold, and on real images the artifact's top-1 must agree with the fp32
 reference's. On Gaussian images a model's logits are near ties (random-init DeiT-Tiny: cosine
-0.9997 yet 92 % agreement), so agreement there is recorded, not gated. With --data the gate also
+0.9997 yet 92 % agreement), so agreement there is recorded, not gated; nor is it for a model that
+outputs an embedding, whose argmax names no class (its gate is the cosine). With --data the gate also
 scores top-1 accuracy on every given test image (--eval-samples bounds them), run by the target
 runtime, and refuses a drop from the reference's accuracy above ``max_drop`` points. The quantize
 pass's accuracy-aware fallback searches against this same gate.
@@ -67,6 +68,9 @@ class FidelityGate:
         self.reference, self.config, self.seed = ctx.reference, dict(gate), ctx.seed
         self.min_top1, self.min_cosine = float(gate["top1_agreement"]), float(gate["cosine"])
         self.max_drop = gate.get("max_drop")
+        # top-1 (agreement, accuracy) needs classes: an embedding's argmax names none (its gate is the cosine)
+        self.gated = ctx.test is not None and ctx.output != "embedding"
+        self.output = ctx.output
         n = int(gate["samples"])
         self.test = ctx.test
         if ctx.test is not None:  # the first n test images for agreement and cosine, all of them for accuracy
@@ -108,7 +112,7 @@ class FidelityGate:
         result = {"cosine": float(np.mean(cosine_similarity(got, self.want))),
                   "top1_agreement": float(np.mean(got.argmax(1) == self.want.argmax(1))),
                   "rel_l2": relative_l2(got, self.want)}
-        if self.labelled:
+        if self.gated:
             ref_correct, art_correct = int((self.reference_pred == self.labels).sum()), int((pred == self.labels).sum())
             result.update(reference_top1=100.0 * ref_correct / len(self.labels),
                           artifact_top1=100.0 * art_correct / len(self.labels),
@@ -118,11 +122,11 @@ class FidelityGate:
     def failures(self, result: dict[str, float]) -> list[str]:
         """One phrase per missed threshold."""
         out = []
-        if self.labelled and result["top1_agreement"] < self.min_top1:
+        if self.gated and result["top1_agreement"] < self.min_top1:
             out.append(f"top-1 agreement {result['top1_agreement']:.3f} < min {self.min_top1:g}")
         if not result["cosine"] >= self.min_cosine:
             out.append(f"cosine {result['cosine']:.4f} < min {self.min_cosine:g}")
-        if self.labelled and self.max_drop is not None and result["drop_pt"] > self.max_drop + 1e-9:
+        if self.gated and self.max_drop is not None and result["drop_pt"] > self.max_drop + 1e-9:
             out.append(f"top-1 accuracy drop {result['drop_pt']:.2f} pt > max {self.max_drop:g} pt (reference "
                        f"{result['reference_top1']:.2f} %, artifact {result['artifact_top1']:.2f} % on "
                        f"{len(self.labels)} {self.test.name} images)")
@@ -150,15 +154,16 @@ class VerifyPass(Pass):
             if got.shape != want.shape:
                 raise VerificationError(f"verification failed: output shape {got.shape} != reference {want.shape} at batch {batch}")
             err = relative_l2(got, want)
+            cosine = cosine_similarity(got, want)
             parity.append({"batch": batch, "rel_l2": err, "max_abs": float(np.max(np.abs(got - want))),
-                           "cosine_min": float(cosine_similarity(got, want).min())})
+                           "cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean())})
             if not err <= ctx.tolerance:
                 raise VerificationError(
                     f"verification failed: relative L2 error {err:.3g} > {ctx.tolerance:g} at batch {batch} "
                     f"against the {ctx.reference_kind} reference; no artifact written"
                 )
         ctx.results["parity"] = {"reference": ctx.reference_kind, "tolerance": ctx.tolerance, "seed": ctx.seed,
-                                 "checks": parity}
+                                 "output": ctx.output, "checks": parity}
         return PassResult(model, modified=False, info={"max_rel_l2": max(p["rel_l2"] for p in parity)})
 
     def fidelity_gate(self, model: ir.Model, ctx: CompileContext) -> PassResult:
@@ -171,8 +176,9 @@ class VerifyPass(Pass):
                                     f"reference on {gate.inputs}; no artifact written")
         ctx.results["parity"] = {
             "reference": ctx.reference_kind, "gate": "fidelity", "inputs": gate.inputs, "samples": gate.n, **result,
-            "min_top1_agreement": gate.min_top1, "min_cosine": gate.min_cosine, "agreement_gated": gate.labelled,
+            "min_top1_agreement": gate.min_top1, "min_cosine": gate.min_cosine, "agreement_gated": gate.gated,
+            "output": gate.output,
             **({"max_drop_pt": gate.max_drop, "accuracy_data": gate.test.name, "accuracy_samples": len(gate.labels)}
-               if gate.labelled else {}),
+               if gate.gated else {}),
             "seed": ctx.seed, "tolerance": None, "checks": []}
         return PassResult(model, modified=False, info={k: result[k] for k in ("top1_agreement", "cosine")})

@@ -22,7 +22,7 @@ import copy
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -36,6 +36,9 @@ from .masks import PlanMasks
 from .plan import PrunePlan
 from .saliency import SALIENCY_NORMS, compute_saliency, magnitude_importance
 from .select import DEFAULT_GROUP_SIZES, copy_plan, select_step, uniform_step
+
+if TYPE_CHECKING:
+    from ..learn.distill import Objective
 
 METHODS = ("hessian", "magnitude", "uniform")
 Say = Callable[[str], None]
@@ -115,40 +118,66 @@ class PruneOutcome:
 
 
 def calibration_batches(module: torch.nn.Module, data: ImageSet | None, input_shape: tuple[int, ...], count: int,
-                        batch_size: int, seed: int):
-    """``count`` batches of (normalized input, label). Without data: Gaussian inputs labelled with
-    the unpruned model's own predictions (speed-only compiles of random-weight models)."""
+                        batch_size: int, seed: int, embedding: bool = False):
+    """``count`` batches of (normalized input, target). Without data: Gaussian inputs labelled with
+    the unpruned model's own predictions (speed-only compiles of random-weight models). For a model
+    that outputs an embedding the target is a random direction per image (see :func:`projection_loss`)."""
     gen = torch.Generator().manual_seed(seed)
+    width = None
     for _ in range(count):
         if data is not None:
             idx = torch.randint(len(data), (batch_size,), generator=gen)
-            yield data.normalize(data.images[idx]), data.labels[idx]
+            x, labels = data.normalize(data.images[idx]), data.labels[idx]
         else:
-            x = torch.randn((batch_size, *input_shape[1:]), generator=gen)
+            x, labels = torch.randn((batch_size, *input_shape[1:]), generator=gen), None
+        if embedding:
+            if width is None:
+                with torch.no_grad():
+                    width = module(x[:1]).shape[1:]
+            yield x, torch.randn((len(x), *width), generator=gen)
+        elif labels is not None:
+            yield x, labels
+        else:
             with torch.no_grad():  # (never yield inside: the consumer would run without grad)
                 labels = module(x).argmax(-1)
             yield x, labels
 
 
-def unit_importance(config: PruneConfig, module, structure: Structure, model: ir.Model, batches) -> dict[str, np.ndarray]:
+def projection_loss(embedding: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch of <u_i, f(x_i)> for random Gaussian directions u_i: the saliency criterion
+    of a model that outputs an embedding. Its gradient has no fixed point at the source (a feature
+    loss against the unpruned model is 0 with zero gradient before the first step), and in
+    expectation over u, ``(Σ g·w)²`` of a unit is Σ_i ||J_i w_S||², the Gauss-Newton estimate of the
+    squared change of the embeddings when the unit's gate goes from 1 to 0."""
+    return (embedding.flatten(1) * directions.flatten(1)).sum()
+
+
+def unit_importance(config: PruneConfig, module, structure: Structure, model: ir.Model, batches,
+                    embedding: bool = False) -> dict[str, np.ndarray]:
     if config.method == "magnitude":
         return magnitude_importance(module, structure, model)
-    return compute_saliency(module, structure, model, batches, F.cross_entropy, SALIENCY_NORMS[config.saliency_norm])
+    loss = projection_loss if embedding else F.cross_entropy
+    return compute_saliency(module, structure, model, batches, loss, SALIENCY_NORMS[config.saliency_norm])
 
 
 def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predict: Callable[[PrunePlan], float],
           config: PruneConfig, input_shape: tuple[int, ...], train: ImageSet | None = None,
           test: ImageSet | None = None, say: Say | None = None,
           measure: Callable[[PrunePlan], float] | None = None, floors: dict[str, int] | None = None,
-          teacher: torch.nn.Module | None = None, baseline_ms: float | None = None) -> PruneOutcome:
+          teacher: torch.nn.Module | None = None, baseline_ms: float | None = None,
+          objective: "Objective | None" = None) -> PruneOutcome:
     """Prune ``module`` in place (masks) to the latency budget; returns the plan and the history.
     ``measure(plan)`` (optional) times the plan's graph against the unpruned one on the target and
     returns the ratio: the budget is then checked on the device, not only on the table. ``floors``
     (smallest size per kind) keep the architecture inside the latency table's grid. ``teacher`` (default:
     a copy of ``module``) and ``baseline_ms`` (default: ``predict`` of the full plan) describe the
-    source model when ``module`` is already a rewrite of it (semantic tokens)."""
-    from ..learn.distill import LiveTeacher, finetune_with_distillation
+    source model when ``module`` is already a rewrite of it (semantic tokens). ``objective`` (default:
+    logits) says what the model outputs: an embedding model's importance and distillation use its
+    embedding (:func:`projection_loss`, a feature loss), not class labels."""
+    from ..learn.distill import Objective, finetune_with_distillation
     from ..learn.train import TrainConfig, fit
+
+    objective = objective or Objective()
 
     say = say or (lambda msg: None)
     if (config.kd_steps or config.finetune_epochs) and train is None:
@@ -177,9 +206,10 @@ def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predic
         t0 = time.monotonic()
         if rescore or not last_importance:
             say(f"{label}: importance ({config.method})")
-            batches = calibration_batches(teacher, train, input_shape, config.saliency_batches, config.batch_size, seed)
+            batches = calibration_batches(teacher, train, input_shape, config.saliency_batches, config.batch_size, seed,
+                                          embedding=objective.embedding)
             last_importance.clear()
-            last_importance.update(unit_importance(config, module, structure, model, batches))
+            last_importance.update(unit_importance(config, module, structure, model, batches, objective.embedding))
         importance = last_importance
         t1 = time.monotonic()
         if config.method == "uniform":
@@ -200,7 +230,7 @@ def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predic
             say(f"{label}: distill {config.kd_steps} steps")
             recipe = TrainConfig(epochs=1, batch_size=config.batch_size, lr=config.kd_lr, min_lr=config.kd_lr,
                                  warmup_epochs=0.0, seed=seed, max_steps=config.kd_steps)
-            result = fit(module, train, None, recipe, teacher=LiveTeacher(teacher), after_step=out.masks.apply)
+            result = fit(module, train, None, recipe, teacher=objective.live_teacher(teacher), after_step=out.masks.apply)
             row["distill_seconds"] = result.train_seconds
             seconds["distill"] += result.train_seconds
         out.steps.append(row)
@@ -258,7 +288,8 @@ def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predic
     if config.finetune_epochs:
         result = finetune_with_distillation(module, train, test, teacher, epochs=config.finetune_epochs,
                                             lr=config.finetune_lr, seed=config.seed, teacher_logits=config.teacher_logits,
-                                            after_step=out.masks.apply if out.masks is not None else None, log=say)
+                                            after_step=out.masks.apply if out.masks is not None else None, log=say,
+                                            objective=objective)
         out.finetune = result.history
         seconds["finetune"] = result.train_seconds
     if out.masks is not None:

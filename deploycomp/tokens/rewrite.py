@@ -4,7 +4,9 @@ The generator reuses blocks ``layer`` and ``layer + 1`` in place: their LayerNor
 MLPs and residual Adds stay; what changes is where queries and keys come from. Each gets a
 ``deploycomp::TokenCluster`` node (queries = centres, keys/values = tokens) instead of its
 self-attention, and its residual Add adds the centres instead of the tokens. Later blocks then
-see 1 + s² tokens; their attention is rebuilt in the canonical, token-count-free form (the
+see the prefix tokens (cls and/or registers, none for a GAP ViT) + s² tokens; a GAP head's mean
+over the tokens after the prefix needs no change (it reads no token count), so it averages the
+semantic tokens; their attention is rebuilt in the canonical, token-count-free form (the
 exporter may have written the token count into its Reshape constants). Pooling is built from
 standard ops: adaptive max pooling as row and column Slice/ReduceMax (bins as torch computes
 them), adaptive average pooling as one MatMul with a pooling matrix.
@@ -104,11 +106,12 @@ def rewrite_semantic_tokens(model: ir.Model, structure: Structure, config: Seman
     if k + 2 > len(structure.blocks):
         raise DeployCompError(f"the generator needs blocks {k + 1}-{k + 2}; the model has {len(structure.blocks)}")
     first, second = structure.blocks[k], structure.blocks[k + 1]
-    patches = first.tokens - 1
-    grid = math.isqrt(patches)
+    prefix = config.prefix_tokens
+    patches = first.tokens - prefix
+    grid = math.isqrt(max(patches, 0))
     if grid * grid != patches or config.side > grid:
-        raise DeployCompError(f"block {k + 1} sees {first.tokens} tokens: not cls + a square patch grid "
-                              f"that can be pooled to {config.side}x{config.side}")
+        raise DeployCompError(f"block {k + 1} sees {first.tokens} tokens: not {prefix} prefix tokens + a square patch "
+                              f"grid that can be pooled to {config.side}x{config.side}")
     graph, emb = model.graph, first.emb
     a1, ln1, add1 = _block_parts(model, first)
     a2, ln2, _ = _block_parts(model, second)
@@ -116,11 +119,14 @@ def rewrite_semantic_tokens(model: ir.Model, structure: Structure, config: Seman
     tokens = ln1.inputs[0]  # X: what enters the generator
 
     b = ChainBuilder(graph, f"semantic_tokens.block{k}")
-    cls = b.op("Slice", tokens, b.const("cls_start", np.array([0], np.int64)), b.const("cls_end", np.array([1], np.int64)),
-               b.const("axis1", np.array([1], np.int64)))
-    rest = b.op("Slice", tokens, b.const("patch_start", np.array([1], np.int64)),
-                b.const("patch_end", np.array([INT64_MAX], np.int64)), b.const("axis1", np.array([1], np.int64)))
-    centres = b.op("Concat", cls, _pool(b, rest, grid, emb, config), axis=1)
+    rest = tokens if not prefix else \
+        b.op("Slice", tokens, b.const("patch_start", np.array([prefix], np.int64)),
+             b.const("patch_end", np.array([INT64_MAX], np.int64)), b.const("axis1", np.array([1], np.int64)))
+    centres = _pool(b, rest, grid, emb, config)
+    if prefix:  # the cls token / registers stay queries of their own
+        head = b.op("Slice", tokens, b.const("prefix_start", np.array([0], np.int64)),
+                    b.const("prefix_end", np.array([prefix], np.int64)), b.const("axis1", np.array([1], np.int64)))
+        centres = b.op("Concat", head, centres, axis=1)
     ctx = _cluster(b, a1, first, _layernorm_on(b, ln1, centres), ln1.outputs[0])
     b.insert_before(a1.out.node)
     a1.out.node.replace_input_with(0, ctx)
@@ -133,7 +139,7 @@ def rewrite_semantic_tokens(model: ir.Model, structure: Structure, config: Seman
     b.insert_before(a2.out.node)
     a2.out.node.replace_input_with(0, ctx)
 
-    for blk, a in later:  # token-count-free attention for the blocks on 1 + s² tokens
+    for blk, a in later:  # token-count-free attention for the blocks on prefix + s² tokens
         rebuild_attention(model, AttentionCore.of(a, blk))
 
     RemoveUnusedNodesPass()(model)
@@ -141,5 +147,5 @@ def rewrite_semantic_tokens(model: ir.Model, structure: Structure, config: Seman
         graph.initializers.pop(name)
     clear_intermediate_shapes(model)
     model.opset_imports[DOMAIN] = VERSION
-    return {"generator_blocks": [k, k + 1], "semantic_tokens": config.tokens, "tokens_after": 1 + config.tokens,
-            "tokens_before": first.tokens, "pooling": config.pooling, "attention_rebuilt": [blk.index for blk, _ in later]}
+    return {"generator_blocks": [k, k + 1], "semantic_tokens": config.tokens, "tokens_after": config.tokens_after,
+            "prefix_tokens": prefix, "tokens_before": first.tokens, "pooling": config.pooling, "attention_rebuilt": [blk.index for blk, _ in later]}

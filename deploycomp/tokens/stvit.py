@@ -1,16 +1,20 @@
-"""STViT's semantic tokens on a timm ViT (DeiT): the torch model the rewritten graph must equal.
+"""STViT's semantic tokens on a timm ViT: the torch model the rewritten graph must equal.
 
 Blocks before ``layer`` run on every token. Blocks ``layer`` and ``layer + 1`` form the semantic
 token generator, with their own weights (STViT reuses the blocks; no new parameters):
 
-    P  = [cls; pool(patch grid → s×s)]                       initial cluster centres
+    P  = [prefix; pool(patch grid → s×s)]                    initial cluster centres
     S¹ = P  + Attn(LN₁(P),  LN₁(X))            then S¹ += MLP(LN₂(S¹))
     S² = S¹ + Attn(LN₁(S¹), LN₁([S¹; X]))      then S² += MLP(LN₂(S²))
 
 where X are the tokens entering the generator and Attn is the block's multi-head attention with
-queries and keys/values from different token sets (the ``TokenCluster`` op). Later blocks run on
-the 1 + s² tokens. Pooling is adaptive max pooling as in STViT's released code (``avg``
-optional). The parameter names are the timm model's own, so trained weights map onto the graph.
+queries and keys/values from different token sets (the ``TokenCluster`` op). The prefix tokens
+(a cls token and/or registers: timm's ``num_prefix_tokens``, 1 for DeiT, 0 for a GAP ViT without a
+cls token) stay queries of their own, so a head that reads the cls token still reads it; a head
+that averages the patch tokens (``global_pool='avg'``) then averages the s² semantic tokens, which
+replace the patches. Later blocks run on the prefix + s² tokens. Pooling is adaptive max pooling
+as in STViT's released code (``avg`` optional). The parameter names are the timm model's own, so
+trained weights map onto the graph.
 """
 
 from __future__ import annotations
@@ -33,9 +37,12 @@ class SemanticTokenConfig:
     """STViT for DeiT: generator in blocks 5-6 of 12 (``layer`` 4, 0-based), 16 semantic tokens, max
     pooling. ``layer=None`` keeps STViT's relative position: a third of the depth (4 of 12, 2 of 6)."""
 
-    tokens: int = 16  # semantic tokens (a square: 4, 9, 16, ...); the cls token is kept besides
+    tokens: int = 16  # semantic tokens (a square: 4, 9, 16, ...); the prefix tokens are kept besides
     layer: int | None = None  # first generator block (0-based); blocks layer and layer + 1 generate
     pooling: str = "max"
+    # tokens before the patches (cls, registers) kept as queries: DeiT's one cls token unless the
+    # model says otherwise (``for_model`` reads timm's num_prefix_tokens; 0 for a GAP ViT)
+    prefix_tokens: int = 1
 
     def __post_init__(self) -> None:
         side = math.isqrt(self.tokens)
@@ -46,12 +53,27 @@ class SemanticTokenConfig:
             raise DeployCompError(f"unknown token pooling '{self.pooling}': use one of {', '.join(POOLINGS)}")
         if self.layer is not None and self.layer < 0:
             raise DeployCompError("the semantic token generator layer must be >= 0")
+        if self.prefix_tokens < 0:
+            raise DeployCompError("prefix tokens must be >= 0")
 
     def resolved(self, depth: int) -> "SemanticTokenConfig":
         """The config with ``layer`` fixed for a model of ``depth`` blocks."""
         from dataclasses import replace
 
         return self if self.layer is not None else replace(self, layer=depth // 3)
+
+    def for_model(self, vit: nn.Module) -> "SemanticTokenConfig":
+        """The config resolved for a timm ViT (or a model built on the meta device): the generator
+        layer for its depth and its prefix token count, as the rewrite and the latency model need."""
+        from dataclasses import replace
+
+        depth = len(getattr(vit, "blocks", None) or getattr(vit, "layers", None) or [])
+        return replace(self.resolved(depth), prefix_tokens=int(getattr(vit, "num_prefix_tokens", self.prefix_tokens)))
+
+    @property
+    def tokens_after(self) -> int:
+        """Tokens the blocks after the generator see: the prefix tokens and the semantic tokens."""
+        return self.prefix_tokens + self.tokens
 
     @property
     def side(self) -> int:
@@ -62,7 +84,7 @@ def token_arch(arch, config: SemanticTokenConfig):
     """The latency model's view of ``arch`` (a ViTArch on all tokens) with semantic tokens."""
     from dataclasses import replace
 
-    k, m = config.layer, 1 + config.tokens
+    k, m = config.layer, config.tokens_after
     n = arch.blocks[k].tokens
     blocks = [*arch.blocks[:k], replace(arch.blocks[k], queries=m), replace(arch.blocks[k + 1], tokens=n + m, queries=m),
               *(replace(b, tokens=m) for b in arch.blocks[k + 2:])]
@@ -70,7 +92,9 @@ def token_arch(arch, config: SemanticTokenConfig):
 
 
 def check_supported(vit: nn.Module, config: SemanticTokenConfig) -> None:
-    """Refuse, with the reason, what the rewrite does not cover."""
+    """Refuse, with the reason, what the rewrite does not cover. Called on the model built on the
+    meta device too (no weights), so a request is refused before anything slow."""
+    from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer
 
     if config.layer is None:
@@ -78,12 +102,19 @@ def check_supported(vit: nn.Module, config: SemanticTokenConfig) -> None:
     if not isinstance(vit, VisionTransformer):
         raise DeployCompError(f"semantic tokens support DeiT-style ViTs (one token sequence); {type(vit).__name__} "
                               "is not one (Swin: per-window semantic tokens are not supported yet)")
+    if isinstance(vit, VisionTransformerDistilled):
+        raise DeployCompError("semantic tokens: a distilled DeiT's two heads (cls and distillation token, averaged) "
+                              "are not supported; use the model without its distillation head")
     depth = len(vit.blocks)
     if config.layer + 2 > depth:
         raise DeployCompError(f"the generator needs blocks {config.layer + 1}-{config.layer + 2}, the model has {depth}")
-    if vit.num_prefix_tokens != 1 or vit.global_pool != "token":
-        raise DeployCompError("semantic tokens need exactly one cls token read by the head (DeiT); this model has "
-                              f"{vit.num_prefix_tokens} prefix tokens and pool '{vit.global_pool}'")
+    if config.prefix_tokens != vit.num_prefix_tokens:
+        raise DeployCompError(f"internal: the token config keeps {config.prefix_tokens} prefix tokens, the model has "
+                              f"{vit.num_prefix_tokens} (resolve it with for_model)")
+    pool, with_prefix = vit.global_pool, getattr(vit, "pool_include_prefix", False)
+    if not (pool == "token" and vit.cls_token is not None) and not (pool == "avg" and not with_prefix):
+        raise DeployCompError(f"semantic tokens need a head that reads the cls token or averages the patch tokens; "
+                              f"this model pools '{pool}'" + (" including its prefix tokens" if pool == "avg" else ""))
     grid = vit.patch_embed.grid_size
     if grid[0] != grid[1] or config.side > grid[0]:
         raise DeployCompError(f"cannot pool a {grid[0]}x{grid[1]} patch grid to {config.side}x{config.side}")
@@ -106,7 +137,7 @@ def pool_patches(patches: torch.Tensor, side: int, pooling: str) -> torch.Tensor
 def cross_attention(block: nn.Module, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """The block's attention with queries and keys/values from different token sets (un-normed inputs)."""
     attn = block.attn
-    heads, c = attn.num_heads, queries.shape[-1]
+    heads = attn.num_heads
     if hasattr(attn, "project"):  # the torch twin of an ONNX graph (frontend/onnx_twin.py): its own q/k/v layout
         q, k, v = attn.project(block.norm1(queries), block.norm1(keys))
         return attn.proj_drop(attn.proj(token_cluster_reference(q, k, v, heads, float(attn.scale))))
@@ -130,7 +161,7 @@ class SemanticTokenViT(nn.Module):
 
     def __init__(self, vit: nn.Module, config: SemanticTokenConfig):
         super().__init__()
-        config = config.resolved(len(vit.blocks))
+        config = config.for_model(vit)
         check_supported(vit, config)
         for name, child in vit.named_children():
             self.add_module(name, child)
@@ -138,16 +169,20 @@ class SemanticTokenViT(nn.Module):
             self.register_parameter(name, param)
         object.__setattr__(self, "_vit", vit)  # for its position embedding; not a submodule twice
         self.config = config
+        self.global_pool = vit.global_pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Own attributes only (shared with the ViT), so modules swapped in by pruning's masks are used.
-        k = self.config.layer
+        k, p = self.config.layer, self.config.prefix_tokens
         x = self.norm_pre(self.patch_drop(self._vit._pos_embed(self.patch_embed(x))))
         for blk in self.blocks[:k]:
             x = blk(x)
-        centres = torch.cat([x[:, :1], pool_patches(x[:, 1:], self.config.side, self.config.pooling)], dim=1)
+        centres = torch.cat([x[:, :p], pool_patches(x[:, p:], self.config.side, self.config.pooling)], dim=1)
         s1 = generator_block(self.blocks[k], centres, x)
         s = generator_block(self.blocks[k + 1], s1, torch.cat([s1, x], dim=1))
         for blk in self.blocks[k + 2:]:
             s = blk(s)
-        return self.head(self.head_drop(self.fc_norm(self.norm(s)[:, 0])))  # the cls token (global_pool "token")
+        s = self.norm(s)
+        # timm's heads: the cls token, or the mean of the tokens after the prefix (here the semantic tokens)
+        pooled = s[:, 0] if self.global_pool == "token" else s[:, p:].mean(dim=1)
+        return self.head(self.head_drop(self.fc_norm(pooled)))
