@@ -11,6 +11,7 @@ import numpy as np  # noqa: E402
 import onnx_ir as ir  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from .synthetic_tables import mlp_only, write_synthetic_table  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -88,3 +89,11 @@ def run_ort(model_or_path, x: np.ndarray) -> np.ndarray:
     opts.log_severity_level = 3
     sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_tables(tmp_path_factory):
+    """This device's "tiny" table, written from :func:`mlp_only` (no profiling: no timing noise)."""
+    root = tmp_path_factory.mktemp("tables")
+    write_synthetic_table(root, mlp_only)
+    return root

@@ -238,12 +238,6 @@ def test_a_wrong_twin_is_refused(exported, monkeypatch, bug, kind, exporter):
 SIZES = {"emb": 8, "heads": 1, "qk": 4, "v": 4, "mlp": 16}
 
 
-@pytest.fixture(scope="module")
-def tiny_tables(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tables")
-    write_synthetic_table(root, mlp_only)
-    return root
-
 
 def test_prune_to_budget_on_a_bare_hf_export(tmp_path, tiny_tables, monkeypatch):
     """A Hugging Face ViTForImageClassification exported by the TorchScript exporter (separate q/k/v,

@@ -23,13 +23,6 @@ TINY_DEIT = {"img_size": 64, "patch_size": 16, "embed_dim": 32, "num_heads": 2, 
 SIZES = {"emb": 8, "heads": 1, "qk": 4, "v": 4, "mlp": 16}
 
 
-@pytest.fixture(scope="module")
-def tiny_tables(tmp_path_factory):
-    """This device's "tiny" table, written from :func:`mlp_only` (no profiling: no timing noise)."""
-    root = tmp_path_factory.mktemp("tables")
-    write_synthetic_table(root, mlp_only)
-    return root
-
 
 def test_budget_parsing():
     assert LatencyBudget.parse("0.5x").target_ms(10.0) == 5.0

@@ -40,7 +40,7 @@ from deploycomp.pruning.schedule import PruneConfig, prune
 from deploycomp.pruning.torch_prune import swin_from_timm
 
 from .models import random_plan
-from .test_saliency import gate_derivative
+from .test_saliency import check_unit_sums
 
 SWIN = "swin_tiny_patch4_window7_224"
 # stage 0: a 14x14 grid in four 7x7 windows, block 1 shifted (the window mask); stage 1: 7x7 after
@@ -231,13 +231,7 @@ def test_swin_unit_sums_are_gate_derivatives(swin):
     assert len(tables) == len(structure.blocks), "a head's bias-table column is not among its slices"
     module.zero_grad()
     torch.nn.functional.cross_entropy(module(x), y).backward()
-    rng = np.random.default_rng(0)
-    for group in structure.groups():
-        units = structure.graph.nodes[group]["units"]
-        sums = sum(item.unit_sums() for item in slices[group])
-        for unit in rng.choice(units, size=min(2, units), replace=False):
-            expected = gate_derivative(module, slices[group], int(unit), x, y)
-            assert float(sums[unit]) == pytest.approx(expected, rel=1e-6, abs=1e-12), (group, unit)
+    check_unit_sums(module, structure, slices, x, y)
 
 
 def flops_predictor(structure):

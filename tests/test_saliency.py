@@ -25,6 +25,21 @@ def deit():
     return module, model, ctx.structure
 
 
+def check_unit_sums(module, structure, slices, x, y) -> int:
+    """Saliency's per-unit sums equal the gate derivative of two random units of every group
+    (the module's gradients must already hold ``x, y``); returns how many units were checked."""
+    rng = np.random.default_rng(0)
+    checked = 0
+    for group in structure.groups():
+        units = structure.graph.nodes[group]["units"]
+        sums = sum(item.unit_sums() for item in slices[group])
+        for unit in rng.choice(units, size=min(2, units), replace=False):
+            expected = gate_derivative(module, slices[group], int(unit), x, y)
+            assert float(sums[unit]) == pytest.approx(expected, rel=1e-6, abs=1e-12), (group, unit)
+            checked += 1
+    return checked
+
+
 def gate_derivative(module, slices, unit, x, y):
     """d loss / d alpha at alpha = 1, where alpha scales every coupled slice of the unit."""
     alpha = torch.ones((), dtype=torch.float64, requires_grad=True)
@@ -59,15 +74,7 @@ def test_unit_sums_are_gate_derivatives(deit):
     torch.nn.functional.cross_entropy(module(x), y).backward()
     kinds = {structure.graph.nodes[g]["kind"] for g in structure.groups()}
     assert kinds == {"emb", "heads", "qk", "v", "mlp"}
-    rng = np.random.default_rng(0)
-    checked = 0
-    for group in structure.groups():
-        units = structure.graph.nodes[group]["units"]
-        sums = sum(item.unit_sums() for item in slices[group])
-        for unit in rng.choice(units, size=min(2, units), replace=False):
-            expected = gate_derivative(module, slices[group], int(unit), x, y)
-            assert float(sums[unit]) == pytest.approx(expected, rel=1e-6, abs=1e-12), (group, unit)
-            checked += 1
+    checked = check_unit_sums(module, structure, slices, x, y)
     assert checked >= 2 * len(structure.groups()) - 1
 
 
