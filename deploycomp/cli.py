@@ -414,9 +414,10 @@ def selftest_cmd(
 
 def validation_table(report: dict) -> Table:
     t, c, f = report["table_model"], report["table_model_calibrated"], report["flops_model"]
+    scales = ", ".join(f"{a['scale']:.3f}" for a in report["calibration"]["anchors"])
     table = Table(title=f"{report['n']} random architectures, batch {report['fingerprint']['batch']}: error median / p90 - "
-                        f"table {t['median_ape_pct']:.1f} / {t['p90_ape_pct']:.1f} %, table x drift "
-                        f"{report['calibration']['scale']:.3f}: {c['median_ape_pct']:.1f} / {c['p90_ape_pct']:.1f} %, "
+                        f"table {t['median_ape_pct']:.1f} / {t['p90_ape_pct']:.1f} %, table calibrated "
+                        f"(anchor scales {scales}): {c['median_ape_pct']:.1f} / {c['p90_ape_pct']:.1f} %, "
                         f"FLOPs (best constant) {f['median_ape_pct']:.1f} / {f['p90_ape_pct']:.1f} %")
     for col in ("#", "GFLOPs", "min tokens", "measured ms (p10-p90)", "table ms", "error %", "calibrated ms", "error %",
                 "FLOPs ms"):

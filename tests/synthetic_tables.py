@@ -97,11 +97,12 @@ def graph_ms(model_bytes: bytes, formula: Formula) -> float:
 
 class SimulatedDevice:
     """Stands in for the backend's interleaved timing (``Backend.time``): every graph takes
-    ``drift`` times what ``formula`` says (1: the device runs as when the table was profiled), a
-    pruned one ``slowdown`` times that again (a table too optimistic about pruned models). Records
-    every pruned graph it was asked to time."""
+    ``drift`` times what ``formula`` says (1: the device runs as when the table was profiled; a
+    function of the formula's ms: a drift that depends on the model's size), a pruned one
+    ``slowdown`` times that again (a table too optimistic about pruned models). Records every
+    pruned graph it was asked to time."""
 
-    def __init__(self, formula: Formula, slowdown: float = 1.0, drift: float = 1.0):
+    def __init__(self, formula: Formula, slowdown: float = 1.0, drift: float | Callable[[float], float] = 1.0):
         self.formula, self.slowdown, self.drift, self.timed = formula, slowdown, drift, []
 
     def time(self, backend, models, input_shape, batch, rounds, iters=3):
@@ -110,11 +111,15 @@ class SimulatedDevice:
         out = {}
         for name, model in models.items():
             blob = onnx_bytes(model)
-            ms = graph_ms(blob, self.formula) * self.drift * (1.0 if name == "unpruned" else self.slowdown)
+            ms = self.device_ms(blob) * (1.0 if name in ("unpruned", "narrowed") else self.slowdown)
             if name == "pruned":
                 self.timed.append(blob)
             out[name] = {"median_ms": ms, "p10_ms": ms, "p90_ms": ms, "min_ms": ms, "n": rounds}
         return out
+
+    def device_ms(self, blob: bytes) -> float:
+        ms = graph_ms(blob, self.formula)
+        return ms * (self.drift(ms) if callable(self.drift) else self.drift)
 
     def install(self, monkeypatch) -> "SimulatedDevice":
         """Replace the timing where compile does it (the table's calibration, budget checks, the

@@ -277,3 +277,53 @@ def test_the_openvino_int8_peer_runs_int8_kernels(tmp_path):
     kinds = collections.Counter(op.get_rt_info()["runtimePrecision"].astype(str) for op in runtime.get_ordered_ops()
                                 if op.get_rt_info()["layerType"].astype(str) == "FullyConnected")
     assert sum(kinds.values()) == 2 * 4 + 1 and set(kinds) <= {"i8", "u8"}, kinds
+
+
+def test_calibration_interpolates_between_anchors_in_log_log():
+    """Exact at each anchor, a power law between them reproduced exactly, constant beyond them
+    (never extrapolated); one anchor is a constant scale."""
+    from deploycomp.latency.calibrate import Calibration
+
+    def drift(ms):
+        return 0.4 * ms**0.2
+
+    cal = Calibration.of([(400.0, 400.0 * drift(400.0)), (100.0, 100.0 * drift(100.0))])
+    assert cal.predicted_ms == (100.0, 400.0)
+    for ms in (100.0, 173.0, 250.0, 400.0):
+        assert cal.scale_at(ms) == pytest.approx(drift(ms), rel=1e-9)
+    assert cal.scale_at(20.0) == pytest.approx(drift(100.0)) and cal.scale_at(4000.0) == pytest.approx(drift(400.0))
+    assert Calibration.of([(50.0, 60.0)]).scale_at(7.0) == pytest.approx(1.2)
+
+
+def test_a_drift_that_depends_on_size_is_calibrated_by_the_second_anchor(tmp_path, monkeypatch):
+    """On a device that runs small models relatively faster than the table says (ort-cpu at batch 8:
+    the full DeiT-B at 1.02x the table, 20 smaller models at 0.94x), the unpruned source alone
+    calibrates the wrong scale for the pruned model. compile times a uniformly narrowed copy near
+    the budget as well, so the calibrated prediction of the pruned artifact matches the device."""
+    import onnx
+
+    from deploycomp.latency.arch import BlockArch, ViTArch
+    from deploycomp.latency.predictor import LatencyPredictor
+    from deploycomp.latency.table import load_table
+    from deploycomp.pruning.schedule import PruneConfig
+
+    from .models import DEIT, PRUNE_DEIT
+    from .synthetic_tables import SimulatedDevice, flops_like, write_synthetic_table
+
+    write_synthetic_table(tmp_path / "tables", flops_like)
+    device = SimulatedDevice(flops_like, drift=lambda ms: ms**0.25).install(monkeypatch)
+    prune = PruneConfig(latency="0.5x", steps=1, saliency_batches=1, batch_size=4, budget_rounds=0, method="magnitude")
+    manifest = deploycomp.compile(DEIT, tmp_path / "out", deploycomp.CompileOptions(
+        target="ort-cpu", model_kwargs=PRUNE_DEIT, prune=prune, tables=str(tmp_path / "tables"), measure_rounds=0,
+        calibrate_rounds=1, seed=0))
+    cal = manifest["latency_calibration"]
+    source, narrowed = cal["anchors"]
+    assert 0.3 < narrowed["predicted_ms"] / source["predicted_ms"] < 0.7  # near the 0.5x budget
+    artifact = onnx.load(tmp_path / "out" / "model.onnx").SerializeToString()
+    on_device = device.device_ms(artifact)
+    arch = manifest["pruning"]["arch"]
+    arch = ViTArch(arch["emb"], tuple(BlockArch(**b) for b in arch["blocks"]),
+                   **{k: arch[k] for k in ("img_size", "patch", "in_chans", "num_classes")})
+    raw = LatencyPredictor(load_table(Path(manifest["source"]["latency_table"]))).predict(arch).total_ms
+    assert abs(raw * source["scale"] / on_device - 1) > 0.05  # the planted one-anchor calibration would miss
+    assert manifest["pruning"]["predicted_ms"] == pytest.approx(on_device, rel=0.02)

@@ -279,8 +279,11 @@ def test_validate_compiles_and_measures(tmp_path, backend):
     for row in report["rows"]:
         assert row["measured"]["median_ms"] > 0 and row["predicted_ms"] > 0 and row["outside_grid"] == []
     assert report["table_model"]["median_ape_pct"] >= 0
-    cal = report["calibration"]  # the grid's full architecture, measured in the same run
+    cal = report["calibration"]  # the grid's full architecture and a mid-width one, measured in the same run
     assert cal["scale"] == pytest.approx(cal["measured_ms"] / cal["predicted_ms"])
-    assert "EMB 64, 12 blocks" in cal["anchor"]
-    for row in report["rows"]:
-        assert row["calibrated_ms"] == pytest.approx(row["predicted_ms"] * report["calibration"]["scale"], rel=1e-6)
+    assert [a["anchor"].split(" (")[0] for a in cal["anchors"]] == ["the grid's full architecture",
+                                                                    "a uniform mid-width architecture"]
+    assert "EMB 64, 12 blocks" in cal["anchor"] and cal["anchors"][1]["predicted_ms"] < cal["predicted_ms"]
+    scales = [a["scale"] for a in cal["anchors"]]
+    for row in report["rows"]:  # every row scaled by a factor between the anchors' scales
+        assert min(scales) * (1 - 1e-6) <= row["calibrated_ms"] / row["predicted_ms"] <= max(scales) * (1 + 1e-6)

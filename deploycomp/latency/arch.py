@@ -59,6 +59,14 @@ class ViTArch:
         return asdict(self)
 
 
+def width_steps(grid: dict) -> dict[str, int]:
+    """The steps random and anchor architectures take their widths in: coarse on a full-size grid
+    (EMB 64, QK / V 8, MLP 64), fine on the tiny test grids."""
+    att, mlp = grid["attention"], grid["mlp"]
+    return {"emb": 64 if max(mlp["emb"]) >= 256 else 8, "heads": 1, "qk_dim": 8 if max(att["qk_dim"]) >= 32 else 4,
+            "v_dim": 8 if max(att["v_dim"]) >= 32 else 4, "mlp_dim": 64 if max(mlp["mlp_dim"]) >= 1024 else 16}
+
+
 def random_arch(rng: np.random.Generator, grid: dict, depth: int = 12, reduce_tokens: bool = False,
                 img_size: int = 224, patch: int = 16, num_classes: int = 1000, in_chans: int = 3) -> ViTArch:
     """A random non-uniform architecture inside a profiling grid (NViT-like: global EMB, every
@@ -69,13 +77,13 @@ def random_arch(rng: np.random.Generator, grid: dict, depth: int = 12, reduce_to
         return int(rng.choice(np.arange(min(values), max(values) + 1, step)))
 
     patches = (img_size // patch) ** 2
-    emb = draw(grid["mlp"]["emb"], 64 if max(mlp["emb"]) >= 256 else 8)
+    step = width_steps(grid)
+    emb = draw(grid["mlp"]["emb"], step["emb"])
     cut = int(rng.integers(depth // 4, 3 * depth // 4 + 1)) if reduce_tokens else depth
     reduced = draw([min(att["tokens"]), patches], 1) if reduce_tokens else patches + 1
-    dim_step = 8 if max(att["qk_dim"]) >= 32 else 4
     blocks = tuple(
-        BlockArch(heads=draw(att["heads"], 1), qk_dim=draw(att["qk_dim"], dim_step), v_dim=draw(att["v_dim"], dim_step),
-                  mlp_dim=draw(mlp["mlp_dim"], 64 if max(mlp["mlp_dim"]) >= 1024 else 16),
+        BlockArch(heads=draw(att["heads"], 1), qk_dim=draw(att["qk_dim"], step["qk_dim"]),
+                  v_dim=draw(att["v_dim"], step["v_dim"]), mlp_dim=draw(mlp["mlp_dim"], step["mlp_dim"]),
                   tokens=patches + 1 if i < cut else reduced)
         for i in range(depth))
     return ViTArch(emb, blocks, img_size=img_size, patch=patch, in_chans=in_chans, num_classes=num_classes)

@@ -22,6 +22,7 @@ from scipy.interpolate import RegularGridInterpolator
 
 from ..errors import DeployCompError
 from .arch import ViTArch
+from .calibrate import Calibration
 from .table import PART_KEYS, LatencyTable, cross_reference
 
 
@@ -36,14 +37,15 @@ class Prediction:
 
 
 class LatencyPredictor:
-    def __init__(self, table: LatencyTable, drift: float = 1.0):
-        """``drift``: measured / predicted for a whole model timed now (``latency/calibrate.py``):
-        the device's drift since profiling and what the runtime gains across parts; predictions are
-        scaled by it."""
+    def __init__(self, table: LatencyTable, calibration: Calibration | float = 1.0):
+        """``calibration``: measured / predicted for whole models timed now (``latency/calibrate.py``),
+        one constant or a curve over predicted ms: the device's drift since profiling and what the
+        runtime gains across parts; predictions are scaled by it."""
         if not table.complete:
             raise DeployCompError(f"latency table {table.path} is incomplete: resume `deploycomp profile` first")
         self.table = table
-        self.drift = float(drift)
+        self.calibration = (calibration if isinstance(calibration, Calibration)
+                            else Calibration((1.0,), (float(calibration),)))
         self._interp = {}
         self._cache: dict[tuple, float] = {}
         for part in table.parts:
@@ -85,8 +87,7 @@ class LatencyPredictor:
 
     def predict(self, arch: ViTArch, scale: float | None = None) -> Prediction:
         """Predicted latency; ``scale`` (a measured now/at-profile-time ratio; default: the
-        predictor's ``drift``) corrects for device drift."""
-        scale = self.drift if scale is None else scale
+        predictor's calibration at the raw prediction) corrects for device drift."""
         fixed = self.table.fixed
         if (arch.img_size, arch.patch, arch.in_chans, arch.num_classes) != (
                 fixed["img_size"], fixed["patch"], fixed["in_chans"], fixed["num_classes"]):
@@ -107,6 +108,8 @@ class LatencyPredictor:
             mlp.append(self.part_ms("mlp", m_pt))
         last = arch.blocks[-1].out_tokens if arch.blocks else arch.patches + 1
         stem, head = self.part_ms("stem", (e,)), self.part_ms("head", (last, e))
+        if scale is None:
+            scale = self.calibration.scale_at(stem + head + sum(attn) + sum(mlp))
         attn, mlp = [a * scale for a in attn], [m * scale for m in mlp]
         stem, head = stem * scale, head * scale
         return Prediction(stem + head + sum(attn) + sum(mlp), stem, head, attn, mlp, sorted(set(outside)))

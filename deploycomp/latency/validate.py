@@ -58,31 +58,32 @@ def validate(table: LatencyTable, backend, archs: list[ViTArch], rounds: int = 5
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Predict, compile and measure ``archs``; report raw and calibrated prediction errors.
 
-    Raw: the table's numbers as profiled. Calibrated: scaled as compile scales them, by one whole
-    model measured now (``calibrate``): here the grid's full architecture, measured in the same
-    interleaved run as ``archs`` and not among them, as compile calibrates on the unpruned source
-    of the architectures it predicts. The best single scale is reported as the bound calibration
-    could reach.
+    Raw: the table's numbers as profiled. Calibrated: scaled as compile scales them, by two whole
+    models measured now (``calibrate``): here the grid's full architecture and a uniform mid-width
+    one, measured in the same interleaved run as ``archs`` and not among them, as compile
+    calibrates on the unpruned source and a uniformly narrowed copy. The best single scale is
+    reported as the bound a constant scale could reach.
     """
-    from .calibrate import calibration, full_arch
+    from .calibrate import calibration, fitted, full_arch, mid_arch
 
     say = progress or (lambda s: None)
     predictor = LatencyPredictor(table)
     batch = table.fingerprint["batch"]
-    anchor = full_arch(table)
+    anchors = {"the grid's full architecture": full_arch(table), "a uniform mid-width architecture": mid_arch(table)}
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
-        for i, arch in enumerate([*archs, anchor]):
-            say(f"compile {i + 1}/{len(archs) + 1}")
+        for i, arch in enumerate([*archs, *anchors.values()]):
+            say(f"compile {i + 1}/{len(archs) + len(anchors)}")
             paths.append(compile_arch(arch, Path(tmp), f"arch{i}", backend))
         say("measure")
         shape = (1, archs[0].in_chans, archs[0].img_size, archs[0].img_size)
-        *measured, anchor_measured = measure_models(backend, paths, shape, batch, rounds, iters)
-    drift = calibration(predictor.predict(anchor).total_ms, anchor_measured["median_ms"],
-                        f"the grid's full architecture (EMB {anchor.emb}, {len(anchor.blocks)} blocks)")
-    scale = drift["scale"]
+        measured = measure_models(backend, paths, shape, batch, rounds, iters)
+    measured, anchor_measured = measured[:len(archs)], measured[len(archs):]
+    drift = calibration([(f"{name} (EMB {a.emb}, {len(a.blocks)} blocks)", predictor.predict(a).total_ms, m["median_ms"])
+                         for (name, a), m in zip(anchors.items(), anchor_measured)])
+    calibrated_predictor = LatencyPredictor(table, fitted(drift))
     raw = [predictor.predict(a) for a in archs]
-    calibrated = [predictor.predict(a, scale) for a in archs]
+    calibrated = [calibrated_predictor.predict(a) for a in archs]
     meas = np.array([m["median_ms"] for m in measured])
     raw_ms = np.array([p.total_ms for p in raw])
     # the table's shape alone: its predictions given the single scale that fits these models best

@@ -12,6 +12,7 @@ import warnings
 from dataclasses import replace
 from typing import Sequence
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
@@ -19,13 +20,14 @@ import torch
 from ..errors import DeployCompError, DeployCompWarning
 from ..frontend import torch_reference
 from ..ir.discover import discover
-from ..latency.calibrate import calibration
+from ..latency.calibrate import calibration, fitted
 from ..latency.predictor import LatencyPredictor
 from ..pruning.derived import link_relative_position_biases
 from ..pruning.masks import copy_weights_to_graph
 from ..pruning.plan import PrunePlan, plan_arch
 from ..pruning.rewrite import prune_graph
 from ..pruning.schedule import LatencyBudget, PruneConfig, prune
+from ..pruning.select import copy_plan, uniform_step
 from .base import CompileContext, Pass, PassResult, Rewrite, objective_of, register_pass
 
 
@@ -52,8 +54,8 @@ class PrunePass(Pass):
         lowering). The budget covers them: the latency model sees their architecture, the torch
         model they wrap is what is trained, and every on-device check times the pruned graph with
         them applied against the unpruned source graph. ``calibrate_rounds``: rounds the unpruned
-        graph is timed to scale the latency table to the device now (``latency/calibrate.py``;
-        0 trusts the table as profiled)."""
+        graph and a uniformly narrowed copy near the budget are timed to scale the latency table to
+        the device now (``latency/calibrate.py``; 0 trusts the table as profiled)."""
         self.config, self.rewrites = config, list(rewrites)
         self.latency_batch, self.measure_rounds, self.calibrate_rounds = latency_batch, measure_rounds, calibrate_rounds
 
@@ -100,12 +102,25 @@ class PrunePass(Pass):
         ms = None
         if ctx.backend is not None and (self.calibrate_rounds or judge_on_device):
             rounds = self.measure_rounds if judge_on_device else self.calibrate_rounds
-            ms = ctx.backend.time({"unpruned": unpruned}, shape, self.latency_batch, rounds)["unpruned"]["median_ms"]
-        if self.calibrate_rounds and ms is not None:  # the table scaled to predict the source as it runs now
-            cal = calibration(predictor.predict(plan_arch(structure, PrunePlan(), **geometry), scale=1.0).total_ms, ms,
-                              "the unpruned source model")
+            models = {"unpruned": unpruned}
+            if self.calibrate_rounds:  # the second anchor, near where the pruned model will land
+                source_ms = predict(PrunePlan(), rewritten=False)
+                anchor = self.uniform_anchor(structure, lambda plan: predict(plan, rewritten=False),
+                                             budget.target_ms(source_ms) / source_ms if not budget.relative else budget.value,
+                                             grid_floors(predictor.table.grid))
+                narrowed = ir.serde.deserialize_model(onnx.load_from_string(unpruned))
+                prune_graph(narrowed, structure, anchor)
+                models["narrowed"] = narrowed
+            times = ctx.backend.time(models, shape, self.latency_batch, rounds)
+            ms = times["unpruned"]["median_ms"]
+        if self.calibrate_rounds and ms is not None:  # the table scaled to predict both anchors as measured now
+            raw = LatencyPredictor(predictor.table)
+            cal = calibration([
+                ("the unpruned source model", raw.predict(plan_arch(structure, PrunePlan(), **geometry)).total_ms, ms),
+                ("the source narrowed uniformly near the budget", raw.predict(plan_arch(structure, anchor, **geometry)).total_ms,
+                 times["narrowed"]["median_ms"])])
             ctx.results["latency_calibration"] = cal
-            ctx.latency = predictor = LatencyPredictor(predictor.table, cal["scale"])
+            ctx.latency = predictor = LatencyPredictor(predictor.table, fitted(cal))
             if "warning" in cal:
                 warnings.warn(cal["warning"], DeployCompWarning, stacklevel=2)
         if judge_on_device:
@@ -143,6 +158,16 @@ class PrunePass(Pass):
         }
         return PassResult(model, modified=True, info={"predicted_ms": round(outcome.predicted_ms, 4),
                                                       "baseline_ms": round(outcome.baseline_ms, 4)})
+
+    @staticmethod
+    def uniform_anchor(structure, predict, fraction: float, floors: dict[str, int]) -> PrunePlan:
+        """The source narrowed uniformly (EMB, heads, MLP: the DeiT family's scaling) to about
+        ``fraction`` of its predicted latency, kept at least 0.25 and at most 0.8 so it stays apart
+        from the source: calibration's second anchor. Which units go does not matter for timing."""
+        full = copy_plan(structure, PrunePlan())
+        zeros = {g: np.zeros(structure.graph.nodes[g]["units"]) for g in structure.groups()}
+        target = min(0.8, max(0.25, fraction)) * predict(full)
+        return uniform_step(structure, full, zeros, predict, target, floors=floors, best_effort=True).plan
 
     def ensures(self, model: ir.Model, ctx: CompileContext) -> None:
         for b in ctx.structure.blocks:  # the graph reads back as the plan's architecture: no stale dims
