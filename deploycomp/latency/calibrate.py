@@ -20,17 +20,27 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .arch import BlockArch, ViTArch
+from .arch import BlockArch, SwinArch, SwinStage, ViTArch, swin_stage_geometry
 from .table import LatencyTable
 
 # |log scale| beyond log(1.25): the model runs >25 % slower (or 20 % faster) than the table says
 DRIFT_WARN = 1.25
 
 
-def full_arch(table: LatencyTable) -> ViTArch:
+def full_arch(table: LatencyTable) -> ViTArch | SwinArch:
     """The grid's widest architecture (the unpruned model the grid was laid out for: DeiT-B for
-    deit-base, the proxy DeiT for proxy-fmnist): the anchor of a validation's calibration."""
-    att, mlp, fixed = table.grid["attention"], table.grid["mlp"], table.fixed
+    deit-base, the proxy DeiT for proxy-fmnist, Swin-T for swin-t): the anchor of a validation's
+    calibration."""
+    fixed = table.fixed
+    if "window" in fixed:  # a Swin grid: every stage at its widest, with the grid's depths
+        stages = []
+        for s, ((res, window), depth) in enumerate(zip(swin_stage_geometry(fixed), fixed["depths"])):
+            att, mlp = table.grid[f"window_attention.{s}"], table.grid[f"mlp.{s}"]
+            block = BlockArch(max(att["heads"]), max(att["qk_dim"]), max(att["v_dim"]), max(mlp["mlp_dim"]), window**2)
+            stages.append(SwinStage(max(att["emb"]), res, window, (block,) * depth))
+        return SwinArch(tuple(stages), img_size=fixed["img_size"], patch=fixed["patch"], in_chans=fixed["in_chans"],
+                        num_classes=fixed["num_classes"])
+    att, mlp = table.grid["attention"], table.grid["mlp"]
     tokens = (fixed["img_size"] // fixed["patch"]) ** 2 + 1
     block = BlockArch(max(att["heads"]), max(att["qk_dim"]), max(att["v_dim"]), max(mlp["mlp_dim"]), tokens)
     return ViTArch(max(att["emb"]), (block,) * fixed.get("depth", 12), img_size=fixed["img_size"], patch=fixed["patch"],
