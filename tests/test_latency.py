@@ -365,3 +365,21 @@ def _smallest(table):
         block = BlockArch(att["heads"][0], att["qk_dim"][0], att["v_dim"][0], mlp["mlp_dim"][0], window * window)
         stages.append(SwinStage(att["emb"][0], res, window, (block,) * depth))
     return SwinArch(tuple(stages), img_size=fixed["img_size"], patch=fixed["patch"], num_classes=fixed["num_classes"])
+
+
+@pytest.mark.slow
+def test_validate_compiles_and_measures_random_swins(tmp_path, backend):
+    """The validation on a Swin grid: random Swins (torch slices of a timm Swin at the grid's full
+    widths) are compiled, measured with the grid's full Swin as the calibration anchor, and predicted
+    inside the grid."""
+    from deploycomp.latency.arch import SwinArch
+    from deploycomp.latency.validate import random_archs_for, validate
+
+    table = profile(backend, tmp_path, grid="swin-micro", protocol={"warmup": 1, "repeats": 1, "passes": 1})
+    archs = random_archs_for(table, 2, seed=1)
+    assert all(isinstance(a, SwinArch) for a in archs) and archs[0] != archs[1]
+    report = validate(table, backend, archs, rounds=2, iters=1)
+    assert report["n"] == 2 and "EMB 32, 4 blocks" in report["calibration"]["anchor"]
+    for row in report["rows"]:
+        assert row["measured"]["median_ms"] > 0 and row["predicted_ms"] > 0 and row["outside_grid"] == []
+        assert [len(st["blocks"]) for st in row["arch"]["stages"]] == [2, 2]
