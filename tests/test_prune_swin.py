@@ -396,6 +396,8 @@ def test_compile_latency_prunes_a_swin_to_the_budget(tmp_path, monkeypatch):
     p = manifest["pruning"]
     assert p["predicted_ms"] <= p["target_ms"] == pytest.approx(0.5 * p["baseline_predicted_ms"], rel=1e-9)
     assert p["latency"]["measured_ratio"] <= 0.5 * 1.02  # the simulated device times the artifact
+    # the device runs the table's formula: a right sum of the right parts predicts its ratio
+    assert p["latency"]["predicted_ratio"] == pytest.approx(p["latency"]["measured_ratio"], rel=1e-4)
     cut = {g for g, u in p["kept"].items() if len(u) < structure_units(g)}
     assert {"stage0.emb", "stage1.emb"} <= cut and any(g.endswith(".mlp") for g in cut), sorted(cut)
     assert any(g.endswith((".heads", ".qk", ".v")) for g in cut), sorted(cut)
