@@ -401,6 +401,9 @@ def test_compile_latency_prunes_a_swin_to_the_budget(tmp_path, monkeypatch):
     cut = {g for g, u in p["kept"].items() if len(u) < structure_units(g)}
     assert {"stage0.emb", "stage1.emb"} <= cut and any(g.endswith(".mlp") for g in cut), sorted(cut)
     assert any(g.endswith((".heads", ".qk", ".v")) for g in cut), sorted(cut)
+    # every group stays inside its own stage's grid (swin-micro: widths >= 24 / 48, MLP >= 64 / 128)
+    floors = {"stage0.emb": 24, "stage1.emb": 48, "block0.mlp": 64, "block1.mlp": 64, "block2.mlp": 128, "block3.mlp": 128}
+    assert all(len(p["kept"][g]) >= n for g, n in floors.items()), {g: len(p["kept"][g]) for g in floors}
     assert len(device.timed) == 1
     _, structure = cleaned(source)
     plan = PrunePlan({g: np.asarray(u, dtype=np.int64) for g, u in p["kept"].items()})
