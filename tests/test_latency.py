@@ -383,3 +383,23 @@ def test_validate_compiles_and_measures_random_swins(tmp_path, backend):
     for row in report["rows"]:
         assert row["measured"]["median_ms"] > 0 and row["predicted_ms"] > 0 and row["outside_grid"] == []
         assert [len(st["blocks"]) for st in row["arch"]["stages"]] == [2, 2]
+
+
+def test_swin_floors_keep_each_stage_in_its_grid_and_above_the_previous_stage():
+    """Pruning floors on a Swin grid are per group: each stage's width, heads, head dims and MLP at
+    its own stage's smallest grid point, and a stage's width above the previous stage's (two adjacent
+    stages of one width would read back as one stage); random validation Swins obey the same."""
+    from types import SimpleNamespace
+
+    from deploycomp.latency.profiler import FIXED, GRIDS
+    from deploycomp.latency.validate import random_archs_for
+    from deploycomp.passes.prune import grid_floors
+
+    blocks = [SimpleNamespace(index=i, stage=s) for i, s in enumerate([0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 3, 3])]
+    floors = grid_floors(GRIDS["swin-t"], SimpleNamespace(stage_embs=[96, 192, 384, 768], blocks=blocks))
+    assert [floors[f"stage{s}.emb"] for s in range(4)] == [24, 97, 193, 385]
+    assert (floors["block0.heads"], floors["block11.mlp"], floors["block5.qk"], floors["block5.mlp"]) == (1, 384, 8, 192)
+    table = SimpleNamespace(fixed=FIXED["swin-t"], grid=GRIDS["swin-t"])
+    for arch in random_archs_for(table, 20, seed=3):
+        embs = [st.emb for st in arch.stages]
+        assert embs == sorted(set(embs)) and embs[0] >= 24 and embs[-1] <= 768, embs

@@ -159,10 +159,11 @@ def random_swin_arch(rng: np.random.Generator, grid: dict, fixed: dict) -> SwinA
         lo, hi = min(values), max(values)
         return int(rng.choice(np.arange(hi, lo - 1, -step)))
 
-    stages = []
+    stages, previous = [], 0
     for s, ((res, window), depth) in enumerate(zip(swin_stage_geometry(fixed), fixed["depths"])):
         att, mlp = grid[f"window_attention.{s}"], grid[f"mlp.{s}"]
-        emb = draw(att["emb"], 16 if max(att["emb"]) >= 64 else 4)
+        # wider than the previous stage, as pruning keeps it (stages are told apart by width)
+        emb = previous = draw([max(min(att["emb"]), previous + 1), max(att["emb"])], 16 if max(att["emb"]) >= 64 else 4)
         dim_step = 8 if max(att["qk_dim"]) >= 32 else 4
         blocks = tuple(BlockArch(heads=draw(att["heads"], 1), qk_dim=draw(att["qk_dim"], dim_step),
                                  v_dim=draw(att["v_dim"], dim_step),

@@ -34,9 +34,12 @@ def grid_floors(grid: dict, structure=None) -> dict[str, int]:
     """The smallest size of each kind the latency table was profiled at; on a Swin grid, of each
     group at its stage's parts (``stage1.emb``, ``block4.heads``, ...)."""
     if "window_attention.0" in grid:
-        floors = {}
+        # a stage never reaches the previous stage's width: discovery tells stages apart by width, so
+        # two adjacent stages of one width would read back as one
+        floors, previous = {}, 0
         for s in range(len(structure.stage_embs)):
-            floors[f"stage{s}.emb"] = min(grid[f"window_attention.{s}"]["emb"])
+            floors[f"stage{s}.emb"] = max(min(grid[f"window_attention.{s}"]["emb"]), previous + 1)
+            previous = structure.stage_embs[s]
         for b in structure.blocks:
             att, mlp = grid[f"window_attention.{b.stage}"], grid[f"mlp.{b.stage}"]
             for kind, values in (("heads", att["heads"]), ("qk", att["qk_dim"]), ("v", att["v_dim"]),
