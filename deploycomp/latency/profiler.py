@@ -78,13 +78,15 @@ FIXED = {"deit-base": {"img_size": 224, "patch": 16, "in_chans": 3, "num_classes
          "proxy-fmnist": {"img_size": 28, "patch": 4, "in_chans": 1, "num_classes": 10, "depth": 6},
          "tiny": {"img_size": 64, "patch": 16, "in_chans": 3, "num_classes": 10},
          # Swin-T and Swin-S (same geometry and widths; Swin-S is deeper in stage 2)
-         "swin-t": {"img_size": 224, "patch": 4, "in_chans": 3, "num_classes": 1000, "window": 7, "depths": [2, 2, 6, 2]},
+         "swin-t": {"img_size": 224, "patch": 4, "in_chans": 3, "num_classes": 1000, "window": 7,
+                    "depths": [2, 2, 6, 2]},
          # the tests' tiny Swin (tests/conftest.py): 14x14 in four 7x7 windows, then 7x7
          "swin-micro": {"img_size": 56, "patch": 4, "in_chans": 3, "num_classes": 10, "window": 7, "depths": [2, 2]}}
 # Swin-T: stage s has width 96·2^s and 3·2^s heads of 32 channels, MLP 4x; stage 0's width down to
 # a quarter, the others' to half (pruning keeps each above the previous stage's: ``passes/prune.grid_floors``),
 # heads down to one, head dims down to 8, MLP down to half the width.
-GRIDS["swin-t"] = swin_grid(FIXED["swin-t"], embs=[[24, 48, 72, 96]] + [[c // 2, 2 * c // 3, 5 * c // 6, c] for c in (192, 384, 768)],
+GRIDS["swin-t"] = swin_grid(FIXED["swin-t"],
+                            embs=[[24, 48, 72, 96]] + [[c // 2, 2 * c // 3, 5 * c // 6, c] for c in (192, 384, 768)],
                             heads=[[1, 2, 3], [1, 2, 4, 6], [1, 4, 8, 12], [1, 8, 16, 24]], head_dims=[8, 16, 32],
                             mlp_dims=[[c // 2, c, 2 * c, 3 * c, 4 * c] for c in (96, 192, 384, 768)])
 GRIDS["swin-micro"] = swin_grid(FIXED["swin-micro"], embs=[[24, 32], [48, 64]], heads=[[1, 2], [1, 4]],

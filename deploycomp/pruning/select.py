@@ -72,8 +72,9 @@ def select_step(structure: Structure, plan: PrunePlan, importance: dict[str, np.
                 groups: set[str] | None = None, floors: dict[str, int] | None = None,
                 best_effort: bool = False) -> StepResult:
     """Remove chunks, lowest score first, until the predicted latency is at most ``target_ms``.
-    ``floors`` (per kind, or per group: a Swin stage's own grid) keep every group inside the latency table's grid, where its predictions
-    were validated (extrapolated below it, the DeiT-B table overestimated a 112-wide EMB by 23 %).
+    ``floors`` (per kind, or per group: a Swin stage's own grid) keep every group inside the latency
+    table's grid, where its predictions were validated (extrapolated below it, the DeiT-B table
+    overestimated a 112-wide EMB by 23 %).
     ``best_effort``: stop at the floors instead of failing (targets corrected by a measurement)."""
     sizes = {**DEFAULT_GROUP_SIZES, **(sizes or {})}
     floors = floors or {}
