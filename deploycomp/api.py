@@ -249,10 +249,6 @@ def _latency_predictor(src, options: CompileOptions, backend):
     from .latency.table import load_table, table_path
     from .passes.prune import geometry_of
 
-    from .pruning.plan import check_single_stage
-
-    # refused here, before any work (Swin: stages in .layers)
-    check_single_stage(1 if hasattr(src.torch_module, "blocks") else len(getattr(src.torch_module, "layers", ())))
     grid = grid_for(geometry_of(src.torch_module, src.input_shape))
     fp = device_fingerprint(backend, options.latency_batch, "fp32")
     path = table_path(Path(options.tables), fp, grid)
@@ -260,7 +256,12 @@ def _latency_predictor(src, options: CompileOptions, backend):
         raise DeployCompError(f"no latency table for this device at batch {options.latency_batch} and grid {grid}: "
                               f"run `deploycomp profile --target {options.target} --batch {options.latency_batch} "
                               f"--grid {grid}` (expected {path})")
-    return LatencyPredictor(load_table(path, fp)), path
+    table = load_table(path, fp)
+    if hasattr(src.torch_module, "layers"):  # Swin: refused here, before any work, by a table without Swin parts
+        from .latency.predictor import check_swin_table
+
+        check_swin_table(table)
+    return LatencyPredictor(table), path
 
 
 def load_eval_data(data: str, input_shape: tuple[int, ...], samples: int | None = None):

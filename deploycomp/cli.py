@@ -215,7 +215,7 @@ def profile_cmd(
     spinning: Optional[bool] = typer.Option(None, "--spinning/--no-spinning", help="ort-* targets: profile with ONNX Runtime's spin-waiting threads (default: on, as artifacts run; match your deployment)."),
     batch: int = typer.Option(1, "--batch", help="Batch size the table is measured at."),
     dtype: str = typer.Option("fp32", "--dtype", help="Precision (fp32)."),
-    grid: str = typer.Option("deit-base", "--grid", help="Grid preset: deit-base (224 px DeiT: EMB<=768, H<=12, QK/V<=64, MLP<=3072, tokens<=197), proxy-fmnist (the 28 px proxy DeiT) or tiny."),
+    grid: str = typer.Option("deit-base", "--grid", help="Grid preset: deit-base (224 px DeiT: EMB<=768, H<=12, QK/V<=64, MLP<=3072, tokens<=197), proxy-fmnist (the 28 px proxy DeiT), swin-t (224 px Swin-T/S, per stage), tiny or swin-micro (tests)."),
     tables: Path = typer.Option(Path("latency_tables"), "--tables", help="Root directory of the latency tables."),
     validate: int = typer.Option(0, "--validate", help="After profiling, validate on N random architectures (compile + measure)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the validation architectures."),
@@ -238,13 +238,10 @@ def profile_cmd(
                             progress=lambda done, total: progress.update(task, completed=done, total=total))
         console.print(f"[green]table[/green] {table.path} ({table.profiling_seconds:.1f} s of profiling)")
     if validate:
-        from .latency.validate import random_archs, validate as run_validation
+        from .latency.validate import random_archs_for, validate as run_validation
 
         table = load_table(table.path or path, device_fingerprint(backend, batch, dtype), force=force)
-        fixed = table.fixed
-        archs = random_archs(validate, seed, img_size=fixed["img_size"], patch=fixed["patch"],
-                             in_chans=fixed["in_chans"], num_classes=fixed["num_classes"], grid=table.grid,
-                             depth=fixed.get("depth", 12))
+        archs = random_archs_for(table, validate, seed)
         with _progress() as progress:
             task = progress.add_task("validate", total=None)
             report = run_validation(table, backend, archs, rounds=8, progress=lambda s: progress.update(task, description=f"validate: {s}"))
@@ -424,7 +421,8 @@ def validation_table(report: dict) -> Table:
         table.add_column(col, justify="right")
     for i, r in enumerate(report["rows"]):
         m = r["measured"]
-        table.add_row(str(i), f"{r['gflops']:.2f}", str(min(b["tokens"] for b in r["arch"]["blocks"])),
+        table.add_row(str(i), f"{r['gflops']:.2f}", str(min(b["tokens"] for b in r["arch"].get("blocks")
+                                                            or [b for st in r["arch"]["stages"] for b in st["blocks"]])),
                       f"{m['median_ms']:.2f} ({m['p10_ms']:.2f}-{m['p90_ms']:.2f})", f"{r['predicted_ms']:.2f}",
                       f"{r['ape_pct']:.1f}", f"{r['calibrated_ms']:.2f}", f"{r['calibrated_ape_pct']:.1f}",
                       f"{r['flops_predicted_ms']:.2f}")

@@ -12,7 +12,7 @@ from typing import Callable
 
 from deploycomp.backends.base import get_backend
 from deploycomp.latency.profiler import FIXED, GRIDS, device_fingerprint
-from deploycomp.latency.table import LatencyTable, save_table, table_path
+from deploycomp.latency.table import LatencyTable, part_kind, save_table, table_path
 
 Formula = Callable[[str, tuple[int, ...]], float]
 
@@ -59,6 +59,27 @@ def flops_like(part: str, point: tuple[int, ...]) -> float:
     return 0.01 + 1e-5 * t * e
 
 
+def swin_flops_like(part: str, point: tuple[int, ...]) -> float:
+    """The Swin parts (``swin-micro`` grid), each multilinear in its keys: windowed attention in
+    proportion to windows x window tokens x EMB x H·(QK+V), plus 0.01 ms for the shift; the MLP,
+    patch merging and head in proportion to their multiply-adds. Every width of every stage costs,
+    and so does each patch merging."""
+    kind = part_kind(part)
+    if kind == "window_attention":
+        w, t, e, h, qk, v, shift = point
+        return 0.02 + 4e-6 * w * t * e * h * (qk + v) + 0.01 * shift
+    if kind == "mlp":
+        t, e, m = point
+        return 0.02 + 2e-6 * t * e * m
+    if kind == "patch_merging":
+        t, e, out = point
+        return 0.01 + 1e-6 * t * e * out
+    if kind == "swin_stem":
+        return 0.05 + 1e-3 * point[0]
+    t, e = point  # swin_head
+    return 0.01 + 1e-5 * t * e
+
+
 def synthetic_table(formula: Formula, grid: str = "tiny", batch: int = 1, threads: int | None = None) -> LatencyTable:
     fp = device_fingerprint(get_backend("ort-cpu", threads=threads), batch, "fp32")
     protocol = {"warmup": 0, "repeats": 1, "passes": 1, "grid_name": grid}
@@ -86,12 +107,34 @@ def graph_ms(model_bytes: bytes, formula: Formula) -> float:
     from deploycomp.ir.discover import discover
 
     structure = discover(ir.serde.deserialize_model(onnx.load_from_string(model_bytes)))
+    if len(structure.stage_embs) > 1:
+        return swin_graph_ms(structure, formula)
     blocks = structure.blocks
     emb = blocks[0].emb
     total = formula("stem", (emb,)) + formula("head", (blocks[-1].tokens, emb))
     for b in blocks:
         total += formula("attention", (b.tokens, emb, b.heads, b.qk_dim, b.v_dim))
         total += formula("mlp", (b.tokens, emb, b.mlp_dim))
+    return total
+
+
+def swin_graph_ms(structure, formula: Formula) -> float:
+    """A discovered Swin's cost by ``formula``, written out on its own (not through the predictor):
+    stage s runs (windows x window tokens) tokens at its width; odd blocks of a stage with several
+    windows are shifted (timm's rule); patch merging between stages."""
+    embs = structure.stage_embs
+    total = formula("swin_stem", (embs[0],))
+    for s, emb in enumerate(embs):
+        blocks = [b for b in structure.blocks if b.stage == s]
+        tokens = blocks[0].tokens * blocks[0].sequences
+        for i, b in enumerate(blocks):
+            shift = int(i % 2 == 1 and b.sequences > 1)
+            total += formula(f"window_attention.{s}", (b.sequences, b.tokens, emb, b.heads, b.qk_dim, b.v_dim, shift))
+            total += formula(f"mlp.{s}", (tokens, emb, b.mlp_dim))
+        if s + 1 < len(embs):
+            total += formula(f"patch_merging.{s}", (tokens, emb, embs[s + 1]))
+        else:
+            total += formula("swin_head", (tokens, emb))
     return total
 
 

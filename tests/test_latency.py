@@ -287,3 +287,122 @@ def test_validate_compiles_and_measures(tmp_path, backend):
     scales = [a["scale"] for a in cal["anchors"]]
     for row in report["rows"]:  # every row scaled by a factor between the anchors' scales
         assert min(scales) * (1 - 1e-6) <= row["calibrated_ms"] / row["predicted_ms"] <= max(scales) * (1 + 1e-6)
+
+
+# -- Swin: per-stage windowed attention, MLP and patch merging -------------------------------------
+
+def _swin_micro_arch(**stage1):
+    """A pruned tiny Swin (the ``swin-micro`` grid: 14x14 in four 7x7 windows, then 7x7): widths and
+    dims between grid points, so every part is interpolated."""
+    from deploycomp.latency.arch import SwinArch, SwinStage
+
+    s0 = SwinStage(28, 14, 7, (BlockArch(2, 12, 10, 80, 49), BlockArch(1, 8, 16, 96, 49)))
+    s1 = SwinStage(stage1.get("emb", 56), 7, 7, (BlockArch(3, 12, 8, 160, 49), BlockArch(2, 16, 12, 200, 49)))
+    return SwinArch((s0, s1), img_size=56, patch=4, num_classes=10)
+
+
+def test_predictor_sums_the_swin_parts_per_stage(backend):
+    """A Swin = stem + per block the windowed attention (4 windows of 49 in stage 0, block 1 shifted;
+    one window in stage 1) and the MLP at its stage's tokens and width + the patch merging + head;
+    on a multilinear synthetic table the interpolated sum is the formula's, written out by hand."""
+    from .synthetic_tables import swin_flops_like, synthetic_table
+
+    pred = LatencyPredictor(synthetic_table(swin_flops_like, grid="swin-micro"))
+    arch = _swin_micro_arch()
+    att = lambda w, e, h, qk, v, shift: 0.02 + 4e-6 * w * 49 * e * h * (qk + v) + 0.01 * shift  # noqa: E731
+    mlp = lambda t, e, m: 0.02 + 2e-6 * t * e * m  # noqa: E731
+    want = (0.05 + 1e-3 * 28                                                      # stem
+            + att(4, 28, 2, 12, 10, 0) + mlp(196, 28, 80) + att(4, 28, 1, 8, 16, 1) + mlp(196, 28, 96)
+            + 0.01 + 1e-6 * 196 * 28 * 56                                         # patch merging 28 -> 56
+            + att(1, 56, 3, 12, 8, 0) + mlp(49, 56, 160) + att(1, 56, 2, 16, 12, 0) + mlp(49, 56, 200)
+            + 0.01 + 1e-5 * 49 * 56)                                              # head
+    p = pred.predict(arch)
+    assert p.total_ms == pytest.approx(want, abs=1e-4)  # the table stores samples to 1e-5 ms
+    assert p.outside_grid == [] and len(p.attention_ms) == 4 and len(p.merging_ms) == 1
+    assert pred.predict(arch, scale=2.0).total_ms == pytest.approx(2 * p.total_ms, rel=1e-9)
+    # stage 1 wider than its grid: flagged, not silently read off another stage's sizes
+    assert any("window_attention.1.emb=80" in o for o in pred.predict(_swin_micro_arch(emb=80)).outside_grid)
+    with pytest.raises(DeployCompError, match="Swin stages"):
+        from dataclasses import replace
+
+        pred.predict(replace(arch, stages=(replace(arch.stages[0], window=2), arch.stages[1])))
+    # a DeiT table has no Swin parts: one line
+    with pytest.raises(DeployCompError, match="has no Swin parts") as err:
+        LatencyPredictor(_synthetic_table(device_fingerprint(backend, 1, "fp32"))).predict(
+            replace(arch, img_size=64, patch=16))
+    assert "\n" not in str(err.value)
+
+
+def test_profile_swin_parts_resumes_per_part(tmp_path, backend, monkeypatch):
+    """A tiny Swin grid profiled for real: every part kind is measured and runs (inputs shaped per
+    part), and a grid that gained a stage's part re-profiles only that part."""
+    import deploycomp.latency.profiler as profiler
+
+    protocol = {"warmup": 0, "repeats": 1, "passes": 1}
+    full = {**profiler.GRIDS["swin-micro"]}
+    small = {part: {k: v[:1] if k not in ("shift",) else v for k, v in keys.items()} for part, keys in full.items()}
+    partial = {k: v for k, v in small.items() if k != "patch_merging.0"}
+    monkeypatch.setitem(profiler.GRIDS, "swin-micro", partial)
+    old = profile(backend, tmp_path, grid="swin-micro", protocol=protocol)
+    assert old.complete and "patch_merging.0" not in old.entries
+    monkeypatch.setitem(profiler.GRIDS, "swin-micro", small)
+    progress = []
+    new = profile(backend, tmp_path, grid="swin-micro", protocol=protocol,
+                  progress=lambda done, total: progress.append((done, total)))
+    assert new.complete and progress[0] == (progress[-1][1] - 1, progress[-1][1])
+    assert {p.split(".")[0] for p in new.parts} == {"window_attention", "mlp", "patch_merging", "swin_stem", "swin_head"}
+    assert len(new.points("window_attention.0")) == 2  # unshifted and shifted
+    for part, points in old.entries.items():
+        assert new.entries[part] == points
+    arch = LatencyPredictor(new).predict(_smallest(new))
+    assert arch.total_ms > 0 and arch.outside_grid == []
+
+
+def _smallest(table):
+    """The Swin at every stage's first grid point (the grid's smallest)."""
+    from deploycomp.latency.arch import SwinArch, SwinStage, swin_stage_geometry
+
+    fixed, stages = table.fixed, []
+    for s, ((res, window), depth) in enumerate(zip(swin_stage_geometry(fixed), fixed["depths"])):
+        att, mlp = table.grid[f"window_attention.{s}"], table.grid[f"mlp.{s}"]
+        block = BlockArch(att["heads"][0], att["qk_dim"][0], att["v_dim"][0], mlp["mlp_dim"][0], window * window)
+        stages.append(SwinStage(att["emb"][0], res, window, (block,) * depth))
+    return SwinArch(tuple(stages), img_size=fixed["img_size"], patch=fixed["patch"], num_classes=fixed["num_classes"])
+
+
+@pytest.mark.slow
+def test_validate_compiles_and_measures_random_swins(tmp_path, backend):
+    """The validation on a Swin grid: random Swins (torch slices of a timm Swin at the grid's full
+    widths) are compiled, measured with the grid's full Swin as the calibration anchor, and predicted
+    inside the grid."""
+    from deploycomp.latency.arch import SwinArch
+    from deploycomp.latency.validate import random_archs_for, validate
+
+    table = profile(backend, tmp_path, grid="swin-micro", protocol={"warmup": 1, "repeats": 1, "passes": 1})
+    archs = random_archs_for(table, 2, seed=1)
+    assert all(isinstance(a, SwinArch) for a in archs) and archs[0] != archs[1]
+    report = validate(table, backend, archs, rounds=2, iters=1)
+    assert report["n"] == 2 and "EMB 32, 4 blocks" in report["calibration"]["anchor"]
+    for row in report["rows"]:
+        assert row["measured"]["median_ms"] > 0 and row["predicted_ms"] > 0 and row["outside_grid"] == []
+        assert [len(st["blocks"]) for st in row["arch"]["stages"]] == [2, 2]
+
+
+def test_swin_floors_keep_each_stage_in_its_grid_and_above_the_previous_stage():
+    """Pruning floors on a Swin grid are per group: each stage's width, heads, head dims and MLP at
+    its own stage's smallest grid point, and a stage's width above the previous stage's (two adjacent
+    stages of one width would read back as one stage); random validation Swins obey the same."""
+    from types import SimpleNamespace
+
+    from deploycomp.latency.profiler import FIXED, GRIDS
+    from deploycomp.latency.validate import random_archs_for
+    from deploycomp.passes.prune import grid_floors
+
+    blocks = [SimpleNamespace(index=i, stage=s) for i, s in enumerate([0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 3, 3])]
+    floors = grid_floors(GRIDS["swin-t"], SimpleNamespace(stage_embs=[96, 192, 384, 768], blocks=blocks))
+    assert [floors[f"stage{s}.emb"] for s in range(4)] == [24, 97, 193, 385]
+    assert (floors["block0.heads"], floors["block11.mlp"], floors["block5.qk"], floors["block5.mlp"]) == (1, 384, 8, 192)
+    table = SimpleNamespace(fixed=FIXED["swin-t"], grid=GRIDS["swin-t"])
+    for arch in random_archs_for(table, 20, seed=3):
+        embs = [st.emb for st in arch.stages]
+        assert embs == sorted(set(embs)) and embs[0] >= 24 and embs[-1] <= 768, embs

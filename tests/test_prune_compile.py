@@ -186,16 +186,20 @@ def test_latency_table_of_another_device_is_refused(tmp_path, monkeypatch, capsy
 
 @pytest.mark.slow
 def test_swin_compile_latency_is_refused_with_one_error(tmp_path, monkeypatch, capsys):
-    """A multi-stage model cannot be pruned to a latency budget yet (the predictor covers one stage):
-    one clear error before any work, nothing written."""
+    """A Swin whose geometry finds a DeiT table (no windowed-attention or patch-merging parts) cannot
+    be pruned to a latency budget: one clear error before any work, nothing written."""
     swin = {"img_size": 64, "patch_size": 16, "window_size": 2, "embed_dim": 32, "depths": (2, 2),
             "num_heads": (2, 4), "num_classes": 10}
+    from deploycomp.passes.cleanup import CleanupPass
+
     write_synthetic_table(tmp_path / "tables", mlp_only)
+    # refused while the job is planned: no pass runs (the predictor would refuse too, but later)
+    monkeypatch.setattr(CleanupPass, "run", lambda *a, **k: pytest.fail("a pass ran before the refusal"))
     code, err = run_cli(monkeypatch, capsys, "compile", "timm:swin_tiny_patch4_window7_224", *model_args(swin), "--target", "ort-cpu",
                         "--latency", "0.8x", "--prune-groups", "mlp", "--tables", tmp_path / "tables", "--no-measure",
                         "-q", "-o", tmp_path / "out")
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "single-stage" in lines[0], err
+    assert code == 2 and len(lines) == 1 and "has no Swin parts" in lines[0], err
     assert not (tmp_path / "out").exists()
 
 

@@ -347,3 +347,80 @@ def test_patch_merging_micrograph_has_the_ops_of_a_pruned_merge(swin):
     assert built == ops_between(residual.outputs[0], reduction)
     x = np.random.default_rng(0).standard_normal((2, 14, 14, widths[0])).astype(np.float32)
     assert run(ir.serde.deserialize_model(part), x).shape == (2, 7, 7, widths[1])
+
+
+def test_swin_parts_chained_have_the_ops_of_a_pruned_swin(swin):
+    """The latency table's Swin parts (stem, per block windowed attention and MLP at the block's
+    shift, patch merging, head), chained at a pruned Swin's dims, have the compute ops of that whole
+    compiled graph, op for op: the predictor's sum covers every op the model runs."""
+    from deploycomp.latency.profiler import FIXED, build_part
+
+    source, data, structure = swin
+    model = fresh(data)
+    prune_graph(model, structure, random_plan(structure, np.random.default_rng(4)))
+    found = discover(model)
+    e0, e1 = found.stage_embs
+    points = [("swin_stem", (e0,)), ("patch_merging.0", (196, e0, e1)), ("swin_head", (49, e1))]
+    for b in found.blocks:
+        shift = int(b.index == 1)  # stage 0's second block; stage 1 is one window
+        points += [(f"window_attention.{b.stage}", (b.sequences, b.tokens, b.emb, b.heads, b.qk_dim, b.v_dim, shift)),
+                   (f"mlp.{b.stage}", (b.tokens * b.sequences, b.emb, b.mlp_dim))]
+    counted = (*COMPUTE_OPS, "ReduceMean")  # the head's pooling
+    built = collections.Counter(n.op_type for part, point in points
+                                for n in build_part(part, point, FIXED["swin-micro"]).graph.node
+                                if n.op_type in counted)
+    assert built == collections.Counter(n.op_type for n in model.graph if n.op_type in counted)
+
+
+def test_compile_latency_prunes_a_swin_to_the_budget(tmp_path, monkeypatch):
+    """``compile --latency 0.5x`` on a tiny Swin with every group prunable, on a synthetic Swin table
+    (every width of every stage costs) and a simulated device: the budget is met by the table and
+    by the device's timing of the artifact, heads / QK / V / MLP and both stage widths move, and the
+    artifact equals the source's weights sliced to the manifest's kept units in torch
+    (``swin_from_timm``) at batch 1 and 3."""
+    from deploycomp.api import CompileOptions, compile
+    from deploycomp.pruning.schedule import PruneConfig
+
+    from .models import save_weights
+    from .synthetic_tables import SimulatedDevice, swin_flops_like, write_synthetic_table
+
+    source = timm_swin()
+    weights = save_weights(source, tmp_path / "w.safetensors")
+    write_synthetic_table(tmp_path / "tables", swin_flops_like, grid="swin-micro")
+    device = SimulatedDevice(swin_flops_like).install(monkeypatch)
+    prune = PruneConfig(latency="0.5x", steps=2, saliency_batches=1, batch_size=4, budget_rounds=0, method="magnitude",
+                        group_sizes={"emb": 8, "heads": 1, "qk": 4, "v": 4, "mlp": 16})
+    manifest = compile("timm:" + SWIN, tmp_path / "out", CompileOptions(
+        target="ort-cpu", model_kwargs=dict(TINY_SWIN), weights=weights, prune=prune, tables=str(tmp_path / "tables"),
+        measure_rounds=0, seed=0))
+    p = manifest["pruning"]
+    assert p["predicted_ms"] <= p["target_ms"] == pytest.approx(0.5 * p["baseline_predicted_ms"], rel=1e-9)
+    assert p["latency"]["measured_ratio"] <= 0.5 * 1.02  # the simulated device times the artifact
+    # the device runs the table's formula: a right sum of the right parts predicts its ratio
+    assert p["latency"]["predicted_ratio"] == pytest.approx(p["latency"]["measured_ratio"], rel=1e-4)
+    cut = {g for g, u in p["kept"].items() if len(u) < structure_units(g)}
+    assert {"stage0.emb", "stage1.emb"} <= cut and any(g.endswith(".mlp") for g in cut), sorted(cut)
+    assert any(g.endswith((".heads", ".qk", ".v")) for g in cut), sorted(cut)
+    # every group stays inside its own stage's grid (swin-micro: widths >= 24 / 48, MLP >= 64 / 128)
+    floors = {"stage0.emb": 24, "stage1.emb": 48, "block0.mlp": 64, "block1.mlp": 64, "block2.mlp": 128, "block3.mlp": 128}
+    assert all(len(p["kept"][g]) >= n for g, n in floors.items()), {g: len(p["kept"][g]) for g in floors}
+    assert len(device.timed) == 1
+    _, structure = cleaned(source)
+    plan = PrunePlan({g: np.asarray(u, dtype=np.int64) for g, u in p["kept"].items()})
+    reference = swin_from_timm(source, structure, plan)
+    for batch in (1, 3):
+        x = images(batch, seed=batch)
+        assert relative_l2(run_ort_path(tmp_path / "out" / "model.onnx", x), torch_out(reference, x)) <= EXACT
+
+
+def structure_units(group: str) -> int:
+    """Units of a tiny Swin group before pruning (TINY_SWIN: widths 32/64, heads 2/4 of 16, MLP 4x)."""
+    name, kind = group.split(".")
+    stage = 0 if name in ("stage0", "block0", "block1") else 1
+    return {"emb": 32, "heads": 2, "qk": 16, "v": 16, "mlp": 128}[kind] * (2 if stage and kind in ("emb", "heads", "mlp") else 1)
+
+
+def run_ort_path(path, x: np.ndarray) -> np.ndarray:
+    from .conftest import run_ort
+
+    return run_ort(path, x)

@@ -77,7 +77,7 @@ def run_design(output: Path, *, latency: str, target: str = DEFAULT_TARGET, batc
                table: Path | None = None, force: bool = False, name: str | None = None, threads: int | None = None,
                say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     from ..latency.predictor import LatencyPredictor
-    from ..latency.profiler import GRIDS, grid_for
+    from ..latency.profiler import FIXED, GRIDS, grid_for
     from ..pruning.schedule import LatencyBudget
     from . import objective
     from .registry import check_name, design_record, save_design
@@ -121,6 +121,8 @@ def run_design(output: Path, *, latency: str, target: str = DEFAULT_TARGET, batc
             raise DeployCompError(f"{ref_name} has the input geometry of grid {model_grid}, not {grid}")
         grid = model_grid
     grid = grid or "deit-base"
+    if "window" in FIXED.get(grid, {}):
+        raise DeployCompError(f"design lays out single-stage ViTs; grid {grid} is a Swin grid")
     lat_table = find_table(target, batch, grid, tables, table, force, threads)
     predictor = LatencyPredictor(lat_table)
     if lat_budget.relative:

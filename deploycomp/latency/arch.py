@@ -87,3 +87,95 @@ def random_arch(rng: np.random.Generator, grid: dict, depth: int = 12, reduce_to
                   tokens=patches + 1 if i < cut else reduced)
         for i in range(depth))
     return ViTArch(emb, blocks, img_size=img_size, patch=patch, in_chans=in_chans, num_classes=num_classes)
+
+
+@dataclass(frozen=True)
+class SwinStage:
+    """One Swin stage: ``resolution`` x ``resolution`` tokens of width ``emb`` in windows of
+    ``window`` x ``window``; each block's ``tokens`` is the window's (window²), and ``shifts[i]``
+    says whether block i shifts its windows (timm: odd blocks, when the stage has several windows)."""
+
+    emb: int
+    resolution: int
+    window: int
+    blocks: tuple[BlockArch, ...]
+    shifts: tuple[bool, ...] = ()
+
+    @property
+    def windows(self) -> int:
+        return (self.resolution // self.window) ** 2
+
+    @property
+    def tokens(self) -> int:
+        return self.resolution**2
+
+    def shifted(self, i: int) -> bool:
+        return bool(self.shifts[i]) if self.shifts else (i % 2 == 1 and self.windows > 1)
+
+
+@dataclass(frozen=True)
+class SwinArch:
+    """A multi-stage (Swin) architecture: per stage its width, grid and window, per block heads /
+    QK / V / MLP; patch merging between stages (2x2 neighbours' channels to the next stage's width).
+    Pruning makes every stage's width and every block's dims independent."""
+
+    stages: tuple[SwinStage, ...]
+    img_size: int = 224
+    patch: int = 4
+    in_chans: int = 3
+    num_classes: int = 1000
+
+    @property
+    def emb(self) -> int:
+        return self.stages[0].emb
+
+    @property
+    def blocks(self) -> tuple[BlockArch, ...]:
+        return tuple(b for s in self.stages for b in s.blocks)
+
+    def flops(self) -> float:
+        """Matmul FLOPs per image (2 x MACs)."""
+        first, last = self.stages[0], self.stages[-1]
+        total = 2.0 * first.tokens * first.emb * self.in_chans * self.patch**2 + 2.0 * last.emb * self.num_classes
+        for s, stage in enumerate(self.stages):
+            for b in stage.blocks:
+                total += stage.windows * b.attention_flops(stage.emb) + 4.0 * stage.tokens * stage.emb * b.mlp_dim
+            if s + 1 < len(self.stages):
+                total += 2.0 * (stage.tokens // 4) * 4 * stage.emb * self.stages[s + 1].emb
+        return total
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def swin_stage_geometry(fixed: dict) -> list[tuple[int, int]]:
+    """(resolution, window) of each stage of the Swin a grid is laid out for: the patch grid halves
+    at every merge, and a window never exceeds its stage's grid (timm clamps it)."""
+    res = fixed["img_size"] // fixed["patch"]
+    out = []
+    for _ in fixed["depths"]:
+        out.append((res, min(fixed["window"], res)))
+        res //= 2
+    return out
+
+
+def random_swin_arch(rng: np.random.Generator, grid: dict, fixed: dict) -> SwinArch:
+    """A random Swin inside a Swin profiling grid: every stage's width and every block's heads /
+    QK / V / MLP drawn independently from its stage's ranges (the validation's architectures)."""
+
+    def draw(values, step):
+        lo, hi = min(values), max(values)
+        return int(rng.choice(np.arange(hi, lo - 1, -step)))
+
+    stages, previous = [], 0
+    for s, ((res, window), depth) in enumerate(zip(swin_stage_geometry(fixed), fixed["depths"])):
+        att, mlp = grid[f"window_attention.{s}"], grid[f"mlp.{s}"]
+        # wider than the previous stage, as pruning keeps it (stages are told apart by width)
+        emb = previous = draw([max(min(att["emb"]), previous + 1), max(att["emb"])], 16 if max(att["emb"]) >= 64 else 4)
+        dim_step = 8 if max(att["qk_dim"]) >= 32 else 4
+        blocks = tuple(BlockArch(heads=draw(att["heads"], 1), qk_dim=draw(att["qk_dim"], dim_step),
+                                 v_dim=draw(att["v_dim"], dim_step),
+                                 mlp_dim=draw(mlp["mlp_dim"], 16), tokens=window * window) for _ in range(depth))
+        stages.append(SwinStage(emb, res, window, blocks))
+    return SwinArch(tuple(stages), img_size=fixed["img_size"], patch=fixed["patch"], in_chans=fixed["in_chans"],
+                    num_classes=fixed["num_classes"])

@@ -24,42 +24,60 @@ the shape.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from .arch import BlockArch, ViTArch, width_steps
+from .arch import BlockArch, SwinArch, SwinStage, ViTArch, swin_stage_geometry, width_steps
 from .table import LatencyTable
 
 # |log scale| beyond log(1.25): the model runs >25 % slower (or 20 % faster) than the table says
 DRIFT_WARN = 1.25
 
 
-def full_arch(table: LatencyTable) -> ViTArch:
+def full_arch(table: LatencyTable) -> ViTArch | SwinArch:
     """The grid's widest architecture (the unpruned model the grid was laid out for: DeiT-B for
-    deit-base, the proxy DeiT for proxy-fmnist): the anchor of a validation's calibration."""
-    att, mlp, fixed = table.grid["attention"], table.grid["mlp"], table.fixed
+    deit-base, the proxy DeiT for proxy-fmnist, Swin-T for swin-t): the anchor of a validation's
+    calibration."""
+    fixed = table.fixed
+    if "window" in fixed:  # a Swin grid: every stage at its widest, with the grid's depths
+        stages = []
+        for s, ((res, window), depth) in enumerate(zip(swin_stage_geometry(fixed), fixed["depths"])):
+            att, mlp = table.grid[f"window_attention.{s}"], table.grid[f"mlp.{s}"]
+            block = BlockArch(max(att["heads"]), max(att["qk_dim"]), max(att["v_dim"]), max(mlp["mlp_dim"]), window**2)
+            stages.append(SwinStage(max(att["emb"]), res, window, (block,) * depth))
+        return SwinArch(tuple(stages), img_size=fixed["img_size"], patch=fixed["patch"], in_chans=fixed["in_chans"],
+                        num_classes=fixed["num_classes"])
+    att, mlp = table.grid["attention"], table.grid["mlp"]
     tokens = (fixed["img_size"] // fixed["patch"]) ** 2 + 1
     block = BlockArch(max(att["heads"]), max(att["qk_dim"]), max(att["v_dim"]), max(mlp["mlp_dim"]), tokens)
     return ViTArch(max(att["emb"]), (block,) * fixed.get("depth", 12), img_size=fixed["img_size"], patch=fixed["patch"],
                    in_chans=fixed["in_chans"], num_classes=fixed["num_classes"])
 
 
-def mid_arch(table: LatencyTable, fraction: float = 0.55) -> ViTArch:
+def mid_arch(table: LatencyTable, fraction: float = 0.55) -> ViTArch | SwinArch:
     """The full architecture narrowed uniformly (EMB, heads, QK, V, MLP) to about ``fraction`` of
     its widths, off the grid's points: the second anchor of a validation, near the middle of the
-    random architectures it predicts."""
-    full, step = full_arch(table), width_steps(table.grid)
-    b = full.blocks[0]
+    random architectures it predicts. A Swin's stages are narrowed to 0.75 instead: its grid goes
+    down to half a stage's width, and every stage must stay wider than the one before."""
+    full = full_arch(table)
+    if isinstance(full, SwinArch):
+        step, fraction = {"emb": 8, "heads": 1, "qk_dim": 8, "v_dim": 8, "mlp_dim": 16}, 0.75
+    else:
+        step = width_steps(table.grid)
 
     def narrow(value: int, key: str) -> int:
         return max(step[key], int(round(value * fraction / step[key])) * step[key])
 
-    block = BlockArch(narrow(b.heads, "heads"), narrow(b.qk_dim, "qk_dim"), narrow(b.v_dim, "v_dim"),
-                      narrow(b.mlp_dim, "mlp_dim"), b.tokens)
-    return ViTArch(narrow(full.emb, "emb"), (block,) * len(full.blocks), img_size=full.img_size, patch=full.patch,
-                   in_chans=full.in_chans, num_classes=full.num_classes)
+    def narrowed(b: BlockArch) -> BlockArch:
+        return BlockArch(narrow(b.heads, "heads"), narrow(b.qk_dim, "qk_dim"), narrow(b.v_dim, "v_dim"),
+                         narrow(b.mlp_dim, "mlp_dim"), b.tokens)
+
+    if isinstance(full, SwinArch):
+        return replace(full, stages=tuple(replace(st, emb=narrow(st.emb, "emb"), blocks=tuple(map(narrowed, st.blocks)))
+                                          for st in full.stages))
+    return replace(full, emb=narrow(full.emb, "emb"), blocks=tuple(map(narrowed, full.blocks)))
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,7 @@ def window_attention_part(resolution: int, window: int, emb: int, heads: int, qk
     LayerNorm, the cyclic shift (Slice/Concat per spatial axis) when ``shift``, window partition,
     the canonical core (separate q/k/v, relative-position bias per head, the shifted-window mask
     through the (-1, windows, H, N, N) view), window reverse, the shift back, the residual.
-    Not profiled into any table yet: the latency table has no windowed-attention part."""
+    The table's ``window_attention`` part (``profiler.build_part``)."""
     g = _Graph(seed)
     n, per_side = window * window, resolution // window
     windows = per_side * per_side
@@ -199,7 +199,7 @@ def window_attention_part(resolution: int, window: int, emb: int, heads: int, qk
 def patch_merging_part(resolution: int, emb: int, out_emb: int, seed: int = 0) -> onnx.ModelProto:
     """Swin's patch merging on a (batch, R, R, emb) grid: the 2x2 neighbours' channels concatenated
     (slot-major, as timm flattens them), LayerNorm over 4·emb, the bias-free reduction to ``out_emb``.
-    Not profiled into any table yet."""
+    The table's ``patch_merging`` part."""
     g = _Graph(seed)
     half = resolution // 2
     x = "x"
@@ -208,3 +208,26 @@ def patch_merging_part(resolution: int, emb: int, out_emb: int, seed: int = 0) -
     y = g.op("Reshape", y, g.const(np.array([-1, half, half, 4 * emb], np.int64)))
     out = g.op("MatMul", g.layernorm(y, 4 * emb), g.weight(4 * emb, out_emb))
     return g.model(x, ["batch", resolution, resolution, emb], out, ["batch", half, half, out_emb])
+
+
+def swin_stem_part(emb: int, img_size: int = 224, patch: int = 4, in_chans: int = 3, seed: int = 0) -> onnx.ModelProto:
+    """Swin's patch embedding as exported: Conv, to channels last (Transpose), LayerNorm; no cls
+    token and no position embedding."""
+    g = _Graph(seed)
+    x = "x"
+    conv = g.op("Conv", x, g.weight(emb, in_chans, patch, patch), g.weight(emb), kernel_shape=[patch, patch],
+                strides=[patch, patch])
+    out = g.layernorm(g.op("Transpose", conv, perm=[0, 2, 3, 1]), emb)
+    side = img_size // patch
+    return g.model(x, ["batch", in_chans, img_size, img_size], out, ["batch", side, side, emb])
+
+
+def swin_head_part(tokens: int, emb: int, num_classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
+    """Swin's head on the last stage's (batch, R, R, emb) grid, R² = ``tokens``: LayerNorm, the
+    mean over the grid (ReduceMean), the classifier (Gemm)."""
+    g = _Graph(seed)
+    side = int(round(tokens**0.5))
+    x = "x"
+    pooled = g.op("ReduceMean", g.layernorm(x, emb), g.const(np.array([1, 2], np.int64)), keepdims=0)
+    out = g.op("Gemm", pooled, g.weight(num_classes, emb), g.weight(num_classes), transB=1)
+    return g.model(x, ["batch", side, side, emb], out, ["batch", num_classes])

@@ -11,19 +11,25 @@ heads cost relative to those in self-attention over the same keys:
 
 (keys clamped to the attention grid). A table profiled before that part existed falls back to the
 self-attention over the keys scaled by the FLOPs ratio (the proxy measured that 10 % optimistic).
+
+A Swin (``SwinArch``) reads a Swin grid's parts, each stage's at that stage's windows and tokens:
+
+    latency = swin_stem(EMB_0) + sum over stages s of [sum over its blocks of
+              window_attention.s(windows_s, window tokens, EMB_s, H, QK, V, shifted) + mlp.s(tokens_s, EMB_s, MLP)]
+              + sum over merges of patch_merging.s(tokens_s, EMB_s, EMB_s+1) + swin_head(tokens_last, EMB_last)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.interpolate import RegularGridInterpolator
 
 from ..errors import DeployCompError
-from .arch import ViTArch
+from .arch import SwinArch, ViTArch, swin_stage_geometry
 from .calibrate import Calibration
-from .table import PART_KEYS, LatencyTable, cross_reference
+from .table import LatencyTable, cross_reference, part_keys
 
 
 @dataclass
@@ -34,6 +40,12 @@ class Prediction:
     attention_ms: list[float]
     mlp_ms: list[float]
     outside_grid: list[str]
+    merging_ms: list[float] = field(default_factory=list)  # Swin's patch merging, one per stage boundary
+
+    def scaled(self, scale: float) -> "Prediction":
+        return Prediction(self.total_ms * scale, self.stem_ms * scale, self.head_ms * scale,
+                          [a * scale for a in self.attention_ms], [m * scale for m in self.mlp_ms], self.outside_grid,
+                          [m * scale for m in self.merging_ms])
 
 
 class LatencyPredictor:
@@ -49,7 +61,7 @@ class LatencyPredictor:
         self._interp = {}
         self._cache: dict[tuple, float] = {}
         for part in table.parts:
-            keys = PART_KEYS[part]
+            keys = part_keys(part)
             axes = [np.asarray(table.grid[part][k], dtype=float) for k in keys]
             values = np.empty([len(a) for a in axes])
             for point in table.points(part):
@@ -66,7 +78,7 @@ class LatencyPredictor:
 
     def _outside(self, part: str, point) -> list[str]:
         out = []
-        for k, v in zip(PART_KEYS[part], point):
+        for k, v in zip(part_keys(part), point):
             lo, hi = min(self.table.grid[part][k]), max(self.table.grid[part][k])
             if not lo <= v <= hi:
                 out.append(f"{part}.{k}={v} outside [{lo}, {hi}]")
@@ -85,15 +97,23 @@ class LatencyPredictor:
         return (self.part_ms("cross_attention", cross_pt) * heads_ratio,
                 self._outside("cross_attention", cross_pt) + self._outside("attention", (keys, e, b.heads, b.qk_dim, b.v_dim)))
 
-    def predict(self, arch: ViTArch, scale: float | None = None) -> Prediction:
-        """Predicted latency; ``scale`` (a measured now/at-profile-time ratio; default: the
-        predictor's calibration at the raw prediction) corrects for device drift."""
+    def _check_geometry(self, arch: ViTArch | SwinArch) -> None:
         fixed = self.table.fixed
         if (arch.img_size, arch.patch, arch.in_chans, arch.num_classes) != (
                 fixed["img_size"], fixed["patch"], fixed["in_chans"], fixed["num_classes"]):
             raise DeployCompError(f"latency table profiles {fixed['img_size']}px/{fixed['patch']} inputs and "
                                   f"{fixed['num_classes']} classes; the architecture has {arch.img_size}px/{arch.patch}, "
                                   f"{arch.num_classes} classes")
+
+    def predict(self, arch: ViTArch | SwinArch, scale: float | None = None) -> Prediction:
+        """Predicted latency; ``scale`` (a measured now/at-profile-time ratio; default: the
+        predictor's calibration at the raw prediction) corrects for device drift."""
+        self._check_geometry(arch)
+        raw = self.predict_swin(arch) if isinstance(arch, SwinArch) else self.predict_vit(arch)
+        return raw.scaled(self.calibration.scale_at(raw.total_ms) if scale is None else scale)
+
+    def predict_vit(self, arch: ViTArch) -> Prediction:
+        """A plain ViT's latency as the table says (unscaled; see the module docstring)."""
         e = arch.emb
         outside = self._outside("stem", (e,))
         attn, mlp = [], []
@@ -108,8 +128,43 @@ class LatencyPredictor:
             mlp.append(self.part_ms("mlp", m_pt))
         last = arch.blocks[-1].out_tokens if arch.blocks else arch.patches + 1
         stem, head = self.part_ms("stem", (e,)), self.part_ms("head", (last, e))
-        if scale is None:
-            scale = self.calibration.scale_at(stem + head + sum(attn) + sum(mlp))
-        attn, mlp = [a * scale for a in attn], [m * scale for m in mlp]
-        stem, head = stem * scale, head * scale
         return Prediction(stem + head + sum(attn) + sum(mlp), stem, head, attn, mlp, sorted(set(outside)))
+
+    def predict_swin(self, arch: SwinArch) -> Prediction:
+        """A Swin's latency from the table's per-stage Swin parts (unscaled; see the module docstring)."""
+        check_swin_table(self.table)
+        fixed = self.table.fixed
+        geometry = [(st.resolution, st.window) for st in arch.stages]
+        if geometry != swin_stage_geometry(fixed):
+            raise DeployCompError(f"latency table {self.table.path} profiles Swin stages (grid, window) "
+                                  f"{swin_stage_geometry(fixed)}; the architecture has {geometry}")
+        outside: list[str] = []
+
+        def ms(part: str, point: tuple[int, ...]) -> float:
+            outside.extend(self._outside(part, point))
+            return self.part_ms(part, point)
+
+        attn, mlp, merging = [], [], []
+        for s, st in enumerate(arch.stages):
+            for i, b in enumerate(st.blocks):
+                attn.append(ms(f"window_attention.{s}", (st.windows, b.tokens, st.emb, b.heads, b.qk_dim, b.v_dim,
+                                                         int(st.shifted(i)))))
+                mlp.append(ms(f"mlp.{s}", (st.tokens, st.emb, b.mlp_dim)))
+            if s + 1 < len(arch.stages):
+                merging.append(ms(f"patch_merging.{s}", (st.tokens, st.emb, arch.stages[s + 1].emb)))
+        last = arch.stages[-1]
+        stem, head = ms("swin_stem", (arch.emb,)), ms("swin_head", (last.tokens, last.emb))
+        return Prediction(stem + head + sum(attn) + sum(mlp) + sum(merging), stem, head, attn, mlp,
+                          sorted(set(outside)), merging)
+
+
+def has_swin_parts(table: LatencyTable) -> bool:
+    return "swin_stem" in table.grid and "window" in table.fixed
+
+
+def check_swin_table(table: LatencyTable) -> None:
+    """A Swin needs a table profiled on a Swin grid; refused in one line otherwise."""
+    if not has_swin_parts(table):
+        raise DeployCompError(f"latency table {table.path} (grid {table.protocol.get('grid_name')}) has no Swin parts "
+                              "(windowed attention, patch merging): profile a Swin grid, e.g. `deploycomp profile "
+                              "--grid swin-t`")

@@ -17,7 +17,8 @@ import numpy as np
 
 from ..errors import DeployCompError
 from . import micrographs
-from .table import LatencyTable, cross_reference, load_table, save_table, table_path
+from .arch import swin_stage_geometry
+from .table import LatencyTable, cross_reference, load_table, part_kind, save_table, table_path
 
 # The DeiT-B search space: EMB <= 768, H <= 12, QK/V <= 64, MLP <= 3072, tokens <= 197.
 GRIDS: dict[str, dict[str, dict[str, list[int]]]] = {
@@ -50,9 +51,46 @@ GRIDS: dict[str, dict[str, dict[str, list[int]]]] = {
         "cross_attention": {"queries": [2, 5], "tokens": [17, 22], "emb": [32, 64]},
     },
 }
+
+
+def swin_grid(fixed: dict[str, Any], embs: list[list[int]], heads: list[list[int]], head_dims: list[int],
+              mlp_dims: list[list[int]]) -> dict[str, dict[str, list[int]]]:
+    """A Swin grid: per stage s, ``window_attention.s`` and ``mlp.s`` at the stage's own windows and
+    tokens (fixed by the input geometry) over its own widths ``embs[s]``, heads ``heads[s]`` and MLP
+    widths ``mlp_dims[s]`` (pruning never moves a block to another stage's sizes, so one product
+    grid over all stages would profile mostly sizes no model has); ``patch_merging.s`` from stage
+    s's widths to stage s+1's; the stem at stage 0's widths, the head at the last stage's."""
+    geometry = swin_stage_geometry(fixed)
+    grid: dict[str, dict[str, list[int]]] = {"swin_stem": {"emb": embs[0]},
+                                              "swin_head": {"tokens": [geometry[-1][0] ** 2], "emb": embs[-1]}}
+    for s, (res, window) in enumerate(geometry):
+        windows = (res // window) ** 2
+        grid[f"window_attention.{s}"] = {"windows": [windows], "tokens": [window * window], "emb": embs[s],
+                                         "heads": heads[s], "qk_dim": head_dims, "v_dim": head_dims,
+                                         "shift": [0, 1] if windows > 1 else [0]}
+        grid[f"mlp.{s}"] = {"tokens": [res * res], "emb": embs[s], "mlp_dim": mlp_dims[s]}
+        if s + 1 < len(geometry):
+            grid[f"patch_merging.{s}"] = {"tokens": [res * res], "emb": embs[s], "out_emb": embs[s + 1]}
+    return grid
+
+
 FIXED = {"deit-base": {"img_size": 224, "patch": 16, "in_chans": 3, "num_classes": 1000},
          "proxy-fmnist": {"img_size": 28, "patch": 4, "in_chans": 1, "num_classes": 10, "depth": 6},
-         "tiny": {"img_size": 64, "patch": 16, "in_chans": 3, "num_classes": 10}}
+         "tiny": {"img_size": 64, "patch": 16, "in_chans": 3, "num_classes": 10},
+         # Swin-T and Swin-S (same geometry and widths; Swin-S is deeper in stage 2)
+         "swin-t": {"img_size": 224, "patch": 4, "in_chans": 3, "num_classes": 1000, "window": 7,
+                    "depths": [2, 2, 6, 2]},
+         # the tests' tiny Swin (tests/conftest.py): 14x14 in four 7x7 windows, then 7x7
+         "swin-micro": {"img_size": 56, "patch": 4, "in_chans": 3, "num_classes": 10, "window": 7, "depths": [2, 2]}}
+# Swin-T: stage s has width 96·2^s and 3·2^s heads of 32 channels, MLP 4x; stage 0's width down to
+# a quarter, the others' to half (pruning keeps each above the previous stage's: ``passes/prune.grid_floors``),
+# heads down to one, head dims down to 8, MLP down to half the width.
+GRIDS["swin-t"] = swin_grid(FIXED["swin-t"],
+                            embs=[[24, 48, 72, 96]] + [[c // 2, 2 * c // 3, 5 * c // 6, c] for c in (192, 384, 768)],
+                            heads=[[1, 2, 3], [1, 2, 4, 6], [1, 4, 8, 12], [1, 8, 16, 24]], head_dims=[8, 16, 32],
+                            mlp_dims=[[c // 2, c, 2 * c, 3 * c, 4 * c] for c in (96, 192, 384, 768)])
+GRIDS["swin-micro"] = swin_grid(FIXED["swin-micro"], embs=[[24, 32], [48, 64]], heads=[[1, 2], [1, 4]],
+                                head_dims=[8, 16], mlp_dims=[[64, 128], [128, 256]])
 # Eight passes of two: each point's median mixes eight moments of the profile, so a slow minute
 # of the machine moves it less. Validation at batch 1 here: 2 passes x 5 repeats gave 12 % median /
 # 27 % p90 error, 4 x 3 gave 5.6 % / 12 % (one EMB-576 point still 15 % off a re-measurement).
@@ -82,13 +120,39 @@ def build_part(part: str, point: tuple[int, ...], fixed: dict[str, Any], grid: d
         return micrographs.stem_part(point[0], fixed["img_size"], fixed["patch"], fixed["in_chans"])
     if part == "head":
         return micrographs.head_part(point[0], point[1], fixed["num_classes"])
+    kind = part_kind(part)
+    if kind == "mlp":  # a Swin stage's
+        return micrographs.mlp_part(*point)
+    if kind == "window_attention":
+        windows, tokens, emb, heads, qk_dim, v_dim, shift = point
+        window = _side(tokens)
+        return micrographs.window_attention_part(_side(windows) * window, window, emb, heads, qk_dim, v_dim,
+                                                 shift * (window // 2))
+    if kind == "patch_merging":
+        return micrographs.patch_merging_part(_side(point[0]), point[1], point[2])
+    if kind == "swin_stem":
+        return micrographs.swin_stem_part(point[0], fixed["img_size"], fixed["patch"], fixed["in_chans"])
+    if kind == "swin_head":
+        return micrographs.swin_head_part(point[0], point[1], fixed["num_classes"])
     raise ValueError(part)
+
+
+def _side(square: int) -> int:
+    side = int(round(square**0.5))
+    assert side * side == square, square
+    return side
 
 
 def part_input(part: str, point: tuple[int, ...], fixed: dict[str, Any], batch: int) -> np.ndarray:
     rng = np.random.default_rng(0)
-    if part == "stem":
+    kind = part_kind(part)
+    if kind in ("stem", "swin_stem"):
         shape = (batch, fixed["in_chans"], fixed["img_size"], fixed["img_size"])
+    elif kind == "window_attention":  # the stage's (batch, R, R, emb) grid
+        side = _side(point[0]) * _side(point[1])
+        shape = (batch, side, side, point[2])
+    elif kind in ("patch_merging", "swin_head"):
+        shape = (batch, _side(point[0]), _side(point[0]), point[1])
     elif part == "cross_attention":  # (queries, tokens, emb): the input holds the keys
         shape = (batch, point[1], point[2])
     else:

@@ -35,7 +35,24 @@ PART_KEYS = {
     # STViT's generator: TokenCluster of ``queries`` centres over ``tokens`` keys, at the attention
     # grid's widest heads (``cross_reference``); other head shapes scale by the attention part
     "cross_attention": ("queries", "tokens", "emb"),
+    # Swin (``arch.SwinArch``): per stage s, ``window_attention.s`` (one block's attention half over
+    # ``windows`` windows of ``tokens`` tokens; shift 1: the shifted-window variant), ``mlp.s`` at
+    # the stage's tokens, ``patch_merging.s`` (stage s's grid of ``tokens`` to half its side);
+    # stem and head as Swin has them (no cls token, mean pooling)
+    "window_attention": ("windows", "tokens", "emb", "heads", "qk_dim", "v_dim", "shift"),
+    "patch_merging": ("tokens", "emb", "out_emb"),
+    "swin_stem": ("emb",),
+    "swin_head": ("tokens", "emb"),
 }
+
+
+def part_kind(part: str) -> str:
+    """``window_attention.2`` -> ``window_attention``: a grid may hold one part of a kind per stage."""
+    return part.split(".", 1)[0]
+
+
+def part_keys(part: str) -> tuple[str, ...]:
+    return PART_KEYS[part_kind(part)]
 
 
 def cross_reference(grid: dict[str, dict[str, list[int]]]) -> tuple[int, int, int]:
@@ -61,10 +78,12 @@ class LatencyTable:
     @property
     def parts(self) -> list[str]:
         """The part kinds this table profiles (tables from before a kind existed lack it)."""
-        return [part for part in PART_KEYS if part in self.grid]
+        kinds = list(PART_KEYS)
+        return sorted((part for part in self.grid if part_kind(part) in PART_KEYS),
+                      key=lambda part: (kinds.index(part_kind(part)), part))
 
     def points(self, part: str) -> list[tuple[int, ...]]:
-        axes = [self.grid[part][k] for k in PART_KEYS[part]]
+        axes = [self.grid[part][k] for k in part_keys(part)]
         return [tuple(int(v) for v in p) for p in np.array(np.meshgrid(*axes, indexing="ij")).reshape(len(axes), -1).T]
 
     def samples(self, part: str, point) -> list[float]:

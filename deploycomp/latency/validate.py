@@ -2,7 +2,9 @@
 
 Random non-uniform architectures (per-block heads / QK / V / MLP drawn independently, half of them
 with the token count reduced after a random block) are built as FlexViT, exported, compiled by
-deploycomp, and measured interleaved; the prediction error is reported per model with its median
+deploycomp, and measured interleaved; on a Swin grid, random Swins (every stage's width and every
+block's dims drawn from its stage's grid) are timm Swins at the grid's full widths sliced in torch
+(``pruning/torch_prune.swin_from_timm``); the prediction error is reported per model with its median
 and p90, raw and corrected for the device's drift since profiling (see ``validate``). A FLOPs-proportional model (ms per FLOP fitted on the same models) is reported alongside,
 to show what the table adds.
 """
@@ -15,13 +17,52 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .arch import ViTArch, random_arch
+from .arch import SwinArch, ViTArch, random_arch, random_swin_arch
 from .predictor import LatencyPredictor
 from .table import LatencyTable
 
 
-def compile_arch(arch: ViTArch, workdir: Path, name: str, backend) -> Path:
-    """FlexViT(arch) -> ONNX -> deploycomp compile (verified); returns the compiled ONNX graph."""
+def swin_module(arch: SwinArch, full: SwinArch):
+    """A torch Swin of ``arch``: a timm Swin at ``full``'s widths (random weights) with the first
+    units of every group kept (which units does not change the latency)."""
+    import networkx as nx
+    import timm
+    import torch
+
+    from ..ir.structure import BlockStructure, Structure
+    from ..pruning.plan import PrunePlan
+    from ..pruning.torch_prune import swin_from_timm
+
+    torch.manual_seed(0)
+    stages = full.stages
+    source = timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, img_size=full.img_size, patch_size=full.patch,
+        in_chans=full.in_chans, num_classes=full.num_classes, window_size=stages[0].window,
+        embed_dim=stages[0].emb, depths=tuple(len(st.blocks) for st in stages),
+        num_heads=tuple(st.blocks[0].heads for st in stages), head_dim=stages[0].blocks[0].qk_dim,
+        mlp_ratio=stages[0].blocks[0].mlp_dim / stages[0].emb).eval()
+    graph, blocks, keep = nx.MultiDiGraph(), [], {}
+
+    def group(name: str, kind: str, units: int, kept: int) -> None:
+        graph.add_node(name, type="group", kind=kind, units=units)
+        keep[name] = np.arange(kept)
+
+    for s, (st, small) in enumerate(zip(stages, arch.stages)):
+        group(f"stage{s}.emb", "emb", st.emb, small.emb)
+        for b, kept in zip(st.blocks, small.blocks):
+            i = len(blocks)
+            blocks.append(BlockStructure(i, s, st.emb, b.heads, b.qk_dim, b.v_dim, b.mlp_dim, b.tokens, st.windows,
+                                         fused_qkv=True))
+            for kind, units, n in (("heads", b.heads, kept.heads), ("qk", b.qk_dim, kept.qk_dim),
+                                   ("v", b.v_dim, kept.v_dim), ("mlp", b.mlp_dim, kept.mlp_dim)):
+                group(f"block{i}.{kind}", kind, units, n)
+    structure = Structure("swin", blocks, [st.emb for st in stages], graph)
+    return swin_from_timm(source, structure, PrunePlan(keep))
+
+
+def compile_arch(arch: ViTArch | SwinArch, workdir: Path, name: str, backend, full: SwinArch | None = None) -> Path:
+    """FlexViT(arch) (a Swin: ``swin_module(arch, full)``) -> ONNX -> deploycomp compile (verified);
+    returns the compiled ONNX graph."""
     import onnx_ir as ir
     import torch
 
@@ -30,7 +71,7 @@ def compile_arch(arch: ViTArch, workdir: Path, name: str, backend) -> Path:
     from .flexvit import FlexViT
 
     torch.manual_seed(0)
-    module = FlexViT(arch).eval()
+    module = swin_module(arch, full) if isinstance(arch, SwinArch) else FlexViT(arch).eval()
     src = workdir / f"{name}.onnx"
     ir.save(export_to_onnx(module, (1, arch.in_chans, arch.img_size, arch.img_size)), src)
     out = workdir / name
@@ -72,9 +113,10 @@ def validate(table: LatencyTable, backend, archs: list[ViTArch], rounds: int = 5
     anchors = {"the grid's full architecture": full_arch(table), "a uniform mid-width architecture": mid_arch(table)}
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
+        full = anchors["the grid's full architecture"]
         for i, arch in enumerate([*archs, *anchors.values()]):
             say(f"compile {i + 1}/{len(archs) + len(anchors)}")
-            paths.append(compile_arch(arch, Path(tmp), f"arch{i}", backend))
+            paths.append(compile_arch(arch, Path(tmp), f"arch{i}", backend, full=full))
         say("measure")
         shape = (1, archs[0].in_chans, archs[0].img_size, archs[0].img_size)
         measured = measure_models(backend, paths, shape, batch, rounds, iters)
@@ -111,3 +153,13 @@ def random_archs(n: int, seed: int = 0, **kw) -> list[ViTArch]:
     """``n`` random architectures; every second one runs on fewer tokens after some block."""
     rng = np.random.default_rng(seed)
     return [random_arch(rng, reduce_tokens=bool(i % 2), **kw) for i in range(n)]
+
+
+def random_archs_for(table: LatencyTable, n: int, seed: int = 0) -> list[ViTArch] | list[SwinArch]:
+    """``n`` random architectures inside ``table``'s grid: Swins on a Swin grid, else ViTs."""
+    fixed = table.fixed
+    if "window" in fixed:
+        rng = np.random.default_rng(seed)
+        return [random_swin_arch(rng, table.grid, fixed) for _ in range(n)]
+    return random_archs(n, seed, img_size=fixed["img_size"], patch=fixed["patch"], in_chans=fixed["in_chans"],
+                        num_classes=fixed["num_classes"], grid=table.grid, depth=fixed.get("depth", 12))

@@ -31,8 +31,22 @@ from ..pruning.select import copy_plan, uniform_step
 from .base import CompileContext, Pass, PassResult, Rewrite, objective_of, register_pass
 
 
-def grid_floors(grid: dict) -> dict[str, int]:
-    """The smallest size of each kind the latency table was profiled at."""
+def grid_floors(grid: dict, structure=None) -> dict[str, int]:
+    """The smallest size of each kind the latency table was profiled at; on a Swin grid, of each
+    group at its stage's parts (``stage1.emb``, ``block4.heads``, ...)."""
+    if "window_attention.0" in grid:
+        # a stage never reaches the previous stage's width: discovery tells stages apart by width, so
+        # two adjacent stages of one width would read back as one
+        floors, previous = {}, 0
+        for s in range(len(structure.stage_embs)):
+            floors[f"stage{s}.emb"] = max(min(grid[f"window_attention.{s}"]["emb"]), previous + 1)
+            previous = structure.stage_embs[s]
+        for b in structure.blocks:
+            att, mlp = grid[f"window_attention.{b.stage}"], grid[f"mlp.{b.stage}"]
+            for kind, values in (("heads", att["heads"]), ("qk", att["qk_dim"]), ("v", att["v_dim"]),
+                                 ("mlp", mlp["mlp_dim"])):
+                floors[f"block{b.index}.{kind}"] = min(values)
+        return floors
     att, mlp = grid["attention"], grid["mlp"]
     return {"emb": min(att["emb"]), "heads": min(att["heads"]), "qk": min(att["qk_dim"]), "v": min(att["v_dim"]),
             "mlp": min(mlp["mlp_dim"])}
@@ -40,8 +54,12 @@ def grid_floors(grid: dict) -> dict[str, int]:
 
 def geometry_of(module: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
     """The input geometry and class count a latency table is keyed by."""
-    return {"img_size": input_shape[-1], "patch": int(module.patch_embed.patch_size[0]), "in_chans": input_shape[1],
-            "num_classes": int(module.num_classes)}
+    geometry = {"img_size": input_shape[-1], "patch": int(module.patch_embed.patch_size[0]),
+                "in_chans": input_shape[1], "num_classes": int(module.num_classes)}
+    if hasattr(module, "layers"):  # Swin: which blocks shift their windows
+        geometry["shifts"] = tuple(bool(np.any(np.asarray(blk.shift_size))) for stage in module.layers
+                                   for blk in stage.blocks)
+    return geometry
 
 
 @register_pass
@@ -107,7 +125,7 @@ class PrunePass(Pass):
                 source_ms = predict(PrunePlan(), rewritten=False)
                 anchor = self.uniform_anchor(structure, lambda plan: predict(plan, rewritten=False),
                                              budget.target_ms(source_ms) / source_ms if not budget.relative else budget.value,
-                                             grid_floors(predictor.table.grid))
+                                             grid_floors(predictor.table.grid, structure))
                 narrowed = ir.serde.deserialize_model(onnx.load_from_string(unpruned))
                 prune_graph(narrowed, structure, anchor)
                 models["narrowed"] = narrowed
@@ -133,7 +151,7 @@ class PrunePass(Pass):
             absolute = {"budget_ms": budget.value, "unpruned_measured_ms": ms, "as_fraction": budget.value / ms}
         outcome = prune(module, model, structure, predict, config, shape, ctx.train, ctx.test, ctx.say,
                         measure if config.budget_rounds and ctx.backend is not None else None,
-                        grid_floors(predictor.table.grid), teacher=ctx.teacher if self.rewrites else None,
+                        grid_floors(predictor.table.grid, structure), teacher=ctx.teacher if self.rewrites else None,
                         baseline_ms=predict(PrunePlan(), rewritten=False), objective=objective_of(ctx))
         copy_weights_to_graph(module, model)
         rewrite = prune_graph(model, structure, outcome.plan)

@@ -12,7 +12,7 @@ from ..errors import DeployCompError
 from ..ir.structure import Structure
 
 if TYPE_CHECKING:
-    from ..latency.arch import ViTArch
+    from ..latency.arch import SwinArch, ViTArch
 
 
 @dataclass
@@ -66,19 +66,32 @@ def clear_intermediate_shapes(model: ir.Model) -> None:
                 value.shape = None
 
 
-def check_single_stage(stages: int) -> None:
-    """The latency table models single-stage ViTs; a multi-stage model (Swin) is refused."""
-    if stages != 1:
-        raise DeployCompError(f"latency prediction covers single-stage ViTs (DeiT); this model has {stages} stages")
-
-
 def plan_arch(structure: Structure, plan: PrunePlan, *, img_size: int, patch: int, in_chans: int,
-              num_classes: int) -> ViTArch:
-    """The architecture a plan leaves (single-stage ViTs: the latency table's model)."""
-    from ..latency.arch import BlockArch, ViTArch
+              num_classes: int, shifts: tuple[bool, ...] | None = None) -> ViTArch | SwinArch:
+    """The architecture a plan leaves: a ``ViTArch`` for a single-stage ViT, a ``SwinArch`` for a
+    multi-stage one (``shifts``: which blocks shift their windows, from the module; default timm's
+    rule, odd blocks of a stage with several windows)."""
+    from ..latency.arch import BlockArch, SwinArch, SwinStage, ViTArch
 
-    check_single_stage(len(structure.stage_embs))
-    blocks = tuple(BlockArch(*(len(plan.kept(structure, f"block{b.index}.{k}")) for k in ("heads", "qk", "v", "mlp")),
-                             tokens=b.tokens) for b in structure.blocks)
-    return ViTArch(len(plan.kept(structure, "stage0.emb")), blocks, img_size=img_size, patch=patch,
-                   in_chans=in_chans, num_classes=num_classes)
+    def block(b) -> BlockArch:
+        return BlockArch(*(len(plan.kept(structure, f"block{b.index}.{k}")) for k in ("heads", "qk", "v", "mlp")),
+                         tokens=b.tokens)
+
+    if len(structure.stage_embs) == 1:
+        return ViTArch(len(plan.kept(structure, "stage0.emb")), tuple(block(b) for b in structure.blocks),
+                       img_size=img_size, patch=patch, in_chans=in_chans, num_classes=num_classes)
+    stages = []
+    for s in range(len(structure.stage_embs)):
+        blocks = [b for b in structure.blocks if b.stage == s]
+        window, windows = _side(blocks[0].tokens), _side(blocks[0].sequences)
+        stages.append(SwinStage(len(plan.kept(structure, f"stage{s}.emb")), windows * window, window,
+                                tuple(block(b) for b in blocks),
+                                tuple(bool(shifts[b.index]) for b in blocks) if shifts is not None else ()))
+    return SwinArch(tuple(stages), img_size=img_size, patch=patch, in_chans=in_chans, num_classes=num_classes)
+
+
+def _side(square: int) -> int:
+    side = int(round(square**0.5))
+    if side * side != square:
+        raise DeployCompError(f"a Swin stage with {square} tokens or windows per side² is not a square grid")
+    return side

@@ -72,8 +72,9 @@ def select_step(structure: Structure, plan: PrunePlan, importance: dict[str, np.
                 groups: set[str] | None = None, floors: dict[str, int] | None = None,
                 best_effort: bool = False) -> StepResult:
     """Remove chunks, lowest score first, until the predicted latency is at most ``target_ms``.
-    ``floors`` (per kind) keep every group inside the latency table's grid, where its predictions
-    were validated (extrapolated below it, the DeiT-B table overestimated a 112-wide EMB by 23 %).
+    ``floors`` (per kind, or per group: a Swin stage's own grid) keep every group inside the latency
+    table's grid, where its predictions were validated (extrapolated below it, the DeiT-B table
+    overestimated a 112-wide EMB by 23 %).
     ``best_effort``: stop at the floors instead of failing (targets corrected by a measurement)."""
     sizes = {**DEFAULT_GROUP_SIZES, **(sizes or {})}
     floors = floors or {}
@@ -86,7 +87,7 @@ def select_step(structure: Structure, plan: PrunePlan, importance: dict[str, np.
         best = None
         for g in candidates:
             kind = structure.graph.nodes[g]["kind"]
-            chunk = next_chunk(plan.keep[g], importance[g], sizes[kind], floors.get(kind, 0))
+            chunk = next_chunk(plan.keep[g], importance[g], sizes[kind], floors.get(g, floors.get(kind, 0)))
             if chunk is None:
                 continue
             trial = _without(plan, g, chunk)
@@ -124,7 +125,8 @@ def uniform_step(structure: Structure, plan: PrunePlan, importance: dict[str, np
         for g in scaled:
             units, kind = structure.graph.nodes[g]["units"], structure.graph.nodes[g]["kind"]
             size = sizes[kind]
-            count = min(len(current.keep[g]), max(size, floors.get(kind, 0), int(round(ratio * units / size)) * size))
+            count = min(len(current.keep[g]), max(size, floors.get(g, floors.get(kind, 0)),
+                                                  int(round(ratio * units / size)) * size))
             kept = current.keep[g]
             order = np.argsort(-importance[g][kept], kind="stable")
             out.keep[g] = np.sort(kept[order[:count]])
