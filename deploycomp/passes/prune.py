@@ -4,6 +4,15 @@ Runs the schedule on the torch module the graph came from (masks keep parameter 
 trained weights into the graph, rewrites the graph to the final plan and re-discovers its
 structure. The verification gate that follows compares the rewritten graph with the masked torch
 model, so the artifact is checked against exactly what was trained.
+
+**Precision.** The budget is relative to the unpruned model as the user holds it: fp32 on the
+target (``ctx.latency_reference``, the fp32 table, calibrated on the unpruned graph timed in fp32).
+Pruned architectures are predicted by the table of the compile's precision (``ctx.latency``), so a
+lower precision counts toward the budget; that table is calibrated on the unpruned graph in that
+precision (quantized as the quantize pass does, for timing) when on-device checks are on, and
+otherwise scaled like the fp32 table (the device's drift is shared). On-device checks time the
+pruned graph in the compile's precision against the unpruned graph in fp32. The manifest's
+``levers`` split the predicted speed-up into precision x tokens x width, in that order.
 """
 
 from __future__ import annotations
@@ -47,14 +56,15 @@ class PrunePass(Pass):
     name = "prune"
 
     def __init__(self, config: PruneConfig, rewrites: Sequence[Rewrite] = (), latency_batch: int = 1,
-                 measure_rounds: int = 30, calibrate_rounds: int = 4):
+                 measure_rounds: int = 30, calibrate_rounds: int = 4, precision: str = "fp32"):
         """``rewrites``: passes applied after pruning that change latency (semantic tokens and their
         lowering). The budget covers them: the latency model sees their architecture, the torch
         model they wrap is what is trained, and every on-device check times the pruned graph with
         them applied against the unpruned source graph. ``calibrate_rounds``: rounds the unpruned
         graph is timed to scale the latency table to the device now (``latency/calibrate.py``;
-        0 trusts the table as profiled)."""
-        self.config, self.rewrites = config, list(rewrites)
+        0 trusts the table as profiled). ``precision``: what the artifact runs in after the later
+        passes (the precision ``ctx.latency`` was profiled at)."""
+        self.config, self.rewrites, self.precision = config, list(rewrites), precision
         self.latency_batch, self.measure_rounds, self.calibrate_rounds = latency_batch, measure_rounds, calibrate_rounds
 
     def requires(self, model: ir.Model, ctx: CompileContext) -> None:
@@ -64,8 +74,29 @@ class PrunePass(Pass):
         for name in (sl.tensor for g in ctx.structure.groups() for sl in ctx.structure.slices(g)):
             assert name in model.graph.initializers, f"coupled tensor {name} missing"
 
+    def in_precision(self, model, backend, input_shape) -> bytes:
+        """``model`` (serialized fp32 graph) as the compile's precision will leave it, for timing."""
+        if self.precision == "int8":
+            import tempfile
+
+            import numpy as np
+
+            from .quantize import quantize_for_latency
+
+            x = [np.random.default_rng(k).standard_normal(input_shape).astype(np.float32) for k in range(4)]
+            with tempfile.TemporaryDirectory(prefix="deploycomp-prune-int8-") as tmp:
+                return quantize_for_latency(model, backend.int8_quantizer, x, tmp).SerializeToString()
+        if self.precision != "fp32" and backend.precisions.get(self.precision) == "graph":
+            from .precision import convert_precision
+
+            return ir.to_proto(convert_precision(ir.serde.deserialize_model(onnx.load_from_string(model)),
+                                                 self.precision)).SerializeToString()
+        return model  # fp32, or a runtime precision: the backend runs it
+
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
         structure, predictor = ctx.structure, ctx.latency
+        reference = ctx.latency_reference or predictor  # the fp32 table: what the budget is relative to
+        lowered = reference is not predictor
         geometry = geometry_of(ctx.module, ctx.input_shape)
         shape = (1, *ctx.input_shape[1:])
         # Swin's folded position biases are marked with their tables before the graph is copied
@@ -77,22 +108,39 @@ class PrunePass(Pass):
         for r in self.rewrites:
             module = r.wrap_module(module)
 
-        def predict(plan: PrunePlan, rewritten: bool = True) -> float:
+        def predict(plan: PrunePlan, rewritten: bool = True, by=None) -> float:
             arch = plan_arch(structure, plan, **geometry)
             for r in self.rewrites if rewritten else ():
                 arch = r.rewrite_arch(arch)
-            return predictor.predict(arch).total_ms
+            return (by or predictor).predict(arch).total_ms
+
+        fp32_backend = ctx.backend
+        if ctx.backend is not None and getattr(ctx.backend, "precision", "fp32") != "fp32":
+            from ..backends.base import get_backend  # a runtime precision (OpenVINO bf16): the source runs fp32
+
+            fp32_backend = get_backend(ctx.backend.name, **{**ctx.backend.options(), "precision": "fp32"})
+
+        def time_against_unpruned(graph: bytes) -> float:
+            """``graph`` in the compile's precision timed against the unpruned graph in fp32 (interleaved
+            when one backend runs both)."""
+            graph = self.in_precision(graph, ctx.backend, shape)
+            if fp32_backend is ctx.backend:
+                times = ctx.backend.time({"unpruned": unpruned, "pruned": graph}, shape, self.latency_batch,
+                                         self.measure_rounds)
+                return times["pruned"]["median_ms"] / times["unpruned"]["median_ms"]
+            ref = fp32_backend.time({"unpruned": unpruned}, shape, self.latency_batch, self.measure_rounds)
+            got = ctx.backend.time({"pruned": graph}, shape, self.latency_batch, self.measure_rounds)
+            return got["pruned"]["median_ms"] / ref["unpruned"]["median_ms"]
 
         def measure(plan: PrunePlan) -> float:
-            """The plan's graph (current weights, rewrites applied) timed against the unpruned graph."""
+            """The plan's graph (current weights, rewrites applied, in the compile's precision) timed
+            against the unpruned graph."""
             trial = ir.serde.deserialize_model(onnx.load_from_string(unpruned))
             copy_weights_to_graph(module, trial)
             prune_graph(trial, structure, plan)
             for r in self.rewrites:
                 r.rewrite_graph(trial)
-            times = ctx.backend.time({"unpruned": unpruned, "pruned": trial}, shape, self.latency_batch,
-                                     self.measure_rounds)
-            return times["pruned"]["median_ms"] / times["unpruned"]["median_ms"]
+            return time_against_unpruned(ir.to_proto(trial).SerializeToString())
 
         config, absolute = self.config, None
         budget = LatencyBudget.parse(config.latency)
@@ -100,12 +148,26 @@ class PrunePass(Pass):
         ms = None
         if ctx.backend is not None and (self.calibrate_rounds or judge_on_device):
             rounds = self.measure_rounds if judge_on_device else self.calibrate_rounds
-            ms = ctx.backend.time({"unpruned": unpruned}, shape, self.latency_batch, rounds)["unpruned"]["median_ms"]
+            ms = fp32_backend.time({"unpruned": unpruned}, shape, self.latency_batch, rounds)["unpruned"]["median_ms"]
+        full = plan_arch(structure, PrunePlan(), **geometry)
         if self.calibrate_rounds and ms is not None:  # the table scaled to predict the source as it runs now
-            cal = calibration(predictor.predict(plan_arch(structure, PrunePlan(), **geometry), scale=1.0).total_ms, ms,
-                              "the unpruned source model")
+            cal = calibration(reference.predict(full, scale=1.0).total_ms, ms, "the unpruned source model")
             ctx.results["latency_calibration"] = cal
-            ctx.latency = predictor = LatencyPredictor(predictor.table, cal["scale"])
+            ctx.latency_reference = reference = LatencyPredictor(reference.table, cal["scale"])
+            scale = cal["scale"]
+            if lowered and config.budget_rounds and ctx.backend is not None:  # anchored on the source in its precision
+                rounds = max(self.calibrate_rounds, 1)
+                graph = self.in_precision(unpruned, ctx.backend, shape)
+                low_ms = ctx.backend.time({"unpruned": graph}, shape, self.latency_batch, rounds)["unpruned"]["median_ms"]
+                low = calibration(predictor.predict(full, scale=1.0).total_ms, low_ms,
+                                  f"the unpruned source model in {self.precision}")
+                cal["precision"] = {self.precision: low}
+                scale = low["scale"]
+                if "warning" in low:
+                    warnings.warn(low["warning"], DeployCompWarning, stacklevel=2)
+            elif lowered:
+                cal["precision"] = {self.precision: {"scale": scale, "anchor": "the fp32 calibration (no on-device checks)"}}
+            ctx.latency = predictor = LatencyPredictor(predictor.table, scale) if lowered else reference
             if "warning" in cal:
                 warnings.warn(cal["warning"], DeployCompWarning, stacklevel=2)
         if judge_on_device:
@@ -119,7 +181,7 @@ class PrunePass(Pass):
         outcome = prune(module, model, structure, predict, config, shape, ctx.train, ctx.test, ctx.say,
                         measure if config.budget_rounds and ctx.backend is not None else None,
                         grid_floors(predictor.table.grid), teacher=ctx.teacher if self.rewrites else None,
-                        baseline_ms=predict(PrunePlan(), rewritten=False), objective=objective_of(ctx))
+                        baseline_ms=predict(PrunePlan(), rewritten=False, by=reference), objective=objective_of(ctx))
         copy_weights_to_graph(module, model)
         rewrite = prune_graph(model, structure, outcome.plan)
         ctx.structure = discover(model, family=structure.family)
@@ -130,7 +192,15 @@ class PrunePass(Pass):
                                         for k in ("heads", "qk", "v", "mlp")) for b in structure.blocks}
         self.expected_emb = [len(outcome.plan.kept(structure, f"stage{s}.emb")) for s in range(len(structure.stage_embs))]
         arch = plan_arch(structure, outcome.plan, **geometry)
+        precision_only = predict(PrunePlan(), rewritten=False)
+        with_tokens = predict(PrunePlan())
         ctx.results["pruning"] = {
+            "precision": self.precision,
+            "tables": {"budget": str(reference.table.path), "predictions": str(predictor.table.path)},
+            # predicted speed-up of each lever, applied in this order (their product is the total)
+            "levers": {"precision": outcome.baseline_ms / precision_only, "tokens": precision_only / with_tokens,
+                       "width": with_tokens / outcome.predicted_ms, "total": outcome.baseline_ms / outcome.predicted_ms,
+                       "order": "precision, then tokens, then width; ratios of predicted latencies"},
             "arch": arch.to_dict(),
             "rewrites": [r.name for r in self.rewrites],
             "config": {**vars(self.config)},

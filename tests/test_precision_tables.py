@@ -1,0 +1,123 @@
+"""Latency tables per (target, precision) and one budget over width x precision, on synthetic tables.
+
+Known answers (TINY_DEIT of test_prune_compile: 2 blocks, MLP 128 each, MLP chunks of 16): the fp32
+table :func:`mlp_only` predicts 0.64 + S ALPHA ms for S MLP channels in all (3.2 ms unpruned); the
+int8 table :func:`mlp_only_int8` 0.64 + S ALPHA / 2 (1.92 ms unpruned). A 0.46x budget is relative
+to the fp32 source: 1.472 ms. fp32 must keep S <= 83.2 -> S = 80; int8 S <= 166.4 -> S = 160.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deploycomp.api import CompileOptions, compile
+from deploycomp.pruning.schedule import PruneConfig
+
+from .models import DEIT
+from .synthetic_tables import ALPHA, SimulatedDevice, mlp_only, mlp_only_int8, write_synthetic_table
+from .test_gate import model_args, run_cli
+from .test_prune_compile import SIZES, TINY_DEIT, mlp_dims
+
+BASELINE_MS = 0.64 + 256 * ALPHA
+INT8_MS = 0.64 + 256 * ALPHA / 2
+BUDGET = "0.46x"
+
+
+@pytest.fixture(scope="module")
+def precision_tables(tmp_path_factory):
+    """This device's tiny ort-cpu tables: fp32 from mlp_only, int8 from mlp_only_int8."""
+    root = tmp_path_factory.mktemp("precision_tables")
+    write_synthetic_table(root, mlp_only)
+    write_synthetic_table(root, mlp_only_int8, precision="int8")
+    return root
+
+
+def compile_at(tmp_path, tables, precision: str, name: str = "out", **prune):
+    config = PruneConfig(**{"steps": 2, "saliency_batches": 2, "batch_size": 8, "group_sizes": SIZES,
+                            "budget_rounds": 0, "latency": BUDGET, "kinds": ("mlp",), **prune})
+    options = CompileOptions(target="ort-cpu", model_kwargs=dict(TINY_DEIT), prune=config, tables=str(tables),
+                             measure_rounds=0, seed=0, precision=precision, sensitivity_samples=0)
+    return compile(DEIT, tmp_path / name, options)
+
+
+def test_the_int8_table_makes_a_budget_need_less_pruning(tmp_path, precision_tables, monkeypatch):
+    """The same 0.46x budget of the fp32 source: fp32 keeps 80 MLP channels, int8 160 (its table
+    counts the int8 speed toward the budget); the int8 prediction is the int8 table's, its baseline
+    the fp32 table's, and the levers split the predicted speed-up into precision x width."""
+    SimulatedDevice(mlp_only, int8=mlp_only_int8).install(monkeypatch)
+    fp32 = compile_at(tmp_path, precision_tables, "fp32", "fp32")
+    int8 = compile_at(tmp_path, precision_tables, "int8", "int8")
+    assert sum(mlp_dims(fp32)) == 80 and sum(mlp_dims(int8)) == 160
+    p = int8["pruning"]
+    assert p["precision"] == "int8" and "-int8-" in p["tables"]["predictions"] and "-fp32-" in p["tables"]["budget"]
+    assert p["baseline_predicted_ms"] == pytest.approx(BASELINE_MS, rel=1e-9)
+    assert p["target_ms"] == pytest.approx(0.46 * BASELINE_MS, rel=1e-9)
+    assert p["predicted_ms"] == pytest.approx(0.64 + 160 * ALPHA / 2, rel=1e-9)
+    levers = p["levers"]
+    assert levers["precision"] == pytest.approx(BASELINE_MS / INT8_MS, rel=1e-9)
+    assert levers["tokens"] == pytest.approx(1.0, rel=1e-9)
+    assert levers["width"] == pytest.approx(INT8_MS / (0.64 + 160 * ALPHA / 2), rel=1e-9)
+    assert levers["total"] == pytest.approx(levers["precision"] * levers["width"], rel=1e-9)
+    # measured (simulated): the int8 artifact against the fp32 source, as the budget is stated
+    assert p["latency"]["measured_ratio"] == pytest.approx((0.64 + 160 * ALPHA / 2) / BASELINE_MS, rel=1e-9)
+    assert int8["quantization"]["method"].startswith("onnxruntime dynamic int8")
+    assert fp32["pruning"]["levers"]["precision"] == pytest.approx(1.0)
+
+
+def test_auto_picks_int8_when_its_table_is_faster(tmp_path, precision_tables, monkeypatch):
+    """--precision auto with fp32 and int8 tables: int8 predicts the source at 0.6x of fp32, so it is
+    chosen (fp32 would need twice the pruning), the compile runs the int8 path (the quantize pass and
+    its gate), and the answer is int8's: 160 MLP channels."""
+    SimulatedDevice(mlp_only, int8=mlp_only_int8).install(monkeypatch)
+    manifest = compile_at(tmp_path, precision_tables, "auto")
+    choice = manifest["precision_choice"]
+    assert choice["precision"] == "int8" and set(choice["candidates"]) == {"fp32", "int8"}
+    assert choice["candidates"]["int8"]["ratio_to_fp32"] == pytest.approx(INT8_MS / BASELINE_MS, rel=1e-9)
+    assert manifest["options"]["precision"] == "int8" and manifest["options"]["precision_requested"] == "auto"
+    assert "quantization" in manifest and manifest["pruning"]["precision"] == "int8"
+    assert sum(mlp_dims(manifest)) == 160
+
+
+def test_auto_keeps_fp32_without_a_faster_table(tmp_path, monkeypatch):
+    """Only an fp32 table (or an int8 one no faster): auto stays fp32, no quantization."""
+    SimulatedDevice(mlp_only, int8=mlp_only).install(monkeypatch)
+    write_synthetic_table(tmp_path / "tables", mlp_only)
+    write_synthetic_table(tmp_path / "tables", mlp_only, precision="int8")
+    manifest = compile_at(tmp_path, tmp_path / "tables", "auto")
+    assert manifest["precision_choice"]["precision"] == "fp32" and "quantization" not in manifest
+    assert sum(mlp_dims(manifest)) == 80
+
+
+def test_a_table_of_another_precision_is_refused(tmp_path, monkeypatch, capsys):
+    """The fp32 table copied to where the int8 table belongs: its fingerprint says fp32, so compile
+    --precision int8 refuses it (one line, exit 2, nothing written) instead of predicting int8 with it."""
+    fp32 = write_synthetic_table(tmp_path / "tables", mlp_only)
+    int8 = write_synthetic_table(tmp_path / "tables", mlp_only_int8, precision="int8")
+    assert "-int8-" in int8.name and "-fp32-" in fp32.name
+    assert json.loads(int8.read_text())["fingerprint"]["dtype"] == "int8"
+    int8.write_text(fp32.read_text())
+    code, err = run_cli(monkeypatch, capsys, "compile", DEIT, *model_args(TINY_DEIT), "--target", "ort-cpu",
+                        "--latency", BUDGET, "--precision", "int8", "--tables", tmp_path / "tables", "--no-measure",
+                        "-q", "-o", tmp_path / "out")
+    assert code == 2 and "dtype: table 'fp32', device 'int8'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_precision_refusals(tmp_path, monkeypatch, capsys):
+    """A precision the target does not run is refused by profile in one line; auto needs a budget;
+    a missing int8 table names the profile command."""
+    code, err = run_cli(monkeypatch, capsys, "profile", "--target", "ort-cpu", "--precision", "bf16", "--grid", "tiny",
+                        "--tables", tmp_path / "t")
+    assert code == 2 and "runs precisions" in err and "'bf16'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "t").exists()
+    code, err = run_cli(monkeypatch, capsys, "compile", DEIT, *model_args(TINY_DEIT), "--target", "ort-cpu",
+                        "--precision", "auto", "-q", "-o", tmp_path / "out")
+    assert code == 2 and "give --latency" in err
+    write_synthetic_table(tmp_path / "tables", mlp_only)
+    code, err = run_cli(monkeypatch, capsys, "compile", DEIT, *model_args(TINY_DEIT), "--target", "ort-cpu",
+                        "--latency", BUDGET, "--precision", "int8", "--tables", tmp_path / "tables", "-q", "-o",
+                        tmp_path / "out")
+    assert code == 2 and "no int8 latency table" in err and "--precision int8" in err
+    assert not (tmp_path / "out").exists()
