@@ -121,3 +121,65 @@ def test_precision_refusals(tmp_path, monkeypatch, capsys):
                         tmp_path / "out")
     assert code == 2 and "no int8 latency table" in err and "--precision int8" in err
     assert not (tmp_path / "out").exists()
+
+
+# one point per part (NNCF costs 1.4-2.5 s per micro-graph here): the table, not the timing, is checked
+ONE_POINT = {"attention": {"tokens": [5], "emb": [32], "heads": [2], "qk_dim": [8], "v_dim": [8]},
+             "mlp": {"tokens": [5], "emb": [32], "mlp_dim": [64]}, "stem": {"emb": [32]},
+             "head": {"tokens": [5], "emb": [32]}, "cross_attention": {"queries": [2], "tokens": [5], "emb": [32]}}
+
+
+def fc_precisions(backend, model) -> set[str]:
+    """Runtime precision of every FullyConnected layer OpenVINO compiled ``model`` into."""
+    runtime = backend.compiled(model).get_runtime_model()
+    return {op.get_rt_info()["runtimePrecision"].astype(str) for op in runtime.get_ordered_ops()
+            if op.get_rt_info()["layerType"].astype(str) == "FullyConnected"}
+
+
+@pytest.mark.slow
+def test_profile_int8_on_openvino_quantizes_micrographs_into_an_int8_table(tmp_path, monkeypatch):
+    """``profile --precision int8`` on openvino-cpu: the table's name and fingerprint say int8 (and
+    NNCF); every part with a MatMul was timed as a quantized graph that OpenVINO runs with int8
+    FullyConnected kernels; each point was quantized once although timed twice and although the
+    profile was killed and resumed (the cache beside the table); the cache is gone when the table is
+    complete. The fp32 table of the same grid is another file."""
+    import deploycomp.passes.quantize as quantize
+    from deploycomp.backends.base import get_backend
+    from deploycomp.latency import profiler
+
+    monkeypatch.setitem(profiler.GRIDS, "tiny", ONE_POINT)
+    backend = get_backend("openvino-cpu", threads=1)
+    real_quantize = quantize.quantize_for_latency
+    quantized, timed = [], []
+
+    def counting(model, method, inputs, workdir):
+        quantized.append(method)
+        return real_quantize(model, method, inputs, workdir)
+
+    def recording(self, model, x, warmup, repeats):
+        if len(timed) == 7 and not killed:
+            killed.append(True)
+            raise KeyboardInterrupt  # the profile is killed in its second pass
+        has_matmul = any(n.op_type == "MatMul" for n in model.graph.node)
+        timed.append(fc_precisions(self, model) if has_matmul else None)
+        return [1.0] * repeats
+
+    killed: list[bool] = []
+    monkeypatch.setattr(quantize, "quantize_for_latency", counting)
+    monkeypatch.setattr(type(backend), "time_part", recording)
+    protocol = {"warmup": 0, "repeats": 1, "passes": 2}
+    with pytest.raises(KeyboardInterrupt):
+        profiler.profile(backend, tmp_path, grid="tiny", dtype="int8", protocol=protocol, save_every_s=0.0)
+    path = profiler.table_path(tmp_path, profiler.device_fingerprint(backend, 1, "int8"), "tiny")
+    assert all(kinds <= {"i8", "u8"} for kinds in timed if kinds is not None), timed  # no float FullyConnected
+    assert path.with_suffix(".micrographs").is_dir() and len(quantized) == 5
+    table = profiler.profile(backend, tmp_path, grid="tiny", dtype="int8", protocol=protocol)
+    assert table.complete and table.fingerprint["dtype"] == "int8" and table.fingerprint["quantizer"] == "nncf"
+    assert table.path == path and "-int8-" in path.name and path.parent.name == "openvino-cpu"
+    assert len(quantized) == len(table.parts) == 5  # once per point: pass 2 and the resumed run read the cache
+    assert len(timed) == 2 * len(table.parts)
+    with_matmuls = [kinds for kinds in timed if kinds is not None]
+    assert len(with_matmuls) >= 2 * 3 and all(kinds <= {"i8", "u8"} for kinds in with_matmuls), timed
+    assert not path.with_suffix(".micrographs").exists()
+    fp32 = profiler.table_path(tmp_path, profiler.device_fingerprint(backend, 1, "fp32"), "tiny")
+    assert fp32 != path and "-fp32-" in fp32.name
