@@ -92,11 +92,12 @@ def check_options(source: str, options: CompileOptions) -> None:
         raise DeployCompError(f"unknown precision '{options.precision}': use one of {', '.join(PRECISIONS)} or auto")
     if options.precision == "auto" and options.prune is None:
         raise DeployCompError("--precision auto picks the precision that meets the latency budget: give --latency")
-    if options.precision == "int8" and not options.max_drop >= 0:
+    lossy = options.precision in ("int8", "auto")  # auto may pick int8
+    if lossy and not options.max_drop >= 0:
         raise DeployCompError(f"--max-drop must be >= 0 points, not {options.max_drop}")
-    if options.precision == "int8" and (options.max_float_layers or 0) < 0:
+    if lossy and (options.max_float_layers or 0) < 0:
         raise DeployCompError(f"--max-float-layers must be >= 0, not {options.max_float_layers}")
-    if options.precision == "int8" and options.max_float_layers and not options.sensitivity_samples > 0:
+    if lossy and options.max_float_layers and not options.sensitivity_samples > 0:
         raise DeployCompError("the int8 fallback (--max-float-layers) ranks layers by sensitivity: sensitivity_samples must be > 0")
     from .learn.distill import Objective
 

@@ -183,3 +183,30 @@ def test_profile_int8_on_openvino_quantizes_micrographs_into_an_int8_table(tmp_p
     assert not path.with_suffix(".micrographs").exists()
     fp32 = profiler.table_path(tmp_path, profiler.device_fingerprint(backend, 1, "fp32"), "tiny")
     assert fp32 != path and "-fp32-" in fp32.name
+
+
+@pytest.mark.slow
+def test_validating_an_int8_table_measures_int8_models(tmp_path, monkeypatch):
+    """``profile --validate`` of an int8 table compiles its random architectures (and the anchor) at
+    int8 on the target, so the table is checked against what it predicts: int8 models."""
+    import onnx
+
+    from deploycomp.backends.base import get_backend
+    from deploycomp.latency import validate as validation
+    from deploycomp.latency.validate import random_archs, validate
+
+    from .synthetic_tables import synthetic_table
+
+    table = synthetic_table(mlp_only_int8, precision="int8")
+    archs = random_archs(1, seed=1, grid=table.grid, img_size=64, patch=16, num_classes=10, depth=2)
+    real, ops = validation.measure_models, []
+
+    def recording(backend, paths, *args, **kwargs):
+        ops.extend({n.op_type for n in onnx.load(str(p)).graph.node} for p in paths)
+        return real(backend, paths, *args, **kwargs)
+
+    monkeypatch.setattr(validation, "measure_models", recording)
+    monkeypatch.setattr("deploycomp.latency.calibrate.full_arch", lambda t: archs[0])  # not 12 blocks: speed
+    report = validate(table, get_backend("ort-cpu"), archs, rounds=1, iters=1)
+    assert report["fingerprint"]["dtype"] == "int8" and len(ops) == 2
+    assert all("MatMulInteger" in o for o in ops)

@@ -4,7 +4,9 @@ Random non-uniform architectures (per-block heads / QK / V / MLP drawn independe
 with the token count reduced after a random block) are built as FlexViT, exported, compiled by
 deploycomp, and measured interleaved; the prediction error is reported per model with its median
 and p90, raw and corrected for the device's drift since profiling (see ``validate``). A FLOPs-proportional model (ms per FLOP fitted on the same models) is reported alongside,
-to show what the table adds.
+to show what the table adds. A table of another precision is validated on models compiled at that
+precision (``compile --precision``; int8 with synthetic calibration and its fidelity gate off:
+random weights, speed only).
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ from .predictor import LatencyPredictor
 from .table import LatencyTable
 
 
-def compile_arch(arch: ViTArch, workdir: Path, name: str, backend) -> Path:
-    """FlexViT(arch) -> ONNX -> deploycomp compile (verified); returns the compiled ONNX graph."""
+def compile_arch(arch: ViTArch, workdir: Path, name: str, backend, precision: str = "fp32") -> Path:
+    """FlexViT(arch) -> ONNX -> deploycomp compile (verified) at ``precision``; returns the compiled graph."""
+    import warnings
+
     import onnx_ir as ir
     import torch
 
+    from ..errors import DeployCompWarning
     from ..api import CompileOptions, compile
     from ..frontend.export import export_to_onnx
     from .flexvit import FlexViT
@@ -34,7 +39,14 @@ def compile_arch(arch: ViTArch, workdir: Path, name: str, backend) -> Path:
     src = workdir / f"{name}.onnx"
     ir.save(export_to_onnx(module, (1, arch.in_chans, arch.img_size, arch.img_size)), src)
     out = workdir / name
-    manifest = compile(str(src), out, CompileOptions(target=backend.name, runtime=backend.options(), measure_rounds=0))
+    runtime = {k: v for k, v in backend.options().items() if k != "precision"}  # a runtime precision: set below
+    options = CompileOptions(target=backend.name, runtime=runtime, measure_rounds=0, precision=precision)
+    if precision == "int8":  # speed only: random weights, Gaussian calibration, no gate or sensitivity
+        options = CompileOptions(**{**vars(options), "calibration_samples": 4, "sensitivity_samples": 0,
+                                    "fidelity_top1": 0.0, "fidelity_cosine": -1.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeployCompWarning)
+        manifest = compile(str(src), out, options)
     return out / manifest["files"].get("onnx", manifest["files"]["model"])
 
 
@@ -74,7 +86,7 @@ def validate(table: LatencyTable, backend, archs: list[ViTArch], rounds: int = 5
         paths = []
         for i, arch in enumerate([*archs, anchor]):
             say(f"compile {i + 1}/{len(archs) + 1}")
-            paths.append(compile_arch(arch, Path(tmp), f"arch{i}", backend))
+            paths.append(compile_arch(arch, Path(tmp), f"arch{i}", backend, table.fingerprint.get("dtype", "fp32")))
         say("measure")
         shape = (1, archs[0].in_chans, archs[0].img_size, archs[0].img_size)
         *measured, anchor_measured = measure_models(backend, paths, shape, batch, rounds, iters)
