@@ -80,6 +80,7 @@ def test_auto_picks_int8_when_its_table_is_faster(tmp_path, precision_tables, mo
     assert sum(mlp_dims(manifest)) == 160
 
 
+@pytest.mark.slow
 def test_auto_keeps_fp32_without_a_faster_table(tmp_path, monkeypatch):
     """Only an fp32 table (or an int8 one no faster): auto stays fp32, no quantization."""
     SimulatedDevice(mlp_only, int8=mlp_only).install(monkeypatch)
@@ -210,3 +211,25 @@ def test_validating_an_int8_table_measures_int8_models(tmp_path, monkeypatch):
     report = validate(table, get_backend("ort-cpu"), archs, rounds=1, iters=1)
     assert report["fingerprint"]["dtype"] == "int8" and len(ops) == 2
     assert all("MatMulInteger" in o for o in ops)
+
+
+@pytest.mark.slow
+def test_on_device_checks_anchor_the_int8_table_on_the_quantized_source(tmp_path, precision_tables, monkeypatch):
+    """With on-device checks, the int8 table is calibrated on the unpruned model quantized and timed:
+    on a device where int8 runs 1.25x slower than its table (fp32 as profiled), the int8 scale is
+    1.25, so step 1 of 2 aims at 2.4 - 0.928 / 2 = 1.936 ms = 1.25 (0.64 + S ALPHA / 2): S = 176 (with
+    the fp32 scale it would aim at 1.696 ms: S = 208); the checks time the quantized pruned graph
+    against the fp32 source, and the end is 1.25 (0.64 + S ALPHA / 2) <= 1.472: S = 96."""
+    slow_int8 = lambda part, point: 1.25 * mlp_only_int8(part, point)  # noqa: E731
+    device = SimulatedDevice(mlp_only, int8=slow_int8).install(monkeypatch)
+    manifest = compile_at(tmp_path, precision_tables, "int8", budget_rounds=2)
+    cal = manifest["latency_calibration"]
+    assert cal["scale"] == pytest.approx(1.0) and cal["precision"]["int8"]["scale"] == pytest.approx(1.25)
+    p = manifest["pruning"]
+    first = p["steps"][0]
+    assert first["target_ms"] == pytest.approx(1.936, rel=1e-9)
+    assert sum(v for g, v in first["kept"].items() if g.endswith(".mlp")) == 176
+    assert sum(mlp_dims(manifest)) == 96
+    checks = p["budget_checks"]
+    assert checks[0]["measured_ratio"] == pytest.approx(1.25 * (0.64 + 176 * ALPHA / 2) / BASELINE_MS, rel=1e-9)
+    assert all(b"MatMulInteger" in blob for blob in device.timed)  # every pruned graph timed was int8
