@@ -25,6 +25,8 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from ..backends.base import fp32_backend as source_backend
+from ..backends.base import time_against
 from ..errors import DeployCompError, DeployCompWarning
 from ..frontend import torch_reference
 from ..ir.discover import discover
@@ -114,23 +116,14 @@ class PrunePass(Pass):
                 arch = r.rewrite_arch(arch)
             return (by or predictor).predict(arch).total_ms
 
-        fp32_backend = ctx.backend
-        if ctx.backend is not None and getattr(ctx.backend, "precision", "fp32") != "fp32":
-            from ..backends.base import get_backend  # a runtime precision (OpenVINO bf16): the source runs fp32
-
-            fp32_backend = get_backend(ctx.backend.name, **{**ctx.backend.options(), "precision": "fp32"})
+        fp32_backend = source_backend(ctx.backend) if ctx.backend is not None else None
 
         def time_against_unpruned(graph: bytes) -> float:
-            """``graph`` in the compile's precision timed against the unpruned graph in fp32 (interleaved
-            when one backend runs both)."""
+            """``graph`` in the compile's precision timed against the unpruned graph in fp32."""
             graph = self.in_precision(graph, ctx.backend, shape)
-            if fp32_backend is ctx.backend:
-                times = ctx.backend.time({"unpruned": unpruned, "pruned": graph}, shape, self.latency_batch,
-                                         self.measure_rounds)
-                return times["pruned"]["median_ms"] / times["unpruned"]["median_ms"]
-            ref = fp32_backend.time({"unpruned": unpruned}, shape, self.latency_batch, self.measure_rounds)
-            got = ctx.backend.time({"pruned": graph}, shape, self.latency_batch, self.measure_rounds)
-            return got["pruned"]["median_ms"] / ref["unpruned"]["median_ms"]
+            times = time_against(ctx.backend, fp32_backend, {"unpruned": unpruned, "pruned": graph}, "unpruned",
+                                 shape, self.latency_batch, self.measure_rounds)
+            return times["pruned"]["median_ms"] / times["unpruned"]["median_ms"]
 
         def measure(plan: PrunePlan) -> float:
             """The plan's graph (current weights, rewrites applied, in the compile's precision) timed
