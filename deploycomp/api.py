@@ -181,6 +181,12 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
 
         check_attention_rewritable(src)
     tokens = _resolve_tokens(src, options.semantic_tokens) if options.semantic_tokens is not None else None
+    output_kind = options.output or src.meta.get("output", "logits")  # (``output`` is the artifact directory)
+    src.meta = {**src.meta, "output": output_kind}
+    stored = options.token_teacher_logits or (options.prune.teacher_logits if options.prune is not None else None)
+    if output_kind == "embedding" and stored:
+        raise DeployCompError(f"{source} outputs an embedding: its distillation matches the source's embedding, "
+                              "stored teacher logits (class probabilities) do not apply")
     latency_tables = _latency_tables(src, options) if options.prune is not None else None
     choice = None
     if options.precision == "auto":
@@ -188,12 +194,6 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
         options = replace(options, precision=choice["precision"])
         backend = make_backend(options)
         latency_tables = {p: latency_tables[p] for p in ("fp32", options.precision)}
-    output_kind = options.output or src.meta.get("output", "logits")  # (``output`` is the artifact directory)
-    src.meta = {**src.meta, "output": output_kind}
-    stored = options.token_teacher_logits or (options.prune.teacher_logits if options.prune is not None else None)
-    if output_kind == "embedding" and stored:
-        raise DeployCompError(f"{source} outputs an embedding: its distillation matches the source's embedding, "
-                              "stored teacher logits (class probabilities) do not apply")
     ctx = CompileContext(
         family=src.family, reference=src.reference, reference_kind=src.reference_kind, backend=backend,
         module=src.torch_module, input_shape=src.input_shape, verify_batches=tuple(options.verify_batches),
