@@ -51,7 +51,7 @@ class CompileOptions:
     threads: int | None = None  # runtime threads of the target; default: all usable cores
     runtime: dict[str, Any] = field(default_factory=dict)  # further target options, e.g. allow_spinning (ort-*)
     fuse: bool = False  # ONNX Runtime transformer fusions (see passes/fuse.py: off until it measures faster)
-    precision: str = "fp32"  # fp16 / bf16: as the target runs it (the precision pass, or the runtime's own)
+    precision: str = "fp32"  # fp16 / bf16: as the target runs it (the precision pass, or the runtime's own); int8; auto (with prune: choose_precision)
     tolerance: float | None = None  # relative L2 of the logits vs the reference; None: per precision
     verify_batches: tuple[int, ...] = (1, 3)
     measure_rounds: int = 5  # batch-1 latency of the artifact measured after emitting (0: skip)
