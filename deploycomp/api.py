@@ -288,8 +288,8 @@ def _latency_tables(src, options: CompileOptions) -> dict[str, tuple[Any, Path]]
             if auto and precision != "fp32":
                 continue
             flag = "" if precision == "fp32" else f" --precision {precision}"
-            raise DeployCompError(f"no {precision} latency table for this device at batch {options.latency_batch} and "
-                                  f"grid {grid}: run `deploycomp profile --target {options.target} --batch "
+            raise DeployCompError(f"no latency table for this device at batch {options.latency_batch}, precision "
+                                  f"{precision} and grid {grid}: run `deploycomp profile --target {options.target} --batch "
                                   f"{options.latency_batch} --grid {grid}{flag}` (expected {path})")
         out[precision] = (LatencyPredictor(load_table(path, fp)), path)
     return out

@@ -64,6 +64,8 @@ def test_the_int8_table_makes_a_budget_need_less_pruning(tmp_path, precision_tab
     assert p["latency"]["measured_ratio"] == pytest.approx((0.64 + 160 * ALPHA / 2) / BASELINE_MS, rel=1e-9)
     assert int8["quantization"]["method"].startswith("onnxruntime dynamic int8")
     assert fp32["pruning"]["levers"]["precision"] == pytest.approx(1.0)
+    report = (tmp_path / "int8" / "report.md").read_text()
+    assert f"precision {BASELINE_MS / INT8_MS:.2f}x, tokens 1.00x, width {INT8_MS / 1.44:.2f}x" in report
 
 
 def test_auto_picks_int8_when_its_table_is_faster(tmp_path, precision_tables, monkeypatch):
@@ -120,7 +122,7 @@ def test_precision_refusals(tmp_path, monkeypatch, capsys):
     code, err = run_cli(monkeypatch, capsys, "compile", DEIT, *model_args(TINY_DEIT), "--target", "ort-cpu",
                         "--latency", BUDGET, "--precision", "int8", "--tables", tmp_path / "tables", "-q", "-o",
                         tmp_path / "out")
-    assert code == 2 and "no int8 latency table" in err and "--precision int8" in err
+    assert code == 2 and "no latency table" in err and "precision int8" in err and "--precision int8" in err
     assert not (tmp_path / "out").exists()
 
 
