@@ -235,3 +235,23 @@ def test_on_device_checks_anchor_the_int8_table_on_the_quantized_source(tmp_path
     checks = p["budget_checks"]
     assert checks[0]["measured_ratio"] == pytest.approx(1.25 * (0.64 + 176 * ALPHA / 2) / BASELINE_MS, rel=1e-9)
     assert all(b"MatMulInteger" in blob for blob in device.timed)  # every pruned graph timed was int8
+
+
+def test_auto_prefers_the_fastest_table_then_the_least_lossy_that_needs_no_pruning():
+    """choose_precision over fp32 / bf16 / int8 tables predicting the source at 1, 0.7 and 0.6 of fp32
+    (every part scaled): a 0.5x budget needs pruning under all three, int8 least; a 0.75x budget is met
+    unpruned by bf16 and int8, and bf16, the less lossy, is chosen."""
+    from deploycomp.api import choose_precision
+    from deploycomp.latency.calibrate import full_arch
+    from deploycomp.latency.predictor import LatencyPredictor
+
+    from .synthetic_tables import flops_like, synthetic_table
+
+    tables = {p: (LatencyPredictor(synthetic_table(lambda part, point, f=f: f * flops_like(part, point), precision=p)),
+                  f"{p}.json") for p, f in (("fp32", 1.0), ("bf16", 0.7), ("int8", 0.6))}
+    arch = full_arch(tables["fp32"][0].table)
+    choice = choose_precision(tables, arch, "0.5x")
+    assert choice["precision"] == "int8" and "least pruning" in choice["why"]
+    assert choice["candidates"]["bf16"]["ratio_to_fp32"] == pytest.approx(0.7, rel=1e-5)  # samples keep 5 decimals
+    choice = choose_precision(tables, arch, "0.75x")
+    assert choice["precision"] == "bf16" and "without pruning" in choice["why"]
