@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -37,6 +37,8 @@ PRECISION_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 2e-2}
 # reference on held-out inputs (passes/verify.py). NNCF int8 of random-init DeiT-S on OpenVINO
 # measured cosine 0.997 and agreement 8/8 on Gaussian inputs; a broken quantization falls far below.
 PRECISIONS = (*PRECISION_TOLERANCE, "int8")
+# --precision auto (with --latency): the candidates, least lossy first (a tie goes to the earlier)
+AUTO_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 @dataclass
@@ -49,7 +51,7 @@ class CompileOptions:
     threads: int | None = None  # runtime threads of the target; default: all usable cores
     runtime: dict[str, Any] = field(default_factory=dict)  # further target options, e.g. allow_spinning (ort-*)
     fuse: bool = False  # ONNX Runtime transformer fusions (see passes/fuse.py: off until it measures faster)
-    precision: str = "fp32"  # fp16 / bf16: as the target runs it (the precision pass, or the runtime's own)
+    precision: str = "fp32"  # fp16 / bf16: as the target runs it (the precision pass, or the runtime's own); int8; auto (with prune: choose_precision)
     tolerance: float | None = None  # relative L2 of the logits vs the reference; None: per precision
     verify_batches: tuple[int, ...] = (1, 3)
     measure_rounds: int = 5  # batch-1 latency of the artifact measured after emitting (0: skip)
@@ -86,16 +88,17 @@ class CompileOptions:
 
 def check_options(source: str, options: CompileOptions) -> None:
     """Refuse what cannot work before anything slow happens (no model is loaded yet)."""
-    if options.precision not in PRECISIONS:
-        raise DeployCompError(f"unknown precision '{options.precision}': use one of {', '.join(PRECISIONS)}")
-    if options.precision == "int8" and not options.max_drop >= 0:
+    if options.precision not in (*PRECISIONS, "auto"):
+        raise DeployCompError(f"unknown precision '{options.precision}': use one of {', '.join(PRECISIONS)} or auto")
+    if options.precision == "auto" and options.prune is None:
+        raise DeployCompError("--precision auto picks the precision that meets the latency budget: give --latency")
+    lossy = options.precision in ("int8", "auto")  # auto may pick int8
+    if lossy and not options.max_drop >= 0:
         raise DeployCompError(f"--max-drop must be >= 0 points, not {options.max_drop}")
-    if options.precision == "int8" and (options.max_float_layers or 0) < 0:
+    if lossy and (options.max_float_layers or 0) < 0:
         raise DeployCompError(f"--max-float-layers must be >= 0, not {options.max_float_layers}")
-    if options.precision == "int8" and options.max_float_layers and not options.sensitivity_samples > 0:
+    if lossy and options.max_float_layers and not options.sensitivity_samples > 0:
         raise DeployCompError("the int8 fallback (--max-float-layers) ranks layers by sensitivity: sensitivity_samples must be > 0")
-    if options.precision != "fp32" and options.prune is not None:
-        raise DeployCompError("--latency pruning predicts with fp32 latency tables: compile it at --precision fp32")
     from .learn.distill import Objective
 
     Objective(options.output or "logits", options.feature_loss)  # known values, or one line
@@ -115,6 +118,8 @@ def make_backend(options: CompileOptions) -> "Backend":
 
     runtime = {**options.runtime, "threads": options.threads}
     backend = get_backend(options.target, **runtime)
+    if options.precision == "auto":  # resolved once the latency tables are read (plan_compile)
+        return backend
     how = backend.precisions.get(options.precision)
     if how is None:
         raise DeployCompError(f"target '{options.target}' runs precisions {', '.join(backend.precisions)}, "
@@ -138,7 +143,7 @@ def default_passes(options: CompileOptions, backend: "Backend", tokens: "Semanti
     if options.prune is not None:  # with tokens: one budget for both axes, pruning trains the token model
         passes.append(build_pass("prune", config=options.prune, rewrites=rewrites, latency_batch=options.latency_batch,
                                  measure_rounds=max(6 * options.measure_rounds, 10),
-                                 calibrate_rounds=options.calibrate_rounds))
+                                 calibrate_rounds=options.calibrate_rounds, precision=options.precision))
     passes += rewrites
     if options.fuse:
         passes.append(build_pass("ort_fusion"))
@@ -182,6 +187,13 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
     if output_kind == "embedding" and stored:
         raise DeployCompError(f"{source} outputs an embedding: its distillation matches the source's embedding, "
                               "stored teacher logits (class probabilities) do not apply")
+    latency_tables = _latency_tables(src, options) if options.prune is not None else None
+    choice = None
+    if options.precision == "auto":
+        choice = choose_precision(latency_tables, _source_arch(src), options.prune.latency)
+        options = replace(options, precision=choice["precision"])
+        backend = make_backend(options)
+        latency_tables = {p: latency_tables[p] for p in ("fp32", options.precision)}
     ctx = CompileContext(
         family=src.family, reference=src.reference, reference_kind=src.reference_kind, backend=backend,
         module=src.torch_module, input_shape=src.input_shape, verify_batches=tuple(options.verify_batches),
@@ -220,8 +232,13 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
 
             warnings.warn(SYNTHETIC_WARNING, DeployCompWarning, stacklevel=2)
     record = {k: v for k, v in asdict(options).items() if k not in ("weights", "model_kwargs")}
-    if options.prune is not None:
-        ctx.latency, table_path = _latency_predictor(src, options, backend)
+    if choice is not None:
+        record["precision_requested"] = "auto"
+        ctx.results["precision_choice"] = choice
+    if latency_tables is not None:
+        ctx.latency, table_path = latency_tables[options.precision]
+        if options.precision != "fp32":
+            ctx.latency_reference = latency_tables["fp32"][0]
         src.meta = {**src.meta, "latency_table": str(table_path)}
     return CompileJob(src, backend, default_passes(options, backend, tokens), output, ctx, before,
                       options.measure_rounds, options.latency_batch, record)
@@ -241,27 +258,79 @@ def _resolve_tokens(src, config: "SemanticTokenConfig") -> "SemanticTokenConfig"
     return config
 
 
-def _latency_predictor(src, options: CompileOptions, backend):
-    """The target's latency table for the source's geometry (the prune pass calibrates it on the
-    unpruned source model, measured on the device)."""
+def _latency_tables(src, options: CompileOptions) -> dict[str, tuple[Any, Path]]:
+    """Precision -> (predictor, path) of the target's latency tables for the source's geometry: fp32
+    (what a budget is relative to) and the compile's precision, or with ``--precision auto`` every
+    candidate the target runs and has a table for. The prune pass calibrates them on the device."""
+
     from .latency.predictor import LatencyPredictor
     from .latency.profiler import device_fingerprint, grid_for
     from .latency.table import load_table, table_path
     from .passes.prune import geometry_of
 
     grid = grid_for(geometry_of(src.torch_module, src.input_shape))
-    fp = device_fingerprint(backend, options.latency_batch, "fp32")
-    path = table_path(Path(options.tables), fp, grid)
-    if not path.is_file():
-        raise DeployCompError(f"no latency table for this device at batch {options.latency_batch} and grid {grid}: "
-                              f"run `deploycomp profile --target {options.target} --batch {options.latency_batch} "
-                              f"--grid {grid}` (expected {path})")
-    table = load_table(path, fp)
-    if hasattr(src.torch_module, "layers"):  # Swin: refused here, before any work, by a table without Swin parts
-        from .latency.predictor import check_swin_table
+    auto = options.precision == "auto"
+    out = {}
+    for precision in AUTO_PRECISIONS if auto else dict.fromkeys(("fp32", options.precision)):
+        try:
+            backend = make_backend(replace(options, precision=precision))
+        except DeployCompError:
+            if auto:  # a precision this target or CPU does not run is no candidate
+                continue
+            raise
+        fp = device_fingerprint(backend, options.latency_batch, precision)
+        path = table_path(Path(options.tables), fp, grid)
+        if not path.is_file():
+            if auto and precision != "fp32":
+                continue
+            flag = "" if precision == "fp32" else f" --precision {precision}"
+            raise DeployCompError(f"no latency table for this device at batch {options.latency_batch}, precision "
+                                  f"{precision} and grid {grid}: run `deploycomp profile --target {options.target} --batch "
+                                  f"{options.latency_batch} --grid {grid}{flag}` (expected {path})")
+        table = load_table(path, fp)
+        if hasattr(src.torch_module, "layers"):  # Swin: refused here, before any work, by a table without Swin parts
+            from .latency.predictor import check_swin_table
 
-        check_swin_table(table)
-    return LatencyPredictor(table), path
+            check_swin_table(table)
+        out[precision] = (LatencyPredictor(table), path)
+    return out
+
+
+def _source_arch(src):
+    """The source's architecture as the latency tables see it (its ONNX graph, discovered)."""
+    import onnx_ir as ir
+
+    from .passes.cleanup import CleanupPass
+    from .passes.discover import DiscoverPass
+    from .passes.prune import geometry_of
+    from .pruning.plan import PrunePlan, plan_arch
+
+    ctx = CompileContext()
+    model = ir.from_proto(ir.to_proto(src.model))  # a copy: the compile's passes run on the original
+    Pipeline([CleanupPass(), DiscoverPass()], DEFAULT_INVARIANTS)(model, ctx)
+    return plan_arch(ctx.structure, PrunePlan(), **geometry_of(src.torch_module, src.input_shape))
+
+
+def choose_precision(tables: dict[str, tuple[Any, Path]], arch, budget: str) -> dict[str, Any]:
+    """``--precision auto``: the candidate whose table predicts the unpruned model fastest relative to
+    fp32 (so pruning has the least to remove to meet ``budget``); among candidates that meet a
+    relative budget without pruning, the least lossy. Predictions are the tables' as profiled (the
+    prune pass calibrates only the chosen one); semantic tokens change every precision alike."""
+    from .pruning.schedule import LatencyBudget
+
+    base = tables["fp32"][0].predict(arch, scale=1.0).total_ms
+    rows = {p: {"predicted_ms": pred.predict(arch, scale=1.0).total_ms, "table": str(path)} for p, (pred, path) in tables.items()}
+    for row in rows.values():
+        row["ratio_to_fp32"] = row["predicted_ms"] / base
+    limit = LatencyBudget.parse(budget)
+    limit = limit.value if limit.relative else limit.value / base
+    meets = [p for p in AUTO_PRECISIONS if p in rows and rows[p]["ratio_to_fp32"] <= limit]
+    if meets:
+        chosen, why = meets[0], "the least lossy precision that meets the budget without pruning"
+    else:
+        chosen = min(rows, key=lambda p: (rows[p]["ratio_to_fp32"], AUTO_PRECISIONS.index(p)))
+        why = "the fastest unpruned model: the least pruning left to meet the budget"
+    return {"precision": chosen, "why": why, "budget": budget, "candidates": rows}
 
 
 def load_eval_data(data: str, input_shape: tuple[int, ...], samples: int | None = None):

@@ -70,7 +70,7 @@ def compile_cmd(
     spinning: Optional[bool] = typer.Option(None, "--spinning/--no-spinning", help="ort-* targets: let ONNX Runtime worker threads spin-wait (default: on, measured faster for a lone session; see docs/ARCHITECTURE.md)."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset to export at."),
     fuse: bool = typer.Option(False, "--fuse/--no-fuse", help="Apply ONNX Runtime's transformer fusions (off: not measurably faster on CPU)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32; fp16 (ort-*, tensorrt: the precision pass keeps float32 for norms, softmax and I/O); bf16 (openvino-cpu on a CPU with avx512_bf16/AMX, tensorrt); int8 (openvino-cpu: NNCF post-training quantization to Q/DQ, calibrated on --data or synthetic images, behind a fidelity gate)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32; fp16 (ort-*, tensorrt: the precision pass keeps float32 for norms, softmax and I/O); bf16 (openvino-cpu on a CPU with avx512_bf16/AMX, tensorrt); int8 (openvino-cpu: NNCF post-training quantization to Q/DQ, calibrated on --data or synthetic images, behind a fidelity gate); auto (with --latency: the precision whose latency table needs the least pruning to meet the budget)."),
     tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max relative L2 error of the logits vs the reference (default 1e-4 fp32, 5e-3 fp16, 2e-2 bf16)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the verification inputs (default: fresh)."),
     model_arg: list[str] = typer.Option([], "--model-arg", help="timm constructor override KEY=VALUE (repeatable), e.g. depth=6."),
@@ -136,7 +136,7 @@ def compile_cmd(
                              feature_loss=feature_loss)
     stages = [s for s in COMPILE_STAGES if (s != "ort_fusion" or fuse) and (s != "measure" or not no_measure)
               and (s != "evaluate" or data) and ("prune" not in s and "pruned" not in s and "latency table" not in s or latency)
-              and ("token" not in s or semantic_tokens) and (s != "precision" or precision not in ("fp32", "int8")) and (s != "quantize" or precision == "int8")]
+              and ("token" not in s or semantic_tokens) and (s != "precision" or precision not in ("fp32", "int8")) and (s != "quantize" or precision in ("int8", "auto"))]
     with _progress() as progress:
         task = progress.add_task("compile", total=len(stages))
 
@@ -214,7 +214,7 @@ def profile_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads (default: all cores)."),
     spinning: Optional[bool] = typer.Option(None, "--spinning/--no-spinning", help="ort-* targets: profile with ONNX Runtime's spin-waiting threads (default: on, as artifacts run; match your deployment)."),
     batch: int = typer.Option(1, "--batch", help="Batch size the table is measured at."),
-    dtype: str = typer.Option("fp32", "--dtype", help="Precision (fp32)."),
+    dtype: str = typer.Option("fp32", "--precision", "--dtype", help="Precision the parts run in: fp32, int8 (quantized as the compiler quantizes for this target), bf16 (openvino-cpu with avx512_bf16/AMX), fp16 (ort-*): one table per precision."),
     grid: str = typer.Option("deit-base", "--grid", help="Grid preset: deit-base (224 px DeiT: EMB<=768, H<=12, QK/V<=64, MLP<=3072, tokens<=197), proxy-fmnist (the 28 px proxy DeiT), swin-t (224 px Swin-T/S, per stage), tiny or swin-micro (tests)."),
     tables: Path = typer.Option(Path("latency_tables"), "--tables", help="Root directory of the latency tables."),
     validate: int = typer.Option(0, "--validate", help="After profiling, validate on N random architectures (compile + measure)."),
@@ -227,13 +227,20 @@ def profile_cmd(
     from .latency.profiler import device_fingerprint, profile
     from .latency.table import load_table, table_path
 
-    backend = get_backend(target, threads=threads, allow_spinning=spinning)
+    from .latency.profiler import check_precision
+
+    options = {"threads": threads, "allow_spinning": spinning}
+    probe = get_backend(target, **options)
+    if probe.precisions.get(dtype) == "runtime" and dtype != "fp32":  # the runtime's own option (OpenVINO bf16)
+        options["precision"] = dtype
+    backend = get_backend(target, **options) if "precision" in options else probe
+    check_precision(backend, dtype)  # one line, before any profiling
     path = table_path(tables, device_fingerprint(backend, batch, dtype), grid)
     if force and path.is_file():
         table = load_table(path, force=True)
     else:
         with _progress() as progress:
-            task = progress.add_task(f"profile {target} b{batch}", total=None)
+            task = progress.add_task(f"profile {target} b{batch} {dtype}", total=None)
             table = profile(backend, tables, batch=batch, dtype=dtype, grid=grid,
                             progress=lambda done, total: progress.update(task, completed=done, total=total))
         console.print(f"[green]table[/green] {table.path} ({table.profiling_seconds:.1f} s of profiling)")

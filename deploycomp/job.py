@@ -68,7 +68,7 @@ class CompileJob:
             "totals": {"params": param_count(model), "gflops_per_image": matmul_flops(model) / 1e9},
             "structure": structure.summary(),
             "parity": ctx.results["parity"],
-            **{k: ctx.results[k] for k in ("semantic_tokens", "quantization", "latency_calibration") if k in ctx.results},
+            **{k: ctx.results[k] for k in ("semantic_tokens", "quantization", "latency_calibration", "precision_choice") if k in ctx.results},
             "passes": ctx.log,
             "options": self.record,
         }

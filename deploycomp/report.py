@@ -33,6 +33,10 @@ def pruning_markdown(p: dict[str, Any] | None) -> list[str]:
         f"- params {p['params'][0] / 1e6:.3f} M -> {p['params'][1] / 1e6:.3f} M, matmul GFLOPs/image "
         f"{p['gflops_per_image'][0]:.4f} -> {p['gflops_per_image'][1]:.4f}; EMB {pair(p['emb'])}",
     ]
+    if p.get("levers"):
+        lv = p["levers"]
+        lines.append(f"- predicted speed-up by lever ({p.get('precision', 'fp32')} vs the fp32 source): precision "
+                     f"{lv['precision']:.2f}x, tokens {lv['tokens']:.2f}x, width {lv['width']:.2f}x = {lv['total']:.2f}x")
     if p.get("budget_checks"):
         lines.append("- on-device checks (after step: predicted -> measured ratio): " + ", ".join(
             f"{c['after']}: {c['predicted_ratio']:.3f} -> {c['measured_ratio']:.3f}" for c in p["budget_checks"]))

@@ -80,8 +80,18 @@ def swin_flops_like(part: str, point: tuple[int, ...]) -> float:
     return 0.01 + 1e-5 * t * e
 
 
-def synthetic_table(formula: Formula, grid: str = "tiny", batch: int = 1, threads: int | None = None) -> LatencyTable:
-    fp = device_fingerprint(get_backend("ort-cpu", threads=threads), batch, "fp32")
+def mlp_only_int8(part: str, point: tuple[int, ...]) -> float:
+    """:func:`mlp_only` with the MLP at half the cost per channel (an int8 table: the MLPs' MatMuls
+    run twice as fast, the rest as in fp32)."""
+    if part == "mlp":
+        return ALPHA / 2 * point[2]
+    return mlp_only(part, point)
+
+
+def synthetic_table(formula: Formula, grid: str = "tiny", batch: int = 1, threads: int | None = None,
+                    precision: str = "fp32") -> LatencyTable:
+    """A table of ``formula`` stamped as this device's ort-cpu table at ``precision``."""
+    fp = device_fingerprint(get_backend("ort-cpu", threads=threads), batch, precision)
     protocol = {"warmup": 0, "repeats": 1, "passes": 1, "grid_name": grid}
     table = LatencyTable(fp, GRIDS[grid], FIXED[grid], protocol)
     for part in GRIDS[grid]:
@@ -91,12 +101,61 @@ def synthetic_table(formula: Formula, grid: str = "tiny", batch: int = 1, thread
 
 
 def write_synthetic_table(root: Path, formula: Formula, grid: str = "tiny", batch: int = 1,
-                          threads: int | None = None) -> Path:
+                          threads: int | None = None, precision: str = "fp32") -> Path:
     """Write the table where ``compile --latency --tables root`` looks for this device's; returns its path."""
-    table = synthetic_table(formula, grid, batch, threads)
+    table = synthetic_table(formula, grid, batch, threads, precision)
     path = table_path(Path(root), table.fingerprint, grid)
     save_table(table, path)
     return path
+
+
+INT8_OPS = frozenset({"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "QuantizeLinear",
+                      "DequantizeLinear"})
+
+
+def is_int8(model_bytes: bytes) -> bool:
+    import onnx
+
+    return any(n.op_type in INT8_OPS for n in onnx.load_from_string(model_bytes).graph.node)
+
+
+def float_view(model_bytes: bytes) -> bytes:
+    """ONNX Runtime's dynamic int8 graph with every MatMulInteger chain (DynamicQuantizeLinear ->
+    MatMulInteger -> Cast -> Mul by the scales) back as one float MatMul of the same shapes: the
+    architecture :func:`graph_ms` discovers (the weights' values do not matter to it)."""
+    import onnx
+    import onnx_ir as ir
+    from onnx import helper, numpy_helper
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    model = onnx.load_from_string(model_bytes)
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {t.name: t for t in g.initializer}
+    new_nodes = []
+    for n in g.node:
+        if n.op_type != "MatMulInteger":
+            new_nodes.append(n)
+            continue
+        dql = producer[n.input[0]]
+        assert dql.op_type == "DynamicQuantizeLinear", dql.op_type
+        (cast,) = consumers[n.output[0]]
+        (scaled,) = consumers[cast.output[0]]
+        assert (cast.op_type, scaled.op_type) == ("Cast", "Mul")
+        weight = n.input[1] + ".float"
+        g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(inits[n.input[1]]).astype("float32"), weight))
+        new_nodes.append(helper.make_node("MatMul", [dql.input[0], weight], [scaled.output[0]], name=n.name))
+        scaled.output[0] = scaled.output[0] + ".dead"
+    del g.node[:]
+    g.node.extend(new_nodes)
+    out = ir.from_proto(model)
+    RemoveUnusedNodesPass()(out)
+    out.graph.sort()
+    return ir.to_proto(out).SerializeToString()
 
 
 def graph_ms(model_bytes: bytes, formula: Formula) -> float:
@@ -142,11 +201,14 @@ class SimulatedDevice:
     """Stands in for the backend's interleaved timing (``Backend.time``): every graph takes
     ``drift`` times what ``formula`` says (1: the device runs as when the table was profiled; a
     function of the formula's ms: a drift that depends on the model's size), a pruned one
-    ``slowdown`` times that again (a table too optimistic about pruned models). Records every
+    ``slowdown`` times that again (a table too optimistic about pruned models); an int8 graph
+    (ONNX Runtime's dynamic int8) takes what ``int8`` says of its architecture. Records every
     pruned graph it was asked to time."""
 
-    def __init__(self, formula: Formula, slowdown: float = 1.0, drift: float | Callable[[float], float] = 1.0):
+    def __init__(self, formula: Formula, slowdown: float = 1.0, drift: float | Callable[[float], float] = 1.0,
+                 int8: Formula | None = None):
         self.formula, self.slowdown, self.drift, self.timed = formula, slowdown, drift, []
+        self.int8 = int8
 
     def time(self, backend, models, input_shape, batch, rounds, iters=3):
         from deploycomp.backends.base import onnx_bytes
@@ -161,7 +223,11 @@ class SimulatedDevice:
         return out
 
     def device_ms(self, blob: bytes) -> float:
-        ms = graph_ms(blob, self.formula)
+        if is_int8(blob):
+            assert self.int8 is not None, "an int8 graph timed on a device simulated without an int8 formula"
+            ms = graph_ms(float_view(blob), self.int8)
+        else:
+            ms = graph_ms(blob, self.formula)
         return ms * (self.drift(ms) if callable(self.drift) else self.drift)
 
     def install(self, monkeypatch) -> "SimulatedDevice":

@@ -364,7 +364,7 @@ def test_inexpressible_graph_is_refused_before_slow_work(tmp_path, monkeypatch, 
 
         return record
 
-    monkeypatch.setattr(deploycomp.api, "_latency_predictor", slow("latency table"))
+    monkeypatch.setattr(deploycomp.api, "_latency_tables", slow("latency table"))
     monkeypatch.setattr(deploycomp.pruning.saliency, "compute_saliency", slow("saliency"))
     write_synthetic_table(tmp_path / "tables", mlp_only)
     code, err = run_cli(monkeypatch, capsys, "compile", path, *flags, "--target", "ort-cpu", "--tables",
@@ -387,7 +387,7 @@ def test_tokens_first_attention_is_refused_before_slow_work(exported, tmp_path, 
     def must_not_run(*a, **k):
         raise AssertionError("the latency table was loaded before the refusal")
 
-    monkeypatch.setattr(deploycomp.api, "_latency_predictor", must_not_run)
+    monkeypatch.setattr(deploycomp.api, "_latency_tables", must_not_run)
     path, _ = exported("open_clip", "torchscript")
     for opts in ({"semantic_tokens": SemanticTokenConfig(4)}, {"prune": PruneConfig("0.5x")}):
         with pytest.raises(DeployCompError, match="runs tokens-first .*--prune-groups emb,mlp") as info:

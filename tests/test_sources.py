@@ -310,7 +310,7 @@ def test_methods_on_a_corrupt_onnx_file_are_refused_before_the_table(tmp_path, m
     def must_not_run(*a, **k):
         raise AssertionError("the latency table was loaded before the source was checked")
 
-    monkeypatch.setattr(deploycomp.api, "_latency_predictor", must_not_run)
+    monkeypatch.setattr(deploycomp.api, "_latency_tables", must_not_run)
     (tmp_path / "m.onnx").write_bytes(b"not read")
     from deploycomp.pruning.schedule import PruneConfig
 

@@ -159,6 +159,25 @@ def get_backend(name: str, **options) -> Backend:
     return backend
 
 
+def fp32_backend(backend: Backend) -> Backend:
+    """``backend`` as it runs the fp32 source: itself, unless its precision is a runtime option
+    (OpenVINO bf16), then the same target and options at fp32. Budgets are relative to the fp32 source."""
+    if getattr(backend, "precision", "fp32") == "fp32":
+        return backend
+    return get_backend(backend.name, **{**backend.options(), "precision": "fp32"})
+
+
+def time_against(backend: Backend, reference: Backend, models: Mapping[str, ModelLike], reference_name: str,
+                 input_shape: tuple[int, ...], batch: int, rounds: int) -> dict[str, dict[str, float]]:
+    """``models`` timed on ``backend``, ``models[reference_name]`` on ``reference``: interleaved in one
+    run when they are one backend, else one run each (a runtime precision against the fp32 source)."""
+    if reference is backend:
+        return backend.time(models, input_shape, batch, rounds)
+    out = reference.time({reference_name: models[reference_name]}, input_shape, batch, rounds)
+    out.update(backend.time({k: v for k, v in models.items() if k != reference_name}, input_shape, batch, rounds))
+    return out
+
+
 def backend_for_manifest(manifest: Mapping[str, Any], **overrides) -> Backend:
     """The backend an artifact was verified and measured with, rebuilt from its manifest."""
     options = dict(manifest.get("runtime_options") or {})

@@ -6,11 +6,25 @@ and several *passes* over the whole grid, each in a new random order, so that sl
 machine spreads over all points instead of biasing a region of the grid; the table keeps every
 sample and reports the median. The table is saved every few seconds; a killed profile resumes from
 the last save.
+
+**Precision.** A table is per (target, precision): its fingerprint's ``dtype`` names the precision
+(and ``quantizer`` how int8 was made), and so does its file name. Micro-graphs are put in that
+precision the way the compiler puts a model in it (``micrograph_preparer``): int8 by the target's
+quantizer (openvino-cpu: NNCF post-training quantization, transformer preset, one synthetic
+calibration sample, since scales do not change which kernels run and the weights are random;
+ort-cpu: ONNX Runtime's dynamic int8), fp16/bf16 graph precision by the precision pass, a runtime
+precision (OpenVINO bf16) by the backend the caller built. NNCF costs 1.4-2.5 s per micro-graph
+here (subset 1 or 4, bias correction on or off: all within noise), more than timing one, so the
+quantized micro-graphs are cached beside the table (``<table>.micrographs/``) while it is being
+profiled: every pass after the first and every resumed profile reads them; the cache is removed
+when the table is complete.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -160,22 +174,81 @@ def part_input(part: str, point: tuple[int, ...], fixed: dict[str, Any], batch: 
     return rng.standard_normal(shape).astype(np.float32)
 
 
-def time_part(backend, part: str, point, table: LatencyTable, batch: int, warmup: int, repeats: int) -> list[float]:
-    """Milliseconds of ``repeats`` runs of one part after ``warmup`` runs, timed by the backend."""
+Prepare = Callable[[str, tuple[int, ...], Any], Any]
+
+
+def time_part(backend, part: str, point, table: LatencyTable, batch: int, warmup: int, repeats: int,
+              prepare: Prepare | None = None) -> list[float]:
+    """Milliseconds of ``repeats`` runs of one part after ``warmup`` runs, timed by the backend;
+    ``prepare(part, point, model)`` puts the micro-graph in the table's precision."""
     model = build_part(part, point, table.fixed, table.grid, backend.token_cluster_lowering)
+    if prepare is not None:
+        model = prepare(part, point, model)
     return backend.time_part(model, part_input(part, point, table.fixed, batch), warmup, repeats)
 
 
+def check_precision(backend, precision: str) -> str:
+    """How ``backend`` runs ``precision`` ("graph" or "runtime"); one line if it does not."""
+    how = backend.precisions.get(precision)
+    if how is None:
+        raise DeployCompError(f"target '{backend.name}' runs precisions {', '.join(backend.precisions)}, "
+                              f"not '{precision}'")
+    if how == "runtime" and getattr(backend, "precision", "fp32") != precision:
+        raise DeployCompError(f"{precision} is a runtime option of '{backend.name}': build the backend with "
+                              f"precision='{precision}'")
+    return how
+
+
 def device_fingerprint(backend, batch: int, dtype: str) -> dict[str, Any]:
-    return {**backend.fingerprint(), "batch": batch, "dtype": dtype}
+    """What a table was measured on, ``dtype`` its precision; an int8 table also names its quantizer."""
+    fp = {**backend.fingerprint(), "batch": batch, "dtype": dtype}
+    if dtype == "int8":
+        fp["quantizer"] = backend.int8_quantizer
+    return fp
+
+
+def micrograph_preparer(backend, precision: str, table: LatencyTable, cache: Path | None) -> Prepare | None:
+    """The micro-graph in ``precision`` as the compiler would make it; int8 ones cached in ``cache``."""
+    if check_precision(backend, precision) == "runtime" or precision == "fp32":
+        return None  # the graph stays fp32 (the backend was built with the runtime precision)
+    if precision != "int8":
+        from ..passes.precision import convert_precision
+        import onnx_ir as ir
+
+        return lambda part, point, model: ir.to_proto(convert_precision(ir.from_proto(model), precision))
+
+    from ..passes.quantize import quantize_for_latency
+
+    def prepare(part, point, model):
+        import onnx
+
+        name = cache / f"{part}-{'-'.join(str(int(v)) for v in point)}.onnx" if cache else None
+        if name is not None and name.is_file():
+            try:
+                return onnx.load(str(name))
+            except Exception:  # a file cut short by a kill: quantize again
+                pass
+        x = part_input(part, point, table.fixed, 1)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="deploycomp-micro-") as tmp:
+            quantized = quantize_for_latency(model, backend.int8_quantizer, [x], Path(tmp))
+        if name is not None:
+            name.parent.mkdir(parents=True, exist_ok=True)
+            part_file = name.with_suffix(".tmp")
+            onnx.save(quantized, str(part_file))
+            part_file.replace(name)
+        return quantized
+
+    return prepare
 
 
 def profile(backend, root, batch: int = 1, dtype: str = "fp32", grid: str = "deit-base",
             protocol: dict[str, int] | None = None, save_every_s: float = 10.0,
             progress: Callable[[int, int], None] | None = None, path=None) -> LatencyTable:
-    """Fill (or resume) the table of this device at ``root``; return it when complete."""
-    if dtype != "fp32":
-        raise DeployCompError(f"dtype {dtype} is not supported yet on this target; profile fp32")
+    """Fill (or resume) the table of this device at ``root``; return it when complete. ``dtype``: the
+    precision the parts run in (a runtime precision needs ``backend`` built with it)."""
+    check_precision(backend, dtype)
     if grid not in GRIDS:
         raise DeployCompError(f"unknown grid '{grid}': use one of {', '.join(GRIDS)}")
     fp = device_fingerprint(backend, batch, dtype)
@@ -188,6 +261,8 @@ def profile(backend, root, batch: int = 1, dtype: str = "fp32", grid: str = "dei
             table.entries = {part: points for part, points in old.entries.items()
                              if old.grid.get(part) == table.grid.get(part)}
             table.profiling_seconds = old.profiling_seconds
+    cache = Path(path).with_suffix(".micrographs")
+    prepare = micrograph_preparer(backend, dtype, table, cache)
     work = [(part, p) for part in table.parts for p in table.points(part)]
     total = len(work) * protocol["passes"]
     done = sum(min(len(table.samples(part, p)) // protocol["repeats"], protocol["passes"]) for part, p in work)
@@ -201,7 +276,7 @@ def profile(backend, root, batch: int = 1, dtype: str = "fp32", grid: str = "dei
         for idx in rng.permutation(len(todo)):
             part, point = todo[idx]
             table.add_samples(part, point, time_part(backend, part, point, table, batch,
-                                                     protocol["warmup"], protocol["repeats"]))
+                                                     protocol["warmup"], protocol["repeats"], prepare))
             done += 1
             if progress:
                 progress(done, total)
@@ -211,4 +286,6 @@ def profile(backend, root, batch: int = 1, dtype: str = "fp32", grid: str = "dei
                 last_save = time.perf_counter()
     table.profiling_seconds = base_seconds + time.perf_counter() - start
     save_table(table, path)
+    if table.complete:
+        shutil.rmtree(cache, ignore_errors=True)
     return table

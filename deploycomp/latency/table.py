@@ -1,6 +1,8 @@
 """The latency lookup table: a versioned JSON file per target and device.
 
-``latency_tables/<target>/<device-slug>.json`` holds the device fingerprint, the grid of each part
+``latency_tables/<target>/<device-slug>.json`` (one per target, device, batch and *precision*: the
+slug carries ``-fp32-``, ``-int8-`` or ``-bf16-``, the fingerprint's ``dtype`` the same, and an int8
+table's ``quantizer`` how the micro-graphs were quantized) holds the device fingerprint, the grid of each part
 kind, and per grid point the measured samples with their median and spread. Writes are atomic
 (temporary file + rename) under an exclusive file lock, so an interrupted profile resumes from what
 it saved and two profiles of the same table never corrupt it.
@@ -26,7 +28,7 @@ SCHEMA = "deploycomp.latency_table"
 VERSION = 1
 # Fingerprint fields that must agree for a table to describe this device.
 MATCH_KEYS = ("target", "cpu_model", "threads", "allow_spinning", "backend", "backend_version", "provider", "batch",
-              "dtype", "performance_hint", "inference_precision")
+              "dtype", "quantizer", "performance_hint", "inference_precision")
 PART_KEYS = {
     "attention": ("tokens", "emb", "heads", "qk_dim", "v_dim"),
     "mlp": ("tokens", "emb", "mlp_dim"),

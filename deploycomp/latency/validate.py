@@ -6,7 +6,9 @@ deploycomp, and measured interleaved; on a Swin grid, random Swins (every stage'
 block's dims drawn from its stage's grid) are timm Swins at the grid's full widths sliced in torch
 (``pruning/torch_prune.swin_from_timm``); the prediction error is reported per model with its median
 and p90, raw and corrected for the device's drift since profiling (see ``validate``). A FLOPs-proportional model (ms per FLOP fitted on the same models) is reported alongside,
-to show what the table adds.
+to show what the table adds. A table of another precision is validated on models compiled at that
+precision (``compile --precision``; int8 with synthetic calibration and its fidelity gate off:
+random weights, speed only).
 """
 
 from __future__ import annotations
@@ -60,12 +62,16 @@ def swin_module(arch: SwinArch, full: SwinArch):
     return swin_from_timm(source, structure, PrunePlan(keep))
 
 
-def compile_arch(arch: ViTArch | SwinArch, workdir: Path, name: str, backend, full: SwinArch | None = None) -> Path:
-    """FlexViT(arch) (a Swin: ``swin_module(arch, full)``) -> ONNX -> deploycomp compile (verified);
-    returns the compiled ONNX graph."""
+def compile_arch(arch: ViTArch | SwinArch, workdir: Path, name: str, backend, full: SwinArch | None = None,
+                 precision: str = "fp32") -> Path:
+    """FlexViT(arch) (a Swin: ``swin_module(arch, full)``) -> ONNX -> deploycomp compile (verified)
+    at ``precision``; returns the compiled graph."""
+    import warnings
+
     import onnx_ir as ir
     import torch
 
+    from ..errors import DeployCompWarning
     from ..api import CompileOptions, compile
     from ..frontend.export import export_to_onnx
     from .flexvit import FlexViT
@@ -75,7 +81,14 @@ def compile_arch(arch: ViTArch | SwinArch, workdir: Path, name: str, backend, fu
     src = workdir / f"{name}.onnx"
     ir.save(export_to_onnx(module, (1, arch.in_chans, arch.img_size, arch.img_size)), src)
     out = workdir / name
-    manifest = compile(str(src), out, CompileOptions(target=backend.name, runtime=backend.options(), measure_rounds=0))
+    runtime = {k: v for k, v in backend.options().items() if k != "precision"}  # a runtime precision: set below
+    options = CompileOptions(target=backend.name, runtime=runtime, measure_rounds=0, precision=precision)
+    if precision == "int8":  # speed only: random weights, Gaussian calibration, no gate or sensitivity
+        options = CompileOptions(**{**vars(options), "calibration_samples": 4, "sensitivity_samples": 0,
+                                    "fidelity_top1": 0.0, "fidelity_cosine": -1.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeployCompWarning)
+        manifest = compile(str(src), out, options)
     return out / manifest["files"].get("onnx", manifest["files"]["model"])
 
 
@@ -116,7 +129,8 @@ def validate(table: LatencyTable, backend, archs: list[ViTArch], rounds: int = 5
         full = anchors["the grid's full architecture"]
         for i, arch in enumerate([*archs, *anchors.values()]):
             say(f"compile {i + 1}/{len(archs) + len(anchors)}")
-            paths.append(compile_arch(arch, Path(tmp), f"arch{i}", backend, full=full))
+            paths.append(compile_arch(arch, Path(tmp), f"arch{i}", backend, full=full,
+                                      precision=table.fingerprint.get("dtype", "fp32")))
         say("measure")
         shape = (1, archs[0].in_chans, archs[0].img_size, archs[0].img_size)
         measured = measure_models(backend, paths, shape, batch, rounds, iters)

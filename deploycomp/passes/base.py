@@ -55,6 +55,8 @@ class CompileContext:
     train: "ImageSet | None" = None  # labelled data for passes that train
     test: "ImageSet | None" = None
     latency: "LatencyPredictor | None" = None  # the target's latency table, calibrated to the device now
+    # the fp32 table when the compile's precision is another (a budget is relative to the fp32 source)
+    latency_reference: "LatencyPredictor | None" = None
     baseline_model: ir.Model | None = None  # the graph before latency-changing rewrites (timed against the result)
     verify_batches: tuple[int, ...] = (1, 3)
     tolerance: float = 1e-4

@@ -4,6 +4,15 @@ Runs the schedule on the torch module the graph came from (masks keep parameter 
 trained weights into the graph, rewrites the graph to the final plan and re-discovers its
 structure. The verification gate that follows compares the rewritten graph with the masked torch
 model, so the artifact is checked against exactly what was trained.
+
+**Precision.** The budget is relative to the unpruned model as the user holds it: fp32 on the
+target (``ctx.latency_reference``, the fp32 table, calibrated on the unpruned graph timed in fp32).
+Pruned architectures are predicted by the table of the compile's precision (``ctx.latency``), so a
+lower precision counts toward the budget; that table is calibrated on the unpruned graph in that
+precision (quantized as the quantize pass does, for timing) when on-device checks are on, and
+otherwise scaled like the fp32 table (the device's drift is shared). On-device checks time the
+pruned graph in the compile's precision against the unpruned graph in fp32. The manifest's
+``levers`` split the predicted speed-up into precision x tokens x width, in that order.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from ..backends.base import fp32_backend as source_backend
+from ..backends.base import time_against
 from ..errors import DeployCompError, DeployCompWarning
 from ..frontend import torch_reference
 from ..ir.discover import discover
@@ -67,14 +78,15 @@ class PrunePass(Pass):
     name = "prune"
 
     def __init__(self, config: PruneConfig, rewrites: Sequence[Rewrite] = (), latency_batch: int = 1,
-                 measure_rounds: int = 30, calibrate_rounds: int = 4):
+                 measure_rounds: int = 30, calibrate_rounds: int = 4, precision: str = "fp32"):
         """``rewrites``: passes applied after pruning that change latency (semantic tokens and their
         lowering). The budget covers them: the latency model sees their architecture, the torch
         model they wrap is what is trained, and every on-device check times the pruned graph with
         them applied against the unpruned source graph. ``calibrate_rounds``: rounds the unpruned
         graph and a uniformly narrowed copy near the budget are timed to scale the latency table to
-        the device now (``latency/calibrate.py``; 0 trusts the table as profiled)."""
-        self.config, self.rewrites = config, list(rewrites)
+        the device now (``latency/calibrate.py``; 0 trusts the table as profiled). ``precision``: what
+        the artifact runs in after the later passes (the precision ``ctx.latency`` was profiled at)."""
+        self.config, self.rewrites, self.precision = config, list(rewrites), precision
         self.latency_batch, self.measure_rounds, self.calibrate_rounds = latency_batch, measure_rounds, calibrate_rounds
 
     def requires(self, model: ir.Model, ctx: CompileContext) -> None:
@@ -84,8 +96,29 @@ class PrunePass(Pass):
         for name in (sl.tensor for g in ctx.structure.groups() for sl in ctx.structure.slices(g)):
             assert name in model.graph.initializers, f"coupled tensor {name} missing"
 
+    def in_precision(self, model, backend, input_shape) -> bytes:
+        """``model`` (serialized fp32 graph) as the compile's precision will leave it, for timing."""
+        if self.precision == "int8":
+            import tempfile
+
+            import numpy as np
+
+            from .quantize import quantize_for_latency
+
+            x = [np.random.default_rng(k).standard_normal(input_shape).astype(np.float32) for k in range(4)]
+            with tempfile.TemporaryDirectory(prefix="deploycomp-prune-int8-") as tmp:
+                return quantize_for_latency(model, backend.int8_quantizer, x, tmp).SerializeToString()
+        if self.precision != "fp32" and backend.precisions.get(self.precision) == "graph":
+            from .precision import convert_precision
+
+            return ir.to_proto(convert_precision(ir.serde.deserialize_model(onnx.load_from_string(model)),
+                                                 self.precision)).SerializeToString()
+        return model  # fp32, or a runtime precision: the backend runs it
+
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
         structure, predictor = ctx.structure, ctx.latency
+        reference = ctx.latency_reference or predictor  # the fp32 table: what the budget is relative to
+        lowered = reference is not predictor
         geometry = geometry_of(ctx.module, ctx.input_shape)
         shape = (1, *ctx.input_shape[1:])
         # Swin's folded position biases are marked with their tables before the graph is copied
@@ -97,22 +130,30 @@ class PrunePass(Pass):
         for r in self.rewrites:
             module = r.wrap_module(module)
 
-        def predict(plan: PrunePlan, rewritten: bool = True) -> float:
+        def predict(plan: PrunePlan, rewritten: bool = True, by=None) -> float:
             arch = plan_arch(structure, plan, **geometry)
             for r in self.rewrites if rewritten else ():
                 arch = r.rewrite_arch(arch)
-            return predictor.predict(arch).total_ms
+            return (by or predictor).predict(arch).total_ms
+
+        fp32_backend = source_backend(ctx.backend) if ctx.backend is not None else None
+
+        def time_against_unpruned(graph: bytes) -> float:
+            """``graph`` in the compile's precision timed against the unpruned graph in fp32."""
+            graph = self.in_precision(graph, ctx.backend, shape)
+            times = time_against(ctx.backend, fp32_backend, {"unpruned": unpruned, "pruned": graph}, "unpruned",
+                                 shape, self.latency_batch, self.measure_rounds)
+            return times["pruned"]["median_ms"] / times["unpruned"]["median_ms"]
 
         def measure(plan: PrunePlan) -> float:
-            """The plan's graph (current weights, rewrites applied) timed against the unpruned graph."""
+            """The plan's graph (current weights, rewrites applied, in the compile's precision) timed
+            against the unpruned graph."""
             trial = ir.serde.deserialize_model(onnx.load_from_string(unpruned))
             copy_weights_to_graph(module, trial)
             prune_graph(trial, structure, plan)
             for r in self.rewrites:
                 r.rewrite_graph(trial)
-            times = ctx.backend.time({"unpruned": unpruned, "pruned": trial}, shape, self.latency_batch,
-                                     self.measure_rounds)
-            return times["pruned"]["median_ms"] / times["unpruned"]["median_ms"]
+            return time_against_unpruned(ir.to_proto(trial).SerializeToString())
 
         config, absolute = self.config, None
         budget = LatencyBudget.parse(config.latency)
@@ -122,23 +163,35 @@ class PrunePass(Pass):
             rounds = self.measure_rounds if judge_on_device else self.calibrate_rounds
             models = {"unpruned": unpruned}
             if self.calibrate_rounds:  # the second anchor, near where the pruned model will land
-                source_ms = predict(PrunePlan(), rewritten=False)
-                anchor = self.uniform_anchor(structure, lambda plan: predict(plan, rewritten=False),
+                source_ms = predict(PrunePlan(), rewritten=False, by=reference)
+                anchor = self.uniform_anchor(structure, lambda plan: predict(plan, rewritten=False, by=reference),
                                              budget.target_ms(source_ms) / source_ms if not budget.relative else budget.value,
                                              grid_floors(predictor.table.grid, structure))
                 narrowed = ir.serde.deserialize_model(onnx.load_from_string(unpruned))
                 prune_graph(narrowed, structure, anchor)
-                models["narrowed"] = narrowed
-            times = ctx.backend.time(models, shape, self.latency_batch, rounds)
+                models["narrowed"] = ir.to_proto(narrowed).SerializeToString()
+            times = fp32_backend.time(models, shape, self.latency_batch, rounds)
             ms = times["unpruned"]["median_ms"]
-        if self.calibrate_rounds and ms is not None:  # the table scaled to predict both anchors as measured now
-            raw = LatencyPredictor(predictor.table)
-            cal = calibration([
-                ("the unpruned source model", raw.predict(plan_arch(structure, PrunePlan(), **geometry)).total_ms, ms),
-                ("the source narrowed uniformly near the budget", raw.predict(plan_arch(structure, anchor, **geometry)).total_ms,
-                 times["narrowed"]["median_ms"])])
+        full = plan_arch(structure, PrunePlan(), **geometry)
+        if self.calibrate_rounds and ms is not None:  # the tables scaled to predict both anchors as measured now
+            anchors = {"unpruned": ("the unpruned source model", full),
+                       "narrowed": ("the source narrowed uniformly near the budget", plan_arch(structure, anchor, **geometry))}
+            cal = self.calibrate(reference, anchors, times)
             ctx.results["latency_calibration"] = cal
-            ctx.latency = predictor = LatencyPredictor(predictor.table, fitted(cal))
+            ctx.latency_reference = reference = LatencyPredictor(reference.table, fitted(cal))
+            curve = cal["scale"]  # a lower precision without checks: the source's drift, shared
+            if lowered and config.budget_rounds and ctx.backend is not None:  # anchored on the source in its precision
+                low_times = ctx.backend.time({k: self.in_precision(g, ctx.backend, shape) for k, g in models.items()},
+                                             shape, self.latency_batch, max(self.calibrate_rounds, 1))
+                low = self.calibrate(predictor, {k: (f"{name} in {self.precision}", arch)
+                                                 for k, (name, arch) in anchors.items()}, low_times)
+                cal["precision"] = {self.precision: low}
+                curve = fitted(low)
+                if "warning" in low:
+                    warnings.warn(low["warning"], DeployCompWarning, stacklevel=2)
+            elif lowered:
+                cal["precision"] = {self.precision: {"scale": curve, "anchor": "the fp32 calibration (no on-device checks)"}}
+            ctx.latency = predictor = LatencyPredictor(predictor.table, curve) if lowered else reference
             if "warning" in cal:
                 warnings.warn(cal["warning"], DeployCompWarning, stacklevel=2)
         if judge_on_device:
@@ -152,7 +205,7 @@ class PrunePass(Pass):
         outcome = prune(module, model, structure, predict, config, shape, ctx.train, ctx.test, ctx.say,
                         measure if config.budget_rounds and ctx.backend is not None else None,
                         grid_floors(predictor.table.grid, structure), teacher=ctx.teacher if self.rewrites else None,
-                        baseline_ms=predict(PrunePlan(), rewritten=False), objective=objective_of(ctx))
+                        baseline_ms=predict(PrunePlan(), rewritten=False, by=reference), objective=objective_of(ctx))
         copy_weights_to_graph(module, model)
         rewrite = prune_graph(model, structure, outcome.plan)
         ctx.structure = discover(model, family=structure.family)
@@ -163,7 +216,15 @@ class PrunePass(Pass):
                                         for k in ("heads", "qk", "v", "mlp")) for b in structure.blocks}
         self.expected_emb = [len(outcome.plan.kept(structure, f"stage{s}.emb")) for s in range(len(structure.stage_embs))]
         arch = plan_arch(structure, outcome.plan, **geometry)
+        precision_only = predict(PrunePlan(), rewritten=False)
+        with_tokens = predict(PrunePlan())
         ctx.results["pruning"] = {
+            "precision": self.precision,
+            "tables": {"budget": str(reference.table.path), "predictions": str(predictor.table.path)},
+            # predicted speed-up of each lever, applied in this order (their product is the total)
+            "levers": {"precision": outcome.baseline_ms / precision_only, "tokens": precision_only / with_tokens,
+                       "width": with_tokens / outcome.predicted_ms, "total": outcome.baseline_ms / outcome.predicted_ms,
+                       "order": "precision, then tokens, then width; ratios of predicted latencies"},
             "arch": arch.to_dict(),
             "rewrites": [r.name for r in self.rewrites],
             "config": {**vars(self.config)},
@@ -176,6 +237,14 @@ class PrunePass(Pass):
         }
         return PassResult(model, modified=True, info={"predicted_ms": round(outcome.predicted_ms, 4),
                                                       "baseline_ms": round(outcome.baseline_ms, 4)})
+
+    @staticmethod
+    def calibrate(predictor: LatencyPredictor, anchors: dict, times: dict) -> dict:
+        """The calibration record of ``anchors`` (timed model -> (name, architecture), the unpruned
+        source first) as ``predictor``'s table predicts them raw and ``times`` measured them."""
+        raw = LatencyPredictor(predictor.table)
+        return calibration([(name, raw.predict(arch).total_ms, times[key]["median_ms"])
+                            for key, (name, arch) in anchors.items()])
 
     @staticmethod
     def uniform_anchor(structure, predict, fraction: float, floors: dict[str, int]) -> PrunePlan:

@@ -111,6 +111,21 @@ def dynamic_int8(model, path, exclude: Sequence[str] = ()):
     return ort_dynamic_int8(model, path, exclude=exclude)
 
 
+def quantize_for_latency(model, method: str, inputs: list[np.ndarray], workdir) -> onnx.ModelProto:
+    """``model`` in int8 as this pass makes it with ``method`` (no sensitivity, no fallback), for
+    timing only: latency-table micro-graphs and the prune pass's on-device checks of an int8 budget.
+    ``inputs``: calibration samples (Gaussian is fine: scales do not pick the kernels)."""
+    from pathlib import Path
+
+    if method not in QuantizePass.METHODS:
+        raise DeployCompError(f"unknown int8 method '{method}': use {' or '.join(QuantizePass.METHODS)}")
+    proto = model if isinstance(model, onnx.ModelProto) else (
+        onnx.load_from_string(model) if isinstance(model, bytes) else ir.to_proto(model))
+    if method == "ort-dynamic":
+        return onnx.load(str(dynamic_int8(proto, Path(workdir) / "dynamic-int8.onnx")))
+    return compress_int8_weights(nncf_qdq(proto, inputs, symmetric=method == "nncf-symmetric"))
+
+
 @dataclass(frozen=True)
 class Int8Layer:
     node: str  # the MatMul/Gemm node's name in the graph

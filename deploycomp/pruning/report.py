@@ -49,7 +49,11 @@ def finish_pruning_report(section: dict[str, Any], unpruned: ir.Model, pruned: i
     tabulate and plot; returns the manifest's ``pruning`` section (the plot is written to ``staging``)."""
     info = dict(section)
     shape = tuple(d if isinstance(d, int) else 1 for d in manifest["input"]["shape"])
-    measured = backend.time({"unpruned": unpruned, "pruned": artifact}, shape, batch, rounds)
+    from ..backends.base import fp32_backend, time_against
+
+    # the unpruned source as the user holds it (fp32), the artifact as it runs (a runtime precision too)
+    measured = time_against(backend, fp32_backend(backend), {"unpruned": unpruned, "pruned": artifact}, "unpruned",
+                            shape, batch, rounds)
     ratio = measured["pruned"]["median_ms"] / measured["unpruned"]["median_ms"]
     original = info.pop("original")
     rows = block_rows(original, structure)
