@@ -162,7 +162,7 @@ def get_backend(name: str, **options) -> Backend:
 def fp32_backend(backend: Backend) -> Backend:
     """``backend`` as it runs the fp32 source: itself, unless its precision is a runtime option
     (OpenVINO bf16), then the same target and options at fp32. Budgets are relative to the fp32 source."""
-    if getattr(backend, "precision", "fp32") == "fp32":
+    if backend.options().get("precision", "fp32") == "fp32":
         return backend
     return get_backend(backend.name, **{**backend.options(), "precision": "fp32"})
 

@@ -193,7 +193,7 @@ def check_precision(backend, precision: str) -> str:
     if how is None:
         raise DeployCompError(f"target '{backend.name}' runs precisions {', '.join(backend.precisions)}, "
                               f"not '{precision}'")
-    if how == "runtime" and getattr(backend, "precision", "fp32") != precision:
+    if how == "runtime" and backend.options().get("precision", "fp32") != precision:
         raise DeployCompError(f"{precision} is a runtime option of '{backend.name}': build the backend with "
                               f"precision='{precision}'")
     return how
