@@ -18,12 +18,12 @@ from . import __version__
 from .artifact import check_output_dir, read_manifest, write_json
 from .backends.base import DEFAULT_TARGET
 from .errors import DeployCompError, DeployCompWarning
-from .ir.structure import Structure
-from .job import CompileJob
-from .passes.base import DEFAULT_INVARIANTS, CompileContext, Pass, Pipeline, build_pass
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the compiler's modules (onnx_ir, torch) are imported where used: a request is checked first
     from .backends.base import Backend
+    from .ir.structure import Structure
+    from .job import CompileJob
+    from .passes.base import Pass
     from .learn.train import TrainConfig
     from .pruning.schedule import PruneConfig
     from .tokens.stvit import SemanticTokenConfig
@@ -85,7 +85,9 @@ class CompileOptions:
 
 
 def check_options(source: str, options: CompileOptions) -> None:
-    """Refuse what cannot work before anything slow happens (no model is loaded yet)."""
+    """Refuse what cannot work before anything slow happens: the flags first, then the source's
+    cheap facts (frontend.check_compile_request). No model is loaded and, but for a timm: name or a
+    semantic-token request on a torch source, torch is not imported."""
     if options.precision not in PRECISIONS:
         raise DeployCompError(f"unknown precision '{options.precision}': use one of {', '.join(PRECISIONS)}")
     if options.precision == "int8" and not options.max_drop >= 0:
@@ -96,17 +98,17 @@ def check_options(source: str, options: CompileOptions) -> None:
         raise DeployCompError("the int8 fallback (--max-float-layers) ranks layers by sensitivity: sensitivity_samples must be > 0")
     if options.precision != "fp32" and options.prune is not None:
         raise DeployCompError("--latency pruning predicts with fp32 latency tables: compile it at --precision fp32")
-    from .learn.distill import Objective
+    from .learn.objective import Objective
 
     Objective(options.output or "logits", options.feature_loss)  # known values, or one line
-    from .frontend import check_compile_request
-
-    check_compile_request(source, options.weights, options.model_kwargs, prune=options.prune is not None,
-                          semantic_tokens=options.semantic_tokens or False)
     if options.token_finetune_epochs and not options.data:
         raise DeployCompError("fine-tuning after the token rewrite needs training data (--data)")
     if options.prune is not None and (options.prune.kd_steps or options.prune.finetune_epochs) and not options.data:
         raise DeployCompError("distillation and fine-tuning need training data (--data)")
+    from .frontend import check_compile_request
+
+    check_compile_request(source, options.weights, options.model_kwargs, prune=options.prune is not None,
+                          semantic_tokens=options.semantic_tokens or False)
 
 
 def make_backend(options: CompileOptions) -> "Backend":
@@ -126,6 +128,8 @@ def make_backend(options: CompileOptions) -> "Backend":
 
 def default_passes(options: CompileOptions, backend: "Backend", tokens: "SemanticTokenConfig | None" = None) -> list[Pass]:
     """The pass list ``compile`` runs for ``options`` on ``backend``, each built from its config."""
+    from .passes.base import build_pass
+
     passes = [build_pass("cleanup"), build_pass("discover")]
     rewrites: list[Pass] = []
     if tokens is not None:
@@ -159,6 +163,8 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
     import copy
 
     from .frontend import load_source, torch_reference
+    from .job import CompileJob
+    from .passes.base import CompileContext
 
     options = options or CompileOptions()
     check_options(source, options)
@@ -275,6 +281,7 @@ def load_eval_data(data: str, input_shape: tuple[int, ...], samples: int | None 
 def inspect(path: str | Path) -> Structure:
     """The ViT structure of an ONNX file or an artifact directory, as the compiler sees it."""
     from .frontend import load_onnx_file
+    from .passes.base import DEFAULT_INVARIANTS, CompileContext, Pipeline
     from .passes.cleanup import CleanupPass
     from .passes.discover import DiscoverPass
 

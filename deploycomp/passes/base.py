@@ -72,7 +72,7 @@ class CompileContext:
 
 def objective_of(ctx: CompileContext):
     """The distillation objective of the compile's model (learn.distill.Objective)."""
-    from ..learn.distill import Objective
+    from ..learn.objective import Objective
 
     return Objective(ctx.output, ctx.feature_loss)
 
