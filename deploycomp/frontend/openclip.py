@@ -57,6 +57,8 @@ def check_config(arch: str) -> None:
     if ":" in arch:
         return  # a hub or local-dir name: open_clip resolves it (no hub access here: it fails there)
     if "open_clip" in sys.modules:  # imported already: its registry, with configs added at run time
+        if sys.modules["open_clip"] is None:
+            return  # import blocked: import_optional says so on use
         config = sys.modules["open_clip"].get_model_config(arch)
     else:
         spec = importlib.util.find_spec("open_clip")  # finds the package without importing it

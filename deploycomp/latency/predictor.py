@@ -11,6 +11,10 @@ heads cost relative to those in self-attention over the same keys:
 
 (keys clamped to the attention grid). A table profiled before that part existed falls back to the
 self-attention over the keys scaled by the FLOPs ratio (the proxy measured that 10 % optimistic).
+
+The head part is profiled with the grid's class count (1000 for deit-base). A model whose head
+has another width (a CLIP tower's 512-wide projection, an embedding without a head) gets the
+table's head scaled by FLOPs (:func:`head_scale`) and the prediction says so in ``outside_grid``.
 """
 
 from __future__ import annotations
@@ -88,11 +92,10 @@ class LatencyPredictor:
         predictor's ``drift``) corrects for device drift."""
         scale = self.drift if scale is None else scale
         fixed = self.table.fixed
-        if (arch.img_size, arch.patch, arch.in_chans, arch.num_classes) != (
-                fixed["img_size"], fixed["patch"], fixed["in_chans"], fixed["num_classes"]):
-            raise DeployCompError(f"latency table profiles {fixed['img_size']}px/{fixed['patch']} inputs and "
-                                  f"{fixed['num_classes']} classes; the architecture has {arch.img_size}px/{arch.patch}, "
-                                  f"{arch.num_classes} classes")
+        if (arch.img_size, arch.patch, arch.in_chans) != (fixed["img_size"], fixed["patch"], fixed["in_chans"]):
+            raise DeployCompError(f"latency table profiles {fixed['img_size']}px/{fixed['patch']} inputs with "
+                                  f"{fixed['in_chans']} channels; the architecture has {arch.img_size}px/{arch.patch}, "
+                                  f"{arch.in_chans} channels")
         e = arch.emb
         outside = self._outside("stem", (e,))
         attn, mlp = [], []
@@ -107,6 +110,21 @@ class LatencyPredictor:
             mlp.append(self.part_ms("mlp", m_pt))
         last = arch.blocks[-1].out_tokens if arch.blocks else arch.patches + 1
         stem, head = self.part_ms("stem", (e,)), self.part_ms("head", (last, e))
+        if arch.num_classes != fixed["num_classes"]:
+            ratio = head_scale(last, e, arch.num_classes, fixed["num_classes"])
+            head *= ratio
+            outside.append(f"head.num_classes={arch.num_classes}: the table's {fixed['num_classes']}-class head "
+                           f"scaled by FLOPs ({ratio:.3f}x)")
         attn, mlp = [a * scale for a in attn], [m * scale for m in mlp]
         stem, head = stem * scale, head * scale
         return Prediction(stem + head + sum(attn) + sum(mlp), stem, head, attn, mlp, sorted(set(outside)))
+
+
+def head_scale(tokens: int, emb: int, classes: int, table_classes: int) -> float:
+    """What a head of ``classes`` outputs costs relative to the table's ``table_classes``, by FLOPs:
+    the classifier's 2·EMB·classes plus the final LayerNorm over every token (~8 flops an element:
+    mean, variance, normalize, scale and shift), which does not depend on the class count. Only the
+    head's width differs from the profiled micro-graph (same ops, same tokens and EMB), so the
+    ratio of its work is what is left to scale (the head is a small part of a ViT's latency)."""
+    norm = 8.0 * tokens * emb
+    return (norm + 2.0 * emb * classes) / (norm + 2.0 * emb * table_classes)
