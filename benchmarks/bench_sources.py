@@ -15,14 +15,16 @@ request is measured as the wall time of a fresh ``python -m deploycomp compile``
 included; target < 3 s).
 
     .venv/bin/python benchmarks/bench_sources.py                   # the lead's quiet-machine run
-    .venv/bin/python benchmarks/bench_sources.py --tiny --out /tmp/sources_tiny.json   # a dry run in seconds
+    .venv/bin/python benchmarks/bench_sources.py --quick --out /tmp/sources_quick.json   # a dry run in minutes
 
-``--tiny`` runs the same code on tiny configs (64 px, 2 blocks) with one round, to check the script;
-its pruning rows are refused unless a 'tiny'-grid latency table exists, and its numbers mean
-nothing. Pruning at full size needs the ort-cpu batch-8 table (profiled with thread spinning off,
-so the artifacts here run with spinning off). A compile that is refused is recorded with its one
-error line instead of numbers (e.g. open_clip's 512-wide projection head when no latency table was
-profiled for that head).
+``--quick`` runs the same code end to end on tiny configs (64 px, 2 blocks, a 12-wide CLIP
+projection) at batch 2 with one round, to check the script: it profiles a 'tiny'-grid table for
+its pruning (one pass, in a temporary directory) and its numbers mean nothing. Pruning at full
+size needs the ort-cpu batch-8 table (the one profiled with thread spinning off, so the artifacts
+here run with spinning off). The latency grid's head part is profiled with 1000 classes; the
+open_clip tower's 512-wide projection is predicted by scaling it by FLOPs (latency/predictor.py,
+noted in the pruning's predictions). A compile that is refused is recorded with its one error
+line instead of numbers.
 
 Writes benchmarks/results/sources.json and prints a table.
 """
@@ -59,6 +61,7 @@ TINY_VIT = {"img_size": 64, "patch_size": 16, "depth": 2, "embed_dim": 32, "num_
 
 
 def write_sources(workdir: Path, tiny: bool) -> dict[str, tuple[str, dict]]:
+    # tiny: the CLIP projection (12) differs from the tiny grid's 10 classes, as ViT-B-16's 512 from 1000
     """label -> (source spec, CompileOptions overrides) of the four sources (configs written to ``workdir``)."""
     import open_clip
     import transformers
@@ -69,7 +72,7 @@ def write_sources(workdir: Path, tiny: bool) -> dict[str, tuple[str, dict]]:
     (workdir / "hf_vit_b16.json").write_text(config.to_json_string())
     clip = "ViT-B-16"
     if tiny:
-        cfg = {"embed_dim": 10, "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16,
+        cfg = {"embed_dim": 12, "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16,
                                                "patch_size": 16},
                "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 16, "heads": 2, "layers": 1}}
         (workdir / "bench-tiny-clip.json").write_text(json.dumps(cfg))
@@ -84,8 +87,8 @@ def write_sources(workdir: Path, tiny: bool) -> dict[str, tuple[str, dict]]:
 
 def compile_jobs(source: str, overrides: dict, args, workdir: Path, say) -> dict[str, dict]:
     """The three artifacts of one source: method -> {"dir", "manifest", "seconds"} or {"error"}."""
-    from deploycomp.pruning.schedule import PruneConfig
-    from deploycomp.tokens.stvit import SemanticTokenConfig
+    from deploycomp.pruning.config import PruneConfig
+    from deploycomp.tokens.config import SemanticTokenConfig
 
     common = dict(target=args.target, threads=args.threads, runtime={"allow_spinning": args.spinning},
                   measure_rounds=0, seed=0, tables=str(args.tables), **overrides)
@@ -107,6 +110,18 @@ def compile_jobs(source: str, overrides: dict, args, workdir: Path, say) -> dict
             continue
         out[method] = {"dir": d, "manifest": manifest, "seconds": time.perf_counter() - t0}
     return out
+
+
+def profile_tiny_table(root: Path, args, say) -> Path:
+    """--quick: the 'tiny' grid profiled on this device at the run's batch (one pass of one repeat:
+    enough for the script to prune against, not a measurement)."""
+    from deploycomp.backends.base import get_backend
+    from deploycomp.latency.profiler import profile
+
+    say(f"profile the tiny grid at batch {args.batch} (--quick)")
+    backend = get_backend(args.target, threads=args.threads, allow_spinning=args.spinning)
+    profile(backend, root, batch=args.batch, grid="tiny", protocol={"warmup": 1, "repeats": 1, "passes": 1})
+    return root
 
 
 def ratios(num: list[float], den: list[float]) -> dict[str, float]:
@@ -192,15 +207,18 @@ def main() -> None:
     ap.add_argument("--tables", type=Path, default=Path("latency_tables"))
     ap.add_argument("--cosine-samples", type=int, default=32)
     ap.add_argument("--refusal-repeats", type=int, default=3)
-    ap.add_argument("--tiny", action="store_true", help="tiny configs, one round: checks the script, measures nothing")
+    ap.add_argument("--quick", "--tiny", dest="tiny", action="store_true",
+                    help="tiny configs, batch 2, one round, a freshly profiled tiny-grid table: checks the script, measures nothing")
     ap.add_argument("--out", type=Path, default=RESULTS / "sources.json")
     args = ap.parse_args()
     if args.tiny:
-        args.rounds, args.iters, args.cosine_samples, args.refusal_repeats = 1, 1, 4, 1
+        args.rounds, args.iters, args.cosine_samples, args.refusal_repeats, args.batch = 1, 1, 4, 1, 2
     say = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
+        if args.tiny:
+            args.tables = profile_tiny_table(workdir / "tables", args, say)
         sources = write_sources(workdir, args.tiny)
         arts = {label: compile_jobs(spec, overrides, args, workdir, say) for label, (spec, overrides) in sources.items()}
         cands, shape = [], None
@@ -249,7 +267,7 @@ def main() -> None:
                                       "within_10pct": abs(rel - 1) <= 0.10}
     result = {"command": " ".join(shlex.quote(a) for a in sys.argv), "host": {**host_fingerprint(), "threads": args.threads},
               "deploycomp_version": deploycomp.__version__, "seconds": round(time.perf_counter() - t0, 1),
-              "tiny_dry_run": args.tiny,
+              "quick_dry_run": args.tiny,
               "protocol": {"target": args.target, "spinning": args.spinning, "batch": args.batch, "rounds": args.rounds,
                            "iters_per_round": args.iters, "interleaved": "every artifact of every source in one run",
                            "speedup": "source's plain compile time / method's artifact time, per round: median (p10-p90)",
