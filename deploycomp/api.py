@@ -176,11 +176,6 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
     say("load")
     src = load_source(source, options.weights, options.model_kwargs, options.opset,
                       torch_twin=options.prune is not None or options.semantic_tokens is not None)
-    if "torch_twin" in src.meta and (options.semantic_tokens is not None or
-                                     set(options.prune.kinds if options.prune else ()) & {"heads", "qk", "v"}):
-        from .frontend.onnx_twin import check_attention_rewritable
-
-        check_attention_rewritable(src)
     tokens = _resolve_tokens(src, options.semantic_tokens) if options.semantic_tokens is not None else None
     output_kind = options.output or src.meta.get("output", "logits")  # (``output`` is the artifact directory)
     src.meta = {**src.meta, "output": output_kind}

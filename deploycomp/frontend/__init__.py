@@ -102,12 +102,38 @@ def check_compile_request(spec: str, weights: str | Path | None = None, model_kw
     is checked when it is loaded: its graph is read for the torch twin (frontend/onnx_twin.py)
     before torch is imported or anything slow runs."""
     check_source_spec(spec, weights, model_kwargs)
-    torch_source = spec.partition(":")[0] in ("timm", "hf", "hf-config", "open_clip")
+    kind, _, rest = spec.partition(":")
+    torch_source = kind in ("timm", "hf", "hf-config", "open_clip")
     if torch_source and semantic_tokens and not isinstance(semantic_tokens, bool):
+        grid = config_patch_grid(kind, rest)
+        if grid is not None:  # read from the config file: refused before torch and the library are imported
+            semantic_tokens.check_grid(grid)
         from ..tokens.stvit import check_supported
 
         meta = meta_module(spec, model_kwargs)
         check_supported(meta, semantic_tokens.for_model(meta))
+
+
+def config_patch_grid(kind: str, rest: str) -> tuple[int, int] | None:
+    """The patch grid an hf:/hf-config:/open_clip: source's config file declares (None: not read
+    from a file: timm, or an open_clip name resolved by open_clip itself)."""
+    if kind.startswith("hf"):
+        from .hf import check_config_file
+
+        raw, arch = check_config_file(kind, Path(rest))
+        vision = (raw.get("vision_config") or {}) if arch == "CLIPModel" else raw
+        size, patch = vision.get("image_size", 224), vision.get("patch_size", 16 if arch.startswith(("ViT", "DeiT")) else 32)
+    elif kind == "open_clip":
+        from .openclip import bundled_config
+
+        vision = (bundled_config(rest) or {}).get("vision_cfg")
+        if not vision or not vision.get("patch_size"):
+            return None
+        size, patch = vision.get("image_size", 224), vision["patch_size"]
+    else:
+        return None
+    h, w = (size, size) if isinstance(size, int) else size
+    return int(h) // int(patch), int(w) // int(patch)
 
 
 def meta_module(spec: str, model_kwargs: dict | None = None):

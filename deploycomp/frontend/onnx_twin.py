@@ -387,14 +387,59 @@ def _attention_layout(a, ln: ir.Node) -> ir.Node | None:
     return a.out.node if a.out.node.op_type == "Gemm" else None
 
 
-def check_attention_rewritable(src: "Source") -> None:
-    """Refuse (one line, before any slow work) a request that rebuilds attention — semantic tokens,
-    or pruning heads / QK / V — on a graph whose attention runs in another layout."""
-    where = (src.meta.get("torch_twin") or {}).get("attention_layout")
-    if where:
-        raise DeployCompError(f"the attention of this ONNX graph runs tokens-first ({where}: nn.MultiheadAttention); "
-                              "semantic tokens and pruning heads/QK/V rebuild attention in (batch, tokens, channels) "
-                              "and do not read that layout yet: prune with --prune-groups emb,mlp")
+def _branch_end(proj: Projection, emb: int, what: str) -> tuple[ir.Value, ir.Node]:
+    """The value a branch ending in ``proj`` puts into the stream (before its layer scale, if any)
+    and the node that reads it (the layer-scale Mul or the residual Add)."""
+    gamma = layer_scale(proj, emb)
+    value = proj.output
+    for _ in range(8):
+        node = _single_reader(value, what)
+        if node.op_type == "Add" or (node.op_type == "Mul" and gamma is not None and _is(gamma, node.inputs)):
+            return value, node
+        if node.op_type not in MOVE_OPS:
+            raise refuse(f"{what}: the branch output does not go straight into a residual Add", node)
+        value = node.outputs[0]
+    raise refuse(f"{what}: no residual Add after the branch", proj.node)
+
+
+def rebuild_tokens_first_attention(model: ir.Model, spec: TwinSpec, structure: "Structure") -> list[int]:
+    """Rebuild every attention that runs tokens-first (nn.MultiheadAttention: ``(N, B, C)`` and the
+    heads flattened to 2-D for the output projection, spelled with run-time shapes) as the
+    canonical attention core in ``(batch, tokens, channels)`` (pruning/rewrite.py: separate q/k/v
+    projections, ``Reshape [0, 0, H, d]``, the probed softmax scale, the output projection), from
+    the block's norm to where the branch re-enters the stream. The same computation with the same
+    weights, in the layout the pruning and token rewrites rebuild attention in; the twin built
+    afterwards is verified against the input graph. Returns the blocks rebuilt."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    from ..ir.build import ChainBuilder
+    from ..pruning.rewrite import _projection_arrays, attention_core, project, qkv_arrays
+
+    nodes = {n.name: n for n in model.graph}
+    emb = structure.stage_embs[0]
+    rebuilt = []
+    for b, bs in zip(structure.blocks, spec.blocks):
+        a = find_attention(nodes[b.nodes["softmax"]])
+        ln1 = _up_to_norm(a.q[0].node.inputs[0], f"block {b.index}'s attention")
+        if _attention_layout(a, ln1) is None:
+            continue
+        at = bs.attn
+        widths = {"q": at.heads * at.qk_dim, "k": at.heads * at.qk_dim, "v": at.heads * at.v_dim}
+        parts = qkv_arrays(a, list(at.chunk_order) if at.qkv is not None else None, widths, b.index)
+        back, reader = _branch_end(a.out, emb, f"block {b.index}'s attention")
+        chain = ChainBuilder(model.graph, f"block{b.index}.attn")
+        x = ln1.outputs[0]
+        q, k, v = (project(chain, x, role, parts[role]) for role in "qkv")
+        out = project(chain, attention_core(chain, q, k, v, at.heads, at.qk_dim, at.v_dim, at.scale), "proj",
+                      _projection_arrays(a.out))
+        chain.insert_before(reader)
+        back.replace_all_uses_with(out)
+        rebuilt.append(b.index)
+    if rebuilt:
+        RemoveUnusedNodesPass()(model)
+        for name in [n for n, v in model.graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+            model.graph.initializers.pop(name)
+    return rebuilt
 
 
 def _tokens_of(value: ir.Value, emb: int) -> tuple[str, int] | None:
@@ -814,12 +859,20 @@ def with_torch_twin(src: "Source") -> "Source":
                          f"{(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
         finally:
             converter_log.setLevel(level)
-    ctx = CompileContext()
-    Pipeline([CleanupPass(), DiscoverPass()], DEFAULT_INVARIANTS)(model, ctx)
-    structure = ctx.structure
-    spec = read_twin_spec(model, structure)
-    probe(model, spec)
-    folded = fold_probed(model, spec)
+    def read() -> tuple["Structure", TwinSpec, int]:
+        ctx = CompileContext()
+        Pipeline([CleanupPass(), DiscoverPass()], DEFAULT_INVARIANTS)(model, ctx)
+        spec = read_twin_spec(model, ctx.structure)
+        probe(model, spec)
+        return ctx.structure, spec, fold_probed(model, spec)
+
+    structure, spec, folded = read()
+    rebuilt = []
+    if spec.attention_layout is not None:  # nn.MultiheadAttention: rebuilt in (batch, tokens, channels), read again
+        rebuilt = rebuild_tokens_first_attention(model, spec, structure)
+        structure, spec, _ = read()
+        if spec.attention_layout is not None:
+            raise refuse(f"attention in another layout ({spec.attention_layout}) after rebuilding it")
     from .twin_module import build_twin  # torch: only for a graph the twin can express
 
     twin = build_twin(model, spec)
@@ -828,7 +881,7 @@ def with_torch_twin(src: "Source") -> "Source":
     check_names(model, twin)
     meta = {"rel_l2": rel, "tolerance": TWIN_TOLERANCE, "blocks": len(spec.blocks), "opset": max(opset, REWRITE_OPSET),
             "activations": sorted({b.act for b in spec.blocks}), "pool": spec.pool,
-            "softmax_scales": [round(b.attn.scale, 8) for b in spec.blocks], "attention_layout": spec.attention_layout,
+            "softmax_scales": [round(b.attn.scale, 8) for b in spec.blocks], "attention_rebuilt": rebuilt,
             "values_folded": folded,
             "names": {k: v for k, v in names.items() if k != v}}
     return Source(src.name, structure.family, model, src.input_shape, src.reference, src.reference_kind, twin,

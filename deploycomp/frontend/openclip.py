@@ -46,28 +46,39 @@ REFUSED_VISION_FIELDS = {"attentional_pool": "attentional pooling (CoCa)", "outp
                          "scale_attn": "a norm after the attention", "scale_fc": "a norm in the MLP"}
 
 
-def check_config(arch: str) -> None:
-    """Refuse ``open_clip:<arch>`` from open_clip's bundled config file alone, without importing
-    open_clip or torch (a fraction of a second): an unknown name, a ResNet or timm image tower, and
-    the tower options the converter does not read. The tower built on the meta device
-    (:func:`meta_canonical`) checks the rest."""
+def bundled_config(arch: str) -> dict | None:
+    """open_clip's config of ``arch`` read without importing open_clip or torch (its bundled
+    ``model_configs/<arch>.json``; open_clip's own registry once it is imported, which also holds
+    configs added at run time); None where only open_clip can resolve the name (a hub or local-dir
+    name) or it is not installed (``import_optional`` says so on use). An unknown name is refused."""
     import importlib.util
     import sys
 
     if ":" in arch:
-        return  # a hub or local-dir name: open_clip resolves it (no hub access here: it fails there)
-    if "open_clip" in sys.modules:  # imported already: its registry, with configs added at run time
+        return None
+    if "open_clip" in sys.modules:
         if sys.modules["open_clip"] is None:
-            return  # import blocked: import_optional says so on use
+            return None  # import blocked
         config = sys.modules["open_clip"].get_model_config(arch)
     else:
         spec = importlib.util.find_spec("open_clip")  # finds the package without importing it
         if spec is None or not spec.submodule_search_locations:
-            return  # not installed: import_optional says so on use
+            return None
         path = Path(next(iter(spec.submodule_search_locations))) / "model_configs" / f"{arch}.json"
         config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     if config is None:
         raise DeployCompError(f"unknown open_clip architecture '{arch}' (open_clip.list_models() names them)")
+    return config
+
+
+def check_config(arch: str) -> None:
+    """Refuse ``open_clip:<arch>`` from its config alone (:func:`bundled_config`: no open_clip, no
+    torch, a fraction of a second): an unknown name, a ResNet or timm image tower, and the tower
+    options the converter does not read. The tower built on the meta device
+    (:func:`meta_canonical`) checks the rest."""
+    config = bundled_config(arch)
+    if config is None:
+        return
     vision = config.get("vision_cfg", {})
     if vision.get("timm_model_name"):
         raise DeployCompError(f"open_clip:{arch} has a timm image tower ({vision['timm_model_name']}): "

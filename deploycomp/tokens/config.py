@@ -40,6 +40,11 @@ class SemanticTokenConfig:
         if self.prefix_tokens < 0:
             raise DeployCompError("prefix tokens must be >= 0")
 
+    def check_grid(self, grid: tuple[int, int]) -> None:
+        """Refuse a patch grid (rows, columns) the generator cannot pool to ``side`` x ``side``."""
+        if grid[0] != grid[1] or self.side > grid[0]:
+            raise DeployCompError(f"cannot pool a {grid[0]}x{grid[1]} patch grid to {self.side}x{self.side}")
+
     def resolved(self, depth: int) -> "SemanticTokenConfig":
         """The config with ``layer`` fixed for a model of ``depth`` blocks."""
         from dataclasses import replace

@@ -64,9 +64,7 @@ def check_supported(vit: nn.Module, config: SemanticTokenConfig) -> None:
     if not (pool == "token" and vit.cls_token is not None) and not (pool == "avg" and not with_prefix):
         raise DeployCompError(f"semantic tokens need a head that reads the cls token or averages the patch tokens; "
                               f"this model pools '{pool}'" + (" including its prefix tokens" if pool == "avg" else ""))
-    grid = vit.patch_embed.grid_size
-    if grid[0] != grid[1] or config.side > grid[0]:
-        raise DeployCompError(f"cannot pool a {grid[0]}x{grid[1]} patch grid to {config.side}x{config.side}")
+    config.check_grid(tuple(vit.patch_embed.grid_size))
     for i in (config.layer, config.layer + 1):
         attn = vit.blocks[i].attn
         plain = all(isinstance(getattr(attn, m, None), (nn.Identity, type(None))) for m in ("q_norm", "k_norm", "norm"))
