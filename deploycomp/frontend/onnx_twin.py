@@ -17,8 +17,12 @@ seen, this module builds that torch model from what the graph computes:
    here in one line naming the node, before anything is run or trained.
 2. **Probe** (one ONNX Runtime run at batch 1): each MLP's activation is identified by comparing
    fc2's input with candidate activations of fc1's output (exporters spell GELU in many ways);
-   softmax scales an exporter computes from shapes are read as values.
-3. **Build** (frontend/twin_module.py, the only part that imports torch) :class:`OnnxTwinViT`, a subclass of timm's ``VisionTransformer`` with per-block
+   softmax scales an exporter computes from shapes are read as values. Attention that runs
+   tokens first (nn.MultiheadAttention) is then rebuilt in (batch, tokens, channels) with the
+   same weights (:func:`rebuild_tokens_first_attention`) and the graph read again, so that every
+   later rewrite sees one layout.
+3. **Build** (frontend/twin_module.py, the only part that imports torch) :class:`OnnxTwinViT`, a
+   subclass of timm's ``VisionTransformer`` with per-block
    attention (:class:`TwinAttention`: fused or separate q/k/v, any heads and q/k and v widths per
    block, the graph's softmax scale) and per-block MLP widths, holding the graph's tensors in the
    graph's own shapes (a ``(E,)`` class embedding stays ``(E,)``).
