@@ -18,12 +18,12 @@ from . import __version__
 from .artifact import check_output_dir, read_manifest, write_json
 from .backends.base import DEFAULT_TARGET
 from .errors import DeployCompError, DeployCompWarning
-from .ir.structure import Structure
-from .job import CompileJob
-from .passes.base import DEFAULT_INVARIANTS, CompileContext, Pass, Pipeline, build_pass
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the compiler's modules (onnx_ir, torch) are imported where used: a request is checked first
     from .backends.base import Backend
+    from .ir.structure import Structure
+    from .job import CompileJob
+    from .passes.base import Pass
     from .learn.train import TrainConfig
     from .pruning.schedule import PruneConfig
     from .tokens.stvit import SemanticTokenConfig
@@ -87,7 +87,9 @@ class CompileOptions:
 
 
 def check_options(source: str, options: CompileOptions) -> None:
-    """Refuse what cannot work before anything slow happens (no model is loaded yet)."""
+    """Refuse what cannot work before anything slow happens: the flags first, then the source's
+    cheap facts (frontend.check_compile_request). No model is loaded and, but for a timm: name or a
+    semantic-token request on a torch source, torch is not imported."""
     if options.precision not in (*PRECISIONS, "auto"):
         raise DeployCompError(f"unknown precision '{options.precision}': use one of {', '.join(PRECISIONS)} or auto")
     if options.precision == "auto" and options.prune is None:
@@ -99,17 +101,17 @@ def check_options(source: str, options: CompileOptions) -> None:
         raise DeployCompError(f"--max-float-layers must be >= 0, not {options.max_float_layers}")
     if lossy and options.max_float_layers and not options.sensitivity_samples > 0:
         raise DeployCompError("the int8 fallback (--max-float-layers) ranks layers by sensitivity: sensitivity_samples must be > 0")
-    from .learn.distill import Objective
+    from .learn.objective import Objective
 
     Objective(options.output or "logits", options.feature_loss)  # known values, or one line
-    from .frontend import check_compile_request
-
-    check_compile_request(source, options.weights, options.model_kwargs, prune=options.prune is not None,
-                          semantic_tokens=options.semantic_tokens or False)
     if options.token_finetune_epochs and not options.data:
         raise DeployCompError("fine-tuning after the token rewrite needs training data (--data)")
     if options.prune is not None and (options.prune.kd_steps or options.prune.finetune_epochs) and not options.data:
         raise DeployCompError("distillation and fine-tuning need training data (--data)")
+    from .frontend import check_compile_request
+
+    check_compile_request(source, options.weights, options.model_kwargs, prune=options.prune is not None,
+                          semantic_tokens=options.semantic_tokens or False)
 
 
 def make_backend(options: CompileOptions) -> "Backend":
@@ -131,6 +133,8 @@ def make_backend(options: CompileOptions) -> "Backend":
 
 def default_passes(options: CompileOptions, backend: "Backend", tokens: "SemanticTokenConfig | None" = None) -> list[Pass]:
     """The pass list ``compile`` runs for ``options`` on ``backend``, each built from its config."""
+    from .passes.base import build_pass
+
     passes = [build_pass("cleanup"), build_pass("discover")]
     rewrites: list[Pass] = []
     if tokens is not None:
@@ -164,6 +168,8 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
     import copy
 
     from .frontend import load_source, torch_reference
+    from .job import CompileJob
+    from .passes.base import CompileContext
 
     options = options or CompileOptions()
     check_options(source, options)
@@ -175,11 +181,6 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
     say("load")
     src = load_source(source, options.weights, options.model_kwargs, options.opset,
                       torch_twin=options.prune is not None or options.semantic_tokens is not None)
-    if "torch_twin" in src.meta and (options.semantic_tokens is not None or
-                                     set(options.prune.kinds if options.prune else ()) & {"heads", "qk", "v"}):
-        from .frontend.onnx_twin import check_attention_rewritable
-
-        check_attention_rewritable(src)
     tokens = _resolve_tokens(src, options.semantic_tokens) if options.semantic_tokens is not None else None
     output_kind = options.output or src.meta.get("output", "logits")  # (``output`` is the artifact directory)
     src.meta = {**src.meta, "output": output_kind}
@@ -345,6 +346,7 @@ def load_eval_data(data: str, input_shape: tuple[int, ...], samples: int | None 
 def inspect(path: str | Path) -> Structure:
     """The ViT structure of an ONNX file or an artifact directory, as the compiler sees it."""
     from .frontend import load_onnx_file
+    from .passes.base import DEFAULT_INVARIANTS, CompileContext, Pipeline
     from .passes.cleanup import CleanupPass
     from .passes.discover import DiscoverPass
 

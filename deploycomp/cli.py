@@ -104,24 +104,20 @@ def compile_cmd(
     feature_loss: str = typer.Option("cosine", "--feature-loss", help="Distillation loss of an embedding model: cosine (1 - cos) or mse (normalized by the source embedding's mean square)."),
 ):
     """Compile a model into a verified artifact: model.onnx + manifest.json + report.md (+ pruning.png)."""
-    from .frontend import check_compile_request  # refuse a request that cannot succeed before torch is imported
-
-    check_compile_request(model, weights, _parse_model_args(model_arg), prune=latency is not None,
-                          semantic_tokens=semantic_tokens is not None)
-    from .api import CompileOptions, compile as do_compile
+    # The request is checked before the compiler's heavy modules (torch, the model libraries, the
+    # runtimes) are imported: a bad flag, an unknown or unsupported model is refused in a second or two.
+    from .api import CompileOptions, check_options, compile as do_compile
+    from .pruning.config import PruneConfig
+    from .tokens.config import SemanticTokenConfig
 
     prune = None
     if latency is not None:
-        from .pruning.schedule import PruneConfig
-
         prune = PruneConfig(latency=latency, method=prune_method, eta=eta, saliency_norm=saliency_norm, steps=prune_steps,
                             kinds=tuple(k.strip() for k in prune_groups.split(",") if k.strip()),
                             saliency_batches=saliency_batches, batch_size=calib_batch, kd_steps=kd_steps, finetune_epochs=finetune_epochs,
                             teacher_logits=str(teacher_logits) if teacher_logits else None, budget_rounds=budget_rounds)
     tokens = None
     if semantic_tokens is not None:
-        from .tokens.stvit import SemanticTokenConfig
-
         tokens = SemanticTokenConfig(tokens=semantic_tokens, layer=token_layer, pooling=token_pooling)
     options = CompileOptions(target=target, weights=str(weights) if weights else None, opset=opset, threads=threads,
                              runtime={} if spinning is None else {"allow_spinning": spinning},
@@ -134,6 +130,7 @@ def compile_cmd(
                              token_teacher_logits=None if prune or not teacher_logits else str(teacher_logits),
                              max_drop=max_drop, max_float_layers=max_float_layers, output=output_kind,
                              feature_loss=feature_loss)
+    check_options(model, options)  # before the progress bar: a refusal is one line
     stages = [s for s in COMPILE_STAGES if (s != "ort_fusion" or fuse) and (s != "measure" or not no_measure)
               and (s != "evaluate" or data) and ("prune" not in s and "pruned" not in s and "latency table" not in s or latency)
               and ("token" not in s or semantic_tokens) and (s != "precision" or precision not in ("fp32", "int8")) and (s != "quantize" or precision in ("int8", "auto"))]

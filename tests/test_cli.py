@@ -196,3 +196,73 @@ def test_profile_bad_options(tmp_path, args, message):
     r = cli("profile", "--tables", tmp_path, *args)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not any(tmp_path.rglob("*.json"))
+
+
+# Each source family's refusal of a bad flag or of a model / graph the compiler cannot express,
+# decided from the flags, the config file or the graph alone. {d}: the test's files.
+TORCH_FREE_REFUSALS = {
+    "timm: bad flags": (["timm:deit_tiny_patch16_224", "--precision", "fp16", "--latency", "0.5x"],
+                        "predicts with fp32 latency tables"),
+    "timm: not a square": (["timm:deit_tiny_patch16_224", "--semantic-tokens", "15"], "give a square number"),
+    "hf: unsupported architecture": (["hf:{d}/swin"], "'SwinModel' is not a supported ViT"),
+    "hf-config: unsupported activation": (["hf-config:{d}/relu.json"], "activation 'relu' is not supported"),
+    "hf-config: bad flags": (["hf-config:{d}/relu.json", "--model-arg", "depth=2"], "--model-arg applies to timm"),
+    "hf-config: tokens beyond the grid": (["hf-config:{d}/vit.json", "--semantic-tokens", "256"],
+                                          "cannot pool a 4x4 patch grid to 16x16"),
+    "open_clip: ResNet tower": (["open_clip:RN50"], "ModifiedResNet, not a ViT"),
+    "open_clip: attentional pooling": (["open_clip:coca_ViT-B-32", "--semantic-tokens", "16"], "attentional pooling"),
+    "open_clip: tokens beyond the grid": (["open_clip:ViT-B-16", "--semantic-tokens", "256"],
+                                          "cannot pool a 14x14 patch grid to 16x16"),
+    "onnx: post-norm graph": (["{d}/post_norm.onnx", "--latency", "0.5x", "--target", "ort-cpu"], "post-norm"),
+    "onnx: bad flags": (["{d}/post_norm.onnx", "--semantic-tokens", "4", "--feature-loss", "l1"], "unknown feature loss 'l1'"),
+    "onnx: not a ViT": (["{d}/cnn.onnx", "--target", "ort-cpu"], "not a ViT"),
+}
+
+
+@pytest.mark.slow
+def test_refusals_import_no_torch(tmp_path):
+    """The CLI checks a request before it imports the compiler's heavy modules: for every source
+    family, a bad flag and a model or graph it cannot express are refused in one line, exit 2,
+    nothing written, and torch was never imported (the refusal reads the flags, the hf config.json,
+    open_clip's bundled config file or the graph's structure; a plain compile builds only the passes it
+    runs). About imports, not speed: importing
+    torch (and timm) is most of a slow refusal's time. One fresh process runs every case."""
+    import importlib.util
+
+    import timm
+    from timm.models.vision_transformer import ResPostBlock
+
+    from .conftest import export
+
+    if importlib.util.find_spec("open_clip") is None:
+        pytest.skip("open_clip is not installed")
+    d = tmp_path / "files"
+    (d / "swin").mkdir(parents=True)
+    (d / "swin" / "config.json").write_text(json.dumps({"model_type": "swin", "architectures": ["SwinModel"]}))
+    (d / "swin" / "model.safetensors").write_bytes(b"")
+    (d / "relu.json").write_text(json.dumps({"model_type": "vit", "hidden_act": "relu", "hidden_size": 32}))
+    (d / "vit.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTForImageClassification"],
+                                            "image_size": 64, "patch_size": 16}))
+    post_norm = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                  block_fn=ResPostBlock, num_classes=4).eval()
+    export(post_norm, (1, 3, 32, 32), "torchscript", d / "post_norm.onnx")
+    export(torch.nn.Conv2d(3, 4, 3).eval(), (1, 3, 32, 32), "torchscript", d / "cnn.onnx")
+    cases = {name: [a.format(d=d) for a in args] + ["-o", str(tmp_path / "out")]
+             for name, (args, _) in TORCH_FREE_REFUSALS.items()}
+    code = ("import contextlib, io, json, sys\nfrom deploycomp.cli import main\nresults = {}\n"
+            f"for name, args in {cases!r}.items():\n"
+            "    sys.argv, err = ['deploycomp', 'compile', *args], io.StringIO()\n"
+            "    try:\n        with contextlib.redirect_stderr(err):\n            main()\n"
+            "    except SystemExit as exc:\n        results[name] = [exc.code, err.getvalue(), 'torch' in sys.modules]\n"
+            "print(json.dumps(results))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "COLUMNS": "400"})
+    assert r.returncode == 0, r.stderr
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    assert list(results) == list(TORCH_FREE_REFUSALS), r.stdout
+    for name, (exit_code, err, torch_imported) in results.items():
+        lines = err.strip().splitlines()
+        assert exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, err)
+        assert TORCH_FREE_REFUSALS[name][1] in lines[0], (name, err)
+        assert not torch_imported, f"{name}: torch was imported before the refusal"
+    assert not (tmp_path / "out").exists()

@@ -475,3 +475,32 @@ def _meta_only(fn):
             raise AssertionError(f"slow work before the refusal: {getattr(fn, '__name__', fn)} on a real device")
         return fn(*args, **kwargs)
     return guarded
+
+
+def test_latency_of_another_head_width_is_scaled_by_flops():
+    """A CLIP tower's head is its projection (open_clip ViT-B/16: 512 wide), not the grid's 1000-class
+    classifier: the table is still found for its input geometry and the head part is scaled by the
+    head's FLOPs, the prediction saying so. Known answer on the "tiny" grid (10 classes) with the
+    flops_like formula: head(17 tokens, EMB 32) = 0.01 + 1e-5 x 17 x 32 = 0.01544 ms; its FLOPs are
+    8 x 17 x 32 (final LayerNorm) + 2 x 32 x C, so C = 4 costs 4608 / 4992 of that and C = 0 (no
+    head) 4352 / 4992; nothing else changes."""
+    from deploycomp.latency.arch import BlockArch, ViTArch
+    from deploycomp.latency.predictor import LatencyPredictor
+    from deploycomp.latency.profiler import grid_for
+
+    from .synthetic_tables import flops_like, synthetic_table
+
+    assert grid_for({"img_size": 64, "patch": 16, "in_chans": 3, "num_classes": 4}) == "tiny"
+    assert grid_for({"img_size": 224, "patch": 16, "in_chans": 3, "num_classes": 512}) == "deit-base"
+    predictor = LatencyPredictor(synthetic_table(flops_like, "tiny"))
+
+    def predict(classes: int):
+        return predictor.predict(ViTArch(32, (BlockArch(2, 16, 16, 128, tokens=17),), img_size=64, patch=16,
+                                         in_chans=3, num_classes=classes))
+
+    same, narrow, none = predict(10), predict(4), predict(0)
+    assert same.head_ms == pytest.approx(0.01544, rel=1e-9) and not any("num_classes" in o for o in same.outside_grid)
+    assert narrow.head_ms == pytest.approx(0.01544 * 4608 / 4992, rel=1e-9)
+    assert none.head_ms == pytest.approx(0.01544 * 4352 / 4992, rel=1e-9)
+    assert narrow.total_ms - narrow.head_ms == pytest.approx(same.total_ms - same.head_ms, rel=1e-12)
+    assert any(o.startswith("head.num_classes=4: the table's 10-class head scaled by FLOPs") for o in narrow.outside_grid)

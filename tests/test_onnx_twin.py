@@ -376,23 +376,79 @@ def test_inexpressible_graph_is_refused_before_slow_work(tmp_path, monkeypatch, 
     assert not touched and not (tmp_path / "out").exists()
 
 
-def test_tokens_first_attention_is_refused_before_slow_work(exported, tmp_path, monkeypatch):
-    """open_clip's nn.MultiheadAttention runs tokens-first with the heads flattened to 2-D: the twin
-    expresses it (see above), the attention rebuilds of semantic tokens and heads/QK/V pruning do not
-    read that layout yet. Refused in one line before the latency table; pruning EMB/MLP is not."""
-    import deploycomp.api
+# ---- open_clip's nn.MultiheadAttention (tokens first): rebuilt in (batch, tokens, channels) --------
+
+def open_clip_64(layers: int = 2) -> torch.nn.Module:
+    """An open_clip tower at the "tiny" table's geometry: 64 px, patch 16, 32 wide, 2 heads of 16,
+    MLP 128, layer scale, a 10-wide projection."""
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    return peaked(open_clip.transformer.VisionTransformer(image_size=64, patch_size=16, width=32, layers=layers, heads=2,
+                                                          mlp_ratio=4.0, ls_init_value=0.1, output_dim=10))
+
+
+@pytest.mark.slow
+def test_prune_heads_on_a_bare_open_clip_export(tmp_path, monkeypatch):
+    """open_clip's nn.MultiheadAttention runs tokens first ((N, B, C), heads flattened to 2-D for the
+    output projection); the twin's reader rebuilds it in (batch, tokens, channels) with the same
+    weights, so heads, QK and V prune like any ViT's. On the attention_heavy table at 0.6x the
+    attention must shrink (H·(QK+V) from 64 to at most ~26 per block). The artifact equals open_clip's
+    own module with the removed channels zeroed, built here: a removed head's v rows (its output
+    is then zero), a removed QK dim's q rows in every head (the softmax scale is kept), a removed V
+    dim's v rows, a removed MLP channel's c_fc row (QuickGELU/GELU(0) = 0)."""
     from deploycomp.pruning.schedule import PruneConfig
-    from deploycomp.tokens.stvit import SemanticTokenConfig
 
-    def must_not_run(*a, **k):
-        raise AssertionError("the latency table was loaded before the refusal")
+    from .synthetic_tables import attention_heavy
 
-    monkeypatch.setattr(deploycomp.api, "_latency_tables", must_not_run)
-    path, _ = exported("open_clip", "torchscript")
-    for opts in ({"semantic_tokens": SemanticTokenConfig(4)}, {"prune": PruneConfig("0.5x")}):
-        with pytest.raises(DeployCompError, match="runs tokens-first .*--prune-groups emb,mlp") as info:
-            deploycomp.compile(str(path), tmp_path / "out", deploycomp.CompileOptions(target="ort-cpu", **opts))
-        assert len(str(info.value).splitlines()) == 1 and not (tmp_path / "out").exists()
-    with pytest.raises(AssertionError, match="latency table was loaded"):  # EMB/MLP pruning goes on to the table
-        deploycomp.compile(str(path), tmp_path / "out", deploycomp.CompileOptions(
-            target="ort-cpu", prune=PruneConfig("0.5x", kinds=("emb", "mlp"))))
+    SimulatedDevice(attention_heavy).install(monkeypatch)
+    write_synthetic_table(tmp_path / "tables", attention_heavy)
+    module = open_clip_64()
+    path = tmp_path / "clip.onnx"
+    export(module, (1, 3, 64, 64), "torchscript", path)
+    config = PruneConfig(latency="0.6x", steps=2, saliency_batches=2, batch_size=8, group_sizes=SIZES,
+                         budget_rounds=0, kinds=("heads", "qk", "v", "mlp"))
+    manifest = deploycomp.compile(str(path), tmp_path / "out", deploycomp.CompileOptions(
+        target="ort-cpu", prune=config, tables=str(tmp_path / "tables"), measure_rounds=0, seed=0))
+    assert manifest["source"]["torch_twin"]["attention_rebuilt"] == [0, 1]
+    blocks = manifest["structure"]["blocks"]
+    assert sum(b["heads"] * (b["qk_dim"] + b["v_dim"]) for b in blocks) < 2 * 2 * 32
+    assert all(c["rel_l2"] < 1e-4 for c in manifest["parity"]["checks"])
+    kept = manifest["pruning"]["kept"]
+    reference = copy.deepcopy(module)
+    c, d = 32, 16
+    with torch.no_grad():
+        for i, block in enumerate(reference.transformer.resblocks):
+            rows = {"q": [], "v": []}
+            for h in np.setdiff1d(np.arange(2), kept[f"block{i}.heads"]):
+                rows["v"] += [h * d + j for j in range(d)]
+            for j in np.setdiff1d(np.arange(d), kept[f"block{i}.qk"]):
+                rows["q"] += [h * d + j for h in range(2)]
+            for j in np.setdiff1d(np.arange(d), kept[f"block{i}.v"]):
+                rows["v"] += [h * d + j for h in range(2)]
+            for role, offset in (("q", 0), ("v", 2 * c)):
+                block.attn.in_proj_weight[[offset + r for r in rows[role]]] = 0
+                block.attn.in_proj_bias[[offset + r for r in rows[role]]] = 0
+            gone = np.setdiff1d(np.arange(128), kept[f"block{i}.mlp"])
+            block.mlp.c_fc.weight[gone] = 0
+            block.mlp.c_fc.bias[gone] = 0
+    x = images(4, 64)
+    assert rel(run_ort(tmp_path / "out" / "model.onnx", x), torch_out(reference, x)) < 1e-4
+
+
+def test_semantic_tokens_on_a_bare_open_clip_export(tmp_path):
+    """--semantic-tokens 4 through a bare open_clip export (tokens-first attention rebuilt by the
+    twin's reader): the artifact equals STViT's token model built on the open_clip tower converted
+    to timm by frontend/openclip.py (checked against open_clip there), not on the twin."""
+    from deploycomp.frontend.openclip import convert_open_clip_visual
+    from deploycomp.tokens.stvit import SemanticTokenConfig, SemanticTokenViT
+
+    module = open_clip_64(layers=4)
+    path = tmp_path / "clip.onnx"
+    export(module, (1, 3, 64, 64), "torchscript", path)
+    config = SemanticTokenConfig(4, layer=1)
+    manifest = deploycomp.compile(str(path), tmp_path / "out", deploycomp.CompileOptions(
+        target="ort-cpu", semantic_tokens=config, measure_rounds=0, seed=0))
+    assert manifest["source"]["torch_twin"]["attention_rebuilt"] == [0, 1, 2, 3]
+    assert all(c["rel_l2"] < 1e-4 for c in manifest["parity"]["checks"])
+    want = torch_out(SemanticTokenViT(convert_open_clip_visual(copy.deepcopy(module)).module, config), images(3, 64))
+    assert rel(run_ort(tmp_path / "out" / "model.onnx", images(3, 64)), want) < 1e-4

@@ -17,17 +17,19 @@ from __future__ import annotations
 import inspect
 import time
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, Union, runtime_checkable
 
 import numpy as np
-import onnx
-import onnx_ir as ir
 
 from ..bench.harness import Candidate, measure_interleaved, stats
 from ..errors import DeployCompError
 
+if TYPE_CHECKING:  # onnx and onnx_ir are imported where used: the CLI reads the target names without them
+    import onnx
+    import onnx_ir as ir
+
 Runner = Callable[[np.ndarray], np.ndarray]
-ModelLike = Union[ir.Model, onnx.ModelProto, bytes, Path, str]
+ModelLike = Union["ir.Model", "onnx.ModelProto", bytes, Path, str]
 
 
 @runtime_checkable
@@ -106,6 +108,9 @@ class BackendBase:
 
 def onnx_bytes(model: ModelLike) -> bytes:
     """Serialized ONNX of any model-like value."""
+    import onnx
+    import onnx_ir as ir
+
     if isinstance(model, bytes):
         return model
     if isinstance(model, (str, Path)):

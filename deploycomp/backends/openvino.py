@@ -11,15 +11,17 @@ manifest and rebuilt from it. OpenVINO on a CPU with avx512_bf16/AMX infers in b
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx_ir as ir
 
 from ..bench.harness import Candidate
 from ..errors import DeployCompError
 from .base import BackendBase, ModelLike, Runner, onnx_bytes, random_input, register_backend
 from .fingerprint import cpu_flags, host_fingerprint, usable_cores
+
+if TYPE_CHECKING:  # imported where used: registering the target costs nothing
+    import onnx_ir as ir
 
 HINTS = ("LATENCY", "THROUGHPUT")
 # compile --precision -> OpenVINO's inference precision hint
@@ -118,6 +120,8 @@ class OpenVinoCpuBackend(BackendBase):
     def emit(self, model: ir.Model, out_dir: Path) -> dict[str, Any]:
         ov = import_openvino()
         out_dir = Path(out_dir)
+        import onnx_ir as ir
+
         ir.save(model, out_dir / "model.onnx")
         ov.save_model(self.read(out_dir / "model.onnx"), str(out_dir / "model.xml"), compress_to_fp16=False)
         return {"files": {"model": "model.xml", "weights": "model.bin", "onnx": "model.onnx"}}

@@ -8,15 +8,17 @@ rebuilds them, so a deployment runs exactly what was checked.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import onnx_ir as ir
 
 from ..bench.harness import Candidate
 from ..errors import DeployCompError
 from .base import BackendBase, ModelLike, Runner, onnx_bytes, random_input, register_backend
 from .fingerprint import host_fingerprint, usable_cores
+
+if TYPE_CHECKING:  # imported where used: registering the target costs nothing
+    import onnx_ir as ir
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
               "all": "ORT_ENABLE_ALL"}
@@ -116,6 +118,8 @@ class OrtBackend(BackendBase):
 
     def emit(self, model: ir.Model, out_dir: Path) -> dict[str, Any]:
         path = Path(out_dir) / "model.onnx"
+        import onnx_ir as ir
+
         ir.save(model, path)
         return {"files": {"model": path.name}}
 

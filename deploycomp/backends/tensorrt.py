@@ -22,16 +22,18 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
-import onnx_ir as ir
 
 from ..bench.harness import Candidate
 from ..errors import DeployCompError
 from .base import BackendBase, random_input, register_backend
 from .fingerprint import host_fingerprint
+
+if TYPE_CHECKING:  # imported where used: registering the target costs nothing
+    import onnx
+    import onnx_ir as ir
 
 INSTALL = "pip install 'deploycomp[tensorrt]' (tensorrt, pycuda) on a machine with an NVIDIA GPU and driver"
 ENGINE_FILE = "model.plan"
@@ -95,6 +97,8 @@ def atomic_write(path: Path, data: bytes) -> None:
 def prepare_for_tensorrt(model: ir.Model) -> bytes:
     """The exact ONNX bytes handed to TensorRT's parser: a copy with TokenCluster nodes marked."""
     from ..kernels.trt_plugin import mark_for_tensorrt
+
+    import onnx_ir as ir
 
     proto = ir.serde.serialize_model(model)
     copy = ir.serde.deserialize_model(proto)
@@ -374,6 +378,9 @@ class TensorRTBackend(BackendBase):
 
     def runner(self, model: ir.Model | onnx.ModelProto | bytes | Path) -> EngineRunner:
         """A runner for an engine file (``.plan``/``.engine``), or an ONNX model built on the spot."""
+        import onnx
+        import onnx_ir as ir
+
         if isinstance(model, (str, Path)):
             path = Path(model)
             if path.suffix in (".plan", ".engine"):
@@ -408,6 +415,8 @@ class TensorRTBackend(BackendBase):
     def time_part(self, model: onnx.ModelProto, x: np.ndarray, warmup: int, repeats: int) -> list[float]:
         """The profiler's hook: one latency micro-graph built into an engine for exactly its batch, timed
         with CUDA events (same graphs as the CPU profilers, ``latency/micrographs.py``)."""
+        import onnx_ir as ir
+
         batch = int(x.shape[0])
         plan, _ = self.build(ir.serde.deserialize_model(model),
                              EngineConfig(batch=(batch, batch, batch), workspace_mb=self.config.workspace_mb,

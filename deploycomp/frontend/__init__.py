@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import onnx_ir as ir
 
 from ..errors import DeployCompError
 
-if TYPE_CHECKING:
-    from ..tokens.stvit import SemanticTokenConfig
+if TYPE_CHECKING:  # onnx_ir, torch and the model libraries are imported where used (requests are checked first)
+    import onnx_ir as ir
+
+    from ..tokens.config import SemanticTokenConfig
 
 
 @dataclass
@@ -61,8 +62,9 @@ def load_source(spec: str, weights: str | Path | None = None, model_kwargs: dict
 
 
 def check_source_spec(spec: str, weights: str | Path | None = None, model_kwargs: dict | None = None) -> None:
-    """The cheap checks of a source spec (name known, files present, options that apply), made
-    before anything is built or loaded, so that a bad source is refused in well under a second."""
+    """The cheap checks of a source spec (name known, files present, options that apply, and for
+    hf:/hf-config:/open_clip: what their config file says), made before anything is built or
+    loaded and, but for a timm: name (timm's registry), without importing torch."""
     kind, _, rest = spec.partition(":")
     if kind in ("hf", "hf-config", "open_clip"):
         if model_kwargs:
@@ -70,12 +72,16 @@ def check_source_spec(spec: str, weights: str | Path | None = None, model_kwargs
                                   f"{'the config' if kind.startswith('hf') else 'open_clip'}")
         if kind.startswith("hf") and weights is not None:
             raise DeployCompError(f"--weights does not apply to {kind}: (hf:DIR reads the directory's safetensors)")
-        if kind == "hf" and not (Path(rest) / "config.json").is_file():
-            raise DeployCompError(f"hf:{rest}: no config.json (give a local Hugging Face model directory)")
-        if kind == "hf-config" and not Path(rest).is_file():
-            raise DeployCompError(f"hf-config:{rest}: file not found")
         if weights is not None and not Path(weights).is_file():
             raise DeployCompError(f"weights file not found: {weights}")
+        if kind.startswith("hf"):
+            from .hf import check_config_file
+
+            check_config_file(kind, Path(rest))
+        else:
+            from .openclip import check_config
+
+            check_config(rest)
     elif kind == "timm":
         from .timm_models import timm_spec
 
@@ -93,15 +99,41 @@ def check_compile_request(spec: str, weights: str | Path | None = None, model_kw
     the source spec's cheap checks, and, for a torch source given a token config, what the token
     rewrite does not support (checked on the model built on the meta device: no weights, well under
     a second once its library is imported). A bare .onnx file asked for pruning or semantic tokens
-    is checked when it is loaded, by building its torch twin (frontend/onnx_twin.py), before any
-    slow work."""
+    is checked when it is loaded: its graph is read for the torch twin (frontend/onnx_twin.py)
+    before torch is imported or anything slow runs."""
     check_source_spec(spec, weights, model_kwargs)
-    torch_source = spec.partition(":")[0] in ("timm", "hf", "hf-config", "open_clip")
+    kind, _, rest = spec.partition(":")
+    torch_source = kind in ("timm", "hf", "hf-config", "open_clip")
     if torch_source and semantic_tokens and not isinstance(semantic_tokens, bool):
+        grid = config_patch_grid(kind, rest)
+        if grid is not None:  # read from the config file: refused before torch and the library are imported
+            semantic_tokens.check_grid(grid)
         from ..tokens.stvit import check_supported
 
         meta = meta_module(spec, model_kwargs)
         check_supported(meta, semantic_tokens.for_model(meta))
+
+
+def config_patch_grid(kind: str, rest: str) -> tuple[int, int] | None:
+    """The patch grid an hf:/hf-config:/open_clip: source's config file declares (None: not read
+    from a file: timm, or an open_clip name resolved by open_clip itself)."""
+    if kind.startswith("hf"):
+        from .hf import check_config_file
+
+        raw, arch = check_config_file(kind, Path(rest))
+        vision = (raw.get("vision_config") or {}) if arch == "CLIPModel" else raw
+        size, patch = vision.get("image_size", 224), vision.get("patch_size", 16 if arch.startswith(("ViT", "DeiT")) else 32)
+    elif kind == "open_clip":
+        from .openclip import bundled_config
+
+        vision = (bundled_config(rest) or {}).get("vision_cfg")
+        if not vision or not vision.get("patch_size"):
+            return None
+        size, patch = vision.get("image_size", 224), vision["patch_size"]
+    else:
+        return None
+    h, w = (size, size) if isinstance(size, int) else size
+    return int(h) // int(patch), int(w) // int(patch)
 
 
 def meta_module(spec: str, model_kwargs: dict | None = None):
@@ -234,9 +266,10 @@ def timm_output(module) -> str:
 
 
 def load_onnx_file(path: Path) -> Source:
+    """A bare .onnx file: its graph, checked, and ONNX Runtime running the file as the reference
+    (the session is created on the first call: a graph refused while it is read never needs one)."""
     import onnx
-
-    from ..backends.ort import OrtCpuBackend
+    import onnx_ir as ir
 
     path = Path(path)
     if not path.is_file():
@@ -253,7 +286,20 @@ def load_onnx_file(path: Path) -> Source:
     shape = model.graph.inputs[0].shape
     if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in list(shape)[1:]):
         raise DeployCompError(f"{path}: expected an image input (batch, C, H, W) with fixed C, H, W; got {shape}")
-    original = proto.SerializeToString()
-    run = OrtCpuBackend(optimization_level="disable").runner(original)
-    return Source(path.name, None, model, (1, *[int(d) for d in list(shape)[1:]]), run, "onnx",
-                  meta={"path": str(path), "opset": model.opset_imports.get("", None)})
+    return Source(path.name, None, model, (1, *[int(d) for d in list(shape)[1:]]), _ort_reference(proto.SerializeToString()),
+                  "onnx", meta={"path": str(path), "opset": model.opset_imports.get("", None)})
+
+
+def _ort_reference(original: bytes) -> Callable[[np.ndarray], np.ndarray]:
+    """ONNX Runtime (no graph optimizations) running ``original``, its session made on first use."""
+    runner = None
+
+    def reference(x: np.ndarray) -> np.ndarray:
+        nonlocal runner
+        if runner is None:
+            from ..backends.ort import OrtCpuBackend
+
+            runner = OrtCpuBackend(optimization_level="disable").runner(original)
+        return runner(x)
+
+    return reference

@@ -101,16 +101,34 @@ def _architecture(config: dict, where: Path) -> str:
     return arch
 
 
+def check_config_file(kind: str, path: Path) -> tuple[dict, str]:
+    """(raw config, architecture) of ``hf:DIR`` or ``hf-config:JSON``, refused from the files alone
+    (no transformers, no torch: a second at most) when they are missing or name an unsupported
+    architecture or activation; transformers' module on the meta device checks the rest."""
+    if kind == "hf":
+        if not (path / "config.json").is_file():
+            raise DeployCompError(f"hf:{path}: no config.json (give a local Hugging Face model directory)")
+        if not any(path.glob("*.safetensors")):
+            raise DeployCompError(f"hf:{path}: no .safetensors weights (only safetensors are read: they run no code); "
+                                  "for random init from the config alone use hf-config:<config.json>")
+        config_path = path / "config.json"
+    else:
+        if not path.is_file():
+            raise DeployCompError(f"hf-config:{path}: file not found")
+        config_path = path
+    raw = _read_config(config_path)
+    arch = _architecture(raw, path)
+    tower = (raw.get("vision_config") or {}) if arch == "CLIPModel" else raw
+    act = tower.get("hidden_act")
+    if act is not None and act not in HF_ACTIVATIONS:
+        raise DeployCompError(f"{arch}: activation '{act}' is not supported ({', '.join(HF_ACTIVATIONS)} are)")
+    return raw, arch
+
+
 def _dir_config(directory: Path):
     """(architecture, transformers config) of a local model directory, refused early when missing
     or unsupported; only config files are read."""
-    if not (directory / "config.json").is_file():
-        raise DeployCompError(f"hf:{directory}: no config.json (give a local Hugging Face model directory)")
-    if not any(directory.glob("*.safetensors")):
-        raise DeployCompError(f"hf:{directory}: no .safetensors weights (only safetensors are read: they run no code); "
-                              "for random init from the config alone use hf-config:<config.json>")
-    raw = _read_config(directory / "config.json")
-    arch = _architecture(raw, directory)
+    raw, arch = check_config_file("hf", directory)
     transformers = import_optional("transformers", "hf")
     cls = getattr(transformers, HF_ARCHITECTURES[arch][1])
     try:
@@ -125,10 +143,7 @@ def _dir_config(directory: Path):
 
 def _file_config(path: Path):
     """(architecture, transformers config) of a config.json given alone (hf-config:)."""
-    if not path.is_file():
-        raise DeployCompError(f"hf-config:{path}: file not found")
-    raw = _read_config(path)
-    arch = _architecture(raw, path)
+    raw, arch = check_config_file("hf-config", path)
     transformers = import_optional("transformers", "hf")
     fields = {k: v for k, v in raw.items() if k != "model_type"}
     try:

@@ -17,8 +17,12 @@ seen, this module builds that torch model from what the graph computes:
    here in one line naming the node, before anything is run or trained.
 2. **Probe** (one ONNX Runtime run at batch 1): each MLP's activation is identified by comparing
    fc2's input with candidate activations of fc1's output (exporters spell GELU in many ways);
-   softmax scales an exporter computes from shapes are read as values.
-3. **Build** :class:`OnnxTwinViT`, a subclass of timm's ``VisionTransformer`` with per-block
+   softmax scales an exporter computes from shapes are read as values. Attention that runs
+   tokens first (nn.MultiheadAttention) is then rebuilt in (batch, tokens, channels) with the
+   same weights (:func:`rebuild_tokens_first_attention`) and the graph read again, so that every
+   later rewrite sees one layout.
+3. **Build** (frontend/twin_module.py, the only part that imports torch) :class:`OnnxTwinViT`, a
+   subclass of timm's ``VisionTransformer`` with per-block
    attention (:class:`TwinAttention`: fused or separate q/k/v, any heads and q/k and v widths per
    block, the graph's softmax scale) and per-block MLP widths, holding the graph's tensors in the
    graph's own shapes (a ``(E,)`` class embedding stays ``(E,)``).
@@ -38,10 +42,6 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnx_ir as ir
-import torch
-import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
-from torch import nn
 
 from ..errors import DeployCompError
 from ..ir.discover import (Projection, _data_consumers, _data_input, _is_const, _is_shape_derived, as_projection,
@@ -49,6 +49,8 @@ from ..ir.discover import (Projection, _data_consumers, _data_input, _is_const, 
 from ..passes.cleanup import TRANSPOSED_FROM
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from ..ir.structure import Structure
     from . import Source
 
@@ -389,14 +391,59 @@ def _attention_layout(a, ln: ir.Node) -> ir.Node | None:
     return a.out.node if a.out.node.op_type == "Gemm" else None
 
 
-def check_attention_rewritable(src: "Source") -> None:
-    """Refuse (one line, before any slow work) a request that rebuilds attention — semantic tokens,
-    or pruning heads / QK / V — on a graph whose attention runs in another layout."""
-    where = (src.meta.get("torch_twin") or {}).get("attention_layout")
-    if where:
-        raise DeployCompError(f"the attention of this ONNX graph runs tokens-first ({where}: nn.MultiheadAttention); "
-                              "semantic tokens and pruning heads/QK/V rebuild attention in (batch, tokens, channels) "
-                              "and do not read that layout yet: prune with --prune-groups emb,mlp")
+def _branch_end(proj: Projection, emb: int, what: str) -> tuple[ir.Value, ir.Node]:
+    """The value a branch ending in ``proj`` puts into the stream (before its layer scale, if any)
+    and the node that reads it (the layer-scale Mul or the residual Add)."""
+    gamma = layer_scale(proj, emb)
+    value = proj.output
+    for _ in range(8):
+        node = _single_reader(value, what)
+        if node.op_type == "Add" or (node.op_type == "Mul" and gamma is not None and _is(gamma, node.inputs)):
+            return value, node
+        if node.op_type not in MOVE_OPS:
+            raise refuse(f"{what}: the branch output does not go straight into a residual Add", node)
+        value = node.outputs[0]
+    raise refuse(f"{what}: no residual Add after the branch", proj.node)
+
+
+def rebuild_tokens_first_attention(model: ir.Model, spec: TwinSpec, structure: "Structure") -> list[int]:
+    """Rebuild every attention that runs tokens-first (nn.MultiheadAttention: ``(N, B, C)`` and the
+    heads flattened to 2-D for the output projection, spelled with run-time shapes) as the
+    canonical attention core in ``(batch, tokens, channels)`` (pruning/rewrite.py: separate q/k/v
+    projections, ``Reshape [0, 0, H, d]``, the probed softmax scale, the output projection), from
+    the block's norm to where the branch re-enters the stream. The same computation with the same
+    weights, in the layout the pruning and token rewrites rebuild attention in; the twin built
+    afterwards is verified against the input graph. Returns the blocks rebuilt."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    from ..ir.build import ChainBuilder
+    from ..pruning.rewrite import _projection_arrays, attention_core, project, qkv_arrays
+
+    nodes = {n.name: n for n in model.graph}
+    emb = structure.stage_embs[0]
+    rebuilt = []
+    for b, bs in zip(structure.blocks, spec.blocks):
+        a = find_attention(nodes[b.nodes["softmax"]])
+        ln1 = _up_to_norm(a.q[0].node.inputs[0], f"block {b.index}'s attention")
+        if _attention_layout(a, ln1) is None:
+            continue
+        at = bs.attn
+        widths = {"q": at.heads * at.qk_dim, "k": at.heads * at.qk_dim, "v": at.heads * at.v_dim}
+        parts = qkv_arrays(a, list(at.chunk_order) if at.qkv is not None else None, widths, b.index)
+        back, reader = _branch_end(a.out, emb, f"block {b.index}'s attention")
+        chain = ChainBuilder(model.graph, f"block{b.index}.attn")
+        x = ln1.outputs[0]
+        q, k, v = (project(chain, x, role, parts[role]) for role in "qkv")
+        out = project(chain, attention_core(chain, q, k, v, at.heads, at.qk_dim, at.v_dim, at.scale), "proj",
+                      _projection_arrays(a.out))
+        chain.insert_before(reader)
+        back.replace_all_uses_with(out)
+        rebuilt.append(b.index)
+    if rebuilt:
+        RemoveUnusedNodesPass()(model)
+        for name in [n for n, v in model.graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+            model.graph.initializers.pop(name)
+    return rebuilt
 
 
 def _tokens_of(value: ir.Value, emb: int) -> tuple[str, int] | None:
@@ -638,17 +685,13 @@ def _check_tensors(graph: ir.Graph, spec: TwinSpec, structure: "Structure") -> N
 # ---------------------------------------------------------------------------------------------
 # The probe: activations and run-time softmax scales.
 
-
-def _activation_layer(name: str) -> type[nn.Module]:
-    from timm.layers import get_act_layer
-
-    return get_act_layer(name)
-
-
 def probe(model: ir.Model, spec: TwinSpec) -> None:
     """One ONNX Runtime run at batch 1 with the values the spec needs exposed: each MLP's
     activation, and softmax scale factors computed from shapes. Fills ``act`` and ``scale``."""
+    import torch
+
     from ..ir.shapes import probe_values
+    from .twin_module import _activation_layer
 
     wanted = [n for b in spec.blocks for n in b.act_probe]
     wanted += [n for b in spec.blocks for n, _ in b.attn.scale_factors if n not in model.graph.initializers]
@@ -685,129 +728,6 @@ def probe(model: ir.Model, spec: TwinSpec) -> None:
             raise refuse(f"block {i}: an MLP activation that is none of {', '.join(ACTIVATIONS)} (closest {best}, "
                          f"relative error {errors[best]:.2g})")
         b.act = best
-
-
-# ---------------------------------------------------------------------------------------------
-# The torch module.
-
-
-class TwinAttention(nn.Module):
-    """Multi-head self-attention as the graph computes it: one fused qkv projection (its q, k, v
-    chunks in the graph's order) or three, any heads and q/k and v widths per head, and the
-    graph's softmax scale. ``num_heads``, ``scale``, ``proj`` and ``proj_drop`` are named as in
-    timm's ``Attention``; :meth:`project` gives q, k, v for the semantic-token generator."""
-
-    def __init__(self, emb: int, spec: AttentionSpec):
-        super().__init__()
-        self.num_heads, self.qk_dim, self.v_dim = spec.heads, spec.qk_dim, spec.v_dim
-        self.head_dim = spec.qk_dim
-        self.scale = float(spec.scale)
-        widths = {"q": spec.heads * spec.qk_dim, "k": spec.heads * spec.qk_dim, "v": spec.heads * spec.v_dim}
-        self.chunk_order = spec.chunk_order
-        if spec.qkv is not None:
-            self.qkv = nn.Linear(emb, sum(widths.values()), bias=spec.qkv.bias is not None)
-            sizes = {pos: widths[role] for role, pos in zip("qkv", spec.chunk_order)}
-            starts = np.cumsum([0] + [sizes[p] for p in range(3)])
-            self._rows = {role: (int(starts[pos]), int(starts[pos + 1])) for role, pos in zip("qkv", spec.chunk_order)}
-        else:
-            for role in "qkv":
-                lin = getattr(spec, role)
-                setattr(self, role, nn.Linear(emb, widths[role], bias=lin.bias is not None))
-        self.proj = nn.Linear(widths["v"], emb, bias=spec.proj.bias is not None)
-        self.proj_drop = nn.Identity()
-        self.q_norm = self.k_norm = self.norm = nn.Identity()
-
-    def project(self, queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q from ``queries``, k and v from ``keys`` (both normed), each (B, tokens, heads·dim)."""
-        if self.chunk_order is None:
-            return self.q(queries), self.k(keys), self.v(keys)
-        if queries is keys:
-            out = self.qkv(queries)
-            return tuple(out[..., lo:hi] for lo, hi in (self._rows[r] for r in "qkv"))
-        w, b = self.qkv.weight, self.qkv.bias
-        parts = []
-        for role, x in zip("qkv", (queries, keys, keys)):
-            lo, hi = self._rows[role]
-            parts.append(F.linear(x, w[lo:hi], b[lo:hi] if b is not None else None))
-        return tuple(parts)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError("the twin of a graph's attention takes no mask")
-        B, N, _ = x.shape
-        q, k, v = self.project(x, x)
-        q = q.reshape(B, N, self.num_heads, self.qk_dim).transpose(1, 2)
-        k = k.reshape(B, N, self.num_heads, self.qk_dim).transpose(1, 2)
-        v = v.reshape(B, N, self.num_heads, self.v_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, self.num_heads * self.v_dim)))
-
-
-class OnnxTwinViT(VisionTransformer):
-    """timm's ``VisionTransformer`` holding a graph's weights in the graph's shapes: the prefix
-    tokens and position embedding are reshaped where they are used (a CLIP class embedding is
-    ``(E,)``, a Hugging Face one ``(1, 1, E)``); blocks carry :class:`TwinAttention` and MLPs of
-    their own widths."""
-
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        B, _, E = x.shape
-        if self.pos_embed is not None and self.no_embed_class:
-            x = x + self.pos_embed.reshape(1, -1, E)
-        prefix = [t.reshape(1, -1, E).expand(B, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
-        if prefix:
-            x = torch.cat([*prefix, x], dim=1)
-        if self.pos_embed is not None and not self.no_embed_class:
-            x = x + self.pos_embed.reshape(1, -1, E)
-        return self.pos_drop(x)
-
-
-def _layernorm(emb: int, n: NormSpec | None) -> nn.Module:
-    return nn.LayerNorm(emb, eps=n.eps, bias=n.bias is not None) if n is not None else nn.Identity()
-
-
-def _layer_scale(emb: int, gamma: str | None) -> nn.Module:
-    from timm.layers import LayerScale
-
-    return LayerScale(emb) if gamma is not None else nn.Identity()
-
-
-def build_twin(model: ir.Model, spec: TwinSpec) -> OnnxTwinViT:
-    """The twin module with every parameter filled from the graph (``spec`` probed)."""
-    from timm.layers import Mlp
-
-    emb, graph = spec.emb, model.graph
-    registers = sum(t for _, t in spec.prefix) - (1 if spec.class_token else 0)
-    with torch.device("meta"):
-        twin = OnnxTwinViT(
-            img_size=spec.img_size, patch_size=spec.patch, in_chans=spec.in_chans,
-            num_classes=spec.head.out_dim if spec.head is not None else 0, global_pool=spec.pool, embed_dim=emb,
-            depth=len(spec.blocks), num_heads=1, mlp_ratio=1.0, class_token=spec.class_token, reg_tokens=registers,
-            pos_embed="learn" if spec.pos is not None else "none", no_embed_class=spec.pos_on_patches,
-            pool_include_prefix=spec.pool_include_prefix, weight_init="skip")
-        twin.patch_embed.proj = nn.Conv2d(spec.in_chans, emb, spec.patch, spec.patch, bias=spec.conv_bias is not None)
-        twin.norm_pre = _layernorm(emb, spec.norm_pre)
-        for blk, b in zip(twin.blocks, spec.blocks):
-            blk.norm1, blk.norm2 = _layernorm(emb, b.norm1), _layernorm(emb, b.norm2)
-            blk.attn = TwinAttention(emb, b.attn)
-            blk.ls1, blk.ls2 = _layer_scale(emb, b.ls1), _layer_scale(emb, b.ls2)
-            blk.mlp = Mlp(emb, b.fc1.out_dim, act_layer=_activation_layer(b.act),
-                          bias=(b.fc1.bias is not None, b.fc2.bias is not None))
-        twin.norm, twin.fc_norm = _layernorm(emb, spec.norm), _layernorm(emb, spec.fc_norm)
-        if spec.head is not None:
-            linear = nn.Linear(emb, spec.head.out_dim, bias=spec.head.bias is not None)
-            twin.head = nn.Sequential(linear, nn.Tanh()) if spec.head_act == "tanh" else linear
-    transposed = _transposed(spec)
-    for name, tensor in spec.names.items():
-        array = graph.initializers[tensor].const_value.numpy()
-        array = array.T if name in transposed else array
-        owner, _, leaf = name.rpartition(".")
-        setattr(twin.get_submodule(owner) if owner else twin, leaf,
-                nn.Parameter(torch.tensor(np.ascontiguousarray(array), dtype=torch.float32)))
-    empty = [n for n, p in [*twin.named_parameters(), *twin.named_buffers()] if p.is_meta]
-    if empty:
-        raise DeployCompError(f"internal: the twin's {empty[0]} was not filled from the graph")
-    return twin.eval()
-
 
 def _transposed(spec: TwinSpec) -> set[str]:
     """Twin parameters whose graph tensor is the transpose (nn.Linear weights stored (in, out))."""
@@ -874,6 +794,8 @@ def check_names(model: ir.Model, twin: nn.Module) -> None:
 def check_twin(twin: nn.Module, reference: Callable[[np.ndarray], np.ndarray], input_shape: tuple[int, ...],
                seed: int = 2) -> float:
     """Relative L2 between the twin and the graph (``reference``) on two fresh random images."""
+    import torch
+
     x = np.random.default_rng(seed).standard_normal((2, *input_shape[1:])).astype(np.float32)
     want = np.asarray(reference(x), np.float64)
     with torch.inference_mode():
@@ -941,19 +863,29 @@ def with_torch_twin(src: "Source") -> "Source":
                          f"{(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
         finally:
             converter_log.setLevel(level)
-    ctx = CompileContext()
-    Pipeline([CleanupPass(), DiscoverPass()], DEFAULT_INVARIANTS)(model, ctx)
-    structure = ctx.structure
-    spec = read_twin_spec(model, structure)
-    probe(model, spec)
-    folded = fold_probed(model, spec)
+    def read() -> tuple["Structure", TwinSpec, int]:
+        ctx = CompileContext()
+        Pipeline([CleanupPass(), DiscoverPass()], DEFAULT_INVARIANTS)(model, ctx)
+        spec = read_twin_spec(model, ctx.structure)
+        probe(model, spec)
+        return ctx.structure, spec, fold_probed(model, spec)
+
+    structure, spec, folded = read()
+    rebuilt = []
+    if spec.attention_layout is not None:  # nn.MultiheadAttention: rebuilt in (batch, tokens, channels), read again
+        rebuilt = rebuild_tokens_first_attention(model, spec, structure)
+        structure, spec, _ = read()
+        if spec.attention_layout is not None:
+            raise refuse(f"attention in another layout ({spec.attention_layout}) after rebuilding it")
+    from .twin_module import build_twin  # torch: only for a graph the twin can express
+
     twin = build_twin(model, spec)
     rel = check_twin(twin, src.reference, src.input_shape)
     names = rename_to_twin(model, spec)
     check_names(model, twin)
     meta = {"rel_l2": rel, "tolerance": TWIN_TOLERANCE, "blocks": len(spec.blocks), "opset": max(opset, REWRITE_OPSET),
             "activations": sorted({b.act for b in spec.blocks}), "pool": spec.pool,
-            "softmax_scales": [round(b.attn.scale, 8) for b in spec.blocks], "attention_layout": spec.attention_layout,
+            "softmax_scales": [round(b.attn.scale, 8) for b in spec.blocks], "attention_rebuilt": rebuilt,
             "values_folded": folded,
             "names": {k: v for k, v in names.items() if k != v}}
     return Source(src.name, structure.family, model, src.input_shape, src.reference, src.reference_kind, twin,

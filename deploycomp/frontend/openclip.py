@@ -31,6 +31,7 @@ the patch tokens (``'avg'``), normed, projected.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import DeployCompError
@@ -38,16 +39,67 @@ from .canonical import VitGeometry, build_canonical, check_conversion, import_op
 from .hf import Converted
 
 
-def _vision_config(arch: str):
-    """(open_clip module, the architecture's config) with the refusals that need no model."""
-    open_clip = import_optional("open_clip", "clip")
-    config = open_clip.get_model_config(arch)
+# open_clip vision_cfg fields whose truthy value builds a tower the converter refuses (open_clip_geometry)
+REFUSED_VISION_FIELDS = {"attentional_pool": "attentional pooling (CoCa)", "output_tokens": "token outputs",
+                         "no_ln_pre": "no ln_pre (no_ln_pre)", "qk_norm": "q/k norms", "scaled_cosine_attn":
+                         "scaled cosine attention", "scale_heads": "head scaling", "scale_attn_inner": "a norm inside the attention",
+                         "scale_attn": "a norm after the attention", "scale_fc": "a norm in the MLP"}
+
+
+def bundled_config(arch: str) -> dict | None:
+    """open_clip's config of ``arch`` read without importing open_clip or torch (its bundled
+    ``model_configs/<arch>.json``; open_clip's own registry once it is imported, which also holds
+    configs added at run time); None where only open_clip can resolve the name (a hub or local-dir
+    name) or it is not installed (``import_optional`` says so on use). An unknown name is refused."""
+    import importlib.util
+    import sys
+
+    if ":" in arch:
+        return None
+    if "open_clip" in sys.modules:
+        if sys.modules["open_clip"] is None:
+            return None  # import blocked
+        config = sys.modules["open_clip"].get_model_config(arch)
+    else:
+        spec = importlib.util.find_spec("open_clip")  # finds the package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = Path(next(iter(spec.submodule_search_locations))) / "model_configs" / f"{arch}.json"
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     if config is None:
         raise DeployCompError(f"unknown open_clip architecture '{arch}' (open_clip.list_models() names them)")
+    return config
+
+
+def check_config(arch: str) -> None:
+    """Refuse ``open_clip:<arch>`` from its config alone (:func:`bundled_config`: no open_clip, no
+    torch, a fraction of a second): an unknown name, a ResNet or timm image tower, and the tower
+    options the converter does not read. The tower built on the meta device
+    (:func:`meta_canonical`) checks the rest."""
+    config = bundled_config(arch)
+    if config is None:
+        return
     vision = config.get("vision_cfg", {})
     if vision.get("timm_model_name"):
         raise DeployCompError(f"open_clip:{arch} has a timm image tower ({vision['timm_model_name']}): "
                               f"give timm:{vision['timm_model_name']} with its weights")
+    if isinstance(vision.get("layers"), (list, tuple)):
+        raise DeployCompError(f"the open_clip image tower of {arch} is a ModifiedResNet, not a ViT")
+    refused = [what for field, what in REFUSED_VISION_FIELDS.items() if vision.get(field)]
+    if vision.get("pool_type", "tok") not in ("tok", "avg"):
+        refused.append(f"pool_type '{vision['pool_type']}'")
+    if refused:
+        raise DeployCompError(f"open_clip:{arch}: its image tower has {refused[0]}, which the conversion to a timm "
+                              "ViT does not read")
+
+
+def _vision_config(arch: str):
+    """(open_clip module, the architecture's config) with the refusals that need no model."""
+    open_clip = import_optional("open_clip", "clip")
+    check_config(arch)
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        raise DeployCompError(f"unknown open_clip architecture '{arch}' (open_clip.list_models() names them)")
     return open_clip, config
 
 

@@ -17,6 +17,10 @@ A Swin (``SwinArch``) reads a Swin grid's parts, each stage's at that stage's wi
     latency = swin_stem(EMB_0) + sum over stages s of [sum over its blocks of
               window_attention.s(windows_s, window tokens, EMB_s, H, QK, V, shifted) + mlp.s(tokens_s, EMB_s, MLP)]
               + sum over merges of patch_merging.s(tokens_s, EMB_s, EMB_s+1) + swin_head(tokens_last, EMB_last)
+
+The head part is profiled with the grid's class count (1000 for deit-base). A model whose head
+has another width (a CLIP tower's 512-wide projection, an embedding without a head) gets the
+table's head scaled by FLOPs (:func:`head_scale`) and the prediction says so in ``outside_grid``.
 """
 
 from __future__ import annotations
@@ -99,11 +103,10 @@ class LatencyPredictor:
 
     def _check_geometry(self, arch: ViTArch | SwinArch) -> None:
         fixed = self.table.fixed
-        if (arch.img_size, arch.patch, arch.in_chans, arch.num_classes) != (
-                fixed["img_size"], fixed["patch"], fixed["in_chans"], fixed["num_classes"]):
-            raise DeployCompError(f"latency table profiles {fixed['img_size']}px/{fixed['patch']} inputs and "
-                                  f"{fixed['num_classes']} classes; the architecture has {arch.img_size}px/{arch.patch}, "
-                                  f"{arch.num_classes} classes")
+        if (arch.img_size, arch.patch, arch.in_chans) != (fixed["img_size"], fixed["patch"], fixed["in_chans"]):
+            raise DeployCompError(f"latency table profiles {fixed['img_size']}px/{fixed['patch']} inputs with "
+                                  f"{fixed['in_chans']} channels; the architecture has {arch.img_size}px/{arch.patch}, "
+                                  f"{arch.in_chans} channels")
 
     def predict(self, arch: ViTArch | SwinArch, scale: float | None = None) -> Prediction:
         """Predicted latency; ``scale`` (a measured now/at-profile-time ratio; default: the
@@ -114,7 +117,7 @@ class LatencyPredictor:
 
     def predict_vit(self, arch: ViTArch) -> Prediction:
         """A plain ViT's latency as the table says (unscaled; see the module docstring)."""
-        e = arch.emb
+        e, fixed = arch.emb, self.table.fixed
         outside = self._outside("stem", (e,))
         attn, mlp = [], []
         for b in arch.blocks:
@@ -128,6 +131,11 @@ class LatencyPredictor:
             mlp.append(self.part_ms("mlp", m_pt))
         last = arch.blocks[-1].out_tokens if arch.blocks else arch.patches + 1
         stem, head = self.part_ms("stem", (e,)), self.part_ms("head", (last, e))
+        if arch.num_classes != fixed["num_classes"]:
+            ratio = head_scale(last, e, arch.num_classes, fixed["num_classes"])
+            head *= ratio
+            outside.append(f"head.num_classes={arch.num_classes}: the table's {fixed['num_classes']}-class head "
+                           f"scaled by FLOPs ({ratio:.3f}x)")
         return Prediction(stem + head + sum(attn) + sum(mlp), stem, head, attn, mlp, sorted(set(outside)))
 
     def predict_swin(self, arch: SwinArch) -> Prediction:
@@ -168,3 +176,13 @@ def check_swin_table(table: LatencyTable) -> None:
         raise DeployCompError(f"latency table {table.path} (grid {table.protocol.get('grid_name')}) has no Swin parts "
                               "(windowed attention, patch merging): profile a Swin grid, e.g. `deploycomp profile "
                               "--grid swin-t`")
+
+
+def head_scale(tokens: int, emb: int, classes: int, table_classes: int) -> float:
+    """What a head of ``classes`` outputs costs relative to the table's ``table_classes``, by FLOPs:
+    the classifier's 2·EMB·classes plus the final LayerNorm over every token (~8 flops an element:
+    mean, variance, normalize, scale and shift), which does not depend on the class count. Only the
+    head's width differs from the profiled micro-graph (same ops, same tokens and EMB), so the
+    ratio of its work is what is left to scale (the head is a small part of a ViT's latency)."""
+    norm = 8.0 * tokens * emb
+    return (norm + 2.0 * emb * classes) / (norm + 2.0 * emb * table_classes)

@@ -112,10 +112,12 @@ DEFAULT_PROTOCOL = {"warmup": 2, "repeats": 2, "passes": 8}
 
 
 def grid_for(geometry: dict[str, int]) -> str:
-    """The grid preset profiled for a model's input geometry and class count."""
-    for name, fixed in FIXED.items():
-        if all(geometry.get(k) == fixed[k] for k in ("img_size", "patch", "in_chans", "num_classes")):
-            return name
+    """The grid preset profiled for a model's input geometry and class count, else for its input
+    geometry alone (another head width: the predictor scales the head part, ``predictor.head_scale``)."""
+    for keys in (("img_size", "patch", "in_chans", "num_classes"), ("img_size", "patch", "in_chans")):
+        for name, fixed in FIXED.items():
+            if all(geometry.get(k) == fixed[k] for k in keys):
+                return name
     raise DeployCompError(f"no latency grid preset covers {geometry}; presets: "
                           + ", ".join(f"{n} {f}" for n, f in FIXED.items()))
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import DeployCompError
 from .data import ImageSet, augment, view_seeds
+from .objective import FEATURE_LOSSES, OUTPUTS, Objective  # noqa: F401  (imported from here too)
 
 MAGIC = b"DCKDLOG1"
 ALIGN = 64
@@ -167,8 +168,6 @@ def soft_cross_entropy(logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor
     return torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-OUTPUTS = ("logits", "embedding")
-FEATURE_LOSSES = ("cosine", "mse")
 
 
 def embedding_loss(student: torch.Tensor, target: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
@@ -220,28 +219,6 @@ class EmbeddingTeacher:
 
     def loss(self, embedding: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return embedding_loss(embedding, target, self.kind)
-
-
-@dataclass(frozen=True)
-class Objective:
-    """What distillation matches for a model: the source's class probabilities (``logits``) or its
-    embedding (``embedding``, with ``feature_loss``)."""
-
-    output: str = "logits"
-    feature_loss: str = "cosine"
-
-    def __post_init__(self) -> None:
-        if self.output not in OUTPUTS:
-            raise DeployCompError(f"unknown model output '{self.output}': use one of {', '.join(OUTPUTS)}")
-        if self.feature_loss not in FEATURE_LOSSES:
-            raise DeployCompError(f"unknown feature loss '{self.feature_loss}': use one of {', '.join(FEATURE_LOSSES)}")
-
-    @property
-    def embedding(self) -> bool:
-        return self.output == "embedding"
-
-    def live_teacher(self, module: torch.nn.Module) -> "LiveTeacher | EmbeddingTeacher":
-        return EmbeddingTeacher(module, self.feature_loss) if self.embedding else LiveTeacher(module)
 
 
 def finetune_with_distillation(module: torch.nn.Module, train: ImageSet, test: ImageSet | None, teacher: torch.nn.Module,

@@ -74,7 +74,7 @@ class CompileContext:
 
 def objective_of(ctx: CompileContext):
     """The distillation objective of the compile's model (learn.distill.Objective)."""
-    from ..learn.distill import Objective
+    from ..learn.objective import Objective
 
     return Objective(ctx.output, ctx.feature_loss)
 
@@ -107,8 +107,14 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 def build_pass(name: str, **config) -> Pass:
     """The pass ``name`` built from its config (its constructor's keyword arguments)."""
-    from . import registered  # noqa: F401  (imports every pass module, which registers its passes)
+    import importlib
 
+    from .registered import PASS_MODULES, import_all
+
+    if name in PASS_MODULES:
+        importlib.import_module(f"{__package__}.{PASS_MODULES[name]}")  # registers the pass
+    else:
+        import_all()
     if name not in _PASSES:
         raise DeployCompError(f"unknown pass '{name}': registered passes are {', '.join(sorted(_PASSES))}")
     return _PASSES[name](**config)

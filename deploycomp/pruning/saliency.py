@@ -23,16 +23,8 @@ import torch
 
 from ..errors import DeployCompError
 from ..ir.structure import ChannelSlice, Structure
+from .config import NVIT_DIVISORS, SALIENCY_NORMS, UNIT_DIVISORS  # noqa: F401  (per-kind divisors, imported from here too)
 from .derived import link_relative_position_biases, torch_slice
-
-# The official code divides each kind's per-batch sum by a constant before squaring, so that kinds
-# with very different numbers of coupled weights rank on one scale. EMB is shared by every block of
-# a stage: None means "divide by the number of blocks in the stage" (12 for DeiT-B, as upstream).
-NVIT_DIVISORS: dict[str, float | None] = {"emb": None, "heads": 12.0, "qk": 2.0, "v": 2.0, "mlp": 1.0}
-# Without divisors, (sum g*w)^2 is the Fisher estimate of the loss change when the unit's gate
-# goes from 1 to 0: already one scale for every kind.
-UNIT_DIVISORS: dict[str, float | None] = {"emb": 1.0, "heads": 1.0, "qk": 1.0, "v": 1.0, "mlp": 1.0}
-SALIENCY_NORMS = {"nvit": NVIT_DIVISORS, "none": UNIT_DIVISORS}
 
 
 @dataclass

@@ -19,7 +19,6 @@ uniform     NViT ``(Σ g·w)²``           one width ratio for EMB / heads / MLP
 from __future__ import annotations
 
 import copy
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -32,76 +31,16 @@ import torch.nn.functional as F
 from ..errors import DeployCompError
 from ..ir.structure import Structure
 from ..learn.data import ImageSet
+from .config import SALIENCY_NORMS, LatencyBudget, PruneConfig  # noqa: F401  (PruneConfig: imported from here too)
 from .masks import PlanMasks
 from .plan import PrunePlan
-from .saliency import SALIENCY_NORMS, compute_saliency, magnitude_importance
-from .select import DEFAULT_GROUP_SIZES, copy_plan, select_step, uniform_step
+from .saliency import compute_saliency, magnitude_importance
+from .select import copy_plan, select_step, uniform_step
 
 if TYPE_CHECKING:
-    from ..learn.distill import Objective
+    from ..learn.objective import Objective
 
-METHODS = ("hessian", "magnitude", "uniform")
 Say = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class LatencyBudget:
-    """``0.5x`` (a fraction of the unpruned model's predicted latency) or ``12ms`` (absolute)."""
-
-    value: float
-    relative: bool
-
-    @classmethod
-    def parse(cls, text: str) -> "LatencyBudget":
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(x|ms)\s*", str(text).lower())
-        if not m:
-            raise DeployCompError(f"latency budget '{text}': give a fraction like 0.5x or a time like 12ms")
-        value, unit = float(m.group(1)), m.group(2)
-        if value <= 0 or (unit == "x" and value >= 1):
-            raise DeployCompError(f"latency budget '{text}': a fraction must lie in (0, 1), a time must be > 0")
-        return cls(value, unit == "x")
-
-    def target_ms(self, baseline_ms: float) -> float:
-        return self.value * baseline_ms if self.relative else self.value
-
-    def __str__(self) -> str:
-        return f"{self.value:g}x" if self.relative else f"{self.value:g}ms"
-
-
-@dataclass
-class PruneConfig:
-    """The pruning recipe. Defaults: NViT's method, 5 steps, no training (add ``kd_steps`` and
-    ``finetune_epochs`` with data for accuracy)."""
-
-    latency: str = "0.5x"
-    method: str = "hessian"
-    eta: float = 1.0  # weight of the latency share against the importance share (0: latency-blind)
-    # Per-kind divisors before squaring: none (the plain Fisher estimate; default) or nvit (upstream's
-    # DeiT-B constants: on the proxy they pushed every block to one head, -12.6 pt vs -1.7 pt).
-    saliency_norm: str = "none"
-    group_sizes: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_GROUP_SIZES))
-    kinds: tuple[str, ...] = ("emb", "heads", "qk", "v", "mlp")
-    steps: int = 5
-    saliency_batches: int = 4  # NViT averages ~100; 4 x 32 keeps a DeiT-S compile under 5 min on 2 cores
-    batch_size: int = 32
-    kd_steps: int = 0  # optimizer steps of distillation from the unpruned model after each pruning step
-    kd_lr: float = 2e-4
-    finetune_epochs: int = 0  # recovery fine-tuning after the last step (distillation)
-    finetune_lr: float = 5e-4
-    teacher_logits: str | None = None  # stored top-K logits for the fine-tuning (else a live teacher)
-    budget_rounds: int = 3  # extra steps while the measured ratio is over a relative budget (0: trust the table)
-    budget_tolerance: float = 0.02  # measured ratio may exceed the budget by this fraction
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise DeployCompError(f"unknown pruning method '{self.method}': use one of {', '.join(METHODS)}")
-        LatencyBudget.parse(self.latency)
-        if self.saliency_norm not in SALIENCY_NORMS:
-            raise DeployCompError(f"unknown saliency normalization '{self.saliency_norm}': use {', '.join(SALIENCY_NORMS)}")
-        bad = set(self.kinds) - set(DEFAULT_GROUP_SIZES)
-        if bad:
-            raise DeployCompError(f"unknown group kinds {sorted(bad)}: use {', '.join(DEFAULT_GROUP_SIZES)}")
 
 
 @dataclass

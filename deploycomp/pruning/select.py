@@ -22,11 +22,9 @@ import numpy as np
 
 from ..errors import DeployCompError
 from ..ir.structure import Structure
+from .config import DEFAULT_GROUP_SIZES
 from .plan import PrunePlan
 
-# Chunk sizes per kind (NViT: EMB 16, heads 2 of 12, QK 8, V 8, MLP 16). One head per chunk here:
-# the models we prune have 3-12 heads, and the table prices each head count.
-DEFAULT_GROUP_SIZES: dict[str, int] = {"emb": 16, "heads": 1, "qk": 8, "v": 8, "mlp": 16}
 
 Predict = Callable[[PrunePlan], float]  # plan -> predicted latency (ms)
 

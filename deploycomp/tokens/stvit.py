@@ -20,65 +20,14 @@ trained weights map onto the graph.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DeployCompError
+from .config import POOLINGS, SemanticTokenConfig  # noqa: F401  (imported from here too)
 from .op import token_cluster_reference
-
-POOLINGS = ("max", "avg")
-
-
-@dataclass(frozen=True)
-class SemanticTokenConfig:
-    """STViT for DeiT: generator in blocks 5-6 of 12 (``layer`` 4, 0-based), 16 semantic tokens, max
-    pooling. ``layer=None`` keeps STViT's relative position: a third of the depth (4 of 12, 2 of 6)."""
-
-    tokens: int = 16  # semantic tokens (a square: 4, 9, 16, ...); the prefix tokens are kept besides
-    layer: int | None = None  # first generator block (0-based); blocks layer and layer + 1 generate
-    pooling: str = "max"
-    # tokens before the patches (cls, registers) kept as queries: DeiT's one cls token unless the
-    # model says otherwise (``for_model`` reads timm's num_prefix_tokens; 0 for a GAP ViT)
-    prefix_tokens: int = 1
-
-    def __post_init__(self) -> None:
-        side = math.isqrt(self.tokens)
-        if self.tokens < 1 or side * side != self.tokens:
-            raise DeployCompError(f"--semantic-tokens {self.tokens}: give a square number (4, 9, 16, ...) "
-                                  "the patch grid is pooled to")
-        if self.pooling not in POOLINGS:
-            raise DeployCompError(f"unknown token pooling '{self.pooling}': use one of {', '.join(POOLINGS)}")
-        if self.layer is not None and self.layer < 0:
-            raise DeployCompError("the semantic token generator layer must be >= 0")
-        if self.prefix_tokens < 0:
-            raise DeployCompError("prefix tokens must be >= 0")
-
-    def resolved(self, depth: int) -> "SemanticTokenConfig":
-        """The config with ``layer`` fixed for a model of ``depth`` blocks."""
-        from dataclasses import replace
-
-        return self if self.layer is not None else replace(self, layer=depth // 3)
-
-    def for_model(self, vit: nn.Module) -> "SemanticTokenConfig":
-        """The config resolved for a timm ViT (or a model built on the meta device): the generator
-        layer for its depth and its prefix token count, as the rewrite and the latency model need."""
-        from dataclasses import replace
-
-        depth = len(getattr(vit, "blocks", None) or getattr(vit, "layers", None) or [])
-        return replace(self.resolved(depth), prefix_tokens=int(getattr(vit, "num_prefix_tokens", self.prefix_tokens)))
-
-    @property
-    def tokens_after(self) -> int:
-        """Tokens the blocks after the generator see: the prefix tokens and the semantic tokens."""
-        return self.prefix_tokens + self.tokens
-
-    @property
-    def side(self) -> int:
-        return math.isqrt(self.tokens)
-
 
 def token_arch(arch, config: SemanticTokenConfig):
     """The latency model's view of ``arch`` (a ViTArch on all tokens) with semantic tokens."""
@@ -115,9 +64,7 @@ def check_supported(vit: nn.Module, config: SemanticTokenConfig) -> None:
     if not (pool == "token" and vit.cls_token is not None) and not (pool == "avg" and not with_prefix):
         raise DeployCompError(f"semantic tokens need a head that reads the cls token or averages the patch tokens; "
                               f"this model pools '{pool}'" + (" including its prefix tokens" if pool == "avg" else ""))
-    grid = vit.patch_embed.grid_size
-    if grid[0] != grid[1] or config.side > grid[0]:
-        raise DeployCompError(f"cannot pool a {grid[0]}x{grid[1]} patch grid to {config.side}x{config.side}")
+    config.check_grid(tuple(vit.patch_embed.grid_size))
     for i in (config.layer, config.layer + 1):
         attn = vit.blocks[i].attn
         plain = all(isinstance(getattr(attn, m, None), (nn.Identity, type(None))) for m in ("q_norm", "k_norm", "norm"))
