@@ -201,8 +201,7 @@ def test_profile_bad_options(tmp_path, args, message):
 # Each source family's refusal of a bad flag or of a model / graph the compiler cannot express,
 # decided from the flags, the config file or the graph alone. {d}: the test's files.
 TORCH_FREE_REFUSALS = {
-    "timm: bad flags": (["timm:deit_tiny_patch16_224", "--precision", "fp16", "--latency", "0.5x"],
-                        "predicts with fp32 latency tables"),
+    "timm: bad flags": (["timm:deit_tiny_patch16_224", "--precision", "auto"], "give --latency"),
     "timm: not a square": (["timm:deit_tiny_patch16_224", "--semantic-tokens", "15"], "give a square number"),
     "hf: unsupported architecture": (["hf:{d}/swin"], "'SwinModel' is not a supported ViT"),
     "hf-config: unsupported activation": (["hf-config:{d}/relu.json"], "activation 'relu' is not supported"),
