@@ -62,7 +62,7 @@ class CompileOptions:
     prune: "PruneConfig | None" = None  # NViT pruning to a latency budget (a bare .onnx gets a torch twin)
     latency_batch: int = 1  # the batch the latency budget is for: picks the latency table
     tables: str = "latency_tables"  # root of the latency tables
-    calibrate_rounds: int = 4  # rounds the unpruned model is timed to calibrate the latency table (0: trust the table)
+    calibrate_rounds: int = 4  # rounds the unpruned model and a narrowed copy are timed to calibrate the latency table (0: trust the table)
     train_samples: int | None = None  # first N training samples for pruning (tests, quick looks)
     semantic_tokens: "SemanticTokenConfig | None" = None  # STViT semantic tokens (DeiT-style: one cls token)
     token_finetune_epochs: int = 0  # fine-tuning after the token rewrite (with --data; pruning has its own)
