@@ -16,7 +16,6 @@ from deploycomp.pruning.select import next_chunk, select_step
 
 from .models import DEIT, images, pruned_flexvit, rel, run_artifact, save_weights, torch_out
 from .synthetic_tables import ALPHA, SimulatedDevice, mlp_only, write_synthetic_table
-from .test_cli import cli
 from .test_gate import model_args, run_cli
 
 TINY_DEIT = {"img_size": 64, "patch_size": 16, "embed_dim": 32, "num_heads": 2, "depth": 2, "num_classes": 10}
@@ -235,7 +234,7 @@ def test_compile_with_data_distills_and_finetunes(tmp_path, monkeypatch, kd_step
 
 
 @pytest.mark.slow
-def test_cli_prune_errors(tmp_path, tiny_tables):
+def test_cli_prune_errors(tmp_path, tiny_tables, monkeypatch, capsys):
     cases = [
         (["timm:deit_tiny_patch16_224", "--latency", "half"], "latency budget"),
         (["timm:deit_tiny_patch16_224", "--latency", "0.5x", "--prune-method", "random"], "unknown pruning method"),
@@ -244,9 +243,9 @@ def test_cli_prune_errors(tmp_path, tiny_tables):
           *sum((["--model-arg", f"{k}={v}"] for k, v in TINY_DEIT.items()), [])], "need training data"),
     ]
     for args, message in cases:
-        r = cli("compile", *args, "-o", tmp_path / "out")
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (args, r.stderr)
+        code, err = run_cli(monkeypatch, capsys, "compile", *args, "-o", tmp_path / "out")  # in this process
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], (args, err)
         assert not (tmp_path / "out").exists()
 
 
