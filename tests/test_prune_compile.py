@@ -198,9 +198,20 @@ def test_swin_compile_latency_is_refused_with_one_error(tmp_path, monkeypatch, c
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture(scope="module")
+def proxy_structure():
+    """The proxy's exported structure, for both cases of the next test: ``pruned_flexvit`` exports the
+    source to read it, and it depends only on the architecture (one export instead of two)."""
+    from deploycomp.frontend.timm_models import build_timm_model
+
+    from .models import source_structure
+
+    return source_structure(build_timm_model("deit_fmnist_patch4_28"), {"img_size": 28, "in_chans": 1})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kd_steps,finetune_epochs", [(3, 0), (0, 1)])
-def test_compile_with_data_distills_and_finetunes(tmp_path, monkeypatch, kd_steps, finetune_epochs):
+def test_compile_with_data_distills_and_finetunes(tmp_path, monkeypatch, kd_steps, finetune_epochs, proxy_structure):
     """The proxy geometry on Fashion-MNIST: distillation between steps, or one fine-tuning epoch on a
     subset, accuracy before/after on the artifact's backend. The training is shown to have trained:
     the artifact (which passed the gate against the trained model) is no longer the source's weights
@@ -227,6 +238,9 @@ def test_compile_with_data_distills_and_finetunes(tmp_path, monkeypatch, kd_step
         assert len(p["finetune"]) == 1 and "test_accuracy" in p["finetune"][0]
     acc = manifest["accuracy"]
     assert acc["reference"] == "torch (unpruned)" and acc["samples"] == 256
+    from . import models
+
+    monkeypatch.setattr(models, "source_structure", lambda module, kwargs: proxy_structure)
     untrained = pruned_flexvit(source, kwargs, p["kept"])
     x = images(5, kwargs)
     moved = rel(run_artifact(tmp_path / "out", x), torch_out(untrained, x))
