@@ -65,7 +65,8 @@ def test_pruned_artifact_is_the_sliced_torch_model(tmp_path, monkeypatch, method
     prune = PruneConfig(latency=budget, method=method, steps=1, saliency_batches=1, batch_size=4, budget_rounds=0,
                         group_sizes={"emb": 16, "heads": 1, "qk": 8, "v": 8, "mlp": 32})
     manifest = compile(DEIT, tmp_path / "out", CompileOptions(target="ort-cpu", weights=weights, model_kwargs=kwargs, prune=prune,
-                                                              tables=str(tmp_path / "tables"), measure_rounds=0, seed=0))
+                                                              tables=str(tmp_path / "tables"), measure_rounds=0, seed=0,
+                                                              calibrate_rounds=0))  # the synthetic table as written: no timing
     kept = manifest["pruning"]["kept"]
     full = {"emb": 64, "heads": 4, "qk": 16, "v": 16, "mlp": 256}
     for kind in pruned_kinds:
@@ -102,7 +103,8 @@ def test_pruned_token_artifact_is_the_masked_semantic_token_vit(tmp_path):
                         group_sizes={"emb": 8, "heads": 1, "qk": 4, "v": 4, "mlp": 16})
     manifest = compile(DEIT, tmp_path / "out", CompileOptions(target="ort-cpu", weights=weights, model_kwargs=TOKEN_PRUNE_DEIT,
                                                               prune=prune, semantic_tokens=config, measure_rounds=0,
-                                                              tables=str(tmp_path / "tables"), seed=0))
+                                                              tables=str(tmp_path / "tables"), seed=0,
+                                                              calibrate_rounds=0))  # the synthetic table as written: no timing
     kept = manifest["pruning"]["kept"]
     full = {"heads": 2, "qk": 16, "v": 16}
     assert any(len(units) < full[g.split(".")[-1]] for g, units in kept.items() if g.split(".")[-1] in full), \
