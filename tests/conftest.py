@@ -97,3 +97,26 @@ def tiny_tables(tmp_path_factory):
     root = tmp_path_factory.mktemp("tables")
     write_synthetic_table(root, mlp_only)
     return root
+
+
+def invoke_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """``deploycomp ARGS`` in this process: exit code, stdout, stderr.
+
+    For CLI tests that are about what a command does, not about the process: a fresh interpreter pays
+    ~5-8 s of imports per call. True-subprocess tests of exit code 2 stay in ``test_cli.py``. Rich wraps
+    stdout at 80 columns here (``COLUMNS`` is read when the console is made), so compare stdout with
+    whitespace collapsed. torch's thread count, which ``train`` sets, is restored."""
+    import sys
+
+    from deploycomp import cli
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "argv", ["deploycomp", *map(str, args)])
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err

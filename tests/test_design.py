@@ -7,9 +7,6 @@ from __future__ import annotations
 import itertools
 import math
 import re
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -228,30 +225,30 @@ def _device_fp():
     return device_fingerprint(get_backend("ort-cpu"), 1, "fp32")
 
 
-def _cli(*args, env):
-    return subprocess.run([sys.executable, "-m", "deploycomp.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200", **env}, timeout=600)
-
-
-def test_cli_infeasible_budget_exits_2_and_from_writes_sliced_init(tmp_path):
+def test_cli_infeasible_budget_exits_2_and_from_writes_sliced_init(tmp_path, monkeypatch, capsys):
+    """The command in this process (``invoke_cli``); exit code 2 of a real process is test_cli.py's."""
     from safetensors.torch import load_file
 
     from deploycomp.frontend.timm_models import build_timm_model
     from deploycomp.learn.checkpoint import save_weights
 
+    from .conftest import invoke_cli
+
     table = tmp_path / "table.json"
     save_table(synthetic_table(_device_fp()), table)
-    env = {"DEPLOYCOMP_DESIGNS": str(tmp_path / "designs")}
-    r = _cli("design", "--target", "ort-cpu", "--latency", "0.01ms", "--table", table, "--depth-range", "2:4", "-o", tmp_path / "none", env=env)
-    assert r.returncode == 2
-    assert r.stderr.strip().startswith("error: no architecture in the search space meets latency <= 0.01 ms")
-    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "none").exists()
+    monkeypatch.setenv("DEPLOYCOMP_DESIGNS", str(tmp_path / "designs"))
+    code, _, err = invoke_cli(monkeypatch, capsys, "design", "--target", "ort-cpu", "--latency", "0.01ms", "--table", table,
+                              "--depth-range", "2:4", "-o", tmp_path / "none")
+    assert code == 2
+    assert err.strip().startswith("error: no architecture in the search space meets latency <= 0.01 ms")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "none").exists()
 
     source = build_timm_model("deit_fmnist_patch4_28")  # EMB 96, 4 heads x 24, MLP 384: wider than the grid
     save_weights(tmp_path / "big.safetensors", source)
-    r = _cli("design", "--target", "ort-cpu", "--from", "timm:deit_fmnist_patch4_28", "--weights", tmp_path / "big.safetensors",
-             "--latency", "0.5x", "--table", table, "--depth-range", "2:4", "--name", "scaled_test", "-o", tmp_path / "scaled", env=env)
-    assert r.returncode == 0, r.stderr
+    code, _, err = invoke_cli(monkeypatch, capsys, "design", "--target", "ort-cpu", "--from", "timm:deit_fmnist_patch4_28",
+                              "--weights", tmp_path / "big.safetensors", "--latency", "0.5x", "--table", table, "--depth-range", "2:4",
+                              "--name", "scaled_test", "-o", tmp_path / "scaled")
+    assert code == 0, err
     init = load_file(str(tmp_path / "scaled" / "init.safetensors"))
     emb = init["pos_embed"].shape[-1]
     assert emb <= 32 and torch.equal(init["pos_embed"], source.pos_embed[..., :emb].detach())

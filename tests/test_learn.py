@@ -256,28 +256,32 @@ def test_checkpoint_loading_runs_no_code(tmp_path):
 
 # ---- distributed ---------------------------------------------------------------------------
 
-# Runs the train command after wrapping World.shard (records each rank's samples of every step) and
-# fit (saves the weights it starts from), so the test sees what each process trained on.
-SPY = """
-import json, os, sys
+# Wrap World.shard (records each rank's samples of every step) and fit (saves the weights it starts
+# from), so the test sees what each process trained on. SPY runs the train command with them in a
+# torchrun worker; the one-process run installs them in this process (saves a process start).
+SPY_WRAPPERS = """
+import json, os
 from deploycomp.learn import distributed, train
 from safetensors.torch import save_file
 
-out = os.environ["SPY_OUT"]
 real_shard, real_fit = distributed.World.shard, train.fit
 
 def shard(self, batch):
     part = real_shard(self, batch)
-    with open(os.path.join(out, f"rank{self.rank}.jsonl"), "a") as f:
+    with open(os.path.join(OUT, f"rank{self.rank}.jsonl"), "a") as f:
         f.write(json.dumps(part.tolist()) + "\\n")
     return part
 
 def fit(model, *args, **kwargs):
     world = kwargs.get("world")
     if world is None or world.is_main:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "init.safetensors"))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(OUT, "init.safetensors"))
     return real_fit(model, *args, **kwargs)
-
+"""
+SPY = f"""
+import os, sys
+OUT = os.environ["SPY_OUT"]
+{SPY_WRAPPERS}
 distributed.World.shard, train.fit = shard, fit
 from deploycomp.cli import main
 sys.argv = ["deploycomp", *sys.argv[1:]]
@@ -285,33 +289,45 @@ main()
 """
 
 
-def _train_cli(out: Path, nproc: int) -> list[list[list[int]]]:
-    """Train on ``nproc`` processes; returns, per rank, the sample indices of every step."""
+def _train_cli(out: Path, nproc: int, monkeypatch, capsys) -> list[list[list[int]]]:
+    """Train on ``nproc`` processes (1: in this process); returns, per rank, the sample indices of every step."""
     import json
 
-    spy = out.parent / "spy.py"
-    spy.write_text(SPY)
+    from deploycomp.learn import distributed, train
+
+    from .conftest import invoke_cli
+
     out.mkdir()
     args = ["train", PROXY, "-o", str(out), *TINY_ARGS, "--train-subset", "256", "--test-subset", "200",
             "--epochs", "1", "--batch-size", "64", "--threads", "1", "--seed", "4"]
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                if nproc > 1 else [sys.executable])
-    proc = subprocess.run([*launcher, str(spy), *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "SPY_OUT": str(out),
-                               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if nproc == 1:
+        spy = {"OUT": str(out)}
+        exec(SPY_WRAPPERS, spy)
+        with monkeypatch.context() as m:
+            m.setattr(distributed.World, "shard", spy["shard"])
+            m.setattr(train, "fit", spy["fit"])
+            code, _, err = invoke_cli(m, capsys, *args)
+        assert code == 0, err[-3000:]
+    else:
+        spy = out.parent / "spy.py"
+        spy.write_text(SPY)
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        proc = subprocess.run([*launcher, str(spy), *args], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "SPY_OUT": str(out),
+                                   "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+        assert proc.returncode == 0, proc.stderr[-3000:]
     return [[json.loads(line) for line in (out / f"rank{r}.jsonl").read_text().splitlines()] for r in range(nproc)]
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(tmp_path):
+def test_ddp_two_processes_match_one(tmp_path, monkeypatch, capsys):
     """Two processes split every global batch into disjoint halves that together are the one-process
     batch, and end at the one-process weights — which moved from where they started (equal weights
     alone would also hold if nothing trained, or if both ranks trained on the whole batch)."""
     import json
 
-    (alone,) = _train_cli(tmp_path / "one", 1)
-    rank0, rank1 = _train_cli(tmp_path / "two", 2)
+    (alone,) = _train_cli(tmp_path / "one", 1, monkeypatch, capsys)
+    rank0, rank1 = _train_cli(tmp_path / "two", 2, monkeypatch, capsys)
     assert len(alone) == len(rank0) == len(rank1) == 256 // 64
     for batch, a, b in zip(alone, rank0, rank1):
         assert len(a) == len(b) == len(batch) // 2 and not set(a) & set(b) and sorted(a + b) == sorted(batch)
@@ -373,30 +389,33 @@ def test_compile_refuses_data_of_another_geometry_before_compiling(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_store_logits_train_evaluate_and_bad_input(tmp_path):
+def test_cli_store_logits_train_evaluate_and_bad_input(tmp_path, monkeypatch, capsys):
+    """The commands in this process (``invoke_cli``): what they do, not process start-up, is under test."""
+    from .conftest import invoke_cli
+
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "deploycomp", *map(str, args)], capture_output=True, text=True,
-                              timeout=300, env={**os.environ, "COLUMNS": "200"})
+        code, out, err = invoke_cli(monkeypatch, capsys, *args)
+        return code, " ".join(out.split()), err
 
     kd = tmp_path / "t.kd"
-    r = cli("store-logits", PROXY, *TINY_ARGS, "-o", kd, "--epochs", "1", "--topk", "3", "--train-subset", "128")
-    assert r.returncode == 0, r.stderr
-    assert "128 samples x 1 epochs, top-3, 20 bytes per sample and epoch" in r.stdout
+    code, out, err = cli("store-logits", PROXY, *TINY_ARGS, "-o", kd, "--epochs", "1", "--topk", "3", "--train-subset", "128")
+    assert code == 0, err
+    assert "128 samples x 1 epochs, top-3, 20 bytes per sample and epoch" in out
     run = ["train", PROXY, *TINY_ARGS, "-o", tmp_path / "run", "--train-subset", "128", "--test-subset", "100",
            "--batch-size", "64", "--teacher-logits", kd]
-    r = cli(*run, "--epochs", "2")
-    assert r.returncode == 2 and r.stderr.strip() == f"error: teacher logits {kd} cover 1 epochs; this run trains 2"
+    code, out, err = cli(*run, "--epochs", "2")
+    assert code == 2 and err.strip() == f"error: teacher logits {kd} cover 1 epochs; this run trains 2"
     assert not (tmp_path / "run").exists()
-    r = cli(*run, "--epochs", "1")
-    assert r.returncode == 0, r.stderr
-    assert "finished, test top-1" in r.stdout and (tmp_path / "run" / "model.safetensors").is_file()
-    r = cli("evaluate", PROXY, *TINY_ARGS, "--weights", tmp_path / "run" / "model.safetensors", "--samples", "100")
-    assert r.returncode == 0 and "top-1" in r.stdout and "100 samples of fashion-mnist/test[100] (torch)" in r.stdout
+    code, out, err = cli(*run, "--epochs", "1")
+    assert code == 0, err
+    assert "finished, test top-1" in out and (tmp_path / "run" / "model.safetensors").is_file()
+    code, out, err = cli("evaluate", PROXY, *TINY_ARGS, "--weights", tmp_path / "run" / "model.safetensors", "--samples", "100")
+    assert code == 0 and "top-1" in out and "100 samples of fashion-mnist/test[100] (torch)" in out
     for args, message in [
         (("evaluate", tmp_path / "missing"), "error: "),
         (("train", PROXY, "-o", tmp_path / "x", "--data", tmp_path / "nodata"), "error: image folder not found"),
         (("store-logits", PROXY, "-o", tmp_path / "y.kd", "--epochs", "1", "--weights", tmp_path / "nope.safetensors"),
          "error: weights file not found"),
     ]:
-        r = cli(*args)
-        assert r.returncode == 2 and r.stderr.strip().startswith(message) and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        code, out, err = cli(*args)
+        assert code == 2 and err.strip().startswith(message) and len(err.strip().splitlines()) == 1, err

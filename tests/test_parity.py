@@ -24,6 +24,21 @@ EXACT = 1e-4  # the fp32 gate's tolerance
 BATCHES = (5, 7)
 
 
+def export_once(monkeypatch):
+    """``pruned_flexvit`` exports its module to read the structure; the reference and the control are
+    built from one source, so they share that export."""
+    from . import models
+
+    cache, real = {}, models.source_structure
+
+    def cached(module, kwargs):
+        if id(module) not in cache:
+            cache[id(module)] = real(module, kwargs)
+        return cache[id(module)]
+
+    monkeypatch.setattr(models, "source_structure", cached)
+
+
 def check(out_dir, reference, control, kwargs, tolerance=EXACT):
     """The artifact matches ``reference`` within ``tolerance`` and ``control`` fails that same
     check, by at least 10x the artifact's own error, at odd batch sizes."""
@@ -39,7 +54,7 @@ def check(out_dir, reference, control, kwargs, tolerance=EXACT):
 @pytest.mark.slow
 @pytest.mark.parametrize("method,budget,pruned_kinds", [("hessian", "0.2x", ("emb", "heads", "qk", "v")),
                                                          ("uniform", "0.5x", ("emb", "heads", "mlp"))])
-def test_pruned_artifact_is_the_sliced_torch_model(tmp_path, method, budget, pruned_kinds):
+def test_pruned_artifact_is_the_sliced_torch_model(tmp_path, monkeypatch, method, budget, pruned_kinds):
     """Between them the two cases prune every kind (EMB too, so the stem's shape constants change):
     the artifact equals the source's weights sliced to the kept units in torch (FlexViT), and not
     a plan of the same widths that kept other units."""
@@ -50,12 +65,14 @@ def test_pruned_artifact_is_the_sliced_torch_model(tmp_path, method, budget, pru
     prune = PruneConfig(latency=budget, method=method, steps=1, saliency_batches=1, batch_size=4, budget_rounds=0,
                         group_sizes={"emb": 16, "heads": 1, "qk": 8, "v": 8, "mlp": 32})
     manifest = compile(DEIT, tmp_path / "out", CompileOptions(target="ort-cpu", weights=weights, model_kwargs=kwargs, prune=prune,
-                                                              tables=str(tmp_path / "tables"), measure_rounds=0, seed=0))
+                                                              tables=str(tmp_path / "tables"), measure_rounds=0, seed=0,
+                                                              calibrate_rounds=0))  # the synthetic table as written: no timing
     kept = manifest["pruning"]["kept"]
     full = {"emb": 64, "heads": 4, "qk": 16, "v": 16, "mlp": 256}
     for kind in pruned_kinds:
         assert min(len(u) for g, u in kept.items() if g.endswith("." + kind)) < full[kind], \
             f"the plan pruned no {kind}: the parity check would not cover it"
+    export_once(monkeypatch)
     reference = pruned_flexvit(source, kwargs, kept)
     # control: the same widths, but the first units of every group instead of the kept ones
     shifted = {g: list(range(len(units))) for g, units in kept.items()}
@@ -86,7 +103,8 @@ def test_pruned_token_artifact_is_the_masked_semantic_token_vit(tmp_path):
                         group_sizes={"emb": 8, "heads": 1, "qk": 4, "v": 4, "mlp": 16})
     manifest = compile(DEIT, tmp_path / "out", CompileOptions(target="ort-cpu", weights=weights, model_kwargs=TOKEN_PRUNE_DEIT,
                                                               prune=prune, semantic_tokens=config, measure_rounds=0,
-                                                              tables=str(tmp_path / "tables"), seed=0))
+                                                              tables=str(tmp_path / "tables"), seed=0,
+                                                              calibrate_rounds=0))  # the synthetic table as written: no timing
     kept = manifest["pruning"]["kept"]
     full = {"heads": 2, "qk": 16, "v": 16}
     assert any(len(units) < full[g.split(".")[-1]] for g, units in kept.items() if g.split(".")[-1] in full), \

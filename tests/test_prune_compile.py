@@ -16,7 +16,6 @@ from deploycomp.pruning.select import next_chunk, select_step
 
 from .models import DEIT, images, pruned_flexvit, rel, run_artifact, save_weights, torch_out
 from .synthetic_tables import ALPHA, SimulatedDevice, mlp_only, write_synthetic_table
-from .test_cli import cli
 from .test_gate import model_args, run_cli
 
 TINY_DEIT = {"img_size": 64, "patch_size": 16, "embed_dim": 32, "num_heads": 2, "depth": 2, "num_classes": 10}
@@ -203,9 +202,20 @@ def test_swin_compile_latency_is_refused_with_one_error(tmp_path, monkeypatch, c
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture(scope="module")
+def proxy_structure():
+    """The proxy's exported structure, for both cases of the next test: ``pruned_flexvit`` exports the
+    source to read it, and it depends only on the architecture (one export instead of two)."""
+    from deploycomp.frontend.timm_models import build_timm_model
+
+    from .models import source_structure
+
+    return source_structure(build_timm_model("deit_fmnist_patch4_28"), {"img_size": 28, "in_chans": 1})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kd_steps,finetune_epochs", [(3, 0), (0, 1)])
-def test_compile_with_data_distills_and_finetunes(tmp_path, monkeypatch, kd_steps, finetune_epochs):
+def test_compile_with_data_distills_and_finetunes(tmp_path, monkeypatch, kd_steps, finetune_epochs, proxy_structure):
     """The proxy geometry on Fashion-MNIST: distillation between steps, or one fine-tuning epoch on a
     subset, accuracy before/after on the artifact's backend. The training is shown to have trained:
     the artifact (which passed the gate against the trained model) is no longer the source's weights
@@ -232,6 +242,9 @@ def test_compile_with_data_distills_and_finetunes(tmp_path, monkeypatch, kd_step
         assert len(p["finetune"]) == 1 and "test_accuracy" in p["finetune"][0]
     acc = manifest["accuracy"]
     assert acc["reference"] == "torch (unpruned)" and acc["samples"] == 256
+    from . import models
+
+    monkeypatch.setattr(models, "source_structure", lambda module, kwargs: proxy_structure)
     untrained = pruned_flexvit(source, kwargs, p["kept"])
     x = images(5, kwargs)
     moved = rel(run_artifact(tmp_path / "out", x), torch_out(untrained, x))
@@ -239,7 +252,7 @@ def test_compile_with_data_distills_and_finetunes(tmp_path, monkeypatch, kd_step
 
 
 @pytest.mark.slow
-def test_cli_prune_errors(tmp_path, tiny_tables):
+def test_cli_prune_errors(tmp_path, tiny_tables, monkeypatch, capsys):
     cases = [
         (["timm:deit_tiny_patch16_224", "--latency", "half"], "latency budget"),
         (["timm:deit_tiny_patch16_224", "--latency", "0.5x", "--prune-method", "random"], "unknown pruning method"),
@@ -248,9 +261,9 @@ def test_cli_prune_errors(tmp_path, tiny_tables):
           *sum((["--model-arg", f"{k}={v}"] for k, v in TINY_DEIT.items()), [])], "need training data"),
     ]
     for args, message in cases:
-        r = cli("compile", *args, "-o", tmp_path / "out")
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (args, r.stderr)
+        code, err = run_cli(monkeypatch, capsys, "compile", *args, "-o", tmp_path / "out")  # in this process
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], (args, err)
         assert not (tmp_path / "out").exists()
 
 

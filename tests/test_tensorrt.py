@@ -30,8 +30,8 @@ from deploycomp.passes.precision import PrecisionPass, convert_precision
 from deploycomp.passes.verify import relative_l2
 from deploycomp.tokens.op import lower
 
-from .conftest import run_ort
-from .test_cli import DEIT, DEIT_ARGS, cli
+from .conftest import invoke_cli, run_ort
+from .test_cli import DEIT, DEIT_ARGS
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 HAVE_GPU = HAVE_TRT and torch.cuda.is_available()
@@ -219,12 +219,14 @@ def test_precision_bf16_graph_structure(tiny_deit):
     assert any(n.op_type == "MatMul" and n.inputs[1].dtype == ir.DataType.BFLOAT16 for n in model.graph)
 
 
-@pytest.mark.slow  # three CLI processes
-def test_compile_fp16_on_ort_cpu(tmp_path):
+@pytest.mark.slow
+def test_compile_fp16_on_ort_cpu(tmp_path, monkeypatch, capsys):
     """``compile --precision fp16``: the artifact stores fp16 weights, keeps float32 I/O, passes the gate
-    at the fp16 tolerance; what cannot work is refused before anything is written."""
-    r = cli("compile", DEIT, *DEIT_ARGS, "--target", "ort-cpu", "--precision", "fp16", "--no-measure", "-q", "-o", tmp_path / "fp16")
-    assert r.returncode == 0, r.stderr
+    at the fp16 tolerance; what cannot work is refused before anything is written. (The command runs
+    in this process: ``invoke_cli``.)"""
+    code, _, err = invoke_cli(monkeypatch, capsys, "compile", DEIT, *DEIT_ARGS, "--target", "ort-cpu", "--precision", "fp16",
+                              "--no-measure", "-q", "-o", tmp_path / "fp16")
+    assert code == 0, err
     import json
 
     m = json.loads((tmp_path / "fp16" / "manifest.json").read_text())
@@ -234,8 +236,8 @@ def test_compile_fp16_on_ort_cpu(tmp_path):
     assert ir.DataType.FLOAT16 in types and model.graph.inputs[0].dtype == ir.DataType.FLOAT
     for args, message in ((["--precision", "bf16"], "runs precisions fp32, fp16, int8, not 'bf16'"), (["--precision", "int4"], "unknown precision"),
                           (["--precision", "fp16", "--latency", "0.5x"], "fp32 latency tables")):
-        r = cli("compile", DEIT, *DEIT_ARGS, "--target", "ort-cpu", *args, "-o", tmp_path / "bad")
-        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        code, _, err = invoke_cli(monkeypatch, capsys, "compile", DEIT, *DEIT_ARGS, "--target", "ort-cpu", *args, "-o", tmp_path / "bad")
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "bad").exists()
 
 
@@ -261,14 +263,13 @@ def test_precision_token_cluster():
 # Without TensorRT
 
 
-@pytest.mark.slow  # two CLI processes
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here")
-def test_without_tensorrt_one_line_and_exit_2(tmp_path):
+def test_without_tensorrt_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     for args in (("selftest", "--target", "tensorrt"), ("compile", DEIT, *DEIT_ARGS, "--target", "tensorrt", "-o",
                                                          tmp_path / "out")):
-        r = cli(*args)
-        assert r.returncode == 2, r.stderr
-        lines = r.stderr.strip().splitlines()
+        code, _, err = invoke_cli(monkeypatch, capsys, *args)  # in this process
+        assert code == 2, err
+        lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "pip install 'deploycomp[tensorrt]'" in lines[0]
     assert not (tmp_path / "out").exists()
 
