@@ -301,6 +301,7 @@ def _source_arch(src):
     """The source's architecture as the latency tables see it (its ONNX graph, discovered)."""
     import onnx_ir as ir
 
+    from .passes.base import DEFAULT_INVARIANTS, CompileContext, Pipeline
     from .passes.cleanup import CleanupPass
     from .passes.discover import DiscoverPass
     from .passes.prune import geometry_of

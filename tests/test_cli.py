@@ -188,7 +188,7 @@ def test_profile_force_uses_a_table_of_another_device(tmp_path, monkeypatch, cap
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
-    (["--dtype", "fp16"], "dtype fp16 is not supported"),
+    (["--dtype", "fp16"], "runs precisions fp32, bf16, int8, not 'fp16'"),
     (["--grid", "huge"], "unknown grid 'huge'"),
     (["--target", "tpu"], "unknown target 'tpu'"),
 ])
