@@ -334,17 +334,6 @@ def test_exported_conv_without_bias_has_no_computed_bias():
     assert len(conv.inputs) == 2
 
 
-PRUNE_GEOMETRY = dict(img_size=64, patch=16)  # the "tiny" latency grid's geometry
-
-
-@pytest.fixture(scope="module")
-def tiny_tables(tmp_path_factory):
-    from deploycomp.backends.base import get_backend
-    from deploycomp.latency.profiler import profile
-
-    root = tmp_path_factory.mktemp("tables")
-    profile(get_backend("ort-cpu"), root, batch=1, grid="tiny", protocol={"warmup": 2, "repeats": 5, "passes": 1})
-    return root
 
 
 @pytest.mark.parametrize("source", ["hf:CLIPVisionModelWithProjection", "open_clip:dc-probe-ls"])
