@@ -334,8 +334,6 @@ def test_exported_conv_without_bias_has_no_computed_bias():
     assert len(conv.inputs) == 2
 
 
-
-
 @pytest.mark.parametrize("source", ["hf:CLIPVisionModelWithProjection", "open_clip:dc-probe-ls"])
 def test_converted_sources_prune_and_tokenize(tiny_open_clip, tiny_tables, tmp_path, source):
     """--latency and --semantic-tokens run on converted sources (pre-norm, projection head, layer
