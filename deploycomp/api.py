@@ -18,6 +18,7 @@ from . import __version__
 from .artifact import check_output_dir, read_manifest, write_json
 from .backends.base import DEFAULT_TARGET
 from .errors import DeployCompError, DeployCompWarning
+from .latency.precision_choice import AUTO_PRECISIONS
 
 if TYPE_CHECKING:  # the compiler's modules (onnx_ir, torch) are imported where used: a request is checked first
     from .backends.base import Backend
@@ -37,8 +38,6 @@ PRECISION_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 2e-2}
 # reference on held-out inputs (passes/verify.py). NNCF int8 of random-init DeiT-S on OpenVINO
 # measured cosine 0.997 and agreement 8/8 on Gaussian inputs; a broken quantization falls far below.
 PRECISIONS = (*PRECISION_TOLERANCE, "int8")
-# --precision auto (with --latency): the candidates, least lossy first (a tie goes to the earlier)
-AUTO_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 @dataclass
@@ -51,7 +50,7 @@ class CompileOptions:
     threads: int | None = None  # runtime threads of the target; default: all usable cores
     runtime: dict[str, Any] = field(default_factory=dict)  # further target options, e.g. allow_spinning (ort-*)
     fuse: bool = False  # ONNX Runtime transformer fusions (see passes/fuse.py: off until it measures faster)
-    precision: str = "fp32"  # fp16 / bf16: as the target runs it (the precision pass, or the runtime's own); int8; auto (with prune: choose_precision)
+    precision: str = "fp32"  # fp16 / bf16: as the target runs it (the precision pass, or the runtime's own); int8; auto (with prune: latency/precision_choice.py)
     tolerance: float | None = None  # relative L2 of the logits vs the reference; None: per precision
     verify_batches: tuple[int, ...] = (1, 3)
     measure_rounds: int = 5  # batch-1 latency of the artifact measured after emitting (0: skip)
@@ -191,7 +190,10 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
     latency_tables = _latency_tables(src, options) if options.prune is not None else None
     choice = None
     if options.precision == "auto":
-        choice = choose_precision(latency_tables, _source_arch(src), options.prune.latency)
+        from .latency.precision_choice import choose_precision, source_arch
+
+        arch = source_arch(src.model, src.torch_module, src.input_shape)
+        choice = choose_precision(latency_tables, arch, options.prune.latency)
         options = replace(options, precision=choice["precision"])
         backend = make_backend(options)
         latency_tables = {p: latency_tables[p] for p in ("fp32", options.precision)}
@@ -295,44 +297,6 @@ def _latency_tables(src, options: CompileOptions) -> dict[str, tuple[Any, Path]]
             check_swin_table(table)
         out[precision] = (LatencyPredictor(table), path)
     return out
-
-
-def _source_arch(src):
-    """The source's architecture as the latency tables see it (its ONNX graph, discovered)."""
-    import onnx_ir as ir
-
-    from .passes.base import DEFAULT_INVARIANTS, CompileContext, Pipeline
-    from .passes.cleanup import CleanupPass
-    from .passes.discover import DiscoverPass
-    from .passes.prune import geometry_of
-    from .pruning.plan import PrunePlan, plan_arch
-
-    ctx = CompileContext()
-    model = ir.from_proto(ir.to_proto(src.model))  # a copy: the compile's passes run on the original
-    Pipeline([CleanupPass(), DiscoverPass()], DEFAULT_INVARIANTS)(model, ctx)
-    return plan_arch(ctx.structure, PrunePlan(), **geometry_of(src.torch_module, src.input_shape))
-
-
-def choose_precision(tables: dict[str, tuple[Any, Path]], arch, budget: str) -> dict[str, Any]:
-    """``--precision auto``: the candidate whose table predicts the unpruned model fastest relative to
-    fp32 (so pruning has the least to remove to meet ``budget``); among candidates that meet a
-    relative budget without pruning, the least lossy. Predictions are the tables' as profiled (the
-    prune pass calibrates only the chosen one); semantic tokens change every precision alike."""
-    from .pruning.schedule import LatencyBudget
-
-    base = tables["fp32"][0].predict(arch, scale=1.0).total_ms
-    rows = {p: {"predicted_ms": pred.predict(arch, scale=1.0).total_ms, "table": str(path)} for p, (pred, path) in tables.items()}
-    for row in rows.values():
-        row["ratio_to_fp32"] = row["predicted_ms"] / base
-    limit = LatencyBudget.parse(budget)
-    limit = limit.value if limit.relative else limit.value / base
-    meets = [p for p in AUTO_PRECISIONS if p in rows and rows[p]["ratio_to_fp32"] <= limit]
-    if meets:
-        chosen, why = meets[0], "the least lossy precision that meets the budget without pruning"
-    else:
-        chosen = min(rows, key=lambda p: (rows[p]["ratio_to_fp32"], AUTO_PRECISIONS.index(p)))
-        why = "the fastest unpruned model: the least pruning left to meet the budget"
-    return {"precision": chosen, "why": why, "budget": budget, "candidates": rows}
 
 
 def load_eval_data(data: str, input_shape: tuple[int, ...], samples: int | None = None):

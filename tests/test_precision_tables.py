@@ -241,7 +241,7 @@ def test_auto_prefers_the_fastest_table_then_the_least_lossy_that_needs_no_pruni
     """choose_precision over fp32 / bf16 / int8 tables predicting the source at 1, 0.7 and 0.6 of fp32
     (every part scaled): a 0.5x budget needs pruning under all three, int8 least; a 0.75x budget is met
     unpruned by bf16 and int8, and bf16, the less lossy, is chosen."""
-    from deploycomp.api import choose_precision
+    from deploycomp.latency.precision_choice import choose_precision
     from deploycomp.latency.calibrate import full_arch
     from deploycomp.latency.predictor import LatencyPredictor
 
