@@ -305,6 +305,8 @@ def test_predictor_sums_the_swin_parts_per_stage(backend):
     """A Swin = stem + per block the windowed attention (4 windows of 49 in stage 0, block 1 shifted;
     one window in stage 1) and the MLP at its stage's tokens and width + the patch merging + head;
     on a multilinear synthetic table the interpolated sum is the formula's, written out by hand."""
+    from dataclasses import replace
+
     from .synthetic_tables import swin_flops_like, synthetic_table
 
     pred = LatencyPredictor(synthetic_table(swin_flops_like, grid="swin-micro"))
@@ -320,11 +322,15 @@ def test_predictor_sums_the_swin_parts_per_stage(backend):
     assert p.total_ms == pytest.approx(want, abs=1e-4)  # the table stores samples to 1e-5 ms
     assert p.outside_grid == [] and len(p.attention_ms) == 4 and len(p.merging_ms) == 1
     assert pred.predict(arch, scale=2.0).total_ms == pytest.approx(2 * p.total_ms, rel=1e-9)
+    # 4 classes where the grid has 10: only the head changes, by FLOPs (final LayerNorm over 49 x 56
+    # at ~8 flops an element + 2 x 56 x classes): (21952 + 448) / (21952 + 1120)
+    four = pred.predict(replace(arch, num_classes=4))
+    assert four.head_ms == pytest.approx(p.head_ms * 22400 / 23072, rel=1e-9)
+    assert four.total_ms - four.head_ms == pytest.approx(p.total_ms - p.head_ms, rel=1e-12)
+    assert any(o.startswith("head.num_classes=4: the table's 10-class head") for o in four.outside_grid)
     # stage 1 wider than its grid: flagged, not silently read off another stage's sizes
     assert any("window_attention.1.emb=80" in o for o in pred.predict(_swin_micro_arch(emb=80)).outside_grid)
     with pytest.raises(DeployCompError, match="Swin stages"):
-        from dataclasses import replace
-
         pred.predict(replace(arch, stages=(replace(arch.stages[0], window=2), arch.stages[1])))
     # a DeiT table has no Swin parts: one line
     with pytest.raises(DeployCompError, match="has no Swin parts") as err:

@@ -108,6 +108,19 @@ class LatencyPredictor:
                                   f"{fixed['in_chans']} channels; the architecture has {arch.img_size}px/{arch.patch}, "
                                   f"{arch.in_chans} channels")
 
+    def _head_ms(self, part: str, tokens: int, emb: int, classes: int, outside: list[str]) -> float:
+        """The head part at (tokens, EMB); a head of another class count than the grid's is the
+        table's scaled by FLOPs (:func:`head_scale`), and ``outside`` says so."""
+        point, table_classes = (tokens, emb), self.table.fixed["num_classes"]
+        outside.extend(self._outside(part, point))
+        ms = self.part_ms(part, point)
+        if classes != table_classes:
+            ratio = head_scale(tokens, emb, classes, table_classes)
+            ms *= ratio
+            outside.append(f"head.num_classes={classes}: the table's {table_classes}-class head "
+                           f"scaled by FLOPs ({ratio:.3f}x)")
+        return ms
+
     def predict(self, arch: ViTArch | SwinArch, scale: float | None = None) -> Prediction:
         """Predicted latency; ``scale`` (a measured now/at-profile-time ratio; default: the
         predictor's calibration at the raw prediction) corrects for device drift."""
@@ -117,7 +130,7 @@ class LatencyPredictor:
 
     def predict_vit(self, arch: ViTArch) -> Prediction:
         """A plain ViT's latency as the table says (unscaled; see the module docstring)."""
-        e, fixed = arch.emb, self.table.fixed
+        e = arch.emb
         outside = self._outside("stem", (e,))
         attn, mlp = [], []
         for b in arch.blocks:
@@ -130,12 +143,8 @@ class LatencyPredictor:
             attn.append(a_ms)
             mlp.append(self.part_ms("mlp", m_pt))
         last = arch.blocks[-1].out_tokens if arch.blocks else arch.patches + 1
-        stem, head = self.part_ms("stem", (e,)), self.part_ms("head", (last, e))
-        if arch.num_classes != fixed["num_classes"]:
-            ratio = head_scale(last, e, arch.num_classes, fixed["num_classes"])
-            head *= ratio
-            outside.append(f"head.num_classes={arch.num_classes}: the table's {fixed['num_classes']}-class head "
-                           f"scaled by FLOPs ({ratio:.3f}x)")
+        stem = self.part_ms("stem", (e,))
+        head = self._head_ms("head", last, e, arch.num_classes, outside)
         return Prediction(stem + head + sum(attn) + sum(mlp), stem, head, attn, mlp, sorted(set(outside)))
 
     def predict_swin(self, arch: SwinArch) -> Prediction:
@@ -161,7 +170,8 @@ class LatencyPredictor:
             if s + 1 < len(arch.stages):
                 merging.append(ms(f"patch_merging.{s}", (st.tokens, st.emb, arch.stages[s + 1].emb)))
         last = arch.stages[-1]
-        stem, head = ms("swin_stem", (arch.emb,)), ms("swin_head", (last.tokens, last.emb))
+        stem = ms("swin_stem", (arch.emb,))
+        head = self._head_ms("swin_head", last.tokens, last.emb, arch.num_classes, outside)
         return Prediction(stem + head + sum(attn) + sum(mlp) + sum(merging), stem, head, attn, mlp,
                           sorted(set(outside)), merging)
 
