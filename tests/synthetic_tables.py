@@ -210,7 +210,7 @@ class SimulatedDevice:
         self.formula, self.slowdown, self.drift, self.timed = formula, slowdown, drift, []
         self.int8 = int8
 
-    def time(self, backend, models, input_shape, batch, rounds, iters=3):
+    def time(self, backend, models, input_shape, batch, rounds, iters=3, backends=None):
         from deploycomp.backends.base import onnx_bytes
 
         out = {}

@@ -140,6 +140,35 @@ def test_bf16_is_a_runtime_precision_on_openvino(tmp_path):
     assert all(e <= 2e-2 for e in errs) and max(errs) > 1e-5  # really ran in bf16, within its tolerance
 
 
+def test_a_reference_on_another_backend_is_timed_in_the_same_interleaved_run(monkeypatch):
+    """A runtime precision (OpenVINO's bf16 hint) is timed against the fp32 source on the fp32
+    backend: both candidates go into one interleaved measurement, each built by its own backend, so
+    their ratio is never one of two machine states."""
+    import deploycomp.backends.base as base
+    from deploycomp.bench.harness import Candidate
+
+    calls = []
+
+    def record(cands, **kw):
+        calls.append([(c.name, c.meta["by"]) for c in cands])
+        return {c.name: [0.001] for c in cands}
+
+    class Named(base.BackendBase):
+        def __init__(self, label):
+            self.label = label
+
+        def candidate(self, name, model, input_shape):
+            return Candidate(name, "test", lambda batch: (lambda: None), meta={"by": self.label})
+
+    monkeypatch.setattr(base, "measure_interleaved", record)
+    low, fp32 = Named("bf16"), Named("fp32")
+    out = base.time_against(low, fp32, {"unpruned": b"a", "pruned": b"b"}, "unpruned", (1, 3, 8, 8), 1, 2)
+    assert calls == [[("unpruned", "fp32"), ("pruned", "bf16")]] and set(out) == {"unpruned", "pruned"}
+    calls.clear()
+    base.time_against(low, low, {"unpruned": b"a", "pruned": b"b"}, "unpruned", (1, 3, 8, 8), 1, 2)
+    assert calls == [[("unpruned", "bf16"), ("pruned", "bf16")]]
+
+
 @pytest.mark.parametrize("drift", [1.0, 1.5])
 def test_the_table_is_calibrated_on_the_unpruned_model(tmp_path, monkeypatch, drift):
     """compile --latency times the unpruned source and scales the table to predict it as measured:

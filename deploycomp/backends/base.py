@@ -59,8 +59,9 @@ class Backend(Protocol):
         """``model`` as a candidate of an interleaved measurement (``bench.harness``)."""
 
     def time(self, models: Mapping[str, ModelLike], input_shape: tuple[int, ...], batch: int, rounds: int,
-             iters: int = 3) -> dict[str, dict[str, float]]:
-        """Median/spread (ms) of each model at ``batch``, measured interleaved in one run."""
+             iters: int = 3, backends: Mapping[str, "Backend"] | None = None) -> dict[str, dict[str, float]]:
+        """Median/spread (ms) of each model at ``batch``, measured interleaved in one run;
+        ``backends`` names models that run on another backend (default: this one)."""
 
     def time_part(self, model: onnx.ModelProto, x: np.ndarray, warmup: int, repeats: int) -> list[float]:
         """Milliseconds of ``repeats`` runs of one latency-table micro-graph on input ``x``."""
@@ -86,8 +87,9 @@ class BackendBase:
     interleave_gap_s: float = 0.0
 
     def time(self, models: Mapping[str, ModelLike], input_shape: tuple[int, ...], batch: int, rounds: int,
-             iters: int = 3) -> dict[str, dict[str, float]]:
-        cands = [self.candidate(name, model, input_shape) for name, model in models.items()]
+             iters: int = 3, backends: Mapping[str, Backend] | None = None) -> dict[str, dict[str, float]]:
+        runs_on = backends or {}
+        cands = [runs_on.get(name, self).candidate(name, model, input_shape) for name, model in models.items()]
         times = measure_interleaved(cands, batch=batch, rounds=rounds, iters=iters, warmup=2)
         return {c.name: stats(times[c.name]) for c in cands}
 
@@ -174,13 +176,11 @@ def fp32_backend(backend: Backend) -> Backend:
 
 def time_against(backend: Backend, reference: Backend, models: Mapping[str, ModelLike], reference_name: str,
                  input_shape: tuple[int, ...], batch: int, rounds: int) -> dict[str, dict[str, float]]:
-    """``models`` timed on ``backend``, ``models[reference_name]`` on ``reference``: interleaved in one
-    run when they are one backend, else one run each (a runtime precision against the fp32 source)."""
-    if reference is backend:
-        return backend.time(models, input_shape, batch, rounds)
-    out = reference.time({reference_name: models[reference_name]}, input_shape, batch, rounds)
-    out.update(backend.time({k: v for k, v in models.items() if k != reference_name}, input_shape, batch, rounds))
-    return out
+    """``models`` timed on ``backend``, ``models[reference_name]`` on ``reference`` (a runtime
+    precision, such as OpenVINO's bf16 hint, against the fp32 source), interleaved in one run so the
+    ratio is not one of two machine states."""
+    return backend.time(models, input_shape, batch, rounds,
+                        backends=None if reference is backend else {reference_name: reference})
 
 
 def backend_for_manifest(manifest: Mapping[str, Any], **overrides) -> Backend:
