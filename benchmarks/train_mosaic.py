@@ -4,8 +4,8 @@ garments each, labelled per pixel); record mIoU, pixel accuracy and time per see
     .venv/bin/python benchmarks/train_mosaic.py --seeds 0,1,2     # the proxy, cached per seed
     .venv/bin/python benchmarks/train_mosaic.py --quick           # the script end to end in ~1 min
 
-Canvases: 12 000 for training drawn from the Fashion-MNIST training split, 2 000 for testing from
-its test split (seeded per canvas, ``learn/mosaic.py``). Weights live in
+Canvases: those of ``--data mosaic-fashion-mnist`` (``learn/mosaic.py``): 12 000 for training with
+garments from the Fashion-MNIST training split, 2 000 for testing from its test split. Weights live in
 $DEPLOYCOMP_CACHE/mosaic-fmnist/seed<S>/model.safetensors (default ~/.cache/deploycomp): a seed
 already trained is reused. Results: benchmarks/results/mosaic_training.json.
 """
@@ -26,12 +26,11 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from deploycomp.learn.data import load_fashion_mnist  # noqa: E402
-from deploycomp.learn.mosaic import make_mosaic  # noqa: E402
+from deploycomp.learn.mosaic import MOSAIC_CANVAS, MOSAIC_GARMENTS, MOSAIC_SPLITS, make_mosaic  # noqa: E402
 from deploycomp.learn.segment import (MosaicSegmenter, SegmenterConfig, SegmentTrainConfig,  # noqa: E402
                                       evaluate_segmentation, fit_segmentation)
 
 RESULTS = Path(__file__).parent / "results" / "mosaic_training.json"
-CANVAS, GARMENTS, TRAIN_CANVASES, TEST_CANVASES = 112, (2, 5), 12_000, 2_000
 
 
 def cache_dir() -> Path:
@@ -45,14 +44,16 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sets and one epoch, to check the script")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    n_train, n_test, epochs = (256, 64, 1) if args.quick else (TRAIN_CANVASES, TEST_CANVASES, args.epochs)
+    full = (MOSAIC_SPLITS["train"][0], MOSAIC_SPLITS["test"][0], args.epochs)
+    n_train, n_test, epochs = (256, 64, 1) if args.quick else full
     out = args.out or (Path("/tmp/mosaic_quick.json") if args.quick else RESULTS)
     cache = cache_dir() / ("quick" if args.quick else "")
     torch.set_num_threads(os.cpu_count() or 1)
 
     t0 = time.monotonic()
-    train = make_mosaic(load_fashion_mnist("train"), n_train, CANVAS, GARMENTS, seed=0)
-    test = make_mosaic(load_fashion_mnist("test"), n_test, CANVAS, GARMENTS, seed=1)
+    # the canvases of --data mosaic-fashion-mnist (learn/mosaic.py), the first n of each split
+    train = make_mosaic(load_fashion_mnist("train"), n_train, MOSAIC_CANVAS, MOSAIC_GARMENTS, MOSAIC_SPLITS["train"][1])
+    test = make_mosaic(load_fashion_mnist("test"), n_test, MOSAIC_CANVAS, MOSAIC_GARMENTS, MOSAIC_SPLITS["test"][1])
     data_seconds = time.monotonic() - t0
     print(f"{n_train} + {n_test} canvases in {data_seconds:.1f} s", flush=True)
 
@@ -80,7 +81,7 @@ def main() -> int:
 
     miou = torch.tensor([r["miou"] for r in runs])
     summary = {"command": " ".join(["benchmarks/train_mosaic.py", *sys.argv[1:]]),
-               "data": {"canvas": CANVAS, "garments": GARMENTS, "train": n_train, "test": n_test,
+               "data": {"canvas": MOSAIC_CANVAS, "garments": MOSAIC_GARMENTS, "train": n_train, "test": n_test,
                         "seconds": data_seconds},
                "model": asdict(config), "params": sum(p.numel() for p in model.parameters()),
                "threads": torch.get_num_threads(), "miou_mean": float(miou.mean()),

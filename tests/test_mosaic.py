@@ -102,6 +102,7 @@ def test_impossible_mosaics_are_refused():
         make_mosaic(_shapes(), 2, canvas=8, garments=(3, 2))
 
 
+@pytest.mark.slow
 def test_the_segmenter_learns_the_mosaic():
     """A tiny two-stage Swin segmenter, trained for a few epochs on 56 px mosaics, beats its untrained
     self on held-out canvases (background IoU, mIoU over background + garments), and its loss fell."""
@@ -122,3 +123,32 @@ def test_the_segmenter_learns_the_mosaic():
     # a few hundred canvases teach where the garments are long before which garment each one is
     assert after["per_class_iou"][0] > 0.85 > before["per_class_iou"][0], (before, after)
     assert after["miou"] > before["miou"] + 0.05 and after["pixel_accuracy"] > 0.8, (before, after)
+
+
+@pytest.mark.slow
+def test_the_classification_variant_trains_and_compiles(tmp_path):
+    """``--data mosaic-fashion-mnist`` is the mosaic's splits; the proxy Swin registered in timm
+    trains on it (a canvas's majority garment) through the ordinary trainer and compiles as a Swin,
+    verified against its trained torch model."""
+    import deploycomp
+    from deploycomp.frontend.timm_models import timm_spec
+    from deploycomp.learn.data import load_data
+    from deploycomp.learn.mosaic import MosaicSet
+    from deploycomp.learn.train import TrainConfig
+
+    test = load_data("mosaic-fashion-mnist", "test")
+    assert isinstance(test, MosaicSet) and test.images.shape == (2000, 1, 112, 112)
+    assert torch.equal(test.masks[:3], make_mosaic(load_fashion_mnist("test"), 3, 112, (2, 5), seed=1).masks)
+    spec = timm_spec("swin_mosaic_patch4_window7_112")
+    assert (spec.family, spec.img_size, spec.in_chans) == ("swin", 112, 1)
+    from deploycomp.api import train
+
+    metrics = train("timm:swin_mosaic_patch4_window7_112", tmp_path / "run",
+                    TrainConfig(epochs=1, batch_size=32, warmup_epochs=0.1, seed=0),
+                    data="mosaic-fashion-mnist", train_subset=96, test_subset=32)
+    assert metrics["test_accuracy"] is not None
+    weights = tmp_path / "run" / "model.safetensors"
+    manifest = deploycomp.compile("timm:swin_mosaic_patch4_window7_112", tmp_path / "out",
+                                  deploycomp.CompileOptions(target="ort-cpu", weights=str(weights), measure_rounds=0))
+    assert manifest["structure"]["family"] == "swin"
+    assert all(c["rel_l2"] < 1e-4 for c in manifest["parity"]["checks"])

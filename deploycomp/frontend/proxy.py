@@ -29,3 +29,6 @@ def deit_fmnist_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransform
     if pretrained:
         raise ValueError("deit_fmnist_patch4_28 has no pretrained weights: train it (benchmarks/train_proxy.py)")
     return build_model_with_cfg(VisionTransformer, "deit_fmnist_patch4_28", pretrained, **{**PROXY_ARGS, **kwargs})
+
+
+from . import proxy_swin  # noqa: E402,F401  (the dense proxy's Swin, registered with the proxy DeiT)

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import DeployCompError
 
 # timm module -> the family name deploycomp reports
-TIMM_MODULES = {"vision_transformer": "vit", "deit": "deit", "swin_transformer": "swin", "proxy": "deit"}
+TIMM_MODULES = {"vision_transformer": "vit", "deit": "deit", "swin_transformer": "swin", "proxy": "deit", "proxy_swin": "swin"}
 
 
 @dataclass(frozen=True)
@@ -61,12 +61,12 @@ def timm_spec(name: str) -> TimmModelSpec:
         return designed
     if not timm.is_model(name):
         raise DeployCompError(f"unknown model 'timm:{name}': not in timm's registry "
-                              f"(deploycomp reads timm's {', '.join(m for m in TIMM_MODULES if m != 'proxy')} models)")
+                              f"(deploycomp reads timm's {', '.join(m for m in TIMM_MODULES if not m.startswith('proxy'))} models)")
     module_name = next((m for m in TIMM_MODULES if timm.models.is_model_in_modules(name, [m])), None)
     if module_name is None:
         raise DeployCompError(f"timm:{name} is not a ViT or Swin that deploycomp reads (timm module "
                               f"'{timm.models.get_arch_name(name)}'); supported are timm's "
-                              f"{', '.join(m for m in TIMM_MODULES if m != 'proxy')} models")
+                              f"{', '.join(m for m in TIMM_MODULES if not m.startswith('proxy'))} models")
     meta = meta_model(name)
     reason = unsupported_part(meta)
     if reason:

@@ -136,9 +136,14 @@ def load_image_folder(root: str | Path, img_size: int, in_chans: int = 3,
 
 
 def load_data(spec: str, split: str, img_size: int = 28, in_chans: int = 1) -> ImageSet:
-    """``fashion-mnist`` or a folder; a folder with ``train/`` and ``val/`` (or ``test/``) uses them per split."""
+    """``fashion-mnist``, ``mosaic-fashion-mnist`` (the dense proxy's canvases, ``learn/mosaic.py``) or
+    a folder; a folder with ``train/`` and ``val/`` (or ``test/``) uses them per split."""
     if spec in ("fashion-mnist", "fmnist"):
         return load_fashion_mnist(split)
+    if spec == "mosaic-fashion-mnist":
+        from .mosaic import load_mosaic
+
+        return load_mosaic(split)
     root = Path(spec)
     names = ("train",) if split == "train" else ("val", "test")
     for name in names:

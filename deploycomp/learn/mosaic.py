@@ -73,6 +73,22 @@ def make_mosaic(source: ImageSet, count: int, canvas: int = 112, garments: tuple
                      source.classes, f"mosaic{canvas}/{source.name}/seed{seed}", masks_t)
 
 
+# ``--data mosaic-fashion-mnist``: split -> (canvases, seed, Fashion-MNIST split the garments come from)
+MOSAIC_DATA = "mosaic-fashion-mnist"
+MOSAIC_SPLITS = {"train": (12_000, 0, "train"), "test": (2_000, 1, "test")}
+MOSAIC_CANVAS, MOSAIC_GARMENTS = 112, (2, 5)
+
+
+def load_mosaic(split: str) -> MosaicSet:
+    """The dense proxy's ``train`` or ``test`` split (garments from the same Fashion-MNIST split)."""
+    from .data import load_fashion_mnist
+
+    if split not in MOSAIC_SPLITS:
+        raise DeployCompError(f"unknown {MOSAIC_DATA} split '{split}': use train or test")
+    count, seed, source = MOSAIC_SPLITS[split]
+    return make_mosaic(load_fashion_mnist(source), count, MOSAIC_CANVAS, MOSAIC_GARMENTS, seed)
+
+
 def majority_class(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Per canvas the garment class covering most pixels (ties: the lower class)."""
     n = masks.shape[0]

@@ -26,8 +26,8 @@ from .mosaic import MosaicSet, confusion, mean_iou
 
 @dataclass(frozen=True)
 class SegmenterConfig:
-    """A Swin for ``img_size`` canvases: patch 4 and window 7 give stages of 28, 14, 7 tokens a side at
-    112 px (three stages: a fourth would not divide into windows)."""
+    """The backbone is the proxy Swin (``timm:swin_mosaic_patch4_window7_112``, these are its
+    defaults): patch 4 and window 7 give stages of 28, 14, 7 tokens a side at 112 px."""
 
     img_size: int = 112
     in_chans: int = 1
@@ -43,11 +43,12 @@ class MosaicSegmenter(torch.nn.Module):
     def __init__(self, config: SegmenterConfig = SegmenterConfig()):
         import timm
 
+        from ..frontend import proxy  # noqa: F401  (registers the proxy Swin)
+
         super().__init__()
         self.config = config
-        stages = tuple(range(len(config.depths)))
         self.backbone = timm.create_model(
-            "swin_tiny_patch4_window7_224", pretrained=False, features_only=True, out_indices=stages,
+            "swin_mosaic_patch4_window7_112", pretrained=False, features_only=True,
             img_size=config.img_size, in_chans=config.in_chans, embed_dim=config.embed_dim, depths=config.depths,
             num_heads=config.num_heads, window_size=config.window_size)
         self.lateral = torch.nn.ModuleList(torch.nn.Conv2d(c, config.head_width, 1)
