@@ -304,6 +304,7 @@ def image_folder(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # a compile and an evaluate over an image folder (~6.5 s quiet, ~14 s under load)
 def test_evaluate_reports_cosine_to_the_source(tiny_clip, image_folder, tmp_path):
     """compile --data and evaluate of an embedding artifact score the mean cosine of its embeddings to
     the source's (open_clip's own encode_image), computed here independently; a semantic-token

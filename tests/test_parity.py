@@ -93,6 +93,7 @@ def test_token_artifact_is_the_semantic_token_vit(tmp_path, pooling, lowering):
     check(tmp_path / "out", reference, perturbed(reference), TOKEN_DEIT)
 
 
+@pytest.mark.slow  # tokens + pruning in one compile (~7.5 s); the quick tier has each alone
 def test_pruned_token_artifact_is_the_masked_semantic_token_vit(tmp_path):
     source = timm_deit(TOKEN_PRUNE_DEIT, seed=7)
     weights = save_weights(source, tmp_path / "w.safetensors")

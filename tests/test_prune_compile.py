@@ -116,6 +116,7 @@ def test_budget_is_met_with_the_known_answer(tmp_path, tiny_tables, monkeypatch,
     assert "## Pruning" in (tmp_path / "out" / "report.md").read_text()
 
 
+@pytest.mark.slow  # a second pruning method on the same budget (~2.7 s)
 def test_uniform_scaling_known_answer(tmp_path, tiny_tables, monkeypatch):
     """Uniform width scaling: the largest ratio r whose MLP (round(8r) x 16 per block) fits 172.8
     channels is just under 5.5/8, so MLP 80 and round(2r) = 1 head per block; EMB stays at the grid's floor."""
@@ -142,6 +143,7 @@ def test_budget_checked_on_a_slower_device(tmp_path, tiny_tables, monkeypatch):
     assert len(device.timed) == 3  # two budget checks + the report
 
 
+@pytest.mark.slow  # times pruned graphs for real at every step (~10 s quiet, ~14 s under load)
 def test_measured_budget_smoke(tmp_path, tiny_tables):
     """The one test that times pruned graphs for real (tiny models: the ratios are noise). It asserts
     what noise cannot break: every step was measured, the ratios are positive and finite, and the

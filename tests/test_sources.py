@@ -62,7 +62,8 @@ def _images(n: int = 3, shape=(3, 32, 32), seed: int = 7) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
 
 
-@pytest.mark.parametrize("arch", list(HF_CASES))
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a.startswith("DeiT") else a
+                                  for a in HF_CASES])  # the DeiT case (~2 s) in the slow tier only
 def test_hf_dir_converts_to_timm_and_matches_transformers(tmp_path, arch):
     """hf:DIR: the converted timm module and its ONNX export reproduce transformers' own module."""
     from timm.models.vision_transformer import VisionTransformer
@@ -193,7 +194,8 @@ def tiny_open_clip(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("arch", list(OPEN_CLIP_TINY))
+@pytest.mark.parametrize("arch", [a if a == "dc-tiny-ls-avg" else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in OPEN_CLIP_TINY])  # the layer-scale/avg-pool case in the quick tier
 def test_open_clip_weights_convert_and_match(tiny_open_clip, tmp_path, arch):
     """open_clip:<arch> --weights (a whole CLIP state dict): the image tower, converted, matches open_clip."""
     from safetensors.torch import save_file
@@ -267,9 +269,10 @@ def test_timm_overrides_are_checked_before_building():
 TIMM_TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 
 
-@pytest.mark.parametrize("source", [
-    "hf:ViTForImageClassification", "hf:CLIPVisionModelWithProjection", "open_clip:dc-tiny-ls-avg",
-    "timm:deit3_small_patch16_224", "timm:vit_base_patch16_reg4_gap_256", "timm:vit_base_patch16_clip_quickgelu_224",
+@pytest.mark.parametrize("source", [  # one converted embedding source of each library in the quick tier (~2 s each)
+    pytest.param("hf:ViTForImageClassification", marks=pytest.mark.slow), "hf:CLIPVisionModelWithProjection",
+    "open_clip:dc-tiny-ls-avg", *(pytest.param(f"timm:{n}", marks=pytest.mark.slow) for n in (
+        "deit3_small_patch16_224", "vit_base_patch16_reg4_gap_256", "vit_base_patch16_clip_quickgelu_224")),
 ])
 def test_each_family_compiles_verified(tiny_open_clip, tmp_path, source):
     """compile end to end: the artifact reproduces the source library's module (verify pass) and
@@ -334,6 +337,7 @@ def test_exported_conv_without_bias_has_no_computed_bias():
     assert len(conv.inputs) == 2
 
 
+@pytest.mark.slow  # ~23 s per source on 2 cores (a prune and a token compile each)
 @pytest.mark.parametrize("source", ["hf:CLIPVisionModelWithProjection", "open_clip:dc-probe-ls"])
 def test_converted_sources_prune_and_tokenize(tiny_open_clip, tiny_tables, tmp_path, source):
     """--latency and --semantic-tokens run on converted sources (pre-norm, projection head, layer
