@@ -88,6 +88,7 @@ def test_openvino_artifact_matches_an_independent_torch_model(tmp_path):
     assert len(deploycomp.inspect(out).blocks) == 2
 
 
+@pytest.mark.slow  # two compiles (~2.2 s)
 def test_a_pipeline_built_by_hand(tmp_path):
     """No monkeypatching: a job with its own pass list (cleanup, discover, a planted scale, verify)."""
     from .test_compile import PerturbWeight
@@ -103,6 +104,7 @@ def test_a_pipeline_built_by_hand(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow  # another OpenVINO compile (~2.2 s)
 def test_openvino_semantic_tokens_match_the_token_model(tmp_path):
     from deploycomp.tokens.stvit import SemanticTokenConfig, SemanticTokenViT
 
@@ -141,7 +143,8 @@ def test_bf16_is_a_runtime_precision_on_openvino(tmp_path):
     assert all(e <= 2e-2 for e in errs) and max(errs) > 1e-5  # really ran in bf16, within its tolerance
 
 
-@pytest.mark.parametrize("drift", [pytest.param(1.0, marks=pytest.mark.slow), 1.5])  # 1.5 also checks the warning
+@pytest.mark.slow  # a compile each (~2.5 s); calibration is quick in the second-anchor test
+@pytest.mark.parametrize("drift", [1.0, 1.5])
 def test_the_table_is_calibrated_on_the_unpruned_model(tmp_path, monkeypatch, drift):
     """compile --latency times the unpruned source and scales the table to predict it as measured:
     the scale is recorded, and a drift beyond the bound warns (with a prediction error of a

@@ -104,8 +104,8 @@ CASES = {
 }
 
 
-# tokens+prune (both planted-bug paths at once, ~2.5 s) in the slow tier; each alone stays quick
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p == "tokens+prune" else p for p in CASES])
+# tokens+prune (~2.5 s) and fp16 (~2.4 s; fp16 parity is quick in test_parity.py) in the slow tier
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p in ("tokens+prune", "fp16") else p for p in CASES])
 def test_gate_refuses_a_wrong_rewrite(tmp_path, monkeypatch, capsys, path):
     module, name, bug, kwargs, extra = CASES[path]
     tables = tmp_path / "tables"

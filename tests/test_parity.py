@@ -115,7 +115,7 @@ def test_pruned_token_artifact_is_the_masked_semantic_token_vit(tmp_path):
     check(tmp_path / "out", reference, unpruned, TOKEN_PRUNE_DEIT)
 
 
-@pytest.mark.parametrize("tokens,lowering", [(False, None), (True, "reference"),
+@pytest.mark.parametrize("tokens,lowering", [(False, None), pytest.param(True, "reference", marks=pytest.mark.slow),
                                              pytest.param(True, "ort-mha", marks=pytest.mark.slow)])
 def test_fp16_artifact_is_within_fp16_error_of_fp32_torch(tmp_path, tokens, lowering):
     """fp16 is not exact: the error must be there (it did compute in half precision: a graph left
