@@ -159,6 +159,7 @@ def test_measured_budget_smoke(tmp_path, tiny_tables):
     assert manifest["parity"]["reference"] == "torch (pruned)"
 
 
+@pytest.mark.slow  # (~2.7 s) the same known answer stays quick through the API; the CLI in process through test_gate.py
 def test_cli_prune_groups(tmp_path, tiny_tables, monkeypatch, capsys):
     """``--prune-groups mlp`` on the command line: the known answer, nothing but the MLPs pruned."""
     SimulatedDevice(mlp_only).install(monkeypatch)

@@ -103,7 +103,8 @@ def test_hf_clip_model_dir_gives_its_image_tower(tmp_path):
     assert _rel(src.torch_module(torch.from_numpy(x)).detach().numpy(), want) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["vit", pytest.param("clip", marks=pytest.mark.slow)])  # ~2.5 s each
+@pytest.mark.slow  # ~1.5-2.5 s each
+@pytest.mark.parametrize("kind", ["vit", "clip"])
 def test_hf_config_random_init(tmp_path, kind):
     if kind == "vit":
         config = transformers.ViTConfig(**TINY_HF, architectures=["ViTForImageClassification"])
@@ -195,8 +196,8 @@ def tiny_open_clip(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("arch", [a if a == "dc-tiny-ls-avg" else pytest.param(a, marks=pytest.mark.slow)
-                                  for a in OPEN_CLIP_TINY])  # the layer-scale/avg-pool case in the quick tier
+@pytest.mark.slow  # ~2 s each; open_clip's conversion stays quick in test_each_family_compiles_verified
+@pytest.mark.parametrize("arch", list(OPEN_CLIP_TINY))
 def test_open_clip_weights_convert_and_match(tiny_open_clip, tmp_path, arch):
     """open_clip:<arch> --weights (a whole CLIP state dict): the image tower, converted, matches open_clip."""
     from safetensors.torch import save_file
