@@ -88,6 +88,7 @@ def test_openvino_artifact_matches_an_independent_torch_model(tmp_path):
     assert len(deploycomp.inspect(out).blocks) == 2
 
 
+@pytest.mark.slow  # two compiles (~2.2 s)
 def test_a_pipeline_built_by_hand(tmp_path):
     """No monkeypatching: a job with its own pass list (cleanup, discover, a planted scale, verify)."""
     from .test_compile import PerturbWeight
@@ -103,6 +104,7 @@ def test_a_pipeline_built_by_hand(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow  # another OpenVINO compile (~2.2 s)
 def test_openvino_semantic_tokens_match_the_token_model(tmp_path):
     from deploycomp.tokens.stvit import SemanticTokenConfig, SemanticTokenViT
 
@@ -125,6 +127,7 @@ def test_openvino_semantic_tokens_match_the_token_model(tmp_path):
     assert rel_l2(got, want) < 1e-4 and rel_l2(got, unrewritten) > 1e-3
 
 
+@pytest.mark.slow  # another OpenVINO compile (~2 s); the quick tier has the fp32 one
 def test_bf16_is_a_runtime_precision_on_openvino(tmp_path):
     from deploycomp.backends.openvino import has_bf16
 
@@ -169,6 +172,7 @@ def test_a_reference_on_another_backend_is_timed_in_the_same_interleaved_run(mon
     assert calls == [[("unpruned", "bf16"), ("pruned", "bf16")]]
 
 
+@pytest.mark.slow  # a compile each (~2.5 s); calibration is quick in the second-anchor test
 @pytest.mark.parametrize("drift", [1.0, 1.5])
 def test_the_table_is_calibrated_on_the_unpruned_model(tmp_path, monkeypatch, drift):
     """compile --latency times the unpruned source and scales the table to predict it as measured:
@@ -198,6 +202,7 @@ def test_the_table_is_calibrated_on_the_unpruned_model(tmp_path, monkeypatch, dr
     assert len(warned) == (1 if drift > DRIFT_WARN else 0)
 
 
+@pytest.mark.slow  # profiles a tiny grid and compiles twice (~5 s quiet, ~17 s under load)
 def test_openvino_profile_and_prune_to_a_table_budget(tmp_path):
     """profile --target openvino-cpu fills a table through the backend's own timing, and --latency
     on openvino-cpu prunes to the table's prediction (no on-device rounds: nothing here depends on
@@ -240,6 +245,7 @@ def test_openvino_profile_and_prune_to_a_table_budget(tmp_path):
     assert not (tmp_path / "abs").exists()
 
 
+@pytest.mark.slow  # NNCF calibration on images, two compiles (~26 s quiet, ~80 s under load)
 def test_int8_on_openvino_passes_the_fidelity_gate_and_a_broken_quantization_does_not(tmp_path):
     """NNCF int8 as Q/DQ ONNX, run by OpenVINO, calibrated on real images and gated on held-out ones;
     then the same compile with the quantized weights scrambled must be refused, leaving nothing."""
@@ -277,6 +283,7 @@ def test_int8_on_openvino_passes_the_fidelity_gate_and_a_broken_quantization_doe
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow  # an int8 compile with its fidelity gate (~4.5 s)
 def test_int8_on_ort_cpu_is_dynamic_and_gated(tmp_path):
     import onnx_ir as ir
 
@@ -290,6 +297,7 @@ def test_int8_on_ort_cpu_is_dynamic_and_gated(tmp_path):
     assert not (tmp_path / "y").exists()
 
 
+@pytest.mark.slow  # NNCF on a torch model (~2.3 s)
 def test_the_openvino_int8_peer_runs_int8_kernels(tmp_path):
     """The OpenVINO + NNCF peer in bench is what an OpenVINO user makes (convert_model from torch,
     then NNCF): its compiled model must run the linear layers in int8. Built from our ONNX export

@@ -58,6 +58,7 @@ def test_artifact_matches_torch(tmp_path, family):
     assert manifest["latency"]["median_ms"] > 0
 
 
+@pytest.mark.slow  # a compile each (~1.7 s); weights files reach a compile quickly in test_backends.py (openvino vs torch)
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_weights_are_loaded_and_verified(tmp_path, suffix):
     module = tiny_module("deit", seed=3)
@@ -112,6 +113,7 @@ def with_planted_bug(job, scale: float):
     return job
 
 
+@pytest.mark.slow  # the gate is quick in test_gate.py (~1.9 s)
 def test_verification_gate_refuses_a_wrong_rewrite(tmp_path):
     from deploycomp import api
 
@@ -135,6 +137,7 @@ def test_failed_compile_keeps_the_previous_artifact(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.slow  # another compile (~2.2 s)
 def test_ort_fusion_pass_is_verified(tmp_path):
     manifest = deploycomp.compile(f"timm:{TINY['deit'][0]}", tmp_path / "out", options("deit", fuse=True))
     fusion = next(p for p in manifest["passes"] if p["pass"] == "ort_fusion")

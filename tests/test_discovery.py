@@ -15,7 +15,12 @@ from deploycomp.passes.cleanup import CleanupPass
 
 from .conftest import TINY_EXPECTED, export, input_shape, run_ort
 
-CASES = [(f, e) for f in ("deit", "swin") for e in ("dynamo", "torchscript")]
+# the Swin dynamo export (~5 s on 2 cores) runs in the slow tier only
+CASES = [pytest.param(f, e, marks=pytest.mark.slow) if (f, e) == ("swin", "dynamo") else (f, e)
+         for f in ("deit", "swin") for e in ("dynamo", "torchscript")]
+# the coupled-slices check on Swin (~3 s) in the slow tier; the quick tier checks it on DeiT
+COUPLED_CASES = [pytest.param(f, e, marks=pytest.mark.slow) if f == "swin" else (f, e)
+                 for f in ("deit", "swin") for e in ("dynamo", "torchscript")]
 
 
 def cleaned(path) -> ir.Model:
@@ -50,6 +55,7 @@ def test_emb_groups_cover_the_residual_stream_deit(exported):
     assert tensors == expected
 
 
+@pytest.mark.slow  # exports the tiny Swin with dynamo (~4 s)
 def test_emb_groups_follow_swin_patch_merging(exported):
     path, _ = exported("swin", "dynamo")
     s = discover(cleaned(path))
@@ -86,7 +92,7 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("family,exporter", CASES)
+@pytest.mark.parametrize("family,exporter", COUPLED_CASES)
 def test_coupled_slices_index_the_right_channels(exported, family, exporter):
     """Two different sets of coupled slices that must have the same effect do.
 
@@ -236,8 +242,11 @@ def _library_model(kind: str):
     return _perturb(module), "timm-vit", [(32, 2, 16, 16, 128, tokens)] * 2
 
 
-LIBRARY_CASES = [(k, e) for k in ("hf-vit", "hf-deit", "hf-clip", "open_clip", "timm-layerscale",
-                                  "timm-registers-gap", "timm-clip") for e in ("torchscript", "dynamo")]
+# every library through torchscript in the quick tier; the dynamo exports (~2-4 s each) in the slow tier
+# (the quick tier reads dynamo exports in test_block_table[deit-dynamo])
+LIBRARY_CASES = [pytest.param(k, e, marks=pytest.mark.slow) if e == "dynamo" else (k, e)
+                 for k in ("hf-vit", "hf-deit", "hf-clip", "open_clip", "timm-layerscale", "timm-registers-gap",
+                           "timm-clip") for e in ("torchscript", "dynamo")]
 
 
 @pytest.fixture(scope="module")

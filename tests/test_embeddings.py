@@ -126,6 +126,7 @@ def test_feature_distillation_trains_without_labels():
                                    teacher_logits="unused.kd", objective=Objective("embedding"))
 
 
+@pytest.mark.slow  # ~4 s of measured effects per unit
 def test_embedding_saliency_ranks_units_by_their_effect():
     """Pruning's importance of an embedding model at the source: with random output projections it
     ranks block 0's MLP units like the true squared change of the embeddings when each unit is
@@ -218,6 +219,7 @@ def test_token_model_on_gap_heads_matches_an_independent_reference(head):
     assert _rel(got, plain) > 1e-2  # the rewrite changed the function: the comparison can fail
 
 
+@pytest.mark.slow  # a compile each (~2-2.5 s); the token model on these heads is quick in the test above
 @pytest.mark.parametrize("head", list(GAP_HEADS))
 def test_gap_token_graph_is_the_token_model(tmp_path, head):
     """compile --semantic-tokens on GAP / register / cls+avg ViTs: the artifact, run by ONNX Runtime at
@@ -304,6 +306,7 @@ def image_folder(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # a compile and an evaluate over an image folder (~6.5 s quiet, ~14 s under load)
 def test_evaluate_reports_cosine_to_the_source(tiny_clip, image_folder, tmp_path):
     """compile --data and evaluate of an embedding artifact score the mean cosine of its embeddings to
     the source's (open_clip's own encode_image), computed here independently; a semantic-token

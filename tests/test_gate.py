@@ -104,7 +104,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("path", list(CASES))
+# tokens+prune (~2.5 s) and fp16 (~2.4 s; fp16 parity is quick in test_parity.py) in the slow tier
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p in ("tokens+prune", "fp16") else p for p in CASES])
 def test_gate_refuses_a_wrong_rewrite(tmp_path, monkeypatch, capsys, path):
     module, name, bug, kwargs, extra = CASES[path]
     tables = tmp_path / "tables"

@@ -35,6 +35,7 @@ def gpu_check():
     return module
 
 
+@pytest.mark.slow  # a fresh interpreter running checks 1-2 (~9 s quiet, ~36 s under load)
 def test_dry_run_passes(tmp_path):
     proc = run_script("--dry-run", tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -56,6 +57,7 @@ def test_dry_run_passes(tmp_path):
     assert "overall: **passed**" in (tmp_path / "gpu_check.md").read_text()
 
 
+@pytest.mark.slow  # two fresh interpreters (~2 s)
 def test_refusals(tmp_path):
     r = run_script("--dry-run", "--checks", "3", tmp_path, timeout=60)
     assert r.returncode == 2 and "dry run has checks 1-2" in r.stderr

@@ -157,6 +157,7 @@ def test_sensitivity_ranks_a_planted_bad_layer_first_and_the_fallback_keeps_it_i
     assert on_disk["quantization"]["fallback"]["kept_float"] == [PLANTED]
 
 
+@pytest.mark.slow  # a sensitivity pass and an int8 compile (~3 s)
 def test_fallback_on_ort_cpu_keeps_the_scrambled_layer_out_of_dynamic_int8(tmp_path, monkeypatch):
     """ort-cpu (dynamic int8): one layer's int8 weights scrambled; the fallback leaves exactly that
     node to float (ONNX Runtime's nodes_to_exclude) and the artifact, run by ONNX Runtime directly,

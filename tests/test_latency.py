@@ -49,6 +49,7 @@ def test_micrographs_have_the_ops_of_the_compiled_graph():
     assert built == exported
 
 
+@pytest.mark.slow  # compiles a token model to compare ops (~2.5 s)
 def test_cross_attention_micrograph_has_the_ops_of_the_generator(tmp_path):
     """Each generator block of a semantic-token compile has the cross-attention part's compute ops:
     the nodes the rewrite adds, plus what it reuses from the block (the LayerNorm before the

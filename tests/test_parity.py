@@ -93,6 +93,7 @@ def test_token_artifact_is_the_semantic_token_vit(tmp_path, pooling, lowering):
     check(tmp_path / "out", reference, perturbed(reference), TOKEN_DEIT)
 
 
+@pytest.mark.slow  # tokens + pruning in one compile (~7.5 s); the quick tier has each alone
 def test_pruned_token_artifact_is_the_masked_semantic_token_vit(tmp_path):
     source = timm_deit(TOKEN_PRUNE_DEIT, seed=7)
     weights = save_weights(source, tmp_path / "w.safetensors")
@@ -114,7 +115,7 @@ def test_pruned_token_artifact_is_the_masked_semantic_token_vit(tmp_path):
     check(tmp_path / "out", reference, unpruned, TOKEN_PRUNE_DEIT)
 
 
-@pytest.mark.parametrize("tokens,lowering", [(False, None), (True, "reference"),
+@pytest.mark.parametrize("tokens,lowering", [(False, None), pytest.param(True, "reference", marks=pytest.mark.slow),
                                              pytest.param(True, "ort-mha", marks=pytest.mark.slow)])
 def test_fp16_artifact_is_within_fp16_error_of_fp32_torch(tmp_path, tokens, lowering):
     """fp16 is not exact: the error must be there (it did compute in half precision: a graph left

@@ -68,6 +68,7 @@ def test_the_int8_table_makes_a_budget_need_less_pruning(tmp_path, precision_tab
     assert f"precision {BASELINE_MS / INT8_MS:.2f}x, tokens 1.00x, width {INT8_MS / 1.44:.2f}x" in report
 
 
+@pytest.mark.slow  # two compiles (~3 s); the quick tier keeps the int8-table budget
 def test_auto_picks_int8_when_its_table_is_faster(tmp_path, precision_tables, monkeypatch):
     """--precision auto with fp32 and int8 tables: int8 predicts the source at 0.6x of fp32, so it is
     chosen (fp32 would need twice the pruning), the compile runs the int8 path (the quantize pass and
@@ -93,6 +94,7 @@ def test_auto_keeps_fp32_without_a_faster_table(tmp_path, monkeypatch):
     assert sum(mlp_dims(manifest)) == 80
 
 
+@pytest.mark.slow  # a compile up to the refusal (~2.4 s); test_precision_refusals is quick
 def test_a_table_of_another_precision_is_refused(tmp_path, monkeypatch, capsys):
     """The fp32 table copied to where the int8 table belongs: its fingerprint says fp32, so compile
     --precision int8 refuses it (one line, exit 2, nothing written) instead of predicting int8 with it."""

@@ -116,6 +116,7 @@ def test_budget_is_met_with_the_known_answer(tmp_path, tiny_tables, monkeypatch,
     assert "## Pruning" in (tmp_path / "out" / "report.md").read_text()
 
 
+@pytest.mark.slow  # a second pruning method on the same budget (~2.7 s)
 def test_uniform_scaling_known_answer(tmp_path, tiny_tables, monkeypatch):
     """Uniform width scaling: the largest ratio r whose MLP (round(8r) x 16 per block) fits 172.8
     channels is just under 5.5/8, so MLP 80 and round(2r) = 1 head per block; EMB stays at the grid's floor."""
@@ -127,6 +128,7 @@ def test_uniform_scaling_known_answer(tmp_path, tiny_tables, monkeypatch):
     assert manifest["pruning"]["predicted_ms"] == pytest.approx(0.64 + 160 * ALPHA, rel=1e-9)
 
 
+@pytest.mark.slow  # on-device checks are quick in test_budget_is_checked_on_the_device (~2.8 s)
 def test_budget_checked_on_a_slower_device(tmp_path, tiny_tables, monkeypatch):
     """With on-device checks (``--budget-rounds``) on a device where pruned models run 1.2x slower
     than the table says: step 1 aims at 278.4/320 of the baseline (S = 208, measured ratio 1.02: a
@@ -142,6 +144,7 @@ def test_budget_checked_on_a_slower_device(tmp_path, tiny_tables, monkeypatch):
     assert len(device.timed) == 3  # two budget checks + the report
 
 
+@pytest.mark.slow  # times pruned graphs for real at every step (~10 s quiet, ~14 s under load)
 def test_measured_budget_smoke(tmp_path, tiny_tables):
     """The one test that times pruned graphs for real (tiny models: the ratios are noise). It asserts
     what noise cannot break: every step was measured, the ratios are positive and finite, and the
@@ -156,6 +159,7 @@ def test_measured_budget_smoke(tmp_path, tiny_tables):
     assert manifest["parity"]["reference"] == "torch (pruned)"
 
 
+@pytest.mark.slow  # (~2.7 s) the same known answer stays quick through the API; the CLI in process through test_gate.py
 def test_cli_prune_groups(tmp_path, tiny_tables, monkeypatch, capsys):
     """``--prune-groups mlp`` on the command line: the known answer, nothing but the MLPs pruned."""
     SimulatedDevice(mlp_only).install(monkeypatch)
@@ -169,6 +173,7 @@ def test_cli_prune_groups(tmp_path, tiny_tables, monkeypatch, capsys):
                for g, u in kept.items() if not g.endswith(".mlp"))
 
 
+@pytest.mark.slow  # (~2.4 s) another device's table is refused quickly in test_latency.py
 def test_latency_table_of_another_device_is_refused(tmp_path, monkeypatch, capsys):
     """``compile --latency`` finds a table at this device's path whose fingerprint says another CPU:
     one clear error, exit 2, nothing written."""
@@ -298,6 +303,7 @@ def test_floors_keep_groups_inside_the_table_grid():
     assert next_chunk(np.arange(32), importance, 16, floor=32) is None
 
 
+@pytest.mark.slow  # (~1.7 s; the on-device schedule is quick in test_budget_is_checked_on_the_device)
 def test_an_overshooting_last_step_is_undone_and_redone():
     """The table turns pessimistic in the last step (as for DeiT-B at 0.3x): the measured ratio
     lands far under budget, so the last step is undone and redone toward a corrected target."""
@@ -326,6 +332,7 @@ def test_an_overshooting_last_step_is_undone_and_redone():
     assert masked > 0 and out.predicted_ms / baseline > 0.6  # the redo prunes less than the overshoot
 
 
+@pytest.mark.slow  # (~1.8 s)
 def test_unreachable_budget_fails_but_corrected_targets_stop_at_the_floors():
     """A budget the table's smallest architecture cannot meet is one clear error; a target lowered by
     a measurement (the device slower than the table) stops at the floors and reports what it measured."""

@@ -66,6 +66,7 @@ def test_removing_zeroed_units_of_every_kind_leaves_outputs_unchanged():
     assert not found.blocks[0].fused_qkv
 
 
+@pytest.mark.slow  # the control of the every-kind test above (~2 s)
 def test_zeroing_is_what_removal_means():
     """Control: with the units *not* zeroed, removing them does change the outputs."""
     module = tiny_module("deit")
@@ -77,6 +78,7 @@ def test_zeroing_is_what_removal_means():
     assert relative_l2(run(model, x), before) > 1e-3
 
 
+@pytest.mark.slow  # two exports (~3.5 s)
 def test_same_plan_on_torch_model_exports_to_the_same_outputs():
     module = tiny_module("deit", seed=3)
     model, structure = cleaned(module, "deit")

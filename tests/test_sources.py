@@ -62,7 +62,8 @@ def _images(n: int = 3, shape=(3, 32, 32), seed: int = 7) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
 
 
-@pytest.mark.parametrize("arch", list(HF_CASES))
+@pytest.mark.parametrize("arch", [a if a == "ViTForImageClassification"
+                                  else pytest.param(a, marks=pytest.mark.slow) for a in HF_CASES])  # ~2 s each
 def test_hf_dir_converts_to_timm_and_matches_transformers(tmp_path, arch):
     """hf:DIR: the converted timm module and its ONNX export reproduce transformers' own module."""
     from timm.models.vision_transformer import VisionTransformer
@@ -85,6 +86,7 @@ def test_hf_dir_converts_to_timm_and_matches_transformers(tmp_path, arch):
     assert src.meta["output"] == ("logits" if "Classification" in arch else "embedding")
 
 
+@pytest.mark.slow  # (~2.3 s)
 def test_hf_clip_model_dir_gives_its_image_tower(tmp_path):
     """A whole CLIPModel directory is read as CLIPVisionModelWithProjection (image embeddings)."""
     text = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50)
@@ -101,6 +103,7 @@ def test_hf_clip_model_dir_gives_its_image_tower(tmp_path):
     assert _rel(src.torch_module(torch.from_numpy(x)).detach().numpy(), want) < 1e-5
 
 
+@pytest.mark.slow  # ~1.5-2.5 s each
 @pytest.mark.parametrize("kind", ["vit", "clip"])
 def test_hf_config_random_init(tmp_path, kind):
     if kind == "vit":
@@ -193,6 +196,7 @@ def tiny_open_clip(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow  # ~2 s each; open_clip's conversion stays quick in test_each_family_compiles_verified
 @pytest.mark.parametrize("arch", list(OPEN_CLIP_TINY))
 def test_open_clip_weights_convert_and_match(tiny_open_clip, tmp_path, arch):
     """open_clip:<arch> --weights (a whole CLIP state dict): the image tower, converted, matches open_clip."""
@@ -214,6 +218,7 @@ def test_open_clip_weights_convert_and_match(tiny_open_clip, tmp_path, arch):
         assert src.torch_module.blocks[0].ls1.gamma.abs().max() > 0.15  # the gammas were copied, not left at init
 
 
+@pytest.mark.slow  # (~2 s)
 def test_open_clip_openai_style_state_dict(tiny_open_clip, tmp_path):
     """An OpenAI CLIP state dict (visual.* keys next to the text tower's, plus metadata scalars),
     read weights-only from a .pt file."""
@@ -267,9 +272,11 @@ def test_timm_overrides_are_checked_before_building():
 TIMM_TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 
 
-@pytest.mark.parametrize("source", [
-    "hf:ViTForImageClassification", "hf:CLIPVisionModelWithProjection", "open_clip:dc-tiny-ls-avg",
-    "timm:deit3_small_patch16_224", "timm:vit_base_patch16_reg4_gap_256", "timm:vit_base_patch16_clip_quickgelu_224",
+@pytest.mark.parametrize("source", [  # a compile each (~2-3 s): open_clip in the quick tier
+    *(pytest.param(f"hf:{n}", marks=pytest.mark.slow) for n in ("ViTForImageClassification",
+                                                                 "CLIPVisionModelWithProjection")),
+    "open_clip:dc-tiny-ls-avg", *(pytest.param(f"timm:{n}", marks=pytest.mark.slow) for n in (
+        "deit3_small_patch16_224", "vit_base_patch16_reg4_gap_256", "vit_base_patch16_clip_quickgelu_224")),
 ])
 def test_each_family_compiles_verified(tiny_open_clip, tmp_path, source):
     """compile end to end: the artifact reproduces the source library's module (verify pass) and
@@ -334,6 +341,7 @@ def test_exported_conv_without_bias_has_no_computed_bias():
     assert len(conv.inputs) == 2
 
 
+@pytest.mark.slow  # ~23 s per source on 2 cores (a prune and a token compile each)
 @pytest.mark.parametrize("source", ["hf:CLIPVisionModelWithProjection", "open_clip:dc-probe-ls"])
 def test_converted_sources_prune_and_tokenize(tiny_open_clip, tiny_tables, tmp_path, source, monkeypatch):
     """--latency and --semantic-tokens run on converted sources (pre-norm, projection head, layer

@@ -547,6 +547,7 @@ def test_pycuda_context_is_popped_at_exit(monkeypatch):
     assert stack == []  # pycuda aborts at exit when a pushed context is left on the stack
 
 
+@pytest.mark.slow  # an int8 quantization and an ORT run (~3 s)
 def test_int8_for_tensorrt_is_symmetric_qdq_that_onnx_runtime_runs(tmp_path):
     """What TensorRT would build int8 from (no TensorRT here): the quantize pass's symmetric Q/DQ graph
     passes the ONNX checker, every zero point is 0, and it runs under ONNX Runtime close to fp32."""

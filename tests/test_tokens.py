@@ -133,6 +133,7 @@ def test_cli_semantic_tokens(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow  # a token + pruning compile (~5.5 s)
 def test_semantic_tokens_with_pruning_share_one_budget(tmp_path, monkeypatch):
     """``--semantic-tokens`` with ``--latency``: the budget is relative to the unrewritten source, and
     pruning measures the token graph (pruned + rewritten) at every step. On the MLP-only table the
