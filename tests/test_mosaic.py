@@ -104,8 +104,12 @@ def test_impossible_mosaics_are_refused():
 
 @pytest.mark.slow
 def test_the_segmenter_learns_the_mosaic():
-    """A tiny two-stage Swin segmenter, trained for a few epochs on 56 px mosaics, beats its untrained
-    self on held-out canvases (background IoU, mIoU over background + garments), and its loss fell."""
+    """A tiny two-stage Swin segmenter, trained for a few epochs on 56 px mosaics, finds the garments
+    on held-out canvases far better than its untrained self: foreground IoU (any garment vs
+    background; a few hundred canvases teach where garments are long before which garment each one
+    is), pixel accuracy, and a training loss that fell. An untrained model can score by chance
+    (background is most pixels), so the bar is a gain over it, not an absolute level alone."""
+    from deploycomp.learn.mosaic import confusion, mean_iou
     from deploycomp.learn.segment import (MosaicSegmenter, SegmentTrainConfig, SegmenterConfig,
                                           evaluate_segmentation, fit_segmentation)
 
@@ -115,14 +119,19 @@ def test_the_segmenter_learns_the_mosaic():
     torch.manual_seed(0)
     model = MosaicSegmenter(SegmenterConfig(img_size=56, embed_dim=16, depths=(1, 1), num_heads=(1, 2), head_width=16))
     assert model(test.normalize(test.images[:2])).shape == (2, 11, 56, 56)
-    before = evaluate_segmentation(model, test)
+
+    def foreground_iou() -> float:
+        with torch.no_grad():
+            garment = model.eval()(test.normalize(test.images)).argmax(1) > 0
+        return mean_iou(confusion(garment, test.masks > 0, 2))[1][1]
+
+    before, fg_before = evaluate_segmentation(model, test), foreground_iou()
     result = fit_segmentation(model, train, test, SegmentTrainConfig(epochs=4, batch_size=32, lr=3e-3, warmup_steps=5))
-    after = evaluate_segmentation(model, test)
+    after, fg_after = evaluate_segmentation(model, test), foreground_iou()
     history = result["history"]
-    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
-    # a few hundred canvases teach where the garments are long before which garment each one is
-    assert after["per_class_iou"][0] > 0.85 > before["per_class_iou"][0], (before, after)
-    assert after["miou"] > before["miou"] + 0.05 and after["pixel_accuracy"] > 0.8, (before, after)
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    assert fg_after > max(0.6, fg_before + 0.1), (fg_before, fg_after)
+    assert after["pixel_accuracy"] > max(0.8, before["pixel_accuracy"]), (before, after)
 
 
 @pytest.mark.slow
