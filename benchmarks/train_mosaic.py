@@ -25,8 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from deploycomp.learn.data import load_fashion_mnist  # noqa: E402
-from deploycomp.learn.mosaic import MOSAIC_CANVAS, MOSAIC_GARMENTS, MOSAIC_SPLITS, make_mosaic  # noqa: E402
+from deploycomp.learn.mosaic import MOSAIC_CANVAS, MOSAIC_GARMENTS, MOSAIC_SPLITS, load_mosaic  # noqa: E402
 from deploycomp.learn.segment import (MosaicSegmenter, SegmenterConfig, SegmentTrainConfig,  # noqa: E402
                                       evaluate_segmentation, fit_segmentation)
 
@@ -51,9 +50,8 @@ def main() -> int:
     torch.set_num_threads(os.cpu_count() or 1)
 
     t0 = time.monotonic()
-    # the canvases of --data mosaic-fashion-mnist (learn/mosaic.py), the first n of each split
-    train = make_mosaic(load_fashion_mnist("train"), n_train, MOSAIC_CANVAS, MOSAIC_GARMENTS, MOSAIC_SPLITS["train"][1])
-    test = make_mosaic(load_fashion_mnist("test"), n_test, MOSAIC_CANVAS, MOSAIC_GARMENTS, MOSAIC_SPLITS["test"][1])
+    # the canvases of --data mosaic-fashion-mnist, the first n of each split (seeded per canvas)
+    train, test = load_mosaic("train").head(n_train), load_mosaic("test").head(n_test)
     data_seconds = time.monotonic() - t0
     print(f"{n_train} + {n_test} canvases in {data_seconds:.1f} s", flush=True)
 

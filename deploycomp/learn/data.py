@@ -8,7 +8,7 @@ be an exact, seeded integer shift/flip that a teacher pass and a student pass re
 from __future__ import annotations
 
 import gzip
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +55,7 @@ class ImageSet:
 
     def subset(self, indices) -> "ImageSet":
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return ImageSet(self.images[idx], self.labels[idx], self.mean, self.std, self.classes,
-                        f"{self.name}[{len(idx)}]")
+        return replace(self, images=self.images[idx], labels=self.labels[idx], name=f"{self.name}[{len(idx)}]")
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -14,7 +14,7 @@ The metric is the mean intersection-over-union over the classes present (:func:`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -40,9 +40,7 @@ class MosaicSet(ImageSet):
         return len(self.classes) + 1
 
     def subset(self, indices) -> "MosaicSet":
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return MosaicSet(self.images[idx], self.labels[idx], self.mean, self.std, self.classes,
-                         f"{self.name}[{len(idx)}]", self.masks[idx])
+        return replace(super().subset(indices), masks=self.masks[torch.as_tensor(indices, dtype=torch.long)])
 
 
 def make_mosaic(source: ImageSet, count: int, canvas: int = 112, garments: tuple[int, int] = (2, 5),
