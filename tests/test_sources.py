@@ -14,7 +14,7 @@ import torch
 import deploycomp
 from deploycomp.errors import DeployCompError
 from deploycomp.frontend import check_source_spec, load_source
-from deploycomp.frontend.timm_models import timm_spec
+from deploycomp.frontend.timm_models import live_timm_spec, timm_spec
 
 transformers = pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")
@@ -259,9 +259,63 @@ def test_timm_registry_accepts_vit_family(name):
     ("resnet18", "not a ViT or Swin"),
     ("no_such_model", "not in timm's registry"),
 ])
-def test_timm_registry_refuses_what_it_cannot_express(name, reason):
+@pytest.mark.parametrize("spec_of", [timm_spec, live_timm_spec], ids=["snapshot", "live"])
+def test_timm_registry_refuses_what_it_cannot_express(name, reason, spec_of):
     with pytest.raises(DeployCompError, match=reason):
-        timm_spec(name)
+        spec_of(name)
+
+
+def test_the_timm_registry_snapshot_is_current_and_agrees_with_timm(monkeypatch):
+    """The committed verdicts are for the installed timm and the current checks, cover every name
+    timm registers in the modules read, and agree with the live check on a sample; a stale snapshot
+    is ignored. If this fails after a change of ``unsupported_part``, re-run
+    ``scripts/snapshot_timm_registry.py`` (also after a timm upgrade, or refusals are slow again)."""
+    import random
+    from importlib import metadata
+
+    import timm
+
+    from deploycomp.frontend import timm_models as tm
+
+    snap = json.loads(tm.SNAPSHOT.read_text())
+    assert snap["checks"] == tm.checks_version()
+    # timm is not pinned: installed elsewhere at another version, the snapshot must be ignored
+    # (the end of this test), and its names are compared only for the version it was written for
+    assert snap["timm"] == metadata.version("timm") or tm.registry_snapshot() == {}
+    if snap["timm"] != metadata.version("timm"):
+        return
+    assert sorted(snap["models"]) == sorted({n for m in tm.TIMM_MODULES if not m.startswith("proxy")
+                                             for n in timm.list_models(module=m)})
+    refused = sorted(n for n, v in snap["models"].items() if "refusal" in v)
+    accepted = sorted(n for n, v in snap["models"].items() if "spec" in v)
+    assert len(refused) > 10 and len(accepted) > 10
+    rng = random.Random(0)
+    for name in rng.sample(refused, 6) + rng.sample(accepted, 6) + ["vit_base_patch16_siglip_224"]:
+        assert tm.live_verdict(name) == json.loads(json.dumps(snap["models"][name])), name
+    tm.registry_snapshot.cache_clear()
+    monkeypatch.setattr(tm.metadata, "version", lambda package: "0.0.0")
+    try:
+        assert tm.registry_snapshot() == {}  # another timm: every name is checked live
+    finally:
+        tm.registry_snapshot.cache_clear()
+
+
+def test_an_unsupported_timm_name_is_refused_without_importing_timm(tmp_path):
+    """From the snapshot: one error line, exit 2, nothing written, and neither timm nor torch was
+    imported (importing timm alone takes ~3 s)."""
+    import subprocess
+
+    code = ("import sys\nfrom deploycomp.cli import main\n"
+            f"sys.argv = ['deploycomp', 'compile', 'timm:vit_base_patch16_siglip_224', '-o', {str(tmp_path / 'out')!r}]\n"
+            "try:\n    main()\nexcept SystemExit as exc:\n    print('exit', exc.code, 'timm' in sys.modules, 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    from deploycomp.frontend.timm_models import registry_snapshot
+
+    live = str(not registry_snapshot())  # a snapshot for another timm version: checked live, importing timm
+    assert r.stdout.split() == ["exit", "2", live, live], (r.stdout, r.stderr)
+    assert len(lines) == 1 and "attention-pooling head" in lines[0], r.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_timm_overrides_are_checked_before_building():

@@ -80,9 +80,8 @@ def load_design(path: Path) -> dict[str, Any]:
 
 
 def find_design(name: str) -> ViTArch | None:
-    """The architecture registered under ``name``, or None if no design has that name."""
-    from .model import arch_from_json
-
+    """The architecture registered under ``name``, or None if no design has that name (decided
+    without importing torch: a timm name's refusal must stay fast)."""
     if name in _REGISTERED:
         return _REGISTERED[name]
     if not NAME_RE.match(name):
@@ -90,6 +89,8 @@ def find_design(name: str) -> ViTArch | None:
     path = designs_dir() / f"{name}.json"
     if not path.is_file():
         return None
+    from .model import arch_from_json
+
     return register(name, arch_from_json(load_design(path)["arch"]))
 
 

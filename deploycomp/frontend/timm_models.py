@@ -6,12 +6,23 @@ parts that structure discovery and the exported graph can express (:func:`unsupp
 That is checked on the *meta* device (no memory, no weights: about 0.1 s), so an unsupported name
 is refused in one line before any slow work. Weights come from a user's state dict file, never
 from a hub.
+
+Importing timm alone takes about 3 s (it imports torch and, eagerly, torchvision), longer than a
+refusal should. So every verdict on timm's own names is also kept in ``timm_registry.json``, a
+snapshot written by ``scripts/snapshot_timm_registry.py`` for one timm version and one version of
+the checks (a hash of :func:`unsupported_part`'s source). When both match what runs, a name in the
+snapshot is answered from it without importing timm; otherwise, and for names timm does not ship
+(the proxies, designs), the live check runs. ``tests/test_sources.py`` re-derives a sample of it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import inspect
+import json
+from dataclasses import asdict, dataclass
 from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -46,19 +57,61 @@ def supported_timm_models() -> list[str]:
     return sorted(n for module in TIMM_MODULES for n in timm.list_models(module=module))
 
 
+SNAPSHOT = Path(__file__).with_name("timm_registry.json")
+
+
+def checks_version() -> str:
+    """A hash of the checks a snapshot's verdicts came from: a changed check invalidates them."""
+    return hashlib.sha256(inspect.getsource(unsupported_part).encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def registry_snapshot() -> dict[str, Any]:
+    """The snapshot's verdicts by name when it was written for the installed timm and these checks,
+    else {} (the live check then runs)."""
+    try:
+        snap = json.loads(SNAPSHOT.read_text())
+    except (OSError, ValueError):
+        return {}
+    current = snap.get("timm") == metadata.version("timm") and snap.get("checks") == checks_version()
+    return snap["models"] if current else {}
+
+
+def live_verdict(name: str) -> dict[str, Any]:
+    """What the snapshot records for ``name``: its spec, or the refusal's reason."""
+    try:
+        return {"spec": asdict(live_timm_spec(name))}
+    except DeployCompError as exc:
+        return {"refusal": str(exc)}
+
+
 @lru_cache(maxsize=64)
 def timm_spec(name: str) -> TimmModelSpec:
     """The spec of timm model ``name``, or a one-line refusal (unknown name, or a part that the
-    compiler cannot express), decided without building weights."""
-    import timm
-    from timm.models import get_pretrained_cfg
-
+    compiler cannot express), decided without building weights; from the registry snapshot when it
+    is current (no timm import), else live."""
     from ..design.registry import design_spec  # architectures written by `deploycomp design`
-    from . import proxy  # noqa: F401
 
     designed = design_spec(name)
     if designed is not None:
         return designed
+    verdict = registry_snapshot().get(name)
+    if verdict is None:
+        return live_timm_spec(name)
+    if "refusal" in verdict:
+        raise DeployCompError(verdict["refusal"])
+    spec = dict(verdict["spec"])
+    if isinstance(spec["img_size"], list):
+        spec["img_size"] = tuple(spec["img_size"])
+    return TimmModelSpec(**spec)
+
+
+def live_timm_spec(name: str) -> TimmModelSpec:
+    """``timm_spec`` decided by timm itself: its registry and the model built on the meta device."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    from . import proxy  # noqa: F401
     if not timm.is_model(name):
         raise DeployCompError(f"unknown model 'timm:{name}': not in timm's registry "
                               f"(deploycomp reads timm's {', '.join(m for m in TIMM_MODULES if not m.startswith('proxy'))} models)")
