@@ -230,13 +230,25 @@ def main() -> None:
     ap.add_argument("--refusal-repeats", type=int, default=3)
     ap.add_argument("--quick", "--tiny", dest="tiny", action="store_true",
                     help="tiny configs, batch 2, one round, a freshly profiled tiny-grid table: checks the script, measures nothing")
-    ap.add_argument("--out", type=Path, default=RESULTS / "sources.json")
+    ap.add_argument("--refusals-only", action="store_true",
+                    help="only the time-to-refusal per source family (seconds; a quiet machine) -> sources_refusals.json")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.tiny:
         args.rounds, args.iters, args.cosine_samples, args.refusal_repeats, args.batch = 1, 1, 4, 1, 2
     args.budget = args.budget or (QUICK_BUDGET if args.tiny else BUDGET)
     say = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
+    if args.refusals_only:
+        out = args.out or RESULTS / "sources_refusals.json"
+        with tempfile.TemporaryDirectory() as tmp:
+            write_sources(Path(tmp), tiny=False)  # the hf-config case reads its config
+            refusals = refusal_times(Path(tmp), args.refusal_repeats, say)
+        write_json(out, {"command": " ".join(shlex.quote(a) for a in sys.argv), "host": host_fingerprint(),
+                         "deploycomp_version": deploycomp.__version__, "refusals": refusals})
+        print(f"wrote {out}")
+        return
+    args.out = args.out or RESULTS / "sources.json"
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         if args.tiny:
