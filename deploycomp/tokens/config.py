@@ -27,6 +27,9 @@ class SemanticTokenConfig:
     # tokens before the patches (cls, registers) kept as queries: DeiT's one cls token unless the
     # model says otherwise (``for_model`` reads timm's num_prefix_tokens; 0 for a GAP ViT)
     prefix_tokens: int = 1
+    # Swin only (``for_model`` turns the request into a ``SwinTokenConfig``: ``tokens`` per window,
+    # ``layer`` within this stage); None = the third stage, as STViT-R on Swin-T
+    stage: int | None = None
 
     def __post_init__(self) -> None:
         side = math.isqrt(self.tokens)
@@ -53,8 +56,17 @@ class SemanticTokenConfig:
 
     def for_model(self, vit: "nn.Module") -> "SemanticTokenConfig":
         """The config resolved for a timm ViT (or a model built on the meta device): the generator
-        layer for its depth and its prefix token count, as the rewrite and the latency model need."""
+        layer for its depth and its prefix token count, as the rewrite and the latency model need.
+        For a timm Swin, the per-window config (``stvit_swin.SwinTokenConfig``) resolved for it."""
         from dataclasses import replace
+
+        from .stvit_swin import SwinTokenConfig, is_swin
+
+        if is_swin(vit):
+            return SwinTokenConfig(self.tokens, self.stage, self.layer, self.pooling).resolved(
+                tuple(len(s.blocks) for s in vit.layers))
+        if self.stage is not None:
+            raise DeployCompError("--token-stage applies to Swin (semantic tokens per window of one stage)")
 
         depth = len(getattr(vit, "blocks", None) or getattr(vit, "layers", None) or [])
         return replace(self.resolved(depth), prefix_tokens=int(getattr(vit, "num_prefix_tokens", self.prefix_tokens)))

@@ -46,11 +46,15 @@ def check_supported(vit: nn.Module, config: SemanticTokenConfig) -> None:
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer
 
+    from .stvit_swin import SwinTokenConfig, check_supported_swin
+
+    if isinstance(config, SwinTokenConfig):
+        return check_supported_swin(vit, config)
     if config.layer is None:
         raise DeployCompError("internal: resolve the generator layer for the model's depth first")
     if not isinstance(vit, VisionTransformer):
         raise DeployCompError(f"semantic tokens support DeiT-style ViTs (one token sequence); {type(vit).__name__} "
-                              "is not one (Swin: per-window semantic tokens are not supported yet)")
+                              "is not one (nor a timm Swin, which gets semantic tokens per window)")
     if isinstance(vit, VisionTransformerDistilled):
         raise DeployCompError("semantic tokens: a distilled DeiT's two heads (cls and distillation token, averaged) "
                               "are not supported; use the model without its distillation head")
