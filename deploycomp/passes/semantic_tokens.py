@@ -10,8 +10,9 @@ verification gate then compares the artifact with that torch model.
 A timm Swin (per-window semantic tokens, ``tokens/stvit_swin.py``) takes another route: the graph
 is not rewritten in place but exported again from the torch model of the design
 (``SemanticTokenSwin``, the source's own parameters) and cleaned like the source graph; the
-verification gate compares it with that torch model all the same. Its cross-attention is then
-plain MatMul/Softmax, not ``TokenCluster`` nodes.
+verification gate compares it with that torch model all the same. Its attention on semantic tokens is
+``TokenCluster`` nodes all the same (a torch custom op while exporting: ``tokens/export_op.py``),
+lowered for the target by the next pass.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class SemanticTokensPass(Rewrite):
         """Swin: the design's torch model (fine-tuned when asked), exported and cleaned in place of the graph."""
         from ..frontend.export import export_to_onnx
         from ..learn.distill import finetune_with_distillation
+        from ..tokens.export_op import cluster_as_op, custom_translation_table
         from .cleanup import CleanupPass
 
         stvit = self.wrap_module(ctx.module)
@@ -142,7 +144,8 @@ class SemanticTokensPass(Rewrite):
                                                  log=ctx.say, objective=objective_of(ctx)).history
         stvit.eval()
         opset = next((v for k, v in model.opset_imports.items() if k in ("", "ai.onnx")), 18)
-        exported = export_to_onnx(stvit, ctx.input_shape, opset)
+        with cluster_as_op(stvit):  # its cross-attention becomes TokenCluster nodes, lowered for the target
+            exported = export_to_onnx(stvit, ctx.input_shape, opset, custom_translation_table())
         exported.graph.name = model.graph.name
         exported = CleanupPass().run(exported, ctx).model
         swin_token_structure(ctx.structure, stvit)
@@ -156,7 +159,8 @@ class SemanticTokensPass(Rewrite):
         return PassResult(exported, modified=True, info=info)
 
     def ensures(self, model: ir.Model, ctx: CompileContext) -> None:
-        if isinstance(self.config, SwinTokenConfig):
+        if isinstance(self.config, SwinTokenConfig):  # generator + later blocks of the stage, per window
+            assert token_cluster_nodes(model), "expected TokenCluster nodes (the generator)"
             return
         assert len(token_cluster_nodes(model)) == 2, "expected two TokenCluster nodes (the generator)"
 

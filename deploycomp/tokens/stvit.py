@@ -85,8 +85,9 @@ def pool_patches(patches: torch.Tensor, side: int, pooling: str) -> torch.Tensor
     return pooled.flatten(2).transpose(1, 2)
 
 
-def cross_attention(block: nn.Module, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """The block's attention with queries and keys/values from different token sets (un-normed inputs)."""
+def cross_attention(block: nn.Module, queries: torch.Tensor, keys: torch.Tensor, cluster=token_cluster_reference) -> torch.Tensor:
+    """The block's attention with queries and keys/values from different token sets (un-normed inputs);
+    ``cluster``: the TokenCluster implementation (the reference; the custom op while exporting)."""
     attn = block.attn
     heads = attn.num_heads
     if hasattr(attn, "project"):  # the torch twin of an ONNX graph (frontend/onnx_twin.py): its own q/k/v layout
@@ -98,7 +99,7 @@ def cross_attention(block: nn.Module, queries: torch.Tensor, keys: torch.Tensor)
     bq, bk, bv = (bias[:width], bias[width:2 * width], bias[2 * width:]) if bias is not None else (None, None, None)
     q = F.linear(block.norm1(queries), wq, bq)
     kn = block.norm1(keys)
-    out = token_cluster_reference(q, F.linear(kn, wk, bk), F.linear(kn, wv, bv), heads, float(attn.scale))
+    out = cluster(q, F.linear(kn, wk, bk), F.linear(kn, wv, bv), heads, float(attn.scale))
     return attn.proj_drop(attn.proj(out))
 
 

@@ -47,6 +47,7 @@ from torch import nn
 
 from ..errors import DeployCompError
 from .config import POOLINGS
+from .op import token_cluster_reference
 from .stvit import cross_attention
 
 
@@ -146,9 +147,9 @@ def _ffn(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + block.drop_path2(block.mlp(block.norm2(x)))
 
 
-def generator_block(block: nn.Module, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def generator_block(block: nn.Module, queries: torch.Tensor, keys: torch.Tensor, cluster=token_cluster_reference) -> torch.Tensor:
     """A Swin block with queries and keys/values from different token sets, per window; no bias, no shift."""
-    return _ffn(block, queries + block.drop_path1(cross_attention(block, queries, keys)))
+    return _ffn(block, queries + block.drop_path1(cross_attention(block, queries, keys, cluster)))
 
 
 def bias_for(attn: nn.Module, window: tuple[int, int]) -> torch.Tensor:
@@ -218,6 +219,7 @@ class SemanticTokenSwin(nn.Module):
         for name, child in swin.named_children():
             self.add_module(name, child)
         self.config = config
+        self.cluster = token_cluster_reference  # the TokenCluster op's meaning; the custom op while exporting
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -238,10 +240,10 @@ class SemanticTokenSwin(nn.Module):
             rows, cols = x.shape[1] // window[0], x.shape[2] // window[1]
             windows = partition(x, window)  # (B·nW, wh, ww, C)
             tokens = windows.flatten(1, 2)
-            s = generator_block(blocks[cfg.layer], pool_windows(windows, cfg.side), tokens)
-            s = generator_block(blocks[cfg.layer + 1], s, torch.cat([s, tokens], 1))
+            s = generator_block(blocks[cfg.layer], pool_windows(windows, cfg.side), tokens, self.cluster)
+            s = generator_block(blocks[cfg.layer + 1], s, torch.cat([s, tokens], 1), self.cluster)
             for blk in blocks[cfg.layer + 2:]:
-                s = generator_block(blk, s, s)
+                s = generator_block(blk, s, s, self.cluster)
             x = reverse(s.reshape(-1, cfg.side, cfg.side, s.shape[-1]), rows, cols)
         return self.norm(x)
 
