@@ -62,7 +62,9 @@ def tokens_markdown(t: dict[str, Any] | None) -> list[str]:
     if "semantic_tokens_per_window" in t:  # Swin (tokens/stvit_swin.py)
         lines.append(f"- stage {t['stage']} (0-based): blocks {a}-{b} of the stage generate {t['semantic_tokens_per_window']} "
                      f"semantic tokens per window ({t['pooling']} pooling of each window, then attention to its tokens); "
-                     f"the later blocks and stages run on the semantic grid; graph: {t['route']}")
+                     + ("the stage's last block recovers the full grid (each window's tokens attend to its semantic "
+                        "tokens; STViT-R); " if t.get("recovery") else "the later blocks and stages run on the semantic grid; ")
+                     + f"graph: {t['route']}")
     else:
         lines.append(
              f"- blocks 0-{a - 1} on {t['tokens_before']} tokens; generator in blocks {a}-{b} "

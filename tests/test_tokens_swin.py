@@ -5,6 +5,8 @@ openvino-cpu, and the refusals (one line, before anything slow)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -97,6 +99,59 @@ def test_first_generator_block_with_a_token_per_position_is_the_blocks_window_at
         windows = partition(x, (4, 4))
         s = generator_block(blk, pool_windows(windows, 4), windows.flatten(1, 2))
         assert rel(reverse(s.reshape(-1, 4, 4, 48), 2, 2), blk(x)) < 1e-6
+
+
+def _attend(blk, queries, keys):
+    """Written out: the block's qkv split, multi-head softmax(scale·q·kᵀ)·v, its output projection."""
+    attn, c = blk.attn, queries.shape[-1]
+    w, b = attn.qkv.weight, attn.qkv.bias
+    heads = attn.num_heads
+    q = F.linear(blk.norm1(queries), w[:c], b[:c])
+    k, v = F.linear(blk.norm1(keys), w[c:2 * c], b[c:2 * c]), F.linear(blk.norm1(keys), w[2 * c:], b[2 * c:])
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(2)
+    return attn.proj(out)
+
+
+def _block(blk, queries, keys):
+    x = queries + _attend(blk, queries, keys)
+    return x + blk.mlp(blk.norm2(x))
+
+
+def semantic_stage_by_hand(blocks, x, w, s, dense):
+    """The design's stage (from its first generator block on), window by window in a loop."""
+    b, h, wd, c = x.shape
+    out = torch.zeros(b, h, wd, c) if dense else torch.zeros(b, h // w * s, wd // w * s, c)
+    for r in range(h // w):
+        for col in range(wd // w):
+            grid = x[:, r * w:(r + 1) * w, col * w:(col + 1) * w]
+            tokens = grid.reshape(b, w * w, c)
+            sem = F.adaptive_max_pool2d(grid.permute(0, 3, 1, 2), s).flatten(2).transpose(1, 2)
+            sem = _block(blocks[0], sem, tokens)
+            sem = _block(blocks[1], sem, torch.cat([sem, tokens], 1))
+            for blk in blocks[2:len(blocks) - dense]:
+                sem = _block(blk, sem, sem)
+            if dense:
+                out[:, r * w:(r + 1) * w, col * w:(col + 1) * w] = _block(blocks[-1], tokens, sem).reshape(b, w, w, c)
+            else:
+                out[:, r * s:(r + 1) * s, col * s:(col + 1) * s] = sem.reshape(b, s, s, c)
+    return out
+
+
+@pytest.mark.parametrize("dense,tokens", [(False, 4), (False, 9), (True, 4)])
+def test_semantic_stage_is_the_design_written_out_window_by_window(dense, tokens):
+    """The last stage (3 blocks: generator, generator, a semantic block or the recovery) against the
+    design computed in a loop over windows with torch's own pooling and attention."""
+    swin = tiny_swin(depths=(2, 3))
+    model = SemanticTokenSwin(swin, SwinTokenConfig(tokens, stage=1, layer=0, dense=dense)).eval()
+    seen = {}
+    model.layers[1].downsample.register_forward_hook(lambda m, i, o: seen.setdefault("in", o))
+    model.norm.register_forward_hook(lambda m, i, o: seen.setdefault("out", i[0]))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+        want = semantic_stage_by_hand(list(model.layers[1].blocks), seen["in"], 4, math.isqrt(tokens), dense)
+    assert seen["out"].shape == want.shape
+    assert rel(seen["out"], want) < 1e-5
 
 
 def test_semantic_tokens_stay_in_their_window():

@@ -39,13 +39,19 @@ def swin_token_structure(structure: Structure, stvit: SemanticTokenSwin) -> None
         by_stage.setdefault(b.stage, []).append(b)
     stages = sorted(by_stage)
     semantic = stages[config.stage]
-    for j, b in enumerate(by_stage[semantic]):
-        if j >= config.layer:
+    blocks = by_stage[semantic]
+    for j, b in enumerate(blocks):
+        if config.dense and j == len(blocks) - 1:  # the recovery: the window's tokens over its semantic tokens
+            b.keys = config.tokens
+            b.nodes = {**b.nodes, "role": "semantic-token recovery"}
+        elif j >= config.layer:
             window = b.tokens
             b.tokens = config.tokens
             if j < config.layer + 2:
                 b.keys = window if j == config.layer else window + config.tokens
                 b.nodes = {**b.nodes, "role": "semantic-token generator"}
+    if config.dense:  # the next stages run on their own grids
+        return
     swin_stage = stvit.layers[config.stage]
     grid = [r // w * config.side for r, w in zip(swin_stage.blocks[0].input_resolution, swin_stage.blocks[0].window_size)]
     for i, stage in enumerate(stages[config.stage + 1:], config.stage + 1):
@@ -154,7 +160,7 @@ class SemanticTokensPass(Rewrite):
         cfg = stvit.config
         info = {"route": "re-exported from the torch model of the design", "stage": cfg.stage,
                 "generator_blocks": [cfg.layer, cfg.layer + 1], "semantic_tokens_per_window": cfg.tokens,
-                "pooling": cfg.pooling}
+                "pooling": cfg.pooling, "recovery": cfg.dense}
         ctx.results["semantic_tokens"] = {**info, "finetune": history}
         return PassResult(exported, modified=True, info=info)
 

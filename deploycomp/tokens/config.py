@@ -30,6 +30,7 @@ class SemanticTokenConfig:
     # Swin only (``for_model`` turns the request into a ``SwinTokenConfig``: ``tokens`` per window,
     # ``layer`` within this stage); None = the third stage, as STViT-R on Swin-T
     stage: int | None = None
+    dense: bool = False  # Swin only: STViT-R's recovery of full resolution (``--dense``)
 
     def __post_init__(self) -> None:
         side = math.isqrt(self.tokens)
@@ -63,10 +64,12 @@ class SemanticTokenConfig:
         from .stvit_swin import SwinTokenConfig, is_swin
 
         if is_swin(vit):
-            return SwinTokenConfig(self.tokens, self.stage, self.layer, self.pooling).resolved(
+            return SwinTokenConfig(self.tokens, self.stage, self.layer, self.pooling, self.dense).resolved(
                 tuple(len(s.blocks) for s in vit.layers))
         if self.stage is not None:
             raise DeployCompError("--token-stage applies to Swin (semantic tokens per window of one stage)")
+        if self.dense:
+            raise DeployCompError("--dense (STViT-R's recovery of full resolution) applies to Swin semantic tokens")
 
         depth = len(getattr(vit, "blocks", None) or getattr(vit, "layers", None) or [])
         return replace(self.resolved(depth), prefix_tokens=int(getattr(vit, "num_prefix_tokens", self.prefix_tokens)))

@@ -31,7 +31,17 @@ window's w² tokens (STViT-R: a 10×10 neighbourhood and the pooled tokens, hard
 224, no residual but a layer scale), the second block attends per window (STViT-R: to all tokens),
 and the later blocks are all per window (STViT-R alternates per-window and whole-grid attention).
 
-Later stages keep their blocks but see a smaller grid: a block whose window is larger than the grid
+Recovery (``dense``, STViT-R's last block of the stage: ``x = blk(x, semantic_token)`` in its
+``Deit.forward``): the stage's last block then takes each window's w² tokens X (those that entered
+the generator) as queries and the window's M semantic tokens S as keys/values,
+
+    R = X + Attn(LN₁(X), LN₁(S))               then R += MLP(LN₂(R))       (the stage's last block)
+
+so the stage outputs its full grid again and the next stages run unchanged. STViT-R's recovery
+attends to all semantic tokens of the image; here to the window's (the same per-window choice as
+above), without bias or shift.
+
+Without recovery, later stages keep their blocks but see a smaller grid: a block whose window is larger than the grid
 uses the grid as its window and no shift (Swin's own rule, timm's ``_calc_window_shift``), with the
 bias of the same relative offsets read from its table (no interpolation), a grid that does not
 divide into windows is padded as timm pads it. On an unchanged grid that is timm's block exactly.
@@ -62,6 +72,7 @@ class SwinTokenConfig:
     stage: int | None = None
     layer: int | None = None
     pooling: str = "max"
+    dense: bool = False  # STViT-R's recovery: the stage's last block restores full resolution
 
     def __post_init__(self) -> None:
         side = math.isqrt(self.tokens)
@@ -105,6 +116,9 @@ def check_supported_swin(swin: nn.Module, config: SwinTokenConfig) -> None:
     if config.layer + 2 > depth:
         raise DeployCompError(f"the generator needs blocks {config.layer + 1}-{config.layer + 2} of stage "
                               f"{config.stage}, which has {depth}")
+    if config.dense and config.layer + 3 > depth:
+        raise DeployCompError(f"--dense: the recovery needs a block after the generator (blocks {config.layer + 1}-"
+                              f"{config.layer + 2}) in stage {config.stage}, which has {depth}")
     blk = stage.blocks[0]
     grid, window = tuple(blk.input_resolution), tuple(blk.window_size)
     if grid[0] % window[0] or grid[1] % window[1]:
@@ -242,9 +256,13 @@ class SemanticTokenSwin(nn.Module):
             tokens = windows.flatten(1, 2)
             s = generator_block(blocks[cfg.layer], pool_windows(windows, cfg.side), tokens, self.cluster)
             s = generator_block(blocks[cfg.layer + 1], s, torch.cat([s, tokens], 1), self.cluster)
-            for blk in blocks[cfg.layer + 2:]:
+            semantic = blocks[cfg.layer + 2:len(blocks) - cfg.dense]
+            for blk in semantic:
                 s = generator_block(blk, s, s, self.cluster)
-            x = reverse(s.reshape(-1, cfg.side, cfg.side, s.shape[-1]), rows, cols)
+            if cfg.dense:  # STViT-R's recovery: each window's tokens attend to its semantic tokens
+                x = reverse(generator_block(blocks[-1], tokens, s, self.cluster).reshape(windows.shape), rows, cols)
+            else:
+                x = reverse(s.reshape(-1, cfg.side, cfg.side, s.shape[-1]), rows, cols)
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
