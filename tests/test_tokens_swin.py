@@ -203,6 +203,20 @@ def test_exported_design_is_the_torch_model(how):
 
 
 @pytest.mark.slow
+def test_compile_dense_recovers_the_full_grid(tmp_path):
+    """--dense: the stage's last block recovers its grid; the artifact passes the gate (ort-cpu)."""
+    weights = tmp_path / "swin.pth"
+    torch.save(tiny_swin(depths=(2, 3)).state_dict(), weights)
+    options = CompileOptions(target="ort-cpu", model_kwargs={**TINY_SWIN, "depths": (2, 3)}, measure_rounds=0, seed=0,
+                             weights=str(weights), semantic_tokens=SemanticTokenConfig(4, layer=0, dense=True))
+    manifest = compile(SWIN, tmp_path / "out", options)
+    assert manifest["semantic_tokens"]["recovery"] and manifest["parity"]["reference"] == "torch (semantic tokens per window)"
+    blocks = manifest["structure"]["blocks"]
+    assert [(b["tokens"], b["sequences"]) for b in blocks] == [(16, 16)] * 2 + [(4, 4)] * 2 + [(16, 4)]
+    assert [b["keys"] for b in blocks] == [0, 0, 16, 20, 4]  # generator: the window, then + its tokens; recovery: M
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("target,stage", [("ort-cpu", 0), ("openvino-cpu", None)])
 def test_compile_swin_with_semantic_tokens_passes_the_gate(tmp_path, target, stage):
     weights = tmp_path / "swin.pth"  # peaked attention: the gate sees a wrong scale
@@ -225,6 +239,7 @@ def test_compile_swin_with_semantic_tokens_passes_the_gate(tmp_path, target, sta
     (SemanticTokenConfig(4, stage=0, layer=1), {}, "the generator needs blocks 2-3 of stage 0, which has 2"),
     (SemanticTokenConfig(4, pooling="avg"), {}, "adaptive max"),
     (SemanticTokenConfig(4), {"img_size": 48}, "does not divide into 4x4 windows"),
+    (SemanticTokenConfig(4, dense=True), {}, "--dense: the recovery needs a block after the generator"),
 ])
 def test_refusals_are_one_line_before_anything_is_built(tmp_path, config, kwargs, match):
     options = CompileOptions(model_kwargs={**TINY_SWIN, **kwargs}, semantic_tokens=config, measure_rounds=0)
@@ -244,3 +259,14 @@ def test_latency_and_a_deit_token_stage_are_refused():
     options = CompileOptions(model_kwargs=deit, semantic_tokens=SemanticTokenConfig(4, stage=1), measure_rounds=0)
     with pytest.raises(DeployCompError, match="--token-stage applies to Swin"):
         check_options("timm:deit_tiny_patch16_224", options)
+    options = CompileOptions(model_kwargs=deit, semantic_tokens=SemanticTokenConfig(4, dense=True), measure_rounds=0)
+    with pytest.raises(DeployCompError, match="--dense .* applies to Swin"):
+        check_options("timm:deit_tiny_patch16_224", options)
+
+
+def test_cli_dense_needs_semantic_tokens(monkeypatch, capsys, tmp_path):
+    from .conftest import invoke_cli
+
+    code, _, err = invoke_cli(monkeypatch, capsys, "compile", SWIN, "--dense", "-o", tmp_path / "out")
+    assert code == 2 and "--dense" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
