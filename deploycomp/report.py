@@ -60,7 +60,7 @@ def tokens_markdown(t: dict[str, Any] | None) -> list[str]:
     a, b = t["generator_blocks"]
     lines = ["## Semantic tokens", ""]
     if "semantic_tokens_per_window" in t:  # Swin (tokens/stvit_swin.py)
-        lines.append(f"- stage {t['stage']} (0-based): blocks {a}-{b} of the stage generate {t['semantic_tokens_per_window']} "
+        lines.append(f"- stage {t['stage']} (0-based): block{f' {a}' if a == b else f's {a}-{b}'} of the stage generate{'s' if a == b else ''} {t['semantic_tokens_per_window']} "
                      f"semantic tokens per window ({t['pooling']} pooling of each window, then attention to its tokens); "
                      + ("the stage's last block recovers the full grid (each window's tokens attend to its semantic "
                         "tokens; STViT-R); " if t.get("recovery") else "the later blocks and stages run on the semantic grid; ")

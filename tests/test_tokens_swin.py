@@ -118,7 +118,7 @@ def _block(blk, queries, keys):
     return x + blk.mlp(blk.norm2(x))
 
 
-def semantic_stage_by_hand(blocks, x, w, s, dense):
+def semantic_stage_by_hand(blocks, x, w, s, dense, generator=2):
     """The design's stage (from its first generator block on), window by window in a loop."""
     b, h, wd, c = x.shape
     out = torch.zeros(b, h, wd, c) if dense else torch.zeros(b, h // w * s, wd // w * s, c)
@@ -128,8 +128,9 @@ def semantic_stage_by_hand(blocks, x, w, s, dense):
             tokens = grid.reshape(b, w * w, c)
             sem = F.adaptive_max_pool2d(grid.permute(0, 3, 1, 2), s).flatten(2).transpose(1, 2)
             sem = _block(blocks[0], sem, tokens)
-            sem = _block(blocks[1], sem, torch.cat([sem, tokens], 1))
-            for blk in blocks[2:len(blocks) - dense]:
+            if generator == 2:
+                sem = _block(blocks[1], sem, torch.cat([sem, tokens], 1))
+            for blk in blocks[generator:len(blocks) - dense]:
                 sem = _block(blk, sem, sem)
             if dense:
                 out[:, r * w:(r + 1) * w, col * w:(col + 1) * w] = _block(blocks[-1], tokens, sem).reshape(b, w, w, c)
@@ -138,18 +139,21 @@ def semantic_stage_by_hand(blocks, x, w, s, dense):
     return out
 
 
-@pytest.mark.parametrize("dense,tokens", [(False, 4), (False, 9), (True, 4)])
-def test_semantic_stage_is_the_design_written_out_window_by_window(dense, tokens):
-    """The last stage (3 blocks: generator, generator, a semantic block or the recovery) against the
-    design computed in a loop over windows with torch's own pooling and attention."""
-    swin = tiny_swin(depths=(2, 3))
+@pytest.mark.parametrize("dense,tokens,depth", [(False, 4, 3), (False, 9, 3), (True, 4, 3), (True, 4, 2)])
+def test_semantic_stage_is_the_design_written_out_window_by_window(dense, tokens, depth):
+    """The last stage (3 blocks: generator, generator, a semantic block or the recovery; 2 blocks with
+    --dense: a one-block generator and the recovery) against the design computed in a loop over
+    windows with torch's own pooling and attention."""
+    swin = tiny_swin(depths=(2, depth))
     model = SemanticTokenSwin(swin, SwinTokenConfig(tokens, stage=1, layer=0, dense=dense)).eval()
+    assert model.config.generator == (1 if dense and depth == 2 else 2)
     seen = {}
     model.layers[1].downsample.register_forward_hook(lambda m, i, o: seen.setdefault("in", o))
     model.norm.register_forward_hook(lambda m, i, o: seen.setdefault("out", i[0]))
     with torch.no_grad():
         model(torch.randn(2, 3, 64, 64))
-        want = semantic_stage_by_hand(list(model.layers[1].blocks), seen["in"], 4, math.isqrt(tokens), dense)
+        want = semantic_stage_by_hand(list(model.layers[1].blocks), seen["in"], 4, math.isqrt(tokens), dense,
+                                      model.config.generator)
     assert seen["out"].shape == want.shape
     assert rel(seen["out"], want) < 1e-5
 
@@ -236,10 +240,10 @@ def test_compile_swin_with_semantic_tokens_passes_the_gate(tmp_path, target, sta
 @pytest.mark.parametrize("config,kwargs,match", [
     (SemanticTokenConfig(25), {}, "cannot pool a 4x4 window to 5x5"),
     (SemanticTokenConfig(4, stage=2), {}, "--token-stage 2: the Swin has stages 0-1"),
-    (SemanticTokenConfig(4, stage=0, layer=1), {}, "the generator needs blocks 2-3 of stage 0, which has 2"),
+    (SemanticTokenConfig(4, stage=0, layer=2), {}, "stage 0 has 2 blocks: none left from block 3 for the generator"),
     (SemanticTokenConfig(4, pooling="avg"), {}, "adaptive max"),
     (SemanticTokenConfig(4), {"img_size": 48}, "does not divide into 4x4 windows"),
-    (SemanticTokenConfig(4, dense=True), {}, "--dense: the recovery needs a block after the generator"),
+    (SemanticTokenConfig(4, layer=1, dense=True), {}, "none left from block 2 for the generator and the recovery"),
 ])
 def test_refusals_are_one_line_before_anything_is_built(tmp_path, config, kwargs, match):
     options = CompileOptions(model_kwargs={**TINY_SWIN, **kwargs}, semantic_tokens=config, measure_rounds=0)

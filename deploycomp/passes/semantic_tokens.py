@@ -47,7 +47,7 @@ def swin_token_structure(structure: Structure, stvit: SemanticTokenSwin) -> None
         elif j >= config.layer:
             window = b.tokens
             b.tokens = config.tokens
-            if j < config.layer + 2:
+            if j < config.layer + config.generator:
                 b.keys = window if j == config.layer else window + config.tokens
                 b.nodes = {**b.nodes, "role": "semantic-token generator"}
     if config.dense:  # the next stages run on their own grids
@@ -159,7 +159,7 @@ class SemanticTokensPass(Rewrite):
         ctx.reference, ctx.reference_kind = torch_reference(stvit), "torch (semantic tokens per window)"
         cfg = stvit.config
         info = {"route": "re-exported from the torch model of the design", "stage": cfg.stage,
-                "generator_blocks": [cfg.layer, cfg.layer + 1], "semantic_tokens_per_window": cfg.tokens,
+                "generator_blocks": [cfg.layer, cfg.layer + cfg.generator - 1], "semantic_tokens_per_window": cfg.tokens,
                 "pooling": cfg.pooling, "recovery": cfg.dense}
         ctx.results["semantic_tokens"] = {**info, "finetune": history}
         return PassResult(exported, modified=True, info=info)

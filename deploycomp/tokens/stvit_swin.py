@@ -16,7 +16,8 @@ parameters), per window of w×w tokens X (windows of the unshifted partition):
     S¹ = P  + Attn(LN₁(P),  LN₁(X))            then S¹ += MLP(LN₂(S¹))       (block ``layer``)
     S² = S¹ + Attn(LN₁(S¹), LN₁([S¹; X]))      then S² += MLP(LN₂(S²))       (block ``layer + 1``)
 
-Attn is the block's window attention with queries and keys/values from different token sets (the
+A stage too short for two generator blocks (with ``dense``, a stage of two blocks: the generator
+and the recovery) has a generator of one block (S¹ only). Attn is the block's window attention with queries and keys/values from different token sets (the
 ``TokenCluster`` op's meaning). Later blocks of the stage run self-attention among each window's M
 semantic tokens. The stage's output is the semantic grid (rows of windows × s, columns × s, each
 window's s×s tokens in place of its w×w), and the next stages run on that smaller grid.
@@ -73,6 +74,7 @@ class SwinTokenConfig:
     layer: int | None = None
     pooling: str = "max"
     dense: bool = False  # STViT-R's recovery: the stage's last block restores full resolution
+    generator: int | None = None  # generator blocks: 2 (STViT-R), 1 where the stage has no room for 2
 
     def __post_init__(self) -> None:
         side = math.isqrt(self.tokens)
@@ -94,7 +96,8 @@ class SwinTokenConfig:
         if stage >= len(depths):
             raise DeployCompError(f"--token-stage {stage}: the Swin has stages 0-{len(depths) - 1}")
         layer = self.layer if self.layer is not None else (1 if depths[stage] >= 3 else 0)
-        return replace(self, stage=stage, layer=layer)
+        generator = min(2, depths[stage] - layer - self.dense)
+        return replace(self, stage=stage, layer=layer, generator=generator)
 
 
 def is_swin(module: nn.Module) -> bool:
@@ -109,16 +112,13 @@ def check_supported_swin(swin: nn.Module, config: SwinTokenConfig) -> None:
 
     if not isinstance(swin, SwinTransformer):
         raise DeployCompError(f"per-window semantic tokens support timm's SwinTransformer, not {type(swin).__name__}")
-    if config.stage is None or config.layer is None:
+    if config.stage is None or config.layer is None or config.generator is None:
         raise DeployCompError("internal: resolve the Swin token config for the model first")
     stage = swin.layers[config.stage]
     depth = len(stage.blocks)
-    if config.layer + 2 > depth:
-        raise DeployCompError(f"the generator needs blocks {config.layer + 1}-{config.layer + 2} of stage "
-                              f"{config.stage}, which has {depth}")
-    if config.dense and config.layer + 3 > depth:
-        raise DeployCompError(f"--dense: the recovery needs a block after the generator (blocks {config.layer + 1}-"
-                              f"{config.layer + 2}) in stage {config.stage}, which has {depth}")
+    if config.generator < 1:
+        raise DeployCompError(f"stage {config.stage} has {depth} blocks: none left from block {config.layer + 1} for the "
+                              "generator" + (" and the recovery (--dense)" if config.dense else ""))
     blk = stage.blocks[0]
     grid, window = tuple(blk.input_resolution), tuple(blk.window_size)
     if grid[0] % window[0] or grid[1] % window[1]:
@@ -255,8 +255,9 @@ class SemanticTokenSwin(nn.Module):
             windows = partition(x, window)  # (B·nW, wh, ww, C)
             tokens = windows.flatten(1, 2)
             s = generator_block(blocks[cfg.layer], pool_windows(windows, cfg.side), tokens, self.cluster)
-            s = generator_block(blocks[cfg.layer + 1], s, torch.cat([s, tokens], 1), self.cluster)
-            semantic = blocks[cfg.layer + 2:len(blocks) - cfg.dense]
+            if cfg.generator == 2:
+                s = generator_block(blocks[cfg.layer + 1], s, torch.cat([s, tokens], 1), self.cluster)
+            semantic = blocks[cfg.layer + cfg.generator:len(blocks) - cfg.dense]
             for blk in semantic:
                 s = generator_block(blk, s, s, self.cluster)
             if cfg.dense:  # STViT-R's recovery: each window's tokens attend to its semantic tokens
