@@ -41,6 +41,8 @@ class SemanticTokenConfig:
             raise DeployCompError(f"unknown token pooling '{self.pooling}': use one of {', '.join(POOLINGS)}")
         if self.layer is not None and self.layer < 0:
             raise DeployCompError("the semantic token generator layer must be >= 0")
+        if self.stage is not None and self.stage < 0:
+            raise DeployCompError("--token-stage must be >= 0")
         if self.prefix_tokens < 0:
             raise DeployCompError("prefix tokens must be >= 0")
 
