@@ -94,7 +94,9 @@ def compile_cmd(
     teacher_logits: Optional[Path] = typer.Option(None, "--teacher-logits", help="Stored top-K teacher logits for the fine-tuning (deploycomp store-logits)."),
     train_samples: Optional[int] = typer.Option(None, "--train-samples", help="Use the first N training samples for pruning (default: all)."),
     tables: Path = typer.Option(Path("latency_tables"), "--tables", help="Root directory of the latency tables."),
-    semantic_tokens: Optional[int] = typer.Option(None, "--semantic-tokens", help="STViT: run the blocks after the generator on N semantic tokens (+cls); N square, e.g. 16."),
+    semantic_tokens: Optional[int] = typer.Option(None, "--semantic-tokens", help="STViT: run the blocks after the generator on N semantic tokens (+cls); N square, e.g. 16. Swin: N semantic tokens per window of one stage (STViT-R), e.g. 4 or 9."),
+    dense: bool = typer.Option(False, "--dense", help="Swin semantic tokens: STViT-R's recovery in the stage's last block (each window's tokens attend to its semantic tokens), so the backbone keeps its full-resolution grids for dense tasks."),
+    token_stage: Optional[int] = typer.Option(None, "--token-stage", help="Swin: the stage (0-based) with semantic tokens per window (default: the third, as STViT-R on Swin-T; the last of a smaller Swin). --token-layer then counts blocks in that stage."),
     token_layer: Optional[int] = typer.Option(None, "--token-layer", help="First of the two generator blocks, 0-based (default: a third of the depth, STViT's 4 = blocks 5-6 of 12)."),
     token_pooling: str = typer.Option("max", "--token-pooling", help="Initial centres by adaptive max (STViT's code) or avg pooling of the patch grid."),
     token_lowering: Optional[str] = typer.Option(None, "--token-lowering", help="How the TokenCluster op runs: reference (standard ops) or ort-mha (ONNX Runtime's fused attention); default: the target's."),
@@ -117,8 +119,10 @@ def compile_cmd(
                             saliency_batches=saliency_batches, batch_size=calib_batch, kd_steps=kd_steps, finetune_epochs=finetune_epochs,
                             teacher_logits=str(teacher_logits) if teacher_logits else None, budget_rounds=budget_rounds)
     tokens = None
+    if dense and semantic_tokens is None:
+        raise DeployCompError("--dense is STViT-R's recovery of Swin semantic tokens: give --semantic-tokens too")
     if semantic_tokens is not None:
-        tokens = SemanticTokenConfig(tokens=semantic_tokens, layer=token_layer, pooling=token_pooling)
+        tokens = SemanticTokenConfig(tokens=semantic_tokens, layer=token_layer, pooling=token_pooling, stage=token_stage, dense=dense)
     options = CompileOptions(target=target, weights=str(weights) if weights else None, opset=opset, threads=threads,
                              runtime={} if spinning is None else {"allow_spinning": spinning},
                              fuse=fuse, precision=precision, tolerance=tolerance, seed=seed, model_kwargs=_parse_model_args(model_arg),

@@ -58,10 +58,18 @@ def tokens_markdown(t: dict[str, Any] | None) -> list[str]:
     if not t:
         return []
     a, b = t["generator_blocks"]
-    lines = ["## Semantic tokens", "",
+    lines = ["## Semantic tokens", ""]
+    if "semantic_tokens_per_window" in t:  # Swin (tokens/stvit_swin.py)
+        lines.append(f"- stage {t['stage']} (0-based): block{f' {a}' if a == b else f's {a}-{b}'} of the stage generate{'s' if a == b else ''} {t['semantic_tokens_per_window']} "
+                     f"semantic tokens per window ({t['pooling']} pooling of each window, then attention to its tokens); "
+                     + ("the stage's last block recovers the full grid (each window's tokens attend to its semantic "
+                        "tokens; STViT-R); " if t.get("recovery") else "the later blocks and stages run on the semantic grid; ")
+                     + f"graph: {t['route']}")
+    else:
+        lines.append(
              f"- blocks 0-{a - 1} on {t['tokens_before']} tokens; generator in blocks {a}-{b} "
              f"({t['pooling']} pooling of the patch grid to {t['semantic_tokens']} centres, then TokenCluster); "
-             f"blocks {b + 1}+ on {t['tokens_after']} tokens ({t.get('prefix_tokens', 1)} prefix + {t['semantic_tokens']})"]
+             f"blocks {b + 1}+ on {t['tokens_after']} tokens ({t.get('prefix_tokens', 1)} prefix + {t['semantic_tokens']})")
     if t.get("finetune"):
         last = t["finetune"][-1]
         if "test_accuracy" in last:

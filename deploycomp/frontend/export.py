@@ -26,8 +26,9 @@ INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
 
 
-def export_to_onnx(module, input_shape: tuple[int, ...], opset: int = 18) -> ir.Model:
-    """Export ``module`` with a symbolic batch axis and return the ONNX model in onnx-ir."""
+def export_to_onnx(module, input_shape: tuple[int, ...], opset: int = 18, custom_translation_table: dict | None = None) -> ir.Model:
+    """Export ``module`` with a symbolic batch axis and return the ONNX model in onnx-ir
+    (``custom_translation_table``: torch custom ops -> their ONNX functions, as torch.onnx takes it)."""
     import torch
 
     example = torch.randn(2, *input_shape[1:])
@@ -44,6 +45,7 @@ def export_to_onnx(module, input_shape: tuple[int, ...], opset: int = 18) -> ir.
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             dynamic_shapes=({0: batch},),
+            custom_translation_table=custom_translation_table,
         )
     model = program.model
     check_exported(model, opset)

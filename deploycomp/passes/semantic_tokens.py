@@ -6,6 +6,13 @@ source) is fine-tuned first when data and epochs are given (distillation from th
 model: its class probabilities, or for a model that outputs an embedding its embedding under a
 feature loss), its weights are written into the graph, the graph is rewritten, and the
 verification gate then compares the artifact with that torch model.
+
+A timm Swin (per-window semantic tokens, ``tokens/stvit_swin.py``) takes another route: the graph
+is not rewritten in place but exported again from the torch model of the design
+(``SemanticTokenSwin``, the source's own parameters) and cleaned like the source graph; the
+verification gate compares it with that torch model all the same. Its attention on semantic tokens is
+``TokenCluster`` nodes all the same (a torch custom op while exporting: ``tokens/export_op.py``),
+lowered for the target by the next pass.
 """
 
 from __future__ import annotations
@@ -18,7 +25,41 @@ from ..ir.structure import Structure
 from ..tokens.op import LOWERINGS, lower, token_cluster_nodes
 from ..tokens.rewrite import rewrite_semantic_tokens
 from ..tokens.stvit import SemanticTokenConfig, SemanticTokenViT, token_arch
+from ..tokens.stvit_swin import SemanticTokenSwin, SwinTokenConfig
 from .base import CompileContext, PassResult, Rewrite, objective_of, register_pass
+
+
+def swin_token_structure(structure: Structure, stvit: SemanticTokenSwin) -> None:
+    """Record the per-window rewrite in a Swin's structure: per block, tokens per window, windows,
+    and the keys of the generator blocks (the geometry ``SemanticTokenSwin`` runs)."""
+    import math
+
+    config, by_stage = stvit.config, {}
+    for b in structure.blocks:
+        by_stage.setdefault(b.stage, []).append(b)
+    stages = sorted(by_stage)
+    semantic = stages[config.stage]
+    blocks = by_stage[semantic]
+    for j, b in enumerate(blocks):
+        if config.dense and j == len(blocks) - 1:  # the recovery: the window's tokens over its semantic tokens
+            b.keys = config.tokens
+            b.nodes = {**b.nodes, "role": "semantic-token recovery"}
+        elif j >= config.layer:
+            window = b.tokens
+            b.tokens = config.tokens
+            if j < config.layer + config.generator:
+                b.keys = window if j == config.layer else window + config.tokens
+                b.nodes = {**b.nodes, "role": "semantic-token generator"}
+    if config.dense:  # the next stages run on their own grids
+        return
+    swin_stage = stvit.layers[config.stage]
+    grid = [r // w * config.side for r, w in zip(swin_stage.blocks[0].input_resolution, swin_stage.blocks[0].window_size)]
+    for i, stage in enumerate(stages[config.stage + 1:], config.stage + 1):
+        grid = [math.ceil(g / 2) for g in grid]
+        for b, blk in zip(by_stage[stage], stvit.layers[i].blocks):
+            window = [min(w, g) for w, g in zip(blk.window_size, grid)]
+            b.tokens = window[0] * window[1]
+            b.sequences = math.ceil(grid[0] / window[0]) * math.ceil(grid[1] / window[1])
 
 
 def token_structure(structure: Structure, config: SemanticTokenConfig) -> None:
@@ -44,10 +85,18 @@ class SemanticTokensPass(Rewrite):
         self.teacher_logits, self.seed = teacher_logits, seed
 
     # the views pruning keeps when it searches both axes under one budget
-    def wrap_module(self, module: torch.nn.Module) -> SemanticTokenViT:
-        return module if isinstance(module, SemanticTokenViT) else SemanticTokenViT(module, self.config)
+    def wrap_module(self, module: torch.nn.Module) -> SemanticTokenViT | SemanticTokenSwin:
+        if isinstance(module, (SemanticTokenViT, SemanticTokenSwin)):
+            return module
+        if isinstance(self.config, SwinTokenConfig):
+            return SemanticTokenSwin(module, self.config)
+        return SemanticTokenViT(module, self.config)
 
     def rewrite_arch(self, arch):
+        if isinstance(self.config, SwinTokenConfig):
+            from ..errors import DeployCompError
+
+            raise DeployCompError("the latency model has no view of a Swin with semantic tokens yet")
         return token_arch(arch, self.config)
 
     def rewrite_graph(self, model: ir.Model) -> None:
@@ -66,6 +115,8 @@ class SemanticTokensPass(Rewrite):
         from ..learn.distill import finetune_with_distillation
         from ..pruning.masks import copy_weights_to_graph
 
+        if isinstance(self.config, SwinTokenConfig):
+            return self._run_swin(model, ctx)
         trained = isinstance(ctx.module, SemanticTokenViT)  # pruning trained the token model and wrote its weights
         stvit = self.wrap_module(ctx.module)
         history = []
@@ -84,7 +135,39 @@ class SemanticTokensPass(Rewrite):
         ctx.results["semantic_tokens"] = {**info, "finetune": history}
         return PassResult(model, modified=True, info=info)
 
+    def _run_swin(self, model: ir.Model, ctx: CompileContext) -> PassResult:
+        """Swin: the design's torch model (fine-tuned when asked), exported and cleaned in place of the graph."""
+        from ..frontend.export import export_to_onnx
+        from ..learn.distill import finetune_with_distillation
+        from ..tokens.export_op import cluster_as_op, custom_translation_table
+        from .cleanup import CleanupPass
+
+        stvit = self.wrap_module(ctx.module)
+        history = []
+        if self.finetune_epochs:
+            history = finetune_with_distillation(stvit, ctx.train, ctx.test, ctx.teacher, epochs=self.finetune_epochs,
+                                                 lr=self.finetune_lr, seed=self.seed, teacher_logits=self.teacher_logits,
+                                                 log=ctx.say, objective=objective_of(ctx)).history
+        stvit.eval()
+        opset = next((v for k, v in model.opset_imports.items() if k in ("", "ai.onnx")), 18)
+        with cluster_as_op(stvit):  # its cross-attention becomes TokenCluster nodes, lowered for the target
+            exported = export_to_onnx(stvit, ctx.input_shape, opset, custom_translation_table())
+        exported.graph.name = model.graph.name
+        exported = CleanupPass().run(exported, ctx).model
+        swin_token_structure(ctx.structure, stvit)
+        ctx.module = stvit
+        ctx.reference, ctx.reference_kind = torch_reference(stvit), "torch (semantic tokens per window)"
+        cfg = stvit.config
+        info = {"route": "re-exported from the torch model of the design", "stage": cfg.stage,
+                "generator_blocks": [cfg.layer, cfg.layer + cfg.generator - 1], "semantic_tokens_per_window": cfg.tokens,
+                "pooling": cfg.pooling, "recovery": cfg.dense}
+        ctx.results["semantic_tokens"] = {**info, "finetune": history}
+        return PassResult(exported, modified=True, info=info)
+
     def ensures(self, model: ir.Model, ctx: CompileContext) -> None:
+        if isinstance(self.config, SwinTokenConfig):  # generator + later blocks of the stage, per window
+            assert token_cluster_nodes(model), "expected TokenCluster nodes (the generator)"
+            return
         assert len(token_cluster_nodes(model)) == 2, "expected two TokenCluster nodes (the generator)"
 
 

@@ -27,6 +27,10 @@ class SemanticTokenConfig:
     # tokens before the patches (cls, registers) kept as queries: DeiT's one cls token unless the
     # model says otherwise (``for_model`` reads timm's num_prefix_tokens; 0 for a GAP ViT)
     prefix_tokens: int = 1
+    # Swin only (``for_model`` turns the request into a ``SwinTokenConfig``: ``tokens`` per window,
+    # ``layer`` within this stage); None = the third stage, as STViT-R on Swin-T
+    stage: int | None = None
+    dense: bool = False  # Swin only: STViT-R's recovery of full resolution (``--dense``)
 
     def __post_init__(self) -> None:
         side = math.isqrt(self.tokens)
@@ -37,6 +41,8 @@ class SemanticTokenConfig:
             raise DeployCompError(f"unknown token pooling '{self.pooling}': use one of {', '.join(POOLINGS)}")
         if self.layer is not None and self.layer < 0:
             raise DeployCompError("the semantic token generator layer must be >= 0")
+        if self.stage is not None and self.stage < 0:
+            raise DeployCompError("--token-stage must be >= 0")
         if self.prefix_tokens < 0:
             raise DeployCompError("prefix tokens must be >= 0")
 
@@ -53,8 +59,19 @@ class SemanticTokenConfig:
 
     def for_model(self, vit: "nn.Module") -> "SemanticTokenConfig":
         """The config resolved for a timm ViT (or a model built on the meta device): the generator
-        layer for its depth and its prefix token count, as the rewrite and the latency model need."""
+        layer for its depth and its prefix token count, as the rewrite and the latency model need.
+        For a timm Swin, the per-window config (``stvit_swin.SwinTokenConfig``) resolved for it."""
         from dataclasses import replace
+
+        from .stvit_swin import SwinTokenConfig, is_swin
+
+        if is_swin(vit):
+            return SwinTokenConfig(self.tokens, self.stage, self.layer, self.pooling, self.dense).resolved(
+                tuple(len(s.blocks) for s in vit.layers))
+        if self.stage is not None:
+            raise DeployCompError("--token-stage applies to Swin (semantic tokens per window of one stage)")
+        if self.dense:
+            raise DeployCompError("--dense (STViT-R's recovery of full resolution) applies to Swin semantic tokens")
 
         depth = len(getattr(vit, "blocks", None) or getattr(vit, "layers", None) or [])
         return replace(self.resolved(depth), prefix_tokens=int(getattr(vit, "num_prefix_tokens", self.prefix_tokens)))

@@ -46,11 +46,15 @@ def check_supported(vit: nn.Module, config: SemanticTokenConfig) -> None:
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer
 
+    from .stvit_swin import SwinTokenConfig, check_supported_swin
+
+    if isinstance(config, SwinTokenConfig):
+        return check_supported_swin(vit, config)
     if config.layer is None:
         raise DeployCompError("internal: resolve the generator layer for the model's depth first")
     if not isinstance(vit, VisionTransformer):
         raise DeployCompError(f"semantic tokens support DeiT-style ViTs (one token sequence); {type(vit).__name__} "
-                              "is not one (Swin: per-window semantic tokens are not supported yet)")
+                              "is not one (nor a timm Swin, which gets semantic tokens per window)")
     if isinstance(vit, VisionTransformerDistilled):
         raise DeployCompError("semantic tokens: a distilled DeiT's two heads (cls and distillation token, averaged) "
                               "are not supported; use the model without its distillation head")
@@ -81,8 +85,9 @@ def pool_patches(patches: torch.Tensor, side: int, pooling: str) -> torch.Tensor
     return pooled.flatten(2).transpose(1, 2)
 
 
-def cross_attention(block: nn.Module, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """The block's attention with queries and keys/values from different token sets (un-normed inputs)."""
+def cross_attention(block: nn.Module, queries: torch.Tensor, keys: torch.Tensor, cluster=token_cluster_reference) -> torch.Tensor:
+    """The block's attention with queries and keys/values from different token sets (un-normed inputs);
+    ``cluster``: the TokenCluster implementation (the reference; the custom op while exporting)."""
     attn = block.attn
     heads = attn.num_heads
     if hasattr(attn, "project"):  # the torch twin of an ONNX graph (frontend/onnx_twin.py): its own q/k/v layout
@@ -94,7 +99,7 @@ def cross_attention(block: nn.Module, queries: torch.Tensor, keys: torch.Tensor)
     bq, bk, bv = (bias[:width], bias[width:2 * width], bias[2 * width:]) if bias is not None else (None, None, None)
     q = F.linear(block.norm1(queries), wq, bq)
     kn = block.norm1(keys)
-    out = token_cluster_reference(q, F.linear(kn, wk, bk), F.linear(kn, wv, bv), heads, float(attn.scale))
+    out = cluster(q, F.linear(kn, wk, bk), F.linear(kn, wv, bv), heads, float(attn.scale))
     return attn.proj_drop(attn.proj(out))
 
 
