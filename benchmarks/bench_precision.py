@@ -86,7 +86,7 @@ def compile_in_process(name: str, flags: list[str], out: Path, threads: int) -> 
         proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"compile failed: {shlex.join(cmd)}\n{log.read_text()[-2000:]}")
+        raise SystemExit(f"compile failed (exit {proc.returncode}): {shlex.join(cmd)}\n{log.read_text()[-2000:]}")
     return {"command": shlex.join(["deploycomp", *cmd[3:]]), "seconds": round(seconds, 1),
             "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
 
