@@ -26,7 +26,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch threads must not spin while runtimes are timed
 
-import argparse  # noqa: E402
 import shlex  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -34,13 +33,13 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from bench_runtimes import ratios  # noqa: E402  (benchmarks/ is the script's directory)
+from bench_runtimes import ratios, timing_arguments  # noqa: E402  (benchmarks/ is the script's directory)
 
 import deploycomp  # noqa: E402
 from deploycomp.api import baseline_name  # noqa: E402
 from deploycomp.artifact import read_manifest, write_json  # noqa: E402
 from deploycomp.backends.base import backend_for_manifest, get_backend  # noqa: E402
-from deploycomp.backends.fingerprint import host_fingerprint, usable_cores  # noqa: E402
+from deploycomp.backends.fingerprint import host_fingerprint  # noqa: E402
 from deploycomp.backends.openvino import has_bf16, nncf_int8_ir  # noqa: E402
 from deploycomp.backends.ort import dynamic_int8  # noqa: E402
 from deploycomp.bench.harness import measure_interleaved, stats  # noqa: E402
@@ -158,12 +157,7 @@ def table(result: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="deit_small,deit_base")
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--threads", type=int, default=usable_cores())
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--iters", type=int, default=3)
+    ap = timing_arguments(__doc__.splitlines()[0], "deit_small,deit_base", rounds=8)
     ap.add_argument("--quick", action="store_true", help="no pruned candidates (checks the script)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()

@@ -131,13 +131,19 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="deit_small,deit_base,swin_tiny")
+def timing_arguments(description: str, models: str, rounds: int) -> argparse.ArgumentParser:
+    """The options every interleaved runtime benchmark takes (this one, ``bench_precision.py``)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--models", default=models)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", type=int, default=usable_cores())
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--iters", type=int, default=3)
+    return ap
+
+
+def main() -> None:
+    ap = timing_arguments(__doc__.splitlines()[0], "deit_small,deit_base,swin_tiny", rounds=10)
     ap.add_argument("--no-rewrites", action="store_true", help="skip the DeiT-S semantic-token, int8 and pruned artifacts")
     ap.add_argument("--no-prune", action="store_true", help="skip the DeiT-S --latency 0.5x artifact (needs an "
                     "openvino-cpu latency table at batch 1)")
