@@ -33,18 +33,15 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from bench_runtimes import ratios, timing_arguments  # noqa: E402  (benchmarks/ is the script's directory)
+from bench_runtimes import ratios, source_model, timing_arguments  # noqa: E402  (benchmarks/ is the script's directory)
 
 import deploycomp  # noqa: E402
-from deploycomp.api import baseline_name  # noqa: E402
 from deploycomp.artifact import read_manifest, write_json  # noqa: E402
 from deploycomp.backends.base import backend_for_manifest, get_backend  # noqa: E402
 from deploycomp.backends.fingerprint import host_fingerprint  # noqa: E402
 from deploycomp.backends.openvino import has_bf16, nncf_int8_ir  # noqa: E402
 from deploycomp.backends.ort import dynamic_int8  # noqa: E402
 from deploycomp.bench.harness import measure_interleaved, stats  # noqa: E402
-from deploycomp.frontend.export import export_to_onnx  # noqa: E402
-from deploycomp.frontend.timm_models import build_timm_model, timm_spec  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 MODEL_SUFFIXES = (".onnx", ".xml", ".bin")
@@ -93,11 +90,7 @@ def compile_in_process(name: str, flags: list[str], out: Path, threads: int) -> 
 def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[int], quick: bool, say) -> dict:
     import onnx_ir as ir
 
-    name = baseline_name(alias)
-    spec = timm_spec(name)
-    shape = (1, spec.in_chans, spec.img_size, spec.img_size)
-    module = build_timm_model(name)
-    plain = export_to_onnx(module, shape)
+    name, shape, module, plain = source_model(alias)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ir.save(plain, tmp / "source.onnx")

@@ -79,13 +79,19 @@ def ratios(a: list[float], b: list[float]) -> dict[str, float]:
     return {"median": float(np.median(r)), "p10": float(np.percentile(r, 10)), "p90": float(np.percentile(r, 90))}
 
 
-def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[int], rewrites: bool, say,
-              prune_table: bool) -> dict:
+def source_model(alias: str):
+    """A timm model by alias (``deit_small``) or name, random init: (name, input shape, torch module,
+    its plain ONNX export)."""
     name = baseline_name(alias)
     spec = timm_spec(name)
     shape = (1, spec.in_chans, spec.img_size, spec.img_size)
     module = build_timm_model(name)
-    plain = export_to_onnx(module, shape)
+    return name, shape, module, export_to_onnx(module, shape)
+
+
+def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[int], rewrites: bool, say,
+              prune_table: bool) -> dict:
+    name, shape, module, plain = source_model(alias)
     with tempfile.TemporaryDirectory() as tmp:
         arts = artifacts_for(name, threads, Path(tmp), rewrites, say, prune_table)
         ov_plain = get_backend("openvino-cpu", threads=threads)

@@ -30,7 +30,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from bench_runtimes import ratios  # noqa: E402  (benchmarks/ is the script's directory)
+from bench_runtimes import ratios, source_model  # noqa: E402  (benchmarks/ is the script's directory)
 
 import deploycomp  # noqa: E402
 from deploycomp.artifact import write_json  # noqa: E402
@@ -38,8 +38,6 @@ from deploycomp.backends.base import backend_for_manifest, get_backend  # noqa: 
 from deploycomp.backends.fingerprint import host_fingerprint, usable_cores  # noqa: E402
 from deploycomp.bench.harness import measure_interleaved, stats  # noqa: E402
 from deploycomp.errors import DeployCompError  # noqa: E402
-from deploycomp.frontend.export import export_to_onnx  # noqa: E402
-from deploycomp.frontend.timm_models import build_timm_model, timm_spec  # noqa: E402
 from deploycomp.pruning.config import PruneConfig  # noqa: E402
 from deploycomp.tokens.config import SemanticTokenConfig  # noqa: E402
 
@@ -71,9 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     say = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    spec = timm_spec(MODEL)
-    shape = (1, spec.in_chans, spec.img_size, spec.img_size)
-    plain = export_to_onnx(build_timm_model(MODEL), shape)
+    _, shape, _, plain = source_model(MODEL)
     targets = [t.strip() for t in args.targets.split(",")]
     compiles, cands = {}, []
     for target in targets:
