@@ -33,6 +33,18 @@ NNCF's own weight compression folds the remaining weight quantizers into int8 af
 ``quantize_with_accuracy_control`` was not used: it judges one scalar metric (this gate has three
 thresholds), ranks quantizers by its own ONNX Runtime engine's outputs unless the metric is computed
 per item, and names what it reverted only in its log.
+
+**Quantization-aware fine-tuning** (``qat_epochs``, the CLI's ``--finetune-epochs`` with
+``--precision int8`` and ``--data``): between PTQ and the sensitivity/fallback, the float weights
+behind the Q/DQ graph's quantizers are fine-tuned by distillation from the fp32 model (or stored
+top-K teacher logits) with those quantizers emulated in torch (``learn/qat.py``), and written back
+into the same graph by parameter name. NNCF's torch QAT (``nncf.quantize`` on the module, export)
+was not used: its export is another graph than the one the pipeline (and a pruning or token rewrite
+before it) produced, with its own scales, so the sensitivity, fallback and gate would judge a graph
+the pipeline never made. The emulation is compared with ONNX Runtime on the Q/DQ graph before it is
+trained (``qat_max_rel_l2``); the manifest records the gate before and after and how many layers the
+fallback would keep after PTQ alone. Only the Q/DQ methods (nncf, nncf-symmetric): ORT's dynamic
+int8 has no fixed scales to train under.
 """
 
 from __future__ import annotations
@@ -356,6 +368,9 @@ class QuantizePass(Pass):
         how many layers the fallback needed to keep in float after PTQ alone."""
         import copy
 
+        import onnxruntime
+        import torch
+
         from ..learn.distill import finetune_with_distillation
         from ..learn.qat import QdqEmulation, read_floats, write_back
         from .base import objective_of
@@ -380,9 +395,6 @@ class QuantizePass(Pass):
         read_floats(student, quantized, model, skip=set(emulation.factor))
         # the emulation must compute what the runtime computes on the Q/DQ graph before it is trained
         x, inputs = sensitivity_inputs(ctx, calibrated, max(self.sensitivity_samples, 8), ctx.seed + 4)
-        import onnxruntime
-        import torch
-
         session = onnxruntime.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
         ort_out = session.run(None, {session.get_inputs()[0].name: x})[0]
         with torch.inference_mode():
