@@ -110,7 +110,7 @@ def qat_markdown(q: dict[str, Any] | None) -> list[str]:
 
     emu = qat["emulation_vs_onnxruntime"]
     lines = ["## int8 quantization-aware fine-tuning", "",
-             f"- {qat['epochs']} epochs on {qat['train_samples']} training images, lr {qat['lr']:g}, teacher: "
+             f"- {qat['epochs']} epoch{'s' if qat['epochs'] != 1 else ''} on {qat['train_samples']} training images, lr {qat['lr']:g}, teacher: "
              f"{qat['teacher']}; {qat['parameters_written']} parameters written back into the Q/DQ graph "
              f"({qat['seconds']} s)",
              f"- the torch emulation of the Q/DQ graph vs ONNX Runtime before fine-tuning: relative L2 "
