@@ -114,7 +114,8 @@ def qat_markdown(q: dict[str, Any] | None) -> list[str]:
              f"{qat['teacher']}; {qat['parameters_written']} parameters written back into the Q/DQ graph "
              f"({qat['seconds']} s)",
              f"- the torch emulation of the Q/DQ graph vs ONNX Runtime before fine-tuning: relative L2 "
-             f"{emu['rel_l2']:.3g} (max {emu['max_rel_l2']:g}) on {emu['inputs']}"]
+             f"{emu['rel_l2']:.3g} (the fp32 model's {emu['fp32_rel_l2']:.3g}; max {emu['max_ratio']:g}x that) on "
+             f"{emu['inputs']}"]
     if "gate_before" in qat:
         lines += [f"- fully quantized, before QAT (PTQ): {gate(qat['gate_before'])}",
                   f"- fully quantized, after QAT: {gate(qat['gate_after'])}"]

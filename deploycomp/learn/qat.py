@@ -6,20 +6,23 @@ quantizers on a copy of the torch module the graph came from, so that the module
 graph computes, and fine-tuning moves the float weights under them (straight-through estimator:
 ``torch.fake_quantize_per_*_affine``, whose gradient passes inside the clamp range):
 
-- a quantized ``nn.Linear`` (its weight initializer carries the torch parameter name): the input
-  multiplied by SmoothQuant's factor when NNCF inserted one (its ``Mul`` before the activation
-  quantizer), fake-quantized per tensor with the graph's scale and zero point; the weight scaled by
-  the inverse factor NNCF folded into the initializer, fake-quantized per output channel;
+- a quantized ``nn.Linear`` or ``nn.Conv2d`` (its weight initializer carries the torch parameter
+  name): the input multiplied by SmoothQuant's factor when NNCF inserted one (its ``Mul`` before the
+  activation quantizer), fake-quantized per tensor with the graph's scale and zero point; the weight
+  fake-quantized per output channel. The trained parameter is the graph's weight itself (NNCF's,
+  the inverse factor folded in), so the emulation quantizes exactly the numbers the graph does
+  (dividing a re-multiplied weight flipped one rounding in 37 000 on a proxy DeiT);
 - attention's ``q @ k^T`` (the exporter's SDPA scales q and k by sqrt(scale) before the quantizers):
   q and k fake-quantized through the attention's ``q_norm``/``k_norm`` slots (identities in timm's
   ``Attention``) with the scale divided by that factor, which is the same rounding.
 
 Anything else the graph quantizes, or a layer whose parameter or attention module is not found, is
 refused: an emulation that misses a quantizer would train against another function. The caller
-checks the emulation against ONNX Runtime running the Q/DQ graph before fine-tuning (``max_rel_l2``).
+checks the emulation against ONNX Runtime running the Q/DQ graph before fine-tuning
+(``QuantizePass.qat_emulation_ratio``).
 
 After fine-tuning, :func:`write_back` writes every trained parameter into the Q/DQ graph by name
-(a folded transpose re-applied, a quantized weight re-multiplied by its SmoothQuant factor); the
+(a folded transpose re-applied; a quantized weight is already the graph's smoothed one); the
 scales stay NNCF's, and the graph pipeline continues from that graph (sensitivity, fallback, NNCF's
 weight compression, the fidelity gate).
 """
@@ -125,7 +128,9 @@ class QdqEmulation:
     def __init__(self, module: nn.Module, quantized: onnx.ModelProto, fp32: ir.Model, names: dict[str, str],
                  attention: dict[int, str]):
         self.module, self.graph, self.fp32 = module, QdqGraph(quantized), fp32
-        self.factor: dict[str, np.ndarray] = {}  # parameter name -> SmoothQuant factor folded into its initializer
+        # quantized weight's parameter name -> the SmoothQuant factor folded into it (1: none); the parameter
+        # holds the graph's (smoothed) weight
+        self.smoothing: dict[str, np.ndarray] = {}
         params = dict(module.named_parameters())
         modules = dict(module.named_modules())
         covered = set()
@@ -158,7 +163,7 @@ class QdqEmulation:
         if act is None or wq is None or w_src != name:
             raise DeployCompError(f"{node.name}: expected an activation and a weight quantizer on '{name}'")
         # SmoothQuant: the activation quantizer reads x * m (a Mul by a constant); NNCF divided the weight
-        # initializer by m along its input axis. m (1 without SmoothQuant) is applied in torch to both.
+        # initializer by m along its input axis, and the parameter takes that initializer as it is.
         smooth = np.float32(1.0)
         mul = self.graph.producer.get(act_src)
         if isinstance(linear, nn.Linear) and mul is not None and mul.op_type == "Mul" \
@@ -176,13 +181,13 @@ class QdqEmulation:
         axis = perm[graph_axis] if perm else graph_axis
         wq = Quantizer(wq.scale, wq.zero_point, axis, wq.qmin, wq.qmax)
         m = torch.as_tensor(smooth)
-        with torch.no_grad():  # the module's weight becomes the graph's (NNCF may have corrected it) without m
-            linear.weight.copy_(torch.from_numpy(np.array(torch_layout)) * m)
-        self.factor[name] = np.asarray(smooth)
+        with torch.no_grad():  # the module's weight becomes the graph's (smoothed, as NNCF left it)
+            linear.weight.copy_(torch.from_numpy(np.array(torch_layout)))
+        self.smoothing[name] = np.asarray(smooth)
 
         def forward(self_, x):
             xq = act.apply(x * m)
-            w = wq.apply(self_.weight / m)
+            w = wq.apply(self_.weight)
             if isinstance(self_, nn.Conv2d):
                 return self_._conv_forward(xq, w, self_.bias)
             return nn.functional.linear(xq, w, self_.bias)
@@ -218,17 +223,15 @@ class FakeQuant(nn.Module):
         return self.quantizer.apply(x, divide=self.c)
 
 
-def write_back(module: nn.Module, quantized: onnx.ModelProto, fp32: ir.Model, factor: dict[str, np.ndarray]) -> int:
+def write_back(module: nn.Module, quantized: onnx.ModelProto, fp32: ir.Model) -> int:
     """Every parameter of ``module`` into the Q/DQ graph's initializer of the same name (folded transpose
-    re-applied, a quantized weight divided by its SmoothQuant factor along its input axis); returns the count."""
+    re-applied); returns the count."""
     inits = {t.name: t for t in quantized.graph.initializer}
     count = 0
     for name, param in module.named_parameters():
         if name not in inits:
             continue
         array = param.detach().cpu()
-        if name in factor:
-            array = array / torch.as_tensor(factor[name])  # torch [out, in]: the factor runs along in
         perm = _perm(fp32, name)
         array = np.ascontiguousarray((array.permute(perm) if perm else array).numpy())
         old = numpy_helper.to_array(inits[name])

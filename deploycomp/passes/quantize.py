@@ -42,7 +42,7 @@ into the same graph by parameter name. NNCF's torch QAT (``nncf.quantize`` on th
 was not used: its export is another graph than the one the pipeline (and a pruning or token rewrite
 before it) produced, with its own scales, so the sensitivity, fallback and gate would judge a graph
 the pipeline never made. The emulation is compared with ONNX Runtime on the Q/DQ graph before it is
-trained (``qat_max_rel_l2``); the manifest records the gate before and after and how many layers the
+trained (``qat_emulation_ratio``); the manifest records the gate before and after and how many layers the
 fallback would keep after PTQ alone. Only the Q/DQ methods (nncf, nncf-symmetric): ORT's dynamic
 int8 has no fixed scales to train under.
 """
@@ -257,7 +257,7 @@ class QuantizePass(Pass):
 
     def __init__(self, samples: int = 128, method: str = "nncf", fast_bias_correction: bool = True,
                  sensitivity_samples: int = 16, max_float_layers: int | None = None, qat_epochs: int = 0,
-                 qat_lr: float = 1e-4, qat_teacher_logits: str | None = None, qat_max_rel_l2: float = 1e-3):
+                 qat_lr: float = 1e-4, qat_teacher_logits: str | None = None, qat_emulation_ratio: float = 0.2):
         if method not in self.METHODS:
             raise DeployCompError(f"unknown int8 method '{method}': use {' or '.join(self.METHODS)}")
         if max_float_layers is not None and max_float_layers < 0:
@@ -276,7 +276,10 @@ class QuantizePass(Pass):
                                   "ort-cpu's int8 is ONNX Runtime's dynamic quantization (no fixed scales): use "
                                   "openvino-cpu or tensorrt")
         self.qat_epochs, self.qat_lr, self.qat_teacher_logits = qat_epochs, qat_lr, qat_teacher_logits
-        self.qat_max_rel_l2 = qat_max_rel_l2
+        # the emulation's relative L2 to the runtime on the Q/DQ graph, at most this share of the fp32 model's:
+        # float summation order flips a few roundings, which a sensitive model amplifies (a random proxy DeiT
+        # with 4x blocks: 0.005 against fp32's 0.043); a missed quantizer or factor is of fp32's order or more
+        self.qat_emulation_ratio = qat_emulation_ratio
 
     def requires(self, model: ir.Model, ctx: CompileContext) -> None:
         assert ctx.input_shape is not None, "quantization needs the input shape for its calibration images"
@@ -392,18 +395,20 @@ class QuantizePass(Pass):
         attention = {b.index: names[b.nodes["q"]].rsplit(".", 2)[0] for b in getattr(ctx.structure, "blocks", [])
                      if b.nodes.get("q") in names}
         emulation = QdqEmulation(student, quantized, model, names, attention)
-        read_floats(student, quantized, model, skip=set(emulation.factor))
+        read_floats(student, quantized, model, skip=set(emulation.smoothing))
         # the emulation must compute what the runtime computes on the Q/DQ graph before it is trained
         x, inputs = sensitivity_inputs(ctx, calibrated, max(self.sensitivity_samples, 8), ctx.seed + 4)
         session = onnxruntime.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
         ort_out = session.run(None, {session.get_inputs()[0].name: x})[0]
         with torch.inference_mode():
             emulated = student.eval()(torch.from_numpy(x)).numpy()
-        err = relative_l2(emulated, ort_out)
-        qat["emulation_vs_onnxruntime"] = {"rel_l2": err, "max_rel_l2": self.qat_max_rel_l2, "inputs": inputs}
-        if not err <= self.qat_max_rel_l2:
+        err, fp32_err = relative_l2(emulated, ort_out), relative_l2(np.asarray(ctx.reference(x)), ort_out)
+        qat["emulation_vs_onnxruntime"] = {"rel_l2": err, "fp32_rel_l2": fp32_err, "max_ratio": self.qat_emulation_ratio,
+                                           "inputs": inputs}
+        if not err <= self.qat_emulation_ratio * fp32_err:
             raise DeployCompError(f"quantization-aware fine-tuning refused: the torch emulation of the Q/DQ graph "
-                                  f"differs from ONNX Runtime by relative L2 {err:.3g} > {self.qat_max_rel_l2:g}")
+                                  f"differs from ONNX Runtime by relative L2 {err:.3g}, more than "
+                                  f"{self.qat_emulation_ratio:g} x the fp32 model's {fp32_err:.3g}")
         t0 = time.perf_counter()
         teacher = ctx.teacher if ctx.teacher is not None else ctx.module
         history = finetune_with_distillation(student, ctx.train, None, teacher, epochs=self.qat_epochs,
@@ -412,7 +417,7 @@ class QuantizePass(Pass):
         student.eval()
         tuned = onnx.ModelProto()
         tuned.CopyFrom(quantized)
-        qat["parameters_written"] = write_back(student, tuned, model, emulation.factor)
+        qat["parameters_written"] = write_back(student, tuned, model)
         qat["history"], qat["seconds"] = history, round(time.perf_counter() - t0, 2)
         if gate is not None:
             qat["gate_after"] = gate.measure(ctx.backend.runner(tuned))
