@@ -28,7 +28,7 @@ from .test_gate import model_args, run_cli, wrap
 from .test_int8 import INT8_DEIT, float_layers, images, int8_deit, run_openvino
 
 
-def ptq_graph():
+def ptq_graph(symmetric: bool = False):
     """A tiny DeiT whose blocks matter, its cleaned fp32 graph and structure, and NNCF's Q/DQ graph of it
     (SmoothQuant factors, per-channel weights, the patch embedding's Conv and the attention's q@k quantized)."""
     from deploycomp.passes.quantize import layer_names, nncf_qdq
@@ -36,7 +36,7 @@ def ptq_graph():
     module = int8_deit()
     model, structure = source_structure(module, INT8_DEIT)
     calibration = [images(1, seed=s) for s in range(16)]
-    quantized = nncf_qdq(ir.to_proto(model), calibration)
+    quantized = nncf_qdq(ir.to_proto(model), calibration, symmetric=symmetric)
     return module, model, structure, quantized, layer_names(model, structure)
 
 
@@ -56,15 +56,18 @@ def forward(module, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.slow  # an NNCF quantization (~8 s quiet, ~15 s busy)
-def test_the_emulation_computes_what_onnxruntime_computes_on_the_qdq_graph_and_writes_back_by_name():
+@pytest.mark.parametrize("symmetric", [False, True], ids=["nncf", "nncf-symmetric"])  # openvino-cpu, tensorrt
+def test_the_emulation_computes_what_onnxruntime_computes_on_the_qdq_graph_and_writes_back_by_name(symmetric):
     """Emulation vs ONNX Runtime on NNCF's Q/DQ graph: equal to float rounding, where the fp32 model is
     10 % away (the graph is really quantized). Then the student's weights are changed, written back,
     and ONNX Runtime on the written graph again equals the emulation (transposes and SmoothQuant factors
     re-applied by name), while the unwritten graph no longer does."""
     from deploycomp.learn.qat import write_back
 
-    module, model, structure, quantized, names = ptq_graph()
+    module, model, structure, quantized, names = ptq_graph(symmetric)
     assert any("smooth_quant" in t.name for t in quantized.graph.initializer)  # SmoothQuant is in play
+    zero_points = [numpy_helper.to_array(t) for t in quantized.graph.initializer if t.name.startswith("zero_point")]
+    assert all(not z.any() for z in zero_points) if symmetric else any(z.any() for z in zero_points)
     student, emulation = emulate(module, model, structure, quantized, names)
     assert {n.rpartition(".")[0] for n in emulation.smoothing} >= {"patch_embed.proj", "head", "blocks.1.mlp.fc2"}
     x = images(8, seed=9)
