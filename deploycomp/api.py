@@ -200,6 +200,10 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
     src = load_source(source, options.weights, options.model_kwargs, options.opset,
                       torch_twin=options.prune is not None or options.semantic_tokens is not None or options.qat_epochs > 0)
     tokens = _resolve_tokens(src, options.semantic_tokens) if options.semantic_tokens is not None else None
+    if options.qat_epochs:
+        from .learn.qat import check_emulable
+
+        check_emulable(src.torch_module)  # before the data, the calibration and NNCF
     output_kind = options.output or src.meta.get("output", "logits")  # (``output`` is the artifact directory)
     src.meta = {**src.meta, "output": output_kind}
     stored = options.token_teacher_logits or options.qat_teacher_logits or (

@@ -234,3 +234,15 @@ def test_qat_reads_stored_teacher_logits(tmp_path):
         deploycomp.compile(PROXY, tmp_path / "mismatch", options(384))
     manifest = deploycomp.compile(PROXY, tmp_path / "out", options(256))
     assert manifest["quantization"]["qat"]["teacher"] == f"stored top-K logits {logits}"
+
+
+def test_qat_refuses_an_attention_it_cannot_emulate():
+    """Swin's WindowAttention has no q_norm/k_norm slots: refused by the check plan_compile runs right
+    after loading the source (before data, calibration and NNCF); a timm DeiT passes it."""
+    from deploycomp.learn.qat import check_emulable
+
+    from .conftest import tiny_module
+
+    check_emulable(int8_deit())
+    with pytest.raises(DeployCompError, match="'layers.0.blocks.0.attn' \\(WindowAttention\\) has none"):
+        check_emulable(tiny_module("swin"))

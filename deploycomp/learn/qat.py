@@ -108,6 +108,16 @@ class QdqGraph:
         return Quantizer(scale, zp, axis if scale.size > 1 else None, int(info.min), int(info.max)), q.input[0]
 
 
+def check_emulable(module: nn.Module) -> None:
+    """Refuse, before any quantization runs, a model whose attention the emulation cannot fake-quantize:
+    every attention with a fused ``qkv`` must offer timm's ``q_norm``/``k_norm`` slots (Swin's
+    ``WindowAttention`` does not)."""
+    for name, sub in module.named_modules():
+        if isinstance(getattr(sub, "qkv", None), nn.Linear) and not (hasattr(sub, "q_norm") and hasattr(sub, "k_norm")):
+            raise DeployCompError(f"quantization-aware fine-tuning emulates timm ViT attention (q_norm/k_norm); "
+                                  f"'{name}' ({type(sub).__name__}) has none: compile int8 without --finetune-epochs")
+
+
 def _perm(fp32: ir.Model, name: str) -> tuple[int, ...] | None:
     from ..passes.cleanup import TRANSPOSED_FROM
 
