@@ -78,6 +78,11 @@ class CompileOptions:
     max_drop: float = 1.0
     sensitivity_samples: int = 16  # int8: held-out images the per-layer sensitivity runs on (0: none, no fallback)
     max_float_layers: int | None = None  # int8 fallback: most layers kept in float; None: a quarter; 0: no fallback
+    # int8 quantization-aware fine-tuning (with --data; nncf Q/DQ targets): the PTQ graph's float weights tuned
+    # under its quantizers by distillation from the fp32 model (passes/quantize.py, learn/qat.py); 0: PTQ only
+    qat_epochs: int = 0
+    qat_lr: float = 1e-4
+    qat_teacher_logits: str | None = None  # stored top-K teacher logits for it (deploycomp store-logits)
     # what the model outputs: None takes the source's word (a CLIP tower, hf ViTModel or a timm model
     # with num_classes=0: "embedding"; a classifier: "logits"); set "embedding" for a timm CLIP tower
     # whose head is its projection. An embedding model distils with feature_loss and reports cosine.
@@ -103,6 +108,15 @@ def check_options(source: str, options: CompileOptions) -> None:
     from .learn.objective import Objective
 
     Objective(options.output or "logits", options.feature_loss)  # known values, or one line
+    if options.qat_epochs:
+        if options.precision != "int8":
+            raise DeployCompError(f"quantization-aware fine-tuning applies to --precision int8, not {options.precision}")
+        if not options.data:
+            raise DeployCompError("quantization-aware fine-tuning (--finetune-epochs with --precision int8) needs "
+                                  "training data (--data)")
+        if options.prune is not None or options.semantic_tokens is not None:
+            raise DeployCompError("quantization-aware fine-tuning runs on an int8 compile without --latency or "
+                                  "--semantic-tokens (their --finetune-epochs is their own recovery)")
     if options.token_finetune_epochs and not options.data:
         raise DeployCompError("fine-tuning after the token rewrite needs training data (--data)")
     if options.prune is not None and (options.prune.kd_steps or options.prune.finetune_epochs) and not options.data:
@@ -153,7 +167,8 @@ def default_passes(options: CompileOptions, backend: "Backend", tokens: "Semanti
     if options.precision == "int8":
         passes.append(build_pass("quantize", samples=options.calibration_samples, method=backend.int8_quantizer,
                                  sensitivity_samples=options.sensitivity_samples,
-                                 max_float_layers=options.max_float_layers))
+                                 max_float_layers=options.max_float_layers, qat_epochs=options.qat_epochs,
+                                 qat_lr=options.qat_lr, qat_teacher_logits=options.qat_teacher_logits))
     elif options.precision != "fp32" and backend.precisions[options.precision] == "graph":
         passes.append(build_pass("precision", dtype=options.precision))
     passes.append(build_pass("verify"))
@@ -175,15 +190,24 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
     say = progress or (lambda stage: None)
     output = Path(output)
     backend = make_backend(options)
+    if options.qat_epochs and not backend.int8_quantizer.startswith("nncf"):
+        raise DeployCompError(f"quantization-aware fine-tuning tunes the weights under a Q/DQ graph's quantizers; "
+                              f"{options.target}'s int8 is {backend.int8_quantizer} (no fixed scales): use "
+                              "openvino-cpu or tensorrt")
     check_output_dir(output)
 
     say("load")
     src = load_source(source, options.weights, options.model_kwargs, options.opset,
-                      torch_twin=options.prune is not None or options.semantic_tokens is not None)
+                      torch_twin=options.prune is not None or options.semantic_tokens is not None or options.qat_epochs > 0)
     tokens = _resolve_tokens(src, options.semantic_tokens) if options.semantic_tokens is not None else None
+    if options.qat_epochs:
+        from .learn.qat import check_emulable
+
+        check_emulable(src.torch_module)  # before the data, the calibration and NNCF
     output_kind = options.output or src.meta.get("output", "logits")  # (``output`` is the artifact directory)
     src.meta = {**src.meta, "output": output_kind}
-    stored = options.token_teacher_logits or (options.prune.teacher_logits if options.prune is not None else None)
+    stored = options.token_teacher_logits or options.qat_teacher_logits or (
+        options.prune.teacher_logits if options.prune is not None else None)
     if output_kind == "embedding" and stored:
         raise DeployCompError(f"{source} outputs an embedding: its distillation matches the source's embedding, "
                               "stored teacher logits (class probabilities) do not apply")
@@ -227,6 +251,7 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
 
             ctx.train = ctx.train or load_data(options.data, "train", img_size=src.input_shape[-1],
                                                in_chans=src.input_shape[1]).head(
+                options.train_samples if options.qat_epochs else
                 options.calibration_samples * calibrated + options.sensitivity_samples)
         elif calibrated:
             import warnings

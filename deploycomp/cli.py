@@ -90,7 +90,7 @@ def compile_cmd(
     prune_groups: str = typer.Option("emb,heads,qk,v,mlp", "--prune-groups", help="Group kinds to prune (comma-separated)."),
     saliency_batches: int = typer.Option(4, "--saliency-batches", help="Calibration batches per importance estimate."),
     kd_steps: int = typer.Option(0, "--kd-steps", help="Distillation steps from the unpruned model after each pruning step (needs --data)."),
-    finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="Recovery fine-tuning epochs with distillation (needs --data)."),
+    finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="Recovery fine-tuning epochs with distillation (needs --data): after pruning, after the semantic-token rewrite, or, for --precision int8 alone, quantization-aware fine-tuning of the int8 graph's weights under its quantizers."),
     teacher_logits: Optional[Path] = typer.Option(None, "--teacher-logits", help="Stored top-K teacher logits for the fine-tuning (deploycomp store-logits)."),
     train_samples: Optional[int] = typer.Option(None, "--train-samples", help="Use the first N training samples for pruning (default: all)."),
     tables: Path = typer.Option(Path("latency_tables"), "--tables", help="Root directory of the latency tables."),
@@ -118,6 +118,8 @@ def compile_cmd(
                             kinds=tuple(k.strip() for k in prune_groups.split(",") if k.strip()),
                             saliency_batches=saliency_batches, batch_size=calib_batch, kd_steps=kd_steps, finetune_epochs=finetune_epochs,
                             teacher_logits=str(teacher_logits) if teacher_logits else None, budget_rounds=budget_rounds)
+    # --finetune-epochs: pruning's recovery, else the semantic tokens', else int8's quantization-aware fine-tuning
+    qat = precision == "int8" and prune is None and semantic_tokens is None
     tokens = None
     if dense and semantic_tokens is None:
         raise DeployCompError("--dense is STViT-R's recovery of Swin semantic tokens: give --semantic-tokens too")
@@ -130,8 +132,10 @@ def compile_cmd(
                              prune=prune, latency_batch=latency_batch, tables=str(tables), train_samples=train_samples,
                              calibrate_rounds=calibrate_rounds,
                              semantic_tokens=tokens, token_lowering=token_lowering,
-                             token_finetune_epochs=0 if prune else finetune_epochs,
-                             token_teacher_logits=None if prune or not teacher_logits else str(teacher_logits),
+                             token_finetune_epochs=0 if prune or qat else finetune_epochs,
+                             token_teacher_logits=None if prune or qat or not teacher_logits else str(teacher_logits),
+                             qat_epochs=finetune_epochs if qat else 0,
+                             qat_teacher_logits=str(teacher_logits) if qat and teacher_logits else None,
                              max_drop=max_drop, max_float_layers=max_float_layers, output=output_kind,
                              feature_loss=feature_loss)
     check_options(model, options)  # before the progress bar: a refusal is one line

@@ -106,6 +106,36 @@ def int8_markdown(q: dict[str, Any] | None) -> list[str]:
     return lines + [""]
 
 
+def qat_markdown(q: dict[str, Any] | None) -> list[str]:
+    """int8 quantization-aware fine-tuning: the recipe, the emulation's check, the gate before and after."""
+    if not q or "qat" not in q:
+        return []
+    qat = q["qat"]
+
+    def gate(g: dict[str, Any]) -> str:
+        return (f"top-1 agreement {g['top1_agreement']:.3f}, cosine {g['cosine']:.5f}, relative L2 {g['rel_l2']:.3g}"
+                + (f", top-1 {g['artifact_top1']:.2f} % (drop {g['drop_pt']:.2f} pt)" if "drop_pt" in g else ""))
+
+    emu = qat["emulation_vs_onnxruntime"]
+    lines = ["## int8 quantization-aware fine-tuning", "",
+             f"- {qat['epochs']} epoch{'s' if qat['epochs'] != 1 else ''} on {qat['train_samples']} training images, lr {qat['lr']:g}, teacher: "
+             f"{qat['teacher']}; {qat['parameters_written']} parameters written back into the Q/DQ graph "
+             f"({qat['seconds']} s)",
+             f"- the torch emulation of the Q/DQ graph vs ONNX Runtime before fine-tuning: relative L2 "
+             f"{emu['rel_l2']:.3g} (the fp32 model's {emu['fp32_rel_l2']:.3g}; max {emu['max_ratio']:g}x that) on "
+             f"{emu['inputs']}"]
+    if "gate_before" in qat:
+        lines += [f"- fully quantized, before QAT (PTQ): {gate(qat['gate_before'])}",
+                  f"- fully quantized, after QAT: {gate(qat['gate_after'])}"]
+    if "ptq_kept_float" in qat:
+        after = (q.get("fallback") or {}).get("kept_float")
+        before = qat["ptq_kept_float"]
+        lines.append(f"- layers the accuracy-aware fallback keeps in float: PTQ alone "
+                     f"{'more than its cap' if before is None else len(before)}, after QAT "
+                     f"{len(after) if after is not None else 'n/a'}")
+    return lines + [""]
+
+
 def render_report(m: dict[str, Any]) -> str:
     src, tgt, parity = m["source"], m["target"], m["parity"]
     lines = [
@@ -157,6 +187,7 @@ def render_report(m: dict[str, Any]) -> str:
         *pruning_markdown(m.get("pruning")),
         *tokens_markdown(m.get("semantic_tokens")),
         *int8_markdown(quant),
+        *qat_markdown(quant),
         "## Passes",
         "",
         "| pass | modified | seconds | nodes after |",

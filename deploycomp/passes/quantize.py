@@ -33,6 +33,18 @@ NNCF's own weight compression folds the remaining weight quantizers into int8 af
 ``quantize_with_accuracy_control`` was not used: it judges one scalar metric (this gate has three
 thresholds), ranks quantizers by its own ONNX Runtime engine's outputs unless the metric is computed
 per item, and names what it reverted only in its log.
+
+**Quantization-aware fine-tuning** (``qat_epochs``, the CLI's ``--finetune-epochs`` with
+``--precision int8`` and ``--data``): between PTQ and the sensitivity/fallback, the float weights
+behind the Q/DQ graph's quantizers are fine-tuned by distillation from the fp32 model (or stored
+top-K teacher logits) with those quantizers emulated in torch (``learn/qat.py``), and written back
+into the same graph by parameter name. NNCF's torch QAT (``nncf.quantize`` on the module, export)
+was not used: its export is another graph than the one the pipeline (and a pruning or token rewrite
+before it) produced, with its own scales, so the sensitivity, fallback and gate would judge a graph
+the pipeline never made. The emulation is compared with ONNX Runtime on the Q/DQ graph before it is
+trained (``qat_emulation_ratio``); the manifest records the gate before and after and how many layers the
+fallback would keep after PTQ alone. Only the Q/DQ methods (nncf, nncf-symmetric): ORT's dynamic
+int8 has no fixed scales to train under.
 """
 
 from __future__ import annotations
@@ -244,7 +256,8 @@ class QuantizePass(Pass):
     METHODS = ("nncf", "nncf-symmetric", "ort-dynamic")
 
     def __init__(self, samples: int = 128, method: str = "nncf", fast_bias_correction: bool = True,
-                 sensitivity_samples: int = 16, max_float_layers: int | None = None):
+                 sensitivity_samples: int = 16, max_float_layers: int | None = None, qat_epochs: int = 0,
+                 qat_lr: float = 1e-4, qat_teacher_logits: str | None = None, qat_emulation_ratio: float = 0.2):
         if method not in self.METHODS:
             raise DeployCompError(f"unknown int8 method '{method}': use {' or '.join(self.METHODS)}")
         if max_float_layers is not None and max_float_layers < 0:
@@ -256,9 +269,23 @@ class QuantizePass(Pass):
                                   "(sensitivity samples > 0)")
         self.samples, self.method, self.fast_bias_correction = samples, method, fast_bias_correction
         self.sensitivity_samples, self.max_float_layers = sensitivity_samples, max_float_layers
+        if qat_epochs < 0:
+            raise DeployCompError(f"fine-tuning epochs must be >= 0, not {qat_epochs}")
+        if qat_epochs and method == "ort-dynamic":
+            raise DeployCompError("quantization-aware fine-tuning tunes the weights under a Q/DQ graph's quantizers; "
+                                  "ort-cpu's int8 is ONNX Runtime's dynamic quantization (no fixed scales): use "
+                                  "openvino-cpu or tensorrt")
+        self.qat_epochs, self.qat_lr, self.qat_teacher_logits = qat_epochs, qat_lr, qat_teacher_logits
+        # the emulation's relative L2 to the runtime on the Q/DQ graph, at most this share of the fp32 model's:
+        # float summation order flips a few roundings, which a sensitive model amplifies (a random proxy DeiT
+        # with 4x blocks: 0.005 against fp32's 0.043); a missed quantizer or factor is of fp32's order or more
+        self.qat_emulation_ratio = qat_emulation_ratio
 
     def requires(self, model: ir.Model, ctx: CompileContext) -> None:
         assert ctx.input_shape is not None, "quantization needs the input shape for its calibration images"
+        if self.qat_epochs:
+            assert ctx.train is not None and ctx.module is not None, \
+                "quantization-aware fine-tuning needs training data and the torch model"
 
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
         import tempfile
@@ -278,12 +305,15 @@ class QuantizePass(Pass):
                 except ImportError as exc:
                     raise DeployCompError("--precision int8 needs NNCF: pip install 'deploycomp[int8]' (nncf)") from exc
                 inputs, source = calibration_inputs(ctx, self.samples, ctx.seed + 1)
-                layers = QdqLayers(nncf_qdq(ir.to_proto(model), inputs, symmetric=self.method == "nncf-symmetric",
-                                            fast_bias_correction=self.fast_bias_correction), names)
+                quantized = nncf_qdq(ir.to_proto(model), inputs, symmetric=self.method == "nncf-symmetric",
+                                     fast_bias_correction=self.fast_bias_correction)
                 info = {"method": "nncf post-training quantization (transformer preset), Q/DQ ONNX",
                         "nncf": nncf.__version__, "calibration": source, "samples": len(inputs),
                         **({"warning": SYNTHETIC_WARNING} if ctx.train is None else {})}
                 calibrated = len(inputs)
+                if self.qat_epochs:
+                    quantized = self.finetune(quantized, model, names, ctx, info, calibrated)
+                layers = QdqLayers(quantized, names)
             info["quantized_layers"] = len(layers.layers)
             measurable = ctx.backend is not None and ctx.reference is not None  # a hand-built pipeline may lack both
             keep = self.fit_gate(layers, ctx, info, calibrated) if self.sensitivity_samples and layers.layers \
@@ -294,9 +324,10 @@ class QuantizePass(Pass):
         return PassResult(out, modified=True, info={"int8_nodes": q, "kept_float": len(keep),
                                                     "calibration": info["calibration"]})
 
-    def fit_gate(self, layers, ctx: CompileContext, info: dict, calibrated: int) -> list[str]:
+    def fit_gate(self, layers, ctx: CompileContext, info: dict, calibrated: int, refuse: bool = True) -> list[str] | None:
         """Per-layer sensitivity into ``info``; then, if the quantized graph misses the fidelity gate,
-        the most sensitive layers kept in float until it passes (node names of the kept layers)."""
+        the most sensitive layers kept in float until it passes (node names of the kept layers).
+        ``refuse=False``: None instead of the refusal when the cap is not enough."""
         from .verify import FidelityGate
 
         t0 = time.perf_counter()
@@ -324,10 +355,73 @@ class QuantizePass(Pass):
             if not failures:
                 fallback["kept_float"] = [r["layer"] for r in rows[:k]]
                 return keep
+        if not refuse:
+            fallback["kept_float"] = None  # the cap was not enough
+            return None
         raise VerificationError(
             f"fidelity gate failed even with the {cap} most sensitive of {len(rows)} quantized layers kept in float "
             f"(--max-float-layers {cap}): {'; '.join(failures)} against the {ctx.reference_kind} reference on "
             f"{gate.inputs}; no artifact written")
+
+    def finetune(self, quantized: onnx.ModelProto, model: ir.Model, names: dict[str, str], ctx: CompileContext,
+                 info: dict, calibrated: int) -> onnx.ModelProto:
+        """Quantization-aware fine-tuning (``learn/qat.py``): the PTQ graph's float weights tuned under
+        its own quantizers by distillation from the fp32 teacher, written back into the graph. Records
+        in ``info["qat"]`` the gate before and after (the fully quantized graph, run by the target) and
+        how many layers the fallback needed to keep in float after PTQ alone."""
+        import copy
+
+        import onnxruntime
+        import torch
+
+        from ..learn.distill import finetune_with_distillation
+        from ..learn.qat import QdqEmulation, read_floats, write_back
+        from .base import objective_of
+        from .verify import FidelityGate, relative_l2
+
+        qat = info["qat"] = {"epochs": self.qat_epochs, "lr": self.qat_lr,
+                             "teacher": f"stored top-K logits {self.qat_teacher_logits}" if self.qat_teacher_logits
+                             else "the fp32 model (live)", "train_samples": len(ctx.train)}
+        measurable = ctx.backend is not None and ctx.fidelity is not None and ctx.reference is not None
+        gate = FidelityGate.of(ctx) if measurable else None
+        if gate is not None:
+            qat["gate_before"] = gate.measure(ctx.backend.runner(quantized))
+            if self.sensitivity_samples:  # what PTQ alone would have kept in float (None: its cap was not enough)
+                ptq: dict = {}
+                self.fit_gate(QdqLayers(quantized, names), ctx, ptq, calibrated, refuse=False)
+                qat["ptq_kept_float"] = ptq["fallback"]["kept_float"]
+
+        student = copy.deepcopy(ctx.module)
+        attention = {b.index: names[b.nodes["q"]].rsplit(".", 2)[0] for b in getattr(ctx.structure, "blocks", [])
+                     if b.nodes.get("q") in names}
+        emulation = QdqEmulation(student, quantized, model, names, attention)
+        read_floats(student, quantized, model, skip=set(emulation.smoothing))
+        # the emulation must compute what the runtime computes on the Q/DQ graph before it is trained
+        x, inputs = sensitivity_inputs(ctx, calibrated, max(self.sensitivity_samples, 8), ctx.seed + 4)
+        session = onnxruntime.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+        ort_out = session.run(None, {session.get_inputs()[0].name: x})[0]
+        with torch.inference_mode():
+            emulated = student.eval()(torch.from_numpy(x)).numpy()
+        err, fp32_err = relative_l2(emulated, ort_out), relative_l2(np.asarray(ctx.reference(x)), ort_out)
+        qat["emulation_vs_onnxruntime"] = {"rel_l2": err, "fp32_rel_l2": fp32_err, "max_ratio": self.qat_emulation_ratio,
+                                           "inputs": inputs}
+        if not err <= self.qat_emulation_ratio * fp32_err:
+            raise DeployCompError(f"quantization-aware fine-tuning refused: the torch emulation of the Q/DQ graph "
+                                  f"differs from ONNX Runtime by relative L2 {err:.3g}, more than "
+                                  f"{self.qat_emulation_ratio:g} x the fp32 model's {fp32_err:.3g}")
+        t0 = time.perf_counter()
+        teacher = ctx.teacher if ctx.teacher is not None else ctx.module
+        history = finetune_with_distillation(student, ctx.train, None, teacher, epochs=self.qat_epochs,
+                                             lr=self.qat_lr, seed=ctx.seed, teacher_logits=self.qat_teacher_logits,
+                                             log=ctx.say, objective=objective_of(ctx)).history
+        student.eval()
+        tuned = onnx.ModelProto()
+        tuned.CopyFrom(quantized)
+        qat["parameters_written"] = write_back(student, tuned, model)
+        qat["history"], qat["seconds"] = history, round(time.perf_counter() - t0, 2)
+        if gate is not None:
+            qat["gate_after"] = gate.measure(ctx.backend.runner(tuned))
+        return tuned
 
     def ensures(self, model: ir.Model, ctx: CompileContext) -> None:
         ops = {n.op_type for n in model.graph}
