@@ -44,7 +44,6 @@ from deploycomp.backends.ort import dynamic_int8  # noqa: E402
 from deploycomp.bench.harness import measure_interleaved, stats  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-MODEL_SUFFIXES = (".onnx", ".xml", ".bin")
 
 
 def jobs(quick: bool) -> dict[str, list[str]]:
@@ -64,9 +63,10 @@ def jobs(quick: bool) -> dict[str, list[str]]:
     return out
 
 
-def model_bytes(directory: Path) -> int:
-    """Bytes of what a runtime loads from an artifact directory (model files, not reports)."""
-    return sum(p.stat().st_size for p in directory.iterdir() if p.suffix in MODEL_SUFFIXES)
+def model_bytes(model: Path) -> int:
+    """Bytes of what the runtime loads: an .onnx with any external data, or an IR's .xml + .bin."""
+    files = [model, model.with_suffix(".bin")] if model.suffix == ".xml" else [model, *model.parent.glob(model.name + ".data")]
+    return sum(f.stat().st_size for f in files if f.exists())
 
 
 def compile_in_process(name: str, flags: list[str], out: Path, threads: int) -> dict:
@@ -101,7 +101,8 @@ def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[i
             d = tmp / f"art{len(compiled)}"
             record = compile_in_process(name, flags, d, threads)
             manifest = read_manifest(d)
-            record.update(bytes=model_bytes(d), bytes_vs_fp32_source=round(model_bytes(d) / source_bytes, 3),
+            size = model_bytes(d / manifest["files"]["model"])
+            record.update(bytes=size, bytes_vs_fp32_source=round(size / source_bytes, 3),
                           precision_choice=manifest.get("precision_choice"),
                           float_layers=(manifest.get("quantization") or {}).get("fallback"),
                           levers=manifest.get("pruning", {}).get("levers"))
@@ -112,10 +113,9 @@ def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[i
         say(f"quantize {name} with NNCF on OpenVINO and with ORT dynamic int8 (the peers)")
         peer_ir = nncf_int8_ir(module, shape, tmp / "ov_nncf_int8.xml")
         cands.append(ov.candidate("openvino + NNCF int8 (peer)", peer_ir, shape))
-        peer_ort = dynamic_int8(plain, tmp / "ort_dynamic_int8.onnx")
+        peer_ort = dynamic_int8(plain, tmp / "ort_dynamic_int8.onnx", preprocess=True)
         cands.append(ort.candidate("ort dynamic int8 (peer)", peer_ort, shape))
-        peers = {"openvino + NNCF int8 (peer)": peer_ir.stat().st_size + peer_ir.with_suffix(".bin").stat().st_size,
-                 "ort dynamic int8 (peer)": peer_ort.stat().st_size}
+        peers = {"openvino + NNCF int8 (peer)": model_bytes(peer_ir), "ort dynamic int8 (peer)": model_bytes(peer_ort)}
         for label, (d, manifest, _) in compiled.items():
             backend = backend_for_manifest(manifest)
             cands.append(backend.candidate(label, backend.artifact(d, manifest), shape))

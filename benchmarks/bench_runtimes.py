@@ -102,7 +102,7 @@ def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[i
             cands.append(ov_plain.candidate("openvino + NNCF int8 (peer)", nncf_int8_ir(module, shape, Path(tmp) / "ov_nncf_int8.xml"),
                                             shape))
             cands.append(get_backend("ort-cpu", threads=threads, allow_spinning=True).candidate(
-                "ort dynamic int8 (peer)", dynamic_int8(plain, Path(tmp) / "ort_dynamic_int8.onnx"), shape))
+                "ort dynamic int8 (peer)", dynamic_int8(plain, Path(tmp) / "ort_dynamic_int8.onnx", preprocess=True), shape))
         for label, art in arts.items():
             backend = backend_for_manifest(read_manifest(art["dir"]))
             cands.append(backend.candidate(label, backend.artifact(art["dir"], art["manifest"]), shape))

@@ -404,7 +404,7 @@ def bench(artifact: str | Path | None = None, baselines: list[str] = (), *, thre
         "ort": lambda m, module, shape, name: (get_backend("ort-cpu", threads=threads, allow_spinning=True), m),
         "openvino": lambda m, module, shape, name: (get_backend("openvino-cpu", threads=threads), m),
         "ort-int8": lambda m, module, shape, name: (get_backend("ort-cpu", threads=threads, allow_spinning=True),
-                                                    dynamic_int8(m, tmp / f"{name}-ort-int8.onnx")),
+                                                    dynamic_int8(m, tmp / f"{name}-ort-int8.onnx", preprocess=True)),
         "openvino-int8": lambda m, module, shape, name: (get_backend("openvino-cpu", threads=threads),
                                                          nncf_int8_ir(module, shape, tmp / f"{name}-openvino-int8.xml")),
     }

@@ -318,6 +318,26 @@ def test_the_openvino_int8_peer_runs_int8_kernels(tmp_path):
     assert sum(kinds.values()) == 2 * 4 + 1 and set(kinds) <= {"i8", "u8"}, kinds
 
 
+def test_the_ort_int8_peer_quantizes_every_linear_layer(tmp_path):
+    """The ORT dynamic int8 peer in bench is what an ORT user makes from the raw export: ORT's
+    quantization pre-processing, then ``quantize_dynamic``. Without the pre-processing, the export's
+    weights reach the MatMuls through Transposes and none was quantized: the peer measured like fp32."""
+    import collections
+
+    import onnx
+
+    from deploycomp.backends.ort import dynamic_int8
+    from deploycomp.frontend.export import export_to_onnx
+
+    from .models import timm_deit
+
+    shape = (1, 3, 64, 64)
+    module = timm_deit({"img_size": 64, "patch_size": 16, "embed_dim": 48, "num_heads": 3, "depth": 2, "num_classes": 10})
+    peer = onnx.load(dynamic_int8(export_to_onnx(module, shape), tmp_path / "peer.onnx", preprocess=True))
+    ops = collections.Counter(n.op_type for n in peer.graph.node)
+    assert ops["MatMulInteger"] == 2 * 4 + 1, ops  # qkv, proj, fc1, fc2 per block, and the head
+
+
 def test_calibration_interpolates_between_anchors_in_log_log():
     """Exact at each anchor, a power law between them reproduced exactly, constant beyond them
     (never extrapolated); one anchor is a constant scale."""
