@@ -38,6 +38,7 @@ from deploycomp.backends.fingerprint import host_fingerprint, usable_cores  # no
 from deploycomp.backends.openvino import nncf_int8_ir  # noqa: E402
 from deploycomp.backends.ort import dynamic_int8  # noqa: E402
 from deploycomp.bench.harness import measure_interleaved, stats  # noqa: E402
+from deploycomp.errors import DeployCompError  # noqa: E402
 from deploycomp.frontend.export import export_to_onnx  # noqa: E402
 from deploycomp.frontend.timm_models import build_timm_model, timm_spec  # noqa: E402
 
@@ -68,7 +69,12 @@ def artifacts_for(name: str, threads: int, workdir: Path, rewrites: bool, say, p
         say(f"compile {name}: {label}")
         t0 = time.perf_counter()
         d = workdir / label.replace(" ", "_").replace(",", "").replace("-", "_").replace(".", "")
-        manifest = deploycomp.compile(f"timm:{name}", d, options)
+        try:
+            manifest = deploycomp.compile(f"timm:{name}", d, options)
+        except DeployCompError as exc:  # a row the compiler refuses is recorded, not the whole run lost
+            say(f"  refused: {exc}")
+            out[label] = {"refused": str(exc)}
+            continue
         out[label] = {"dir": d, "manifest": manifest, "seconds": time.perf_counter() - t0}
     return out
 
@@ -94,6 +100,8 @@ def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[i
     name, shape, module, plain = source_model(alias)
     with tempfile.TemporaryDirectory() as tmp:
         arts = artifacts_for(name, threads, Path(tmp), rewrites, say, prune_table)
+        refused = {k: v["refused"] for k, v in arts.items() if "refused" in v}
+        arts = {k: v for k, v in arts.items() if "refused" not in v}
         ov_plain = get_backend("openvino-cpu", threads=threads)
         cands = [get_backend("ort-cpu", threads=threads, allow_spinning=True).candidate("ort plain", plain, shape),
                  ov_plain.candidate("openvino plain", plain, shape)]
@@ -106,7 +114,7 @@ def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[i
         for label, art in arts.items():
             backend = backend_for_manifest(read_manifest(art["dir"]))
             cands.append(backend.candidate(label, backend.artifact(art["dir"], art["manifest"]), shape))
-        out = {"model": name, "compile_seconds": {k: round(v["seconds"], 1) for k, v in arts.items()},
+        out = {"model": name, "refused": refused, "compile_seconds": {k: round(v["seconds"], 1) for k, v in arts.items()},
                "runtime_options": {k: v["manifest"]["runtime_options"] for k, v in arts.items()},
                "pruning": {k: {f: v["manifest"]["pruning"][f] for f in ("latency", "budget_checks", "target_ms",
                                                                         "predicted_ms", "baseline_predicted_ms")}

@@ -357,9 +357,8 @@ def test_calibration_interpolates_between_anchors_in_log_log():
 def test_a_drift_that_depends_on_size_is_calibrated_by_the_second_anchor(tmp_path, monkeypatch):
     """On a device that runs small models relatively faster than the table says (ort-cpu at batch 8:
     the full DeiT-B at 1.02x the table, 20 smaller models at 0.94x), the unpruned source alone
-    calibrates the wrong scale for the pruned model. compile times a copy narrowed near
-    the budget as well, narrowed non-uniformly as pruning narrows, so the calibrated prediction of the
-    pruned artifact matches the device."""
+    calibrates the wrong scale for the pruned model. compile times a uniformly narrowed copy near
+    the budget as well, so the calibrated prediction of the pruned artifact matches the device."""
     import onnx
 
     from deploycomp.latency.arch import BlockArch, ViTArch
@@ -379,9 +378,6 @@ def test_a_drift_that_depends_on_size_is_calibrated_by_the_second_anchor(tmp_pat
     cal = manifest["latency_calibration"]
     source, narrowed = cal["anchors"]
     assert 0.3 < narrowed["predicted_ms"] / source["predicted_ms"] < 0.7  # near the 0.5x budget
-    blocks = narrowed["arch"]["blocks"]  # non-uniform: blocks differ, and QK / V are narrowed too
-    assert len({(b["heads"], b["qk_dim"], b["v_dim"], b["mlp_dim"]) for b in blocks}) > 1
-    assert any(b["qk_dim"] < source["arch"]["blocks"][0]["qk_dim"] for b in blocks)
     artifact = onnx.load(tmp_path / "out" / "model.onnx").SerializeToString()
     on_device = device.device_ms(artifact)
     arch = manifest["pruning"]["arch"]
