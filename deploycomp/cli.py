@@ -85,7 +85,7 @@ def compile_cmd(
     saliency_norm: str = typer.Option("none", "--saliency-norm", help="Per-kind saliency divisors: none (plain Fisher estimate) or nvit (upstream's DeiT-B constants)."),
     calib_batch: int = typer.Option(32, "--calib-batch", help="Batch size of the calibration and distillation batches."),
     budget_rounds: int = typer.Option(3, "--budget-rounds", help="Check a relative budget on the device up to N times, pruning on while the measured ratio is over it (0: trust the table)."),
-    calibrate_rounds: int = typer.Option(4, "--calibrate-rounds", help="Time the unpruned model and a uniformly narrowed copy near the budget N rounds to scale the latency table to the device now (0: trust the table as profiled)."),
+    calibrate_rounds: int = typer.Option(4, "--calibrate-rounds", help="Time the unpruned model and a uniformly and a non-uniformly narrowed copy near the budget N rounds to scale the latency table to the device now (0: trust the table as profiled)."),
     prune_steps: int = typer.Option(5, "--prune-steps", help="Pruning steps toward the budget."),
     prune_groups: str = typer.Option("emb,heads,qk,v,mlp", "--prune-groups", help="Group kinds to prune (comma-separated)."),
     saliency_batches: int = typer.Option(4, "--saliency-batches", help="Calibration batches per importance estimate."),

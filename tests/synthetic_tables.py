@@ -216,7 +216,7 @@ class SimulatedDevice:
         out = {}
         for name, model in models.items():
             blob = onnx_bytes(model)
-            ms = self.device_ms(blob) * (1.0 if name in ("unpruned", "narrowed") else self.slowdown)
+            ms = self.device_ms(blob) * (self.slowdown if name == "pruned" else 1.0)
             if name == "pruned":
                 self.timed.append(blob)
             out[name] = {"median_ms": ms, "p10_ms": ms, "p90_ms": ms, "min_ms": ms, "n": rounds}

@@ -354,11 +354,28 @@ def test_calibration_interpolates_between_anchors_in_log_log():
     assert Calibration.of([(50.0, 60.0)]).scale_at(7.0) == pytest.approx(1.2)
 
 
+def test_calibration_on_several_anchors_is_their_least_squares_line():
+    """Several noisy anchors: the scale follows the least-squares line through their log scales (so
+    one noisy anchor moves it by its share, not all the way), held constant beyond them."""
+    from deploycomp.latency.calibrate import Calibration
+
+    noise = {30.0: 1.08, 60.0: 0.93, 90.0: 1.0, 200.0: 1.0}  # log-noise summing to ~0 around scale 1.1
+    cal = Calibration.of([(p, p * 1.1 * n) for p, n in noise.items()])
+    x, y = np.log(list(noise)), np.log(1.1 * np.array(list(noise.values())))
+    slope, intercept = np.polyfit(x, y, 1)
+    for ms in (30.0, 45.0, 120.0, 200.0):
+        assert cal.scale_at(ms) == pytest.approx(np.exp(intercept + slope * np.log(ms)), rel=1e-9)
+    assert cal.scale_at(5.0) == pytest.approx(cal.scale_at(30.0)) and cal.scale_at(900.0) == pytest.approx(cal.scale_at(200.0))
+    assert abs(cal.scale_at(30.0) / 1.1 - 1) < 0.05  # not the 8 % of its own noisy anchor
+    assert Calibration.of([(50.0, 60.0), (50.0, 50.0)]).scale_at(7.0) == pytest.approx((1.2 * 1.0) ** 0.5)
+
+
 def test_a_drift_that_depends_on_size_is_calibrated_by_the_second_anchor(tmp_path, monkeypatch):
     """On a device that runs small models relatively faster than the table says (ort-cpu at batch 8:
     the full DeiT-B at 1.02x the table, 20 smaller models at 0.94x), the unpruned source alone
-    calibrates the wrong scale for the pruned model. compile times a uniformly narrowed copy near
-    the budget as well, so the calibrated prediction of the pruned artifact matches the device."""
+    calibrates the wrong scale for the pruned model. compile times a uniformly and a non-uniformly
+    narrowed copy near the budget as well, so the calibrated prediction of the pruned artifact
+    matches the device."""
     import onnx
 
     from deploycomp.latency.arch import BlockArch, ViTArch
@@ -376,8 +393,12 @@ def test_a_drift_that_depends_on_size_is_calibrated_by_the_second_anchor(tmp_pat
         target="ort-cpu", model_kwargs=PRUNE_DEIT, prune=prune, tables=str(tmp_path / "tables"), measure_rounds=0,
         calibrate_rounds=1, seed=0))
     cal = manifest["latency_calibration"]
-    source, narrowed = cal["anchors"]
-    assert 0.3 < narrowed["predicted_ms"] / source["predicted_ms"] < 0.7  # near the 0.5x budget
+    source, uniform, non_uniform = cal["anchors"]
+    for narrowed in (uniform, non_uniform):
+        assert 0.3 < narrowed["predicted_ms"] / source["predicted_ms"] < 0.7, narrowed  # near the 0.5x budget
+    dims = [{(b["heads"], b["qk_dim"], b["v_dim"], b["mlp_dim"]) for b in a["arch"]["blocks"]} for a in (uniform, non_uniform)]
+    assert len(dims[0]) == 1 and len(dims[1]) > 1  # every block alike, then blocks that differ
+    assert any(b["qk_dim"] < source["arch"]["blocks"][0]["qk_dim"] for b in non_uniform["arch"]["blocks"])
     artifact = onnx.load(tmp_path / "out" / "model.onnx").SerializeToString()
     on_device = device.device_ms(artifact)
     arch = manifest["pruning"]["arch"]

@@ -280,14 +280,19 @@ def test_validate_compiles_and_measures(tmp_path, backend):
     for row in report["rows"]:
         assert row["measured"]["median_ms"] > 0 and row["predicted_ms"] > 0 and row["outside_grid"] == []
     assert report["table_model"]["median_ape_pct"] >= 0
-    cal = report["calibration"]  # the grid's full architecture and a mid-width one, measured in the same run
+    cal = report["calibration"]  # the grid's full architecture and three mid-width ones, measured in the same run
     assert cal["scale"] == pytest.approx(cal["measured_ms"] / cal["predicted_ms"])
-    assert [a["anchor"].split(" (")[0] for a in cal["anchors"]] == ["the grid's full architecture",
-                                                                    "a uniform mid-width architecture"]
+    assert [a["anchor"].split(" (")[0] for a in cal["anchors"]] == [
+        "the grid's full architecture", "a uniform mid-width architecture", "a non-uniform narrower architecture",
+        "a non-uniform wider architecture"]
     assert "EMB 64, 12 blocks" in cal["anchor"] and "EMB 32, 12 blocks" in cal["anchors"][1]["anchor"]
-    scales = [a["scale"] for a in cal["anchors"]]
-    for row in report["rows"]:  # every row scaled by a factor between the anchors' scales
-        assert min(scales) * (1 - 1e-6) <= row["calibrated_ms"] / row["predicted_ms"] <= max(scales) * (1 + 1e-6)
+    widths = [{(b["heads"], b["qk_dim"], b["v_dim"], b["mlp_dim"]) for b in a["arch"]["blocks"]} for a in cal["anchors"]]
+    assert [len(w) for w in widths[:2]] == [1, 1] and min(len(w) for w in widths[2:]) > 1  # uniform, then not
+    x = np.log([a["predicted_ms"] for a in cal["anchors"]])
+    slope, intercept = np.polyfit(x, np.log([a["scale"] for a in cal["anchors"]]), 1)
+    for row in report["rows"]:  # every row scaled by the anchors' least-squares line, clamped to their range
+        line = np.exp(intercept + slope * np.clip(np.log(row["predicted_ms"]), x.min(), x.max()))
+        assert row["calibrated_ms"] / row["predicted_ms"] == pytest.approx(line, rel=1e-6)
 
 
 # -- Swin: per-stage windowed attention, MLP and patch merging -------------------------------------

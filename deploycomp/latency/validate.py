@@ -112,18 +112,20 @@ def validate(table: LatencyTable, backend, archs: list[ViTArch], rounds: int = 5
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Predict, compile and measure ``archs``; report raw and calibrated prediction errors.
 
-    Raw: the table's numbers as profiled. Calibrated: scaled as compile scales them, by two whole
-    models measured now (``calibrate``): here the grid's full architecture and a uniform mid-width
-    one, measured in the same interleaved run as ``archs`` and not among them, as compile
-    calibrates on the unpruned source and a uniformly narrowed copy. The best single scale is
-    reported as the bound a constant scale could reach.
+    Raw: the table's numbers as profiled. Calibrated: scaled as compile scales them, by whole
+    models measured now (``calibrate``): here the grid's full architecture, a uniform mid-width one
+    and two non-uniform ones (seeded, not among ``archs``), measured in the same interleaved run as
+    ``archs``, as compile calibrates on the unpruned source and uniformly and non-uniformly narrowed
+    copies. The best single scale is reported as the bound a constant scale could reach.
     """
     from .calibrate import calibration, fitted, full_arch, mid_arch
 
     say = progress or (lambda s: None)
     predictor = LatencyPredictor(table)
     batch = table.fingerprint["batch"]
-    anchors = {"the grid's full architecture": full_arch(table), "a uniform mid-width architecture": mid_arch(table)}
+    anchors = {"the grid's full architecture": full_arch(table), "a uniform mid-width architecture": mid_arch(table),
+               "a non-uniform narrower architecture (seed 1)": mid_arch(table, 0.45, seed=1),
+               "a non-uniform wider architecture (seed 2)": mid_arch(table, 0.65, seed=2)}
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         full = anchors["the grid's full architecture"]
@@ -135,7 +137,8 @@ def validate(table: LatencyTable, backend, archs: list[ViTArch], rounds: int = 5
         shape = (1, archs[0].in_chans, archs[0].img_size, archs[0].img_size)
         measured = measure_models(backend, paths, shape, batch, rounds, iters)
     measured, anchor_measured = measured[:len(archs)], measured[len(archs):]
-    drift = calibration([(f"{name} (EMB {a.emb}, {len(a.blocks)} blocks)", predictor.predict(a).total_ms, m["median_ms"])
+    drift = calibration([(f"{name} (EMB {a.emb}, {len(a.blocks)} blocks)", predictor.predict(a).total_ms, m["median_ms"],
+                          a.to_dict())
                          for (name, a), m in zip(anchors.items(), anchor_measured)])
     calibrated_predictor = LatencyPredictor(table, fitted(drift))
     raw = [predictor.predict(a) for a in archs]

@@ -83,7 +83,7 @@ class PrunePass(Pass):
         lowering). The budget covers them: the latency model sees their architecture, the torch
         model they wrap is what is trained, and every on-device check times the pruned graph with
         them applied against the unpruned source graph. ``calibrate_rounds``: rounds the unpruned
-        graph and a uniformly narrowed copy near the budget are timed to scale the latency table to
+        graph and a uniformly and a non-uniformly narrowed copy near the budget are timed to scale the latency table to
         the device now (``latency/calibrate.py``; 0 trusts the table as profiled). ``precision``: what
         the artifact runs in after the later passes (the precision ``ctx.latency`` was profiled at)."""
         self.config, self.rewrites, self.precision = config, list(rewrites), precision
@@ -162,20 +162,23 @@ class PrunePass(Pass):
         if ctx.backend is not None and (self.calibrate_rounds or judge_on_device):
             rounds = self.measure_rounds if judge_on_device else self.calibrate_rounds
             models = {"unpruned": unpruned}
-            if self.calibrate_rounds:  # the second anchor, near where the pruned model will land
+            if self.calibrate_rounds:  # more anchors, near where the pruned model will land
                 source_ms = predict(PrunePlan(), rewritten=False, by=reference)
-                anchor = self.uniform_anchor(structure, lambda plan: predict(plan, rewritten=False, by=reference),
-                                             budget.target_ms(source_ms) / source_ms if not budget.relative else budget.value,
-                                             grid_floors(predictor.table.grid, structure))
-                narrowed = ir.serde.deserialize_model(onnx.load_from_string(unpruned))
-                prune_graph(narrowed, structure, anchor)
-                models["narrowed"] = ir.to_proto(narrowed).SerializeToString()
+                fraction = budget.target_ms(source_ms) / source_ms if not budget.relative else budget.value
+                narrowed_plans = {key: self.narrowed_anchor(structure, lambda plan: predict(plan, rewritten=False, by=reference),
+                                                            fraction, grid_floors(predictor.table.grid, structure), seed)
+                                  for key, seed in (("uniformly", None), ("non-uniformly", 0))}
+                for key, plan in narrowed_plans.items():
+                    narrowed = ir.serde.deserialize_model(onnx.load_from_string(unpruned))
+                    prune_graph(narrowed, structure, plan)
+                    models[key] = ir.to_proto(narrowed).SerializeToString()
             times = fp32_backend.time(models, shape, self.latency_batch, rounds)
             ms = times["unpruned"]["median_ms"]
         full = plan_arch(structure, PrunePlan(), **geometry)
-        if self.calibrate_rounds and ms is not None:  # the tables scaled to predict both anchors as measured now
+        if self.calibrate_rounds and ms is not None:  # the tables scaled to predict the anchors as measured now
             anchors = {"unpruned": ("the unpruned source model", full),
-                       "narrowed": ("the source narrowed uniformly near the budget", plan_arch(structure, anchor, **geometry))}
+                       **{key: (f"the source narrowed {key} near the budget", plan_arch(structure, plan, **geometry))
+                          for key, plan in narrowed_plans.items()}}
             cal = self.calibrate(reference, anchors, times)
             ctx.results["latency_calibration"] = cal
             ctx.latency_reference = reference = LatencyPredictor(reference.table, fitted(cal))
@@ -243,18 +246,25 @@ class PrunePass(Pass):
         """The calibration record of ``anchors`` (timed model -> (name, architecture), the unpruned
         source first) as ``predictor``'s table predicts them raw and ``times`` measured them."""
         raw = LatencyPredictor(predictor.table)
-        return calibration([(name, raw.predict(arch).total_ms, times[key]["median_ms"])
+        return calibration([(name, raw.predict(arch).total_ms, times[key]["median_ms"], arch.to_dict())
                             for key, (name, arch) in anchors.items()])
 
     @staticmethod
-    def uniform_anchor(structure, predict, fraction: float, floors: dict[str, int]) -> PrunePlan:
-        """The source narrowed uniformly (EMB, heads, MLP: the DeiT family's scaling) to about
-        ``fraction`` of its predicted latency, kept at least 0.25 and at most 0.8 so it stays apart
-        from the source: calibration's second anchor. Which units go does not matter for timing."""
+    def narrowed_anchor(structure, predict, fraction: float, floors: dict[str, int], seed: int | None) -> PrunePlan:
+        """The source narrowed to about ``fraction`` of its predicted latency (kept in 0.25-0.8 so it
+        stays apart from the source): a calibration anchor near the budget. Without a ``seed``
+        uniformly (EMB, heads, MLP: the DeiT family's scaling); with one, non-uniformly as pruning
+        narrows: every group (EMB, and each block's heads, QK, V and MLP) keeps the common ratio
+        times its own seeded factor in [0.6, 1.4]. Which units go does not matter for timing."""
         full = copy_plan(structure, PrunePlan())
-        zeros = {g: np.zeros(structure.graph.nodes[g]["units"]) for g in structure.groups()}
+        groups = structure.groups()
+        zeros = {g: np.zeros(structure.graph.nodes[g]["units"]) for g in groups}
         target = min(0.8, max(0.25, fraction)) * predict(full)
-        return uniform_step(structure, full, zeros, predict, target, floors=floors, best_effort=True).plan
+        if seed is None:
+            return uniform_step(structure, full, zeros, predict, target, floors=floors, best_effort=True).plan
+        factors = dict(zip(groups, np.random.default_rng(seed).uniform(0.6, 1.4, len(groups)).tolist()))
+        return uniform_step(structure, full, zeros, predict, target, floors=floors, best_effort=True,
+                            kinds=("emb", "heads", "qk", "v", "mlp"), factors=factors).plan
 
     def ensures(self, model: ir.Model, ctx: CompileContext) -> None:
         for b in ctx.structure.blocks:  # the graph reads back as the plan's architecture: no stale dims

@@ -109,14 +109,17 @@ def select_step(structure: Structure, plan: PrunePlan, importance: dict[str, np.
 
 def uniform_step(structure: Structure, plan: PrunePlan, importance: dict[str, np.ndarray], predict: Predict,
                  target_ms: float, sizes: dict[str, int] | None = None,
-                 floors: dict[str, int] | None = None, best_effort: bool = False) -> StepResult:
+                 floors: dict[str, int] | None = None, best_effort: bool = False,
+                 kinds: tuple[str, ...] = ("emb", "heads", "mlp"), factors: dict[str, float] | None = None) -> StepResult:
     """Uniform width scaling as the DeiT family scales (Ti/S/B): one ratio r for the embedding, every
     block's head count and MLP width (head dims kept), the largest r whose predicted latency meets
-    the target; units are still chosen by importance inside each group."""
+    the target; units are still chosen by importance inside each group. ``kinds`` and per-group
+    ``factors`` (group g keeps about r * factors[g] of its units) give a non-uniform variant of the
+    same search: calibration's anchors near the budget (``passes/prune.py``)."""
     sizes = {**DEFAULT_GROUP_SIZES, **(sizes or {})}
-    floors = floors or {}
+    floors, factors = floors or {}, factors or {}
     current = copy_plan(structure, plan)
-    scaled = [g for g in structure.groups() if structure.graph.nodes[g]["kind"] in ("emb", "heads", "mlp")]
+    scaled = [g for g in structure.groups() if structure.graph.nodes[g]["kind"] in kinds]
 
     def at(ratio: float) -> PrunePlan:
         out = copy_plan(structure, current)
@@ -124,13 +127,13 @@ def uniform_step(structure: Structure, plan: PrunePlan, importance: dict[str, np
             units, kind = structure.graph.nodes[g]["units"], structure.graph.nodes[g]["kind"]
             size = sizes[kind]
             count = min(len(current.keep[g]), max(size, floors.get(g, floors.get(kind, 0)),
-                                                  int(round(ratio * units / size)) * size))
+                                                  int(round(min(1.0, ratio * factors.get(g, 1.0)) * units / size)) * size))
             kept = current.keep[g]
             order = np.argsort(-importance[g][kept], kind="stable")
             out.keep[g] = np.sort(kept[order[:count]])
         return out
 
-    lo, hi = 0.0, 1.0
+    lo, hi = 0.0, max([1.0] + [1.0 / f for g, f in factors.items() if g in scaled])
     if predict(at(lo)) > target_ms:
         if best_effort:
             return StepResult(at(lo), predicted_ms=predict(at(lo)))
