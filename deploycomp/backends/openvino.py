@@ -127,10 +127,12 @@ class OpenVinoCpuBackend(BackendBase):
         return {"files": {"model": "model.xml", "weights": "model.bin", "onnx": "model.onnx"}}
 
 
-def nncf_int8_ir(module, input_shape: tuple[int, ...], path: Path, samples: int = 128, seed: int = 1) -> Path:
+def nncf_int8_ir(module, input_shape: tuple[int, ...], path: Path, samples: int = 128, seed: int = 1,
+                 calibration: list[np.ndarray] | None = None) -> Path:
     """The OpenVINO user's own int8: the torch ``module`` converted by ``openvino.convert_model``,
-    quantized by NNCF's post-training quantization with the transformer preset on Gaussian images,
-    saved as IR at ``path`` (a peer baseline for bench, not deploycomp's path).
+    quantized by NNCF's post-training quantization with the transformer preset on ``calibration``
+    inputs (the user's images; default ``samples`` Gaussian images), saved as IR at ``path`` (a
+    peer baseline for bench, not deploycomp's path).
 
     The route matters: NNCF on the OpenVINO model *read from our ONNX export* placed its
     FakeQuantize nodes where OpenVINO's CPU plugin ran 48 of DeiT-Tiny's 49 FullyConnected layers
@@ -145,9 +147,9 @@ def nncf_int8_ir(module, input_shape: tuple[int, ...], path: Path, samples: int 
     ov = import_openvino()
     ov_model = ov.convert_model(module.eval(), example_input=torch.zeros(1, *input_shape[1:]))
     rng = np.random.default_rng(seed)
-    calib = [rng.standard_normal((1, *input_shape[1:])).astype(np.float32) for _ in range(samples)]
+    calib = calibration or [rng.standard_normal((1, *input_shape[1:])).astype(np.float32) for _ in range(samples)]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         quantized = nncf.quantize(ov_model, nncf.Dataset(calib), model_type=nncf.ModelType.TRANSFORMER,
-                                  subset_size=samples)
+                                  subset_size=len(calib))
     ov.save_model(quantized, str(path), compress_to_fp16=False)
     return Path(path)
