@@ -56,6 +56,13 @@ def test_fashion_mnist_is_the_real_data_set(fmnist):
     assert abs(float(x.mean())) < 0.02 and abs(float(x.std()) - 1) < 0.02  # the recorded mean/std fit
 
 
+def test_a_head_is_named_by_how_many_first_samples_of_the_set_it_holds(fmnist):
+    train, _ = fmnist
+    calibration = train.head(144).head(128)  # what int8 calibrates on, within the images it loaded
+    assert calibration.name == f"{train.name}[:128]" and torch.equal(calibration.images, train.images[:128])
+    assert train.head(None) is train and train.head(10**6) is train
+
+
 def test_missing_or_corrupt_data_gets_one_clear_error(tmp_path):
     with pytest.raises(DeployCompError, match="dataset-fashion-mnist"):
         load_fashion_mnist("train", root=tmp_path)
@@ -410,7 +417,7 @@ def test_cli_store_logits_train_evaluate_and_bad_input(tmp_path, monkeypatch, ca
     assert code == 0, err
     assert "finished, test top-1" in out and (tmp_path / "run" / "model.safetensors").is_file()
     code, out, err = cli("evaluate", PROXY, *TINY_ARGS, "--weights", tmp_path / "run" / "model.safetensors", "--samples", "100")
-    assert code == 0 and "top-1" in out and "100 samples of fashion-mnist/test[100] (torch)" in out
+    assert code == 0 and "top-1" in out and "100 samples of fashion-mnist/test[:100] (torch)" in out
     for args, message in [
         (("evaluate", tmp_path / "missing"), "error: "),
         (("train", PROXY, "-o", tmp_path / "x", "--data", tmp_path / "nodata"), "error: image folder not found"),

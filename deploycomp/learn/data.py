@@ -50,8 +50,12 @@ class ImageSet:
         return (images.float() / 255.0 - mean) / std
 
     def head(self, n: int | None) -> "ImageSet":
-        """The first ``n`` samples (all of them when ``n`` is None or larger than the set)."""
-        return self if not n or n >= len(self) else self.subset(range(n))
+        """The first ``n`` samples (all of them when ``n`` is None or larger than the set), named
+        ``set[:n]``; a head of a head is a head of the set, and is named so (manifests record it)."""
+        if not n or n >= len(self):
+            return self
+        base = self.name.rsplit("[:", 1)[0] if self.name.endswith("]") and "[:" in self.name else self.name
+        return replace(self.subset(range(n)), name=f"{base}[:{n}]")
 
     def subset(self, indices) -> "ImageSet":
         idx = torch.as_tensor(indices, dtype=torch.long)
