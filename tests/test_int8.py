@@ -325,7 +325,8 @@ def test_max_drop_refuses_an_accuracy_drop_on_real_data(tmp_path, monkeypatch, c
 
     # block 0's qkv input clipped: 56.0 -> 16.5 % top-1 here (block 1's fc1 clipped alike cost under 1 pt)
     wrap(monkeypatch, "deploycomp.passes.quantize", "nncf_qdq", garbage_activation_scale({"blocks.0.attn.qkv.weight"}))
-    only_drop = dict(fidelity_top1=0.0, fidelity_cosine=-1.0, max_float_layers=0)
+    # no fallback, so no sensitivity ranking either (it only feeds the fallback and the report)
+    only_drop = dict(fidelity_top1=0.0, fidelity_cosine=-1.0, max_float_layers=0, sensitivity_samples=0)
     with pytest.raises(VerificationError, match=r"fidelity gate failed: top-1 accuracy drop \d+\.\d+ pt > max 1 pt"):
         deploycomp.compile(PROXY, tmp_path / "planted", proxy_options(weights, **only_drop))
     assert not (tmp_path / "planted").exists()

@@ -393,8 +393,8 @@ def test_validate_compiles_and_measures_random_swins(tmp_path, backend):
     table = profile(backend, tmp_path, grid="swin-micro", protocol={"warmup": 1, "repeats": 1, "passes": 1})
     archs = random_archs_for(table, 2, seed=1)
     assert all(isinstance(a, SwinArch) for a in archs) and archs[0] != archs[1]
-    report = validate(table, backend, archs, rounds=2, iters=1)
-    assert report["n"] == 2 and "EMB 32, 4 blocks" in report["calibration"]["anchor"]
+    report = validate(table, backend, archs[:1], rounds=2, iters=1)  # one Swin compiled and measured suffices here
+    assert report["n"] == 1 and "EMB 32, 4 blocks" in report["calibration"]["anchor"]
     for row in report["rows"]:
         assert row["measured"]["median_ms"] > 0 and row["predicted_ms"] > 0 and row["outside_grid"] == []
         assert [len(st["blocks"]) for st in row["arch"]["stages"]] == [2, 2]
