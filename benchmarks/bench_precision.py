@@ -33,7 +33,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from bench_runtimes import ratios, source_model, timing_arguments  # noqa: E402  (benchmarks/ is the script's directory)
+from bench_runtimes import source_model, timed_rows, timing_arguments  # noqa: E402  (benchmarks/ is the script's directory)
 
 import deploycomp  # noqa: E402
 from deploycomp.artifact import read_manifest, write_json  # noqa: E402
@@ -41,7 +41,6 @@ from deploycomp.backends.base import backend_for_manifest, get_backend  # noqa: 
 from deploycomp.backends.fingerprint import host_fingerprint  # noqa: E402
 from deploycomp.backends.openvino import has_bf16, nncf_int8_ir  # noqa: E402
 from deploycomp.backends.ort import dynamic_int8  # noqa: E402
-from deploycomp.bench.harness import measure_interleaved, stats  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -125,11 +124,8 @@ def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[i
                "batches": {}}
         for batch in batches:
             say(f"time {name} at batch {batch}")
-            times = measure_interleaved(cands, batch=batch, rounds=rounds, iters=iters, warmup=3)
-            out["batches"][str(batch)] = {
-                c.name: {**stats(times[c.name]), "vs_plain_ort": ratios(times[c.name], times["ort plain"]),
-                         "vs_nncf_peer": ratios(times[c.name], times["openvino + NNCF int8 (peer)"])}
-                for c in cands}
+            out["batches"][str(batch)] = timed_rows(cands, batch, rounds, iters, {
+                "vs_plain_ort": "ort plain", "vs_nncf_peer": "openvino + NNCF int8 (peer)"})
     return out
 
 

@@ -28,6 +28,7 @@ speed) and prints a table (mean and range over seeds).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -71,19 +72,16 @@ def main() -> None:
     ap.add_argument("--replot", action="store_true", help="only redraw the plot from --out's JSON")
     args = ap.parse_args()
     if args.replot:
-        import json
-
         result = json.loads(args.out.read_text())
         plot(result["summary"], result["fp32_top1"], args.out.with_suffix(".png"))
         return
 
     import torch
 
-    from bench_runtimes import ratios  # benchmarks/ is the script's directory
+    from bench_runtimes import timed_rows  # benchmarks/ is the script's directory
 
     from deploycomp.backends.base import backend_for_manifest, get_backend
     from deploycomp.backends.fingerprint import host_fingerprint
-    from deploycomp.bench.harness import measure_interleaved, stats
     from deploycomp.backends.openvino import nncf_int8_ir
     from deploycomp.backends.ort import dynamic_int8
     from deploycomp.frontend.export import export_to_onnx
@@ -154,9 +152,7 @@ def main() -> None:
         timing = {}
         for batch in (32, 1):
             print(f"time {len(candidates)} candidates at batch {batch}", flush=True)
-            times = measure_interleaved(candidates, batch=batch, rounds=args.rounds, iters=3, warmup=3)
-            timing[str(batch)] = {c.name: {**stats(times[c.name]), "vs_plain_ort": ratios(times[c.name], times["plain ORT fp32"])}
-                                  for c in candidates}
+            timing[str(batch)] = timed_rows(candidates, batch, args.rounds, 3, {"vs_plain_ort": "plain ORT fp32"})
 
     summary = {}
     for name in dict.fromkeys(r["row"] for r in rows):

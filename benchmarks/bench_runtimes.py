@@ -85,6 +85,20 @@ def ratios(a: list[float], b: list[float]) -> dict[str, float]:
     return {"median": float(np.median(r)), "p10": float(np.percentile(r, 10)), "p90": float(np.percentile(r, 90))}
 
 
+def timed_rows(cands: list, batch: int, rounds: int, iters: int, against: dict, warmup: int = 3) -> dict:
+    """Each candidate's time statistics at ``batch``, and its speed against references timed in the
+    same interleaved run. ``against``: field -> the reference candidate's name, or a function of the
+    candidate's name that gives it; a reference not in the run gives None."""
+    times = measure_interleaved(cands, batch=batch, rounds=rounds, iters=iters, warmup=warmup)
+    rows = {}
+    for c in cands:
+        rows[c.name] = stats(times[c.name])
+        for field, reference in against.items():
+            reference = reference(c.name) if callable(reference) else reference
+            rows[c.name][field] = ratios(times[c.name], times[reference]) if reference in times else None
+    return rows
+
+
 def source_model(alias: str):
     """A timm model by alias (``deit_small``) or name, random init: (name, input shape, torch module,
     its plain ONNX export)."""
@@ -124,13 +138,9 @@ def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[i
                "batches": {}}
         for batch in batches:
             say(f"time {name} at batch {batch}")
-            times = measure_interleaved(cands, batch=batch, rounds=rounds, iters=iters, warmup=3)
-            rows = {}
-            for c in cands:
-                runtime = "openvino-cpu" if ("openvino" in c.name) else "ort-cpu"
-                rows[c.name] = {**stats(times[c.name]), "vs_plain_ort": ratios(times[c.name], times["ort plain"]),
-                                "vs_own_runtime_plain": ratios(times[c.name], times[PLAIN_OF[runtime]])}
-            out["batches"][str(batch)] = rows
+            own_plain = lambda name: PLAIN_OF["openvino-cpu" if "openvino" in name else "ort-cpu"]  # noqa: E731
+            out["batches"][str(batch)] = timed_rows(cands, batch, rounds, iters,
+                                                    {"vs_plain_ort": "ort plain", "vs_own_runtime_plain": own_plain})
     return out
 
 

@@ -30,13 +30,12 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from bench_runtimes import ratios, source_model  # noqa: E402  (benchmarks/ is the script's directory)
+from bench_runtimes import source_model, timed_rows  # noqa: E402  (benchmarks/ is the script's directory)
 
 import deploycomp  # noqa: E402
 from deploycomp.artifact import write_json  # noqa: E402
 from deploycomp.backends.base import backend_for_manifest, get_backend  # noqa: E402
 from deploycomp.backends.fingerprint import host_fingerprint, usable_cores  # noqa: E402
-from deploycomp.bench.harness import measure_interleaved, stats  # noqa: E402
 from deploycomp.errors import DeployCompError  # noqa: E402
 from deploycomp.pruning.config import PruneConfig  # noqa: E402
 from deploycomp.tokens.config import SemanticTokenConfig  # noqa: E402
@@ -99,17 +98,10 @@ def main() -> None:
         batches = {}
         for batch in [int(b) for b in args.batches.split(",")]:
             say(f"time {len(cands)} candidates at batch {batch}")
-            times = measure_interleaved(cands, batch=batch, rounds=args.rounds, iters=args.iters, warmup=2)
-            rows = {}
-            for c in cands:
-                target = next(t for t in targets if t in c.name or PLAIN[t] == c.name)
-                unmodified = f"deploycomp {target}, unmodified"
-                rows[c.name] = {**stats(times[c.name]), "vs_plain_ort": ratios(times[c.name], times["ort plain"])
-                                if "ort plain" in times else None,
-                                "vs_own_runtime_plain": ratios(times[c.name], times[PLAIN[target]]),
-                                "vs_deploycomp_unmodified": ratios(times[c.name], times[unmodified])
-                                if unmodified in times else None}
-            batches[str(batch)] = rows
+            target = lambda name: next(t for t in targets if t in name or PLAIN[t] == name)  # noqa: E731
+            batches[str(batch)] = timed_rows(cands, batch, args.rounds, args.iters, warmup=2, against={
+                "vs_plain_ort": "ort plain", "vs_own_runtime_plain": lambda name: PLAIN[target(name)],
+                "vs_deploycomp_unmodified": lambda name: f"deploycomp {target(name)}, unmodified"})
     result = {"command": shlex.join(sys.argv), "host": {**host_fingerprint(), "threads": args.threads},
               "deploycomp_version": deploycomp.__version__, "seconds": round(time.perf_counter() - t0, 1),
               "model": MODEL, "weights": "random init (speed only)",
