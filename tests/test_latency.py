@@ -285,7 +285,7 @@ def test_validate_compiles_and_measures(tmp_path, backend):
     assert [a["anchor"].split(" (")[0] for a in cal["anchors"]] == [
         "the grid's full architecture", "a uniform mid-width architecture", "a non-uniform narrower architecture",
         "a non-uniform wider architecture"]
-    assert "EMB 64, 12 blocks" in cal["anchor"] and "EMB 32, 12 blocks" in cal["anchors"][1]["anchor"]
+    assert "EMB 64, 4 blocks" in cal["anchor"] and "EMB 32, 4 blocks" in cal["anchors"][1]["anchor"]
     widths = [{(b["heads"], b["qk_dim"], b["v_dim"], b["mlp_dim"]) for b in a["arch"]["blocks"]} for a in cal["anchors"]]
     assert [len(w) for w in widths[:2]] == [1, 1] and min(len(w) for w in widths[2:]) > 1  # uniform, then not
     x = np.log([a["predicted_ms"] for a in cal["anchors"]])

@@ -211,7 +211,7 @@ def test_validating_an_int8_table_measures_int8_models(tmp_path, monkeypatch):
         return real(backend, paths, *args, **kwargs)
 
     monkeypatch.setattr(validation, "measure_models", recording)
-    monkeypatch.setattr("deploycomp.latency.calibrate.full_arch", lambda t: archs[0])  # not 12 blocks: speed
+    monkeypatch.setattr("deploycomp.latency.calibrate.full_arch", lambda t: archs[0])  # 2 blocks, not the grid's 4: speed
     report = validate(table, get_backend("ort-cpu"), archs, rounds=1, iters=1)
     assert report["fingerprint"]["dtype"] == "int8" and len(ops) == 5  # the arch and the four calibration anchors
     assert all("MatMulInteger" in o for o in ops)
