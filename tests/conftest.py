@@ -13,7 +13,25 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from .synthetic_tables import mlp_only, write_synthetic_table  # noqa: E402
 
-torch.set_num_threads(2)
+
+
+def _own_cores_under_xdist() -> int:
+    """Pin this pytest-xdist worker to its own share of the cores; returns how many it has.
+
+    Two workers that each run 2-thread ONNX Runtime and torch on 2 shared cores oversubscribe them and
+    thrash; one worker per core keeps each test's arithmetic on a core nobody else uses. Without xdist
+    (``-n 0``) nothing changes."""
+    cores = sorted(os.sched_getaffinity(0))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker.startswith("gw") and 1 < count <= len(cores):
+        mine = cores[int(worker[2:]) % count::count]
+        os.sched_setaffinity(0, mine)
+        return len(mine)
+    return len(cores)
+
+
+torch.set_num_threads(min(2, _own_cores_under_xdist()))
 
 # timm constructor overrides that keep each family's structure (cls token, windows, patch merging)
 TINY = {
@@ -78,7 +96,13 @@ def exported(tmp_path_factory):
     return get
 
 
-def run_ort(model_or_path, x: np.ndarray) -> np.ndarray:
+def run_ort(model_or_path, x: np.ndarray, fuse_qdq: bool = True) -> np.ndarray:
+    """The model's first output on ONNX Runtime's CPU provider.
+
+    ``fuse_qdq=False`` stops at basic graph optimizations, so Q/DQ pairs run as written (float
+    arithmetic on dequantized values) rather than as fused int8 kernels: on a CPU without VNNI
+    (AVX2 only) those multiply u8 x s8 pairs into int16 sums that saturate, so a test of what a Q/DQ
+    graph *means* would be reading the kernel instead."""
     import onnxruntime as ort
 
     data = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else \
@@ -87,6 +111,8 @@ def run_ort(model_or_path, x: np.ndarray) -> np.ndarray:
         data = str(data)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not fuse_qdq:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 

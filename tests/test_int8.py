@@ -128,8 +128,11 @@ def test_sensitivity_ranks_a_planted_bad_layer_first_and_the_fallback_keeps_it_i
     weights = save_weights(module, tmp_path / "w.safetensors")
     x = images(24)
     want = torch_out(module, x)
+    # A gate of cosine 0.98: on a CPU without VNNI the weights are 7-bit (fingerprint.int8_dot_saturates),
+    # and this random DeiT's honest quantization reads 0.989 there (0.99+ with 8 bits)
+    gated = dict(weights=weights, fidelity_cosine=0.98)
 
-    honest = deploycomp.compile(DEIT, tmp_path / "honest", compile_options("openvino-cpu", weights=weights))
+    honest = deploycomp.compile(DEIT, tmp_path / "honest", compile_options("openvino-cpu", **gated))
     quant = honest["quantization"]
     params = dict(module.named_parameters())
     weight_layers = [r["layer"] for r in quant["sensitivity"]["layers"] if r["layer"].endswith(".weight")]
@@ -140,7 +143,7 @@ def test_sensitivity_ranks_a_planted_bad_layer_first_and_the_fallback_keeps_it_i
     assert "## int8 sensitivity" in report and f"`{PLANTED}`" in report
 
     calls = wrap(monkeypatch, "deploycomp.passes.quantize", "nncf_qdq", garbage_activation_scale({PLANTED}))
-    manifest = deploycomp.compile(DEIT, tmp_path / "planted", compile_options("openvino-cpu", weights=weights))
+    manifest = deploycomp.compile(DEIT, tmp_path / "planted", compile_options("openvino-cpu", **gated))
     assert calls
     quant = manifest["quantization"]
     rows = quant["sensitivity"]["layers"]
@@ -151,7 +154,7 @@ def test_sensitivity_ranks_a_planted_bad_layer_first_and_the_fallback_keeps_it_i
     path = tmp_path / "planted" / "model.onnx"
     assert float_layers(path) == {PLANTED}  # kept in float, every other MatMul still reads int8
     got = run_openvino(path, x)
-    assert cosine_similarity(got, want).mean() > 0.99 and relative_l2(got, want) > 1e-4  # close, and still int8
+    assert cosine_similarity(got, want).mean() > 0.98 and relative_l2(got, want) > 1e-4  # close, and still int8
     assert "**1 of" in (tmp_path / "planted" / "report.md").read_text()
     on_disk = json.loads((tmp_path / "planted" / "manifest.json").read_text())
     assert on_disk["quantization"]["fallback"]["kept_float"] == [PLANTED]
@@ -237,7 +240,7 @@ def test_a_layer_put_back_in_float_is_exactly_the_float_layer():
     quantized, w = hand_qdq_chain()
     layers = QdqLayers(quantized, {"mm1": "W1", "mm2": "W2"})
     assert [(l.node, l.name) for l in layers.layers] == [("mm1", "W1"), ("mm2", "W2")]
-    run = lambda proto: run_ort(ir.from_proto(proto), x)  # noqa: E731
+    run = lambda proto: run_ort(ir.from_proto(proto), x, fuse_qdq=False)  # noqa: E731
     x = np.random.default_rng(4).uniform(-3, 3, (6, 8)).astype(np.float32)  # h = x @ W1 exceeds 0.05 * 127: clipped
     exact = x @ w["W1"] @ w["W2"]
     assert relative_l2(run(quantized), exact) > 1e-2  # the chain is really quantized
@@ -253,7 +256,7 @@ def test_a_layer_put_back_in_float_is_exactly_the_float_layer():
     assert inits["W1"].dtype == np.float32 and "W2" not in inits
     assert any(v.dtype == np.int8 and v.shape == w["W2"].shape for v in inits.values())
     assert not any(n.op_type == "QuantizeLinear" and n.inputs[0].is_initializer() for n in emitted.graph)
-    assert relative_l2(run_ort(emitted, x), only_mm1) < 1e-6
+    assert relative_l2(run_ort(emitted, x, fuse_qdq=False), only_mm1) < 1e-6
 
 
 def test_bad_int8_options_are_refused_before_anything_loads(tmp_path):

@@ -20,17 +20,33 @@ def cpu_model() -> str:
 
 
 @lru_cache(maxsize=1)
-def cpu_flags() -> list[str]:
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma", "neon", "asimd")
+def all_cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith(("flags", "Features")):
-                    have = set(line.split(":", 1)[1].split())
-                    return [w for w in wanted if w in have]
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return []
+    return frozenset()
+
+
+def cpu_flags() -> list[str]:
+    """The flags a fingerprint records (the ones that pick kernels: vector width, int8 dot, bf16)."""
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma", "neon", "asimd")
+    have = all_cpu_flags()
+    return [w for w in wanted if w in have]
+
+
+def int8_dot_saturates() -> bool:
+    """Whether this x86 CPU's int8 matrix kernels can clamp: without VNNI (AVX2 or AVX-512 alone),
+    ONNX Runtime and OpenVINO multiply u8 x s8 pairs with ``vpmaddubsw``, whose int16 sum of two
+    products saturates at 32767 (255 x 127 x 2 does not fit). With full-range int8 weights the
+    logits of a DeiT drift by relative L2 ~0.2 from what the Q/DQ graph means. The documented
+    fixes keep weights in 7 bits: ONNX Runtime's ``reduce_range`` and NNCF's ``OverflowFix.ENABLE``."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    return not all_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
 def usable_cores() -> int:

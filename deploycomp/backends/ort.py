@@ -163,11 +163,15 @@ class OrtTensorRTBackend(OrtBackend):
         return [(self.provider, trt_options), "CUDAExecutionProvider"]
 
 
-def dynamic_int8(model: ModelLike, path: Path, exclude: Sequence[str] = (), preprocess: bool = False) -> Path:
+def dynamic_int8(model: ModelLike, path: Path, exclude: Sequence[str] = (), preprocess: bool = False,
+                 reduce_range: bool = False) -> Path:
     """ONNX Runtime's documented dynamic int8 quantization of a model (weights per channel), saved at
     ``path``: what ort-cpu's int8 runs (on the compiler's cleaned graph) and, with ``preprocess``,
     the ORT user's own int8 (a peer baseline for bench). ``exclude``: node names left in float (the
     quantize pass's accuracy-aware fallback).
+
+    ``reduce_range``: 7-bit weights, ORT's documented remedy where u8 x s8 kernels saturate (a CPU
+    without VNNI); the peer keeps ORT's default.
 
     ``preprocess`` runs ORT's quantization pre-processing first (``quant_pre_process``: shape
     inference and ORT's graph optimization), as ORT's docs and its own warning ask. Without it, on a
@@ -192,7 +196,7 @@ def dynamic_int8(model: ModelLike, path: Path, exclude: Sequence[str] = (), prep
         logging.getLogger().setLevel(logging.ERROR)  # "consider pre-processing": done where it matters
         try:
             quantize_dynamic(proto, path, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
-                             weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude))
+                             weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude), reduce_range=reduce_range)
         finally:
             logging.getLogger().setLevel(level)
     return Path(path)

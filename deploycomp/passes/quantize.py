@@ -90,13 +90,23 @@ def sensitivity_inputs(ctx: CompileContext, skip: int, samples: int, seed: int) 
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32), f"gaussian, seed {seed}"
 
 
+def seven_bit_weights(method: str) -> bool:
+    """Whether ``method``'s int8 weights keep to 7 bits: on a CPU whose int8 kernels saturate
+    (``fingerprint.int8_dot_saturates``), for the artifacts this CPU kind runs; not for TensorRT's
+    (``nncf-symmetric``), whose GPU kernels accumulate in int32."""
+    from ..backends.fingerprint import int8_dot_saturates
+
+    return method != "nncf-symmetric" and int8_dot_saturates()
+
+
 def nncf_qdq(model: onnx.ModelProto, inputs: list[np.ndarray], symmetric: bool = False,
-             fast_bias_correction: bool = True) -> onnx.ModelProto:
+             fast_bias_correction: bool = True, seven_bit: bool = False) -> onnx.ModelProto:
     """NNCF post-training quantization (transformer preset) to Q/DQ ONNX, the weights left in float
     behind their QuantizeLinear (``compress_weights`` off) so that any layer can be put back in float
-    exactly; ``compress_int8_weights`` folds them afterwards."""
+    exactly; ``compress_int8_weights`` folds them afterwards. ``seven_bit``: NNCF's overflow fix on
+    every layer (half the weight range), else its default (first layer only)."""
     import nncf
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     name = model.graph.input[0].name
     logging.getLogger("nncf").setLevel(logging.ERROR)
@@ -104,7 +114,9 @@ def nncf_qdq(model: onnx.ModelProto, inputs: list[np.ndarray], symmetric: bool =
         return nncf.quantize(model, nncf.Dataset(inputs, lambda x: {name: x}), model_type=nncf.ModelType.TRANSFORMER,
                              subset_size=len(inputs), preset=nncf.QuantizationPreset.PERFORMANCE if symmetric else None,
                              fast_bias_correction=fast_bias_correction,
-                             advanced_parameters=AdvancedQuantizationParameters(backend_params={"compress_weights": False}))
+                             advanced_parameters=AdvancedQuantizationParameters(
+                                 backend_params={"compress_weights": False},
+                                 overflow_fix=OverflowFix.ENABLE if seven_bit else None))
 
 
 def compress_int8_weights(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -117,10 +129,11 @@ def compress_int8_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def dynamic_int8(model, path, exclude: Sequence[str] = ()):
-    """ONNX Runtime's dynamic int8 (``backends/ort.dynamic_int8``), ``exclude`` node names kept in float."""
+    """ONNX Runtime's dynamic int8 (``backends/ort.dynamic_int8``), ``exclude`` node names kept in
+    float, weights in 7 bits where this CPU's kernels would saturate."""
     from ..backends.ort import dynamic_int8 as ort_dynamic_int8
 
-    return ort_dynamic_int8(model, path, exclude=exclude)
+    return ort_dynamic_int8(model, path, exclude=exclude, reduce_range=seven_bit_weights("ort-dynamic"))
 
 
 def quantize_for_latency(model, method: str, inputs: list[np.ndarray], workdir) -> onnx.ModelProto:
@@ -135,7 +148,8 @@ def quantize_for_latency(model, method: str, inputs: list[np.ndarray], workdir) 
         onnx.load_from_string(model) if isinstance(model, bytes) else ir.to_proto(model))
     if method == "ort-dynamic":
         return onnx.load(str(dynamic_int8(proto, Path(workdir) / "dynamic-int8.onnx")))
-    return compress_int8_weights(nncf_qdq(proto, inputs, symmetric=method == "nncf-symmetric"))
+    return compress_int8_weights(nncf_qdq(proto, inputs, symmetric=method == "nncf-symmetric",
+                                          seven_bit=seven_bit_weights(method)))
 
 
 @dataclass(frozen=True)
@@ -306,7 +320,8 @@ class QuantizePass(Pass):
                     raise DeployCompError("--precision int8 needs NNCF: pip install 'deploycomp[int8]' (nncf)") from exc
                 inputs, source = calibration_inputs(ctx, self.samples, ctx.seed + 1)
                 quantized = nncf_qdq(ir.to_proto(model), inputs, symmetric=self.method == "nncf-symmetric",
-                                     fast_bias_correction=self.fast_bias_correction)
+                                     fast_bias_correction=self.fast_bias_correction,
+                                     seven_bit=seven_bit_weights(self.method))
                 info = {"method": "nncf post-training quantization (transformer preset), Q/DQ ONNX",
                         "nncf": nncf.__version__, "calibration": source, "samples": len(inputs),
                         **({"warning": SYNTHETIC_WARNING} if ctx.train is None else {})}
@@ -315,6 +330,7 @@ class QuantizePass(Pass):
                     quantized = self.finetune(quantized, model, names, ctx, info, calibrated)
                 layers = QdqLayers(quantized, names)
             info["quantized_layers"] = len(layers.layers)
+            info["weight_bits"] = 7 if seven_bit_weights(self.method) else 8  # 7: this CPU's int8 kernels saturate
             measurable = ctx.backend is not None and ctx.reference is not None  # a hand-built pipeline may lack both
             keep = self.fit_gate(layers, ctx, info, calibrated) if self.sensitivity_samples and layers.layers \
                 and measurable else []
@@ -398,7 +414,12 @@ class QuantizePass(Pass):
         read_floats(student, quantized, model, skip=set(emulation.smoothing))
         # the emulation must compute what the runtime computes on the Q/DQ graph before it is trained
         x, inputs = sensitivity_inputs(ctx, calibrated, max(self.sensitivity_samples, 8), ctx.seed + 4)
-        session = onnxruntime.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+        # ... as the graph reads (basic optimizations: Q/DQ not fused into int8 kernels), since the int8
+        # kernels of a CPU without VNNI saturate where TensorRT's do not (the CPU targets' 7-bit weights
+        # already make the two agree)
+        opts = onnxruntime.SessionOptions()
+        opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        session = onnxruntime.InferenceSession(quantized.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         ort_out = session.run(None, {session.get_inputs()[0].name: x})[0]
         with torch.inference_mode():
             emulated = student.eval()(torch.from_numpy(x)).numpy()
