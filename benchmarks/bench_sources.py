@@ -16,6 +16,7 @@ included; target < 3 s).
 
     .venv/bin/python benchmarks/bench_sources.py                   # the lead's quiet-machine run
     .venv/bin/python benchmarks/bench_sources.py --quick --out /tmp/sources_quick.json   # a dry run in minutes
+    .venv/bin/python benchmarks/bench_sources.py --workdir ~/bench-sources --rounds 24   # keep/reuse artifacts
 
 ``--quick`` runs the same code end to end on tiny configs (64 px, 2 blocks, a 12-wide CLIP
 projection) at batch 2 with one round, to check the script: it profiles a 'tiny'-grid table for
@@ -100,8 +101,13 @@ def compile_jobs(source: str, overrides: dict, args, workdir: Path, say) -> dict
                 tokens=4 if args.tiny else 16))}
     out = {}
     for method, options in jobs.items():
+        d = workdir / f"{slug(source)}_{slug(method)}"
+        done = d / "bench_compile.json"  # a finished compile of an earlier run in the same --workdir: reused
+        if done.exists():
+            out[method] = {"dir": d, **json.loads(done.read_text())}
+            say(f"compile {source}: {method}: reused from {d}")
+            continue
         say(f"compile {source}: {method}")
-        d = workdir / f"{abs(hash(source)) % 10**8}_{method.replace(' ', '_').replace('.', '')}"
         t0 = time.perf_counter()
         try:
             manifest = deploycomp.compile(source, d, options)
@@ -110,7 +116,13 @@ def compile_jobs(source: str, overrides: dict, args, workdir: Path, say) -> dict
             say(f"  refused: {exc}")
             continue
         out[method] = {"dir": d, "manifest": manifest, "seconds": time.perf_counter() - t0}
+        write_json(done, {"manifest": manifest, "seconds": out[method]["seconds"]})
     return out
+
+
+def slug(text: str) -> str:
+    """A file name of a source spec or method: the same in every run (``hash`` is salted per process)."""
+    return "".join(c if c.isalnum() else "_" for c in Path(text).name if c not in ".")[-60:]
 
 
 def profile_tiny_table(root: Path, args, say) -> Path:
@@ -233,6 +245,9 @@ def main() -> None:
     ap.add_argument("--refusals-only", action="store_true",
                     help="only the time-to-refusal per source family (seconds; a quiet machine) -> sources_refusals.json")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="keep the artifacts here, and reuse the ones a killed or earlier run finished "
+                         "(re-time them with more --rounds without the ~26-min ViT-B pruning compiles)")
     args = ap.parse_args()
     if args.tiny:
         args.rounds, args.iters, args.cosine_samples, args.refusal_repeats, args.batch = 1, 1, 4, 1, 2
@@ -251,6 +266,9 @@ def main() -> None:
     args.out = args.out or RESULTS / "sources.json"
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
+        if args.workdir:
+            workdir = args.workdir.resolve()
+            workdir.mkdir(parents=True, exist_ok=True)
         if args.tiny:
             args.tables = profile_tiny_table(workdir / "tables", args, say)
         sources = write_sources(workdir, args.tiny)
