@@ -114,6 +114,14 @@ def float_layers(model_path) -> set[str]:
             and all(producer.get(i) != "DequantizeLinear" for i in n.input)}
 
 
+def assert_weight_bits(model_path, bits: int) -> None:
+    """The recorded weight width is the stored one: 7-bit int8 weights reach at most 64 in magnitude."""
+    stored = [numpy_helper.to_array(t) for t in onnx.load(str(model_path)).graph.initializer
+              if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    peak = max(int(np.abs(w.astype(np.int32)).max()) for w in stored)
+    assert bits in (7, 8) and ((peak <= 64) if bits == 7 else (peak > 64)), (bits, peak)
+
+
 def compile_options(target: str, **kw) -> deploycomp.CompileOptions:
     return deploycomp.CompileOptions(target=target, model_kwargs=dict(INT8_DEIT), measure_rounds=0, seed=0,
                                      precision="int8", calibration_samples=32, fidelity_samples=32, **kw)
@@ -139,6 +147,7 @@ def test_sensitivity_ranks_a_planted_bad_layer_first_and_the_fallback_keeps_it_i
     assert len(weight_layers) == 4 * INT8_DEIT["depth"] + 1 and set(weight_layers) <= set(params)  # torch names
     assert quant["fallback"]["kept_float"] == [] and quant["fallback"]["attempts"][-1]["passed"]
     assert float_layers(tmp_path / "honest" / "model.onnx") == set()
+    assert_weight_bits(tmp_path / "honest" / "model.onnx", quant["weight_bits"])
     report = (tmp_path / "honest" / "report.md").read_text()
     assert "## int8 sensitivity" in report and f"`{PLANTED}`" in report
 
@@ -179,6 +188,7 @@ def test_fallback_on_ort_cpu_keeps_the_scrambled_layer_out_of_dynamic_int8(tmp_p
     assert any(n.op_type in ("MatMul", "Gemm") and planted in n.input for n in graph.node)  # float
     assert not any(t.name.startswith(planted) and t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
     assert sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.node) >= 4  # the rest int8
+    assert_weight_bits(tmp_path / "out" / "model.onnx", quant["weight_bits"])
     x = images(24)
     got, want = run_ort(tmp_path / "out" / "model.onnx", x), torch_out(module, x)
     assert cosine_similarity(got, want).mean() > 0.99
@@ -257,6 +267,24 @@ def test_a_layer_put_back_in_float_is_exactly_the_float_layer():
     assert any(v.dtype == np.int8 and v.shape == w["W2"].shape for v in inits.values())
     assert not any(n.op_type == "QuantizeLinear" and n.inputs[0].is_initializer() for n in emitted.graph)
     assert relative_l2(run_ort(emitted, x, fuse_qdq=False), only_mm1) < 1e-6
+
+
+def test_seven_bit_weights_exactly_where_int8_kernels_saturate(monkeypatch):
+    """7-bit weights on x86 without any VNNI (AVX2, AVX-512 alone), 8 with avx512_vnni, avx_vnni or
+    AMX and off x86; never for TensorRT's graph."""
+    from deploycomp.backends import fingerprint
+    from deploycomp.passes.quantize import seven_bit_weights
+
+    monkeypatch.setattr(fingerprint.platform, "machine", lambda: "x86_64")
+    for flags, saturates in (({"avx2", "fma"}, True), ({"avx2", "avx512f"}, True), ({"avx512f", "avx512_vnni"}, False),
+                             ({"avx2", "avx_vnni"}, False), ({"avx512f", "amx_int8"}, False)):
+        monkeypatch.setattr(fingerprint, "all_cpu_flags", lambda f=frozenset(flags): f)
+        assert fingerprint.int8_dot_saturates() is saturates, flags
+        assert seven_bit_weights("nncf") is saturates and seven_bit_weights("ort-dynamic") is saturates
+        assert seven_bit_weights("nncf-symmetric") is False
+    monkeypatch.setattr(fingerprint, "all_cpu_flags", lambda: frozenset({"asimd"}))
+    monkeypatch.setattr(fingerprint.platform, "machine", lambda: "aarch64")
+    assert not fingerprint.int8_dot_saturates()
 
 
 def test_bad_int8_options_are_refused_before_anything_loads(tmp_path):
