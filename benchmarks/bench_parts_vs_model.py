@@ -29,13 +29,11 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
-
 import deploycomp  # noqa: E402
 from deploycomp.artifact import write_json  # noqa: E402
 from deploycomp.backends.base import get_backend  # noqa: E402
 from deploycomp.backends.fingerprint import host_fingerprint, usable_cores  # noqa: E402
-from deploycomp.bench.harness import measure_interleaved  # noqa: E402
+from deploycomp.bench.harness import measure_interleaved, stats  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 DEPTHS = (0, 1, 2, 4, 12)
@@ -85,8 +83,8 @@ def main() -> None:
             backend = get_backend(target, threads=args.threads, **options)
             cands += [backend.candidate(f"{target} | {label}", path, shape) for label, (path, shape) in models.items()]
         times = measure_interleaved(cands, batch=args.batch, rounds=args.rounds, iters=args.iters, warmup=2)
-    median = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
-    spread = {k: [float(np.percentile(v, 10)) * 1e3, float(np.percentile(v, 90)) * 1e3] for k, v in times.items()}
+    timed = {k: stats(v) for k, v in times.items()}
+    median = {k: v["median_ms"] for k, v in timed.items()}
     per_target = {}
     for target in args.targets:
         t = lambda label: median[f"{target} | {label}"]  # noqa: E731
@@ -100,7 +98,7 @@ def main() -> None:
               "protocol": {"batch": args.batch, "rounds": args.rounds, "iters_per_round": args.iters,
                            "interleaved": "every candidate of every target in one run", "weights": "random init",
                            "shape": {"tokens": TOKENS, "emb": EMB, "heads": HEADS, "head_dim": HEAD_DIM, "mlp": MLP}},
-              "median_ms": median, "p10_p90_ms": spread, "targets": per_target}
+              "times": timed, "targets": per_target}
     write_json(args.out, result)
     print("| target | block in model ms | micrographs ms | model / parts | per-block ms at depth 1 / 2 / 4 / 12 |")
     print("|---|---|---|---|---|")

@@ -122,7 +122,7 @@ def compile_jobs(source: str, overrides: dict, args, workdir: Path, say) -> dict
 
 def slug(text: str) -> str:
     """A file name of a source spec or method: the same in every run (``hash`` is salted per process)."""
-    return "".join(c if c.isalnum() else "_" for c in Path(text).name if c not in ".")[-60:]
+    return "".join(c if c.isalnum() else "_" for c in Path(text).name.replace(".", ""))[-60:]
 
 
 def profile_tiny_table(root: Path, args, say) -> Path:

@@ -305,6 +305,7 @@ class QuantizePass(Pass):
         import tempfile
 
         names = layer_names(model, ctx.structure)
+        seven_bit = seven_bit_weights(self.method)  # this CPU's int8 kernels would saturate on 8-bit weights
         with tempfile.TemporaryDirectory(prefix="deploycomp-int8-") as tmp:
             if self.method == "ort-dynamic":
                 import onnxruntime
@@ -321,7 +322,7 @@ class QuantizePass(Pass):
                 inputs, source = calibration_inputs(ctx, self.samples, ctx.seed + 1)
                 quantized = nncf_qdq(ir.to_proto(model), inputs, symmetric=self.method == "nncf-symmetric",
                                      fast_bias_correction=self.fast_bias_correction,
-                                     seven_bit=seven_bit_weights(self.method))
+                                     seven_bit=seven_bit)
                 info = {"method": "nncf post-training quantization (transformer preset), Q/DQ ONNX",
                         "nncf": nncf.__version__, "calibration": source, "samples": len(inputs),
                         **({"warning": SYNTHETIC_WARNING} if ctx.train is None else {})}
@@ -330,7 +331,7 @@ class QuantizePass(Pass):
                     quantized = self.finetune(quantized, model, names, ctx, info, calibrated)
                 layers = QdqLayers(quantized, names)
             info["quantized_layers"] = len(layers.layers)
-            info["weight_bits"] = 7 if seven_bit_weights(self.method) else 8  # 7: this CPU's int8 kernels saturate
+            info["weight_bits"] = 7 if seven_bit else 8
             measurable = ctx.backend is not None and ctx.reference is not None  # a hand-built pipeline may lack both
             keep = self.fit_gate(layers, ctx, info, calibrated) if self.sensitivity_samples and layers.layers \
                 and measurable else []
@@ -412,14 +413,15 @@ class QuantizePass(Pass):
                      if b.nodes.get("q") in names}
         emulation = QdqEmulation(student, quantized, model, names, attention)
         read_floats(student, quantized, model, skip=set(emulation.smoothing))
-        # the emulation must compute what the runtime computes on the Q/DQ graph before it is trained
+        # the emulation must compute what the Q/DQ graph means before it is trained: ORT at basic
+        # optimizations (Q/DQ not fused into int8 kernels, which saturate on a CPU without VNNI where
+        # TensorRT's do not; the CPU targets' 7-bit weights already make the two agree)
+        from ..backends.fingerprint import usable_cores
+        from ..backends.ort import session_options_for
+
         x, inputs = sensitivity_inputs(ctx, calibrated, max(self.sensitivity_samples, 8), ctx.seed + 4)
-        # ... as the graph reads (basic optimizations: Q/DQ not fused into int8 kernels), since the int8
-        # kernels of a CPU without VNNI saturate where TensorRT's do not (the CPU targets' 7-bit weights
-        # already make the two agree)
-        opts = onnxruntime.SessionOptions()
-        opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        session = onnxruntime.InferenceSession(quantized.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(quantized.SerializeToString(), session_options_for(usable_cores(), "basic"),
+                                               providers=["CPUExecutionProvider"])
         ort_out = session.run(None, {session.get_inputs()[0].name: x})[0]
         with torch.inference_mode():
             emulated = student.eval()(torch.from_numpy(x)).numpy()
