@@ -54,7 +54,7 @@ from deploycomp.artifact import read_manifest, write_json  # noqa: E402
 from proxy_common import CACHE, MODEL, ratio_fields, time_against_source  # noqa: E402
 
 ROWS = ("nvit-eta1", "nvit-eta0", "uniform", "deepmad", "tinyvit-scale", "torch-pruning")
-TABLE = ROOT / "latency_tables" / "ort-cpu" / "amd-epyc-2c-t2-b32-fp32-onnxruntime1.32.0-proxy-fmnist.json"
+TABLE = ROOT / "latency_tables" / "ort-cpu" / "amd-epyc-avx512-vnni-bf16-2c-t2-b32-fp32-onnxruntime1.32.0-proxy-fmnist.json"
 TORCH_PRUNING_FIX = ("timm Attention keeps num_heads, head_dim and attn_dim after Torch-Pruning removes heads from qkv; "
                      "they are reset from the pruned qkv width (num_heads from the pruner, head_dim unchanged)")
 

@@ -312,9 +312,12 @@ def _latency_tables(src, options: CompileOptions) -> dict[str, tuple[Any, Path]]
             if auto and precision != "fp32":
                 continue
             flag = "" if precision == "fp32" else f" --precision {precision}"
+            others = sorted(p.name for p in path.parent.glob(path.name.replace(f"-{fp['isa']}-", "-*-", 1)))
+            elsewhere = f"; tables of this CPU model with other instruction sets ({', '.join(others)}) do not " \
+                        "predict this one" if others else ""
             raise DeployCompError(f"no latency table for this device at batch {options.latency_batch}, precision "
                                   f"{precision} and grid {grid}: run `deploycomp profile --target {options.target} --batch "
-                                  f"{options.latency_batch} --grid {grid}{flag}` (expected {path})")
+                                  f"{options.latency_batch} --grid {grid}{flag}` (expected {path}){elsewhere}")
         table = load_table(path, fp)
         if hasattr(src.torch_module, "layers"):  # Swin: refused here, before any work, by a table without Swin parts
             from .latency.predictor import check_swin_table

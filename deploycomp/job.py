@@ -84,8 +84,8 @@ class CompileJob:
                     manifest["accuracy"] = evaluate_compiled(*self.before, backend.runner(artifact), ctx.test)
             if self.measure_rounds:
                 say("measure")
-                times = backend.time({"artifact": artifact}, shape, batch=1, rounds=self.measure_rounds)
-                manifest["latency"] = {"batch": 1, **times["artifact"]}
+                manifest["latency"] = measure_artifact(backend, artifact, model, ctx.fp32_model, shape,
+                                                       self.measure_rounds, self.record.get("precision") or "lossy")
             if "pruning" in ctx.results:
                 from .pruning.report import finish_pruning_report
 
@@ -98,6 +98,35 @@ class CompileJob:
             (staging / "report.md").write_text(render_report(manifest), encoding="utf-8")
             write_json(staging / MANIFEST, manifest)
         return manifest
+
+
+def measure_artifact(backend: "Backend", artifact, model: ir.Model, fp32_model: ir.Model | None,
+                     input_shape: tuple[int, ...], rounds: int, precision: str) -> dict[str, Any]:
+    """The artifact's batch-1 latency. At a lossy precision (a graph precision left ``fp32_model``,
+    the graph before it; a runtime precision runs ``model`` itself at fp32) it is timed interleaved
+    with that fp32 graph, and a precision that measures slower than fp32 on this device is a warning:
+    int8 without VNNI is (OpenVINO ran 0.79-0.82x its fp32 on an AVX2 EPYC), and a user who asked
+    for speed should not get a slower artifact unannounced."""
+    from .backends.base import fp32_backend, time_against
+
+    reference = fp32_backend(backend)
+    if fp32_model is None and reference is backend:
+        return {"batch": 1, **backend.time({"artifact": artifact}, input_shape, batch=1, rounds=rounds)["artifact"]}
+    times = time_against(backend, reference, {"fp32": fp32_model or model, "artifact": artifact}, "fp32",
+                         input_shape, 1, rounds)
+    speedup = times["fp32"]["median_ms"] / times["artifact"]["median_ms"]
+    if speedup < 1.0:
+        import warnings
+
+        from .backends.fingerprint import int8_dot_saturates
+        from .errors import DeployCompWarning
+
+        why = (" (this CPU has no VNNI: its int8 matrix kernels are slower than its fp32 ones)"
+               if precision == "int8" and int8_dot_saturates() else "")
+        warnings.warn(f"the {precision} artifact measured {1 / speedup:.2f}x the latency of the same graph at fp32 "
+                      f"on this device (batch 1, medians of {rounds} interleaved rounds){why}; --precision fp32 "
+                      "would be faster here", DeployCompWarning, stacklevel=2)
+    return {"batch": 1, **times["artifact"], "fp32": times["fp32"], "speedup_vs_fp32": speedup}
 
 
 def evaluate_compiled(reference, reference_kind: str, artifact_runner, test) -> dict[str, Any]:

@@ -151,6 +151,10 @@ def render_report(m: dict[str, Any]) -> str:
         lat = m["latency"]
         lines.append(f"- measured latency at batch 1: median {lat['median_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms "
                      f"({lat['n']} runs)")
+        if "speedup_vs_fp32" in lat:
+            lines.append(f"- the same graph at fp32, interleaved: median {lat['fp32']['median_ms']:.2f} ms, so the "
+                         f"precision gives **{lat['speedup_vs_fp32']:.2f}x**"
+                         + (" (slower: --precision fp32 would be faster here)" if lat["speedup_vs_fp32"] < 1 else ""))
     if "accuracy" in m:
         acc = m["accuracy"]
         lines.append(f"- top-1 on {acc['samples']} samples of {acc['data']}: {acc['reference']} reference "

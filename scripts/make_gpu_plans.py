@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 MODELS = ("deit_small_patch16_224", "deit_base_patch16_224")
 RATIOS = (0.5, 0.3)
-TABLE = ROOT / "latency_tables" / "ort-cpu" / "amd-epyc-2c-t2-b1-fp32-onnxruntime1.32.0.json"
+TABLE = ROOT / "latency_tables" / "ort-cpu" / "amd-epyc-avx512-vnni-bf16-2c-t2-b1-fp32-onnxruntime1.32.0.json"
 COMMON = ("table-driven selection without training: magnitude importance (mean |w| of coupled slices) of a randomly "
           "initialised timm model (torch seed 0), so the latency table decides; one step to the predicted target, kept "
           "inside the table's grid; no distillation, no fine-tuning, no on-device measurement")

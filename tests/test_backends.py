@@ -265,6 +265,11 @@ def test_int8_on_openvino_passes_the_fidelity_gate_and_a_broken_quantization_doe
     assert quant["calibration"].startswith("fashion-mnist/train") and "warning" not in quant
     qdq = ir.load(save_dir / "model.onnx")
     assert sum(n.op_type == "QuantizeLinear" for n in qdq.graph) >= 8  # every block's matmuls
+    # the artifact was timed interleaved with the graph as it was before quantization (fp32)
+    assert not any(n.op_type == "QuantizeLinear" for n in job.ctx.fp32_model.graph)
+    lat = manifest["latency"]
+    assert lat["speedup_vs_fp32"] == pytest.approx(lat["fp32"]["median_ms"] / lat["median_ms"])
+    assert "the same graph at fp32, interleaved" in (save_dir / "report.md").read_text()
 
     class ScrambledQuantize(QuantizePass):
         def run(self, model, ctx):

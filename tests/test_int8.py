@@ -287,6 +287,51 @@ def test_seven_bit_weights_exactly_where_int8_kernels_saturate(monkeypatch):
     assert not fingerprint.int8_dot_saturates()
 
 
+class _ClockedBackend:
+    """A backend whose ``time`` returns given medians (ms) and records what it was asked to time together."""
+
+    name = "ort-cpu"
+
+    def __init__(self, medians):
+        self.medians, self.calls = medians, []
+
+    def options(self):
+        return {"threads": 2}
+
+    def time(self, models, input_shape, batch, rounds, backends=None):
+        self.calls.append(dict(models))
+        return {k: {"median_ms": self.medians[k], "p10_ms": self.medians[k], "p90_ms": self.medians[k], "n": rounds}
+                for k in models}
+
+
+@pytest.mark.parametrize("artifact_ms, warns", [(12.0, True), (8.0, False)])
+def test_a_lossy_precision_slower_than_its_fp32_graph_is_measured_together_and_warned(monkeypatch, artifact_ms, warns):
+    import warnings
+
+    from deploycomp.backends import fingerprint
+    from deploycomp.errors import DeployCompWarning
+    from deploycomp.job import measure_artifact
+
+    monkeypatch.setattr(fingerprint, "int8_dot_saturates", lambda: True)
+    backend = _ClockedBackend({"fp32": 10.0, "artifact": artifact_ms})
+    fp32_graph, emitted, artifact = object(), object(), object()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        lat = measure_artifact(backend, artifact, emitted, fp32_graph, (1, 3, 8, 8), 5, "int8")
+    assert backend.calls == [{"fp32": fp32_graph, "artifact": artifact}]  # one interleaved run of both
+    assert lat["median_ms"] == artifact_ms and lat["fp32"]["median_ms"] == 10.0
+    assert lat["speedup_vs_fp32"] == pytest.approx(10.0 / artifact_ms)
+    ours = [str(w.message) for w in seen if issubclass(w.category, DeployCompWarning)]
+    if warns:
+        assert len(ours) == 1 and "1.20x the latency" in ours[0] and "no VNNI" in ours[0]
+    else:
+        assert not ours
+
+    fp32_only = _ClockedBackend({"artifact": 9.0})  # fp32 compile: the artifact alone, as before
+    lat = measure_artifact(fp32_only, artifact, emitted, None, (1, 3, 8, 8), 5, "fp32")
+    assert fp32_only.calls == [{"artifact": artifact}] and "speedup_vs_fp32" not in lat
+
+
 def test_bad_int8_options_are_refused_before_anything_loads(tmp_path):
     for kw, message in (({"max_drop": -1.0}, "--max-drop must be >= 0"),
                         ({"max_float_layers": -1}, "--max-float-layers must be >= 0"),

@@ -151,6 +151,35 @@ def test_profile_resumes_and_refuses_other_devices(tmp_path, backend):
     assert load_table(path, other, force=True).complete
 
 
+@pytest.mark.parametrize("flags, isa", [(["avx2", "fma"], "avx2"), (["avx2", "avx_vnni", "fma"], "avx2-vnni"),
+                                        (["avx2", "avx512f", "fma"], "avx512"),
+                                        (["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "fma"], "avx512-vnni-bf16"),
+                                        (["avx512f", "avx512_vnni", "avx512_bf16", "amx_tile"], "avx512-vnni-bf16-amx"),
+                                        (["asimd"], "neon"), ([], "generic")])
+def test_instruction_set_names(flags, isa):
+    from deploycomp.backends.fingerprint import isa_of
+
+    assert isa_of(flags) == isa
+
+
+def test_a_table_of_the_same_cpu_model_with_another_instruction_set_is_refused_and_named_apart(tmp_path):
+    """Two CPUs both reporting "AMD EPYC", one with AVX-512 + VNNI and one with AVX2 only, ran DeiT-S
+    3x apart: a table of one does not predict the other, and profiling one must not overwrite the other's."""
+    fp = {"target": "ort-cpu", "cpu_model": "AMD EPYC", "cpu_flags": ["avx2", "avx512f", "avx512_vnni", "fma"],
+          "cores": 2, "threads": 2, "allow_spinning": True, "backend": "onnxruntime", "backend_version": "1.0",
+          "provider": "CPUExecutionProvider", "batch": 1, "dtype": "fp32"}
+    protocol = {"passes": 1, "repeats": 1}
+    old = LatencyTable(fp, {}, {}, protocol, {})  # written before "isa" was recorded: read from its flags
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old.to_json()))
+    assert load_table(path).fingerprint["isa"] == "avx512-vnni"
+    avx2 = {**fp, "cpu_flags": ["avx2", "fma"], "isa": "avx2"}
+    with pytest.raises(DeployCompError, match="measured on another device .*isa: table 'avx512-vnni', device 'avx2'"):
+        load_table(path, avx2)
+    assert table_path(tmp_path, avx2) != table_path(tmp_path, {**fp, "isa": "avx512-vnni"})
+    assert "-avx2-" in table_path(tmp_path, avx2).name
+
+
 def test_concurrent_saves_do_not_corrupt(tmp_path, backend):
     """Three writers, each measuring its own third of the points and saving after every point (as
     concurrent profiles of one table do): every point of every writer must survive, which needs the

@@ -33,9 +33,26 @@ def all_cpu_flags() -> frozenset[str]:
 
 def cpu_flags() -> list[str]:
     """The flags a fingerprint records (the ones that pick kernels: vector width, int8 dot, bf16)."""
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma", "neon", "asimd")
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "fma", "neon", "asimd")
     have = all_cpu_flags()
     return [w for w in wanted if w in have]
+
+
+def isa_of(flags) -> str:
+    """The instruction-set level that picks a runtime's kernels, as a short name ("avx512-vnni-bf16",
+    "avx2"). Two CPUs that report the same model name ("AMD EPYC") can differ here and run a ViT 3x
+    apart, so latency tables are named and matched by it."""
+    f = set(flags)
+    if "avx512f" in f:
+        parts = ["avx512"] + [tag for flag, tag in (("avx512_vnni", "vnni"), ("avx512_bf16", "bf16"), ("amx_tile", "amx"))
+                              if flag in f]
+    elif "avx2" in f:
+        parts = ["avx2"] + (["vnni"] if "avx_vnni" in f else [])
+    elif f & {"asimd", "neon"}:
+        parts = ["neon"]
+    else:
+        parts = ["generic"]
+    return "-".join(parts)
 
 
 def int8_dot_saturates() -> bool:
@@ -60,6 +77,7 @@ def host_fingerprint() -> dict:
     return {
         "cpu_model": cpu_model(),
         "cpu_flags": cpu_flags(),
+        "isa": isa_of(cpu_flags()),
         "cores": usable_cores(),
         "machine": platform.machine(),
         "os": platform.system(),

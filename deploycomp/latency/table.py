@@ -23,11 +23,12 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import DeployCompError
+from ..backends.fingerprint import isa_of
 
 SCHEMA = "deploycomp.latency_table"
 VERSION = 1
 # Fingerprint fields that must agree for a table to describe this device.
-MATCH_KEYS = ("target", "cpu_model", "threads", "allow_spinning", "backend", "backend_version", "provider", "batch",
+MATCH_KEYS = ("target", "cpu_model", "isa", "threads", "allow_spinning", "backend", "backend_version", "provider", "batch",
               "dtype", "quantizer", "performance_hint", "inference_precision")
 PART_KEYS = {
     "attention": ("tokens", "emb", "heads", "qk_dim", "v_dim"),
@@ -117,7 +118,9 @@ class LatencyTable:
             raise DeployCompError(f"{path}: not a deploycomp latency table")
         if data.get("version") != VERSION:
             raise DeployCompError(f"{path}: latency table version {data.get('version')}, this deploycomp reads {VERSION}")
-        return cls(data["fingerprint"], data["grid"], data["fixed"], data["protocol"], data["entries"],
+        fingerprint = dict(data["fingerprint"])
+        fingerprint.setdefault("isa", isa_of(fingerprint.get("cpu_flags", [])))  # tables written before "isa" was recorded
+        return cls(fingerprint, data["grid"], data["fixed"], data["protocol"], data["entries"],
                    data.get("profiling_seconds", 0.0), path)
 
 
@@ -125,7 +128,7 @@ def device_slug(fp: dict[str, Any]) -> str:
     cpu = re.sub(r"[^a-z0-9]+", "-", fp["cpu_model"].lower()).strip("-")
     version = re.sub(r"[^A-Za-z0-9.]+", "-", str(fp["backend_version"]))  # OpenVINO's has a '/' in it
     spin = "-spin" if fp.get("allow_spinning") else ""  # ONNX Runtime sessions with spinning workers
-    return f"{cpu}-{fp['cores']}c-t{fp['threads']}-b{fp['batch']}-{fp['dtype']}-{fp['backend']}{version}{spin}"
+    return f"{cpu}-{fp['isa']}-{fp['cores']}c-t{fp['threads']}-b{fp['batch']}-{fp['dtype']}-{fp['backend']}{version}{spin}"
 
 
 def table_path(root: Path, fp: dict[str, Any], grid: str = "deit-base") -> Path:

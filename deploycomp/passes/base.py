@@ -58,6 +58,9 @@ class CompileContext:
     # the fp32 table when the compile's precision is another (a budget is relative to the fp32 source)
     latency_reference: "LatencyPredictor | None" = None
     baseline_model: ir.Model | None = None  # the graph before latency-changing rewrites (timed against the result)
+    # the graph just before a lossy graph precision (int8 Q/DQ, fp16/bf16), timed against the artifact:
+    # whether the precision pays on this CPU (OpenVINO's int8 ran 0.8x its fp32 on one without VNNI)
+    fp32_model: ir.Model | None = None
     verify_batches: tuple[int, ...] = (1, 3)
     tolerance: float = 1e-4
     # a lossy precision's gate instead of the tolerance: {"top1_agreement", "cosine", "samples"}

@@ -164,6 +164,7 @@ class PrecisionPass(Pass):
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
         if self.dtype == "fp32":
             return PassResult(model, modified=False)
+        ctx.fp32_model = model.clone()
         convert_precision(model, self.dtype, self.keep_ops)
         return PassResult(model, modified=True, info={"precision": self.dtype})
 

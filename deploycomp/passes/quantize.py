@@ -304,6 +304,7 @@ class QuantizePass(Pass):
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
         import tempfile
 
+        ctx.fp32_model = model.clone()
         names = layer_names(model, ctx.structure)
         seven_bit = seven_bit_weights(self.method)  # this CPU's int8 kernels would saturate on 8-bit weights
         with tempfile.TemporaryDirectory(prefix="deploycomp-int8-") as tmp:
