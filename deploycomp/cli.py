@@ -226,6 +226,7 @@ def profile_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the validation architectures."),
     force: bool = typer.Option(False, "--force", help="Use a table even if its device fingerprint does not match."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Where to write the validation report (JSON)."),
+    table_file: Optional[Path] = typer.Option(None, "--table", help="Validate this table file on this device instead of profiling (with --force: another device's table, to see how far it predicts this one)."),
 ):
     """Measure the ViT parts on this device into latency_tables/<target>/<device>.json (resumable)."""
     from .backends.base import get_backend
@@ -240,8 +241,12 @@ def profile_cmd(
         options["precision"] = dtype
     backend = get_backend(target, **options) if "precision" in options else probe
     check_precision(backend, dtype)  # one line, before any profiling
-    path = table_path(tables, device_fingerprint(backend, batch, dtype), grid)
-    if force and path.is_file():
+    if table_file is not None and not validate:
+        raise DeployCompError("--table names a table to validate on this device: give --validate N")
+    path = table_file or table_path(tables, device_fingerprint(backend, batch, dtype), grid)
+    if table_file is not None:
+        table = load_table(path, device_fingerprint(backend, batch, dtype), force=force)
+    elif force and path.is_file():
         table = load_table(path, force=True)
     else:
         with _progress() as progress:

@@ -121,7 +121,7 @@ def measure_artifact(backend: "Backend", artifact, model: ir.Model, fp32_model: 
         from .backends.fingerprint import int8_dot_saturates
         from .errors import DeployCompWarning
 
-        why = (" (this CPU has no VNNI: its int8 matrix kernels are slower than its fp32 ones)"
+        why = ("; this CPU has no VNNI, so its int8 matrix kernels are slower than its fp32 ones"
                if precision == "int8" and int8_dot_saturates() else "")
         warnings.warn(f"the {precision} artifact measured {1 / speedup:.2f}x the latency of the same graph at fp32 "
                       f"on this device (batch 1, medians of {rounds} interleaved rounds){why}; --precision fp32 "

@@ -267,6 +267,10 @@ def test_int8_on_openvino_passes_the_fidelity_gate_and_a_broken_quantization_doe
     assert sum(n.op_type == "QuantizeLinear" for n in qdq.graph) >= 8  # every block's matmuls
     # the artifact was timed interleaved with the graph as it was before quantization (fp32)
     assert not any(n.op_type == "QuantizeLinear" for n in job.ctx.fp32_model.graph)
+    from deploycomp.ir.shapes import param_count  # int8 weights are weights; scales and zero points are not
+
+    # (NNCF's SmoothQuant multipliers, per channel, count too: under 1 %)
+    assert manifest["totals"]["params"] == pytest.approx(param_count(job.ctx.fp32_model), rel=0.01)
     lat = manifest["latency"]
     assert lat["speedup_vs_fp32"] == pytest.approx(lat["fp32"]["median_ms"] / lat["median_ms"])
     assert "the same graph at fp32, interleaved" in (save_dir / "report.md").read_text()

@@ -252,6 +252,10 @@ def _load_timm(name: str, weights, model_kwargs, opset: int) -> Source:
     from .timm_models import build_timm_model, timm_input_shape, timm_spec
 
     spec = timm_spec(name)
+    if not weights:  # random init, seeded as hf-config and open_clip are: the same artifact from the same command
+        import torch
+
+        torch.manual_seed(0)
     module = build_timm_model(name, Path(weights) if weights else None, model_kwargs)
     kwargs = model_kwargs or {}
     input_shape = timm_input_shape(spec, kwargs)

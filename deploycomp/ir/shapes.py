@@ -60,8 +60,23 @@ def matmul_flops(model: ir.Model) -> float:
     return total
 
 
+FLOAT_WEIGHTS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+INT8 = (ir.DataType.INT8, ir.DataType.UINT8)
+# inputs that are quantization parameters: Q/DQ's scale and zero point, ORT's dynamic int8 weight scale/zero point
+QPARAM_INPUTS = {"QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "DynamicQuantizeMatMul": (2, 3),
+                 "MatMulInteger": (2, 3)}
+
+
 def param_count(model: ir.Model) -> int:
-    """Floating-point weights in the graph's initializers (scalars and shape constants excluded)."""
-    return int(sum(int(np.prod(v.const_value.shape)) for v in model.graph.initializers.values()
-                   if v.const_value is not None and v.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
-                   and len(v.const_value.shape) > 0))
+    """Weights in the graph's initializers: float ones and int8 matrices (a quantized graph's
+    weights), not the scales and zero points that quantize them, nor scalars and shape constants."""
+    qparams = {node.inputs[i].name for node in model.graph for i in QPARAM_INPUTS.get(node.op_type, ())
+               if i < len(node.inputs) and node.inputs[i] is not None}
+
+    def is_weight(v: ir.Value) -> bool:
+        t = v.const_value
+        if t is None or len(t.shape) == 0 or v.name in qparams:
+            return False
+        return t.dtype in FLOAT_WEIGHTS or (t.dtype in INT8 and len(t.shape) >= 2)
+
+    return int(sum(int(np.prod(v.const_value.shape)) for v in model.graph.initializers.values() if is_weight(v)))
