@@ -112,8 +112,8 @@ def measure_artifact(backend: "Backend", artifact, model: ir.Model, fp32_model: 
     reference = fp32_backend(backend)
     if fp32_model is None and reference is backend:
         return {"batch": 1, **backend.time({"artifact": artifact}, input_shape, batch=1, rounds=rounds)["artifact"]}
-    times = time_against(backend, reference, {"fp32": fp32_model or model, "artifact": artifact}, "fp32",
-                         input_shape, 1, rounds)
+    fp32_graph = model if fp32_model is None else fp32_model
+    times = time_against(backend, reference, {"fp32": fp32_graph, "artifact": artifact}, "fp32", input_shape, 1, rounds)
     speedup = times["fp32"]["median_ms"] / times["artifact"]["median_ms"]
     if speedup < 1.0:
         import warnings
