@@ -257,7 +257,8 @@ def profile_cmd(
     if validate:
         from .latency.validate import random_archs_for, validate as run_validation
 
-        table = load_table(table.path or path, device_fingerprint(backend, batch, dtype), force=force)
+        if table_file is None:  # a named table was read and checked above
+            table = load_table(table.path or path, device_fingerprint(backend, batch, dtype), force=force)
         archs = random_archs_for(table, validate, seed)
         with _progress() as progress:
             task = progress.add_task("validate", total=None)

@@ -74,10 +74,11 @@ def usable_cores() -> int:
 
 
 def host_fingerprint() -> dict:
+    flags = cpu_flags()
     return {
         "cpu_model": cpu_model(),
-        "cpu_flags": cpu_flags(),
-        "isa": isa_of(cpu_flags()),
+        "cpu_flags": flags,
+        "isa": isa_of(flags),
         "cores": usable_cores(),
         "machine": platform.machine(),
         "os": platform.system(),
