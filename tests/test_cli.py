@@ -186,22 +186,38 @@ def test_profile_force_uses_a_table_of_another_device(tmp_path, monkeypatch, cap
         sorted([path.name, path.name + ".lock"])
 
 
-def test_profile_validates_a_named_table_only_with_validate_and_another_cpus_only_forced(tmp_path, monkeypatch, capsys):
-    """``profile --table FILE --validate N`` times FILE's predictions on this machine; a table of
-    another instruction set is refused unless forced, and ``--table`` alone is refused."""
+def _table_of_another_isa(tmp_path):
+    """A synthetic tiny-grid table of this device, but stamped with another instruction set."""
     from .synthetic_tables import mlp_only, write_synthetic_table
-    from .test_gate import run_cli
 
-    path = write_synthetic_table(tmp_path, mlp_only, threads=1)
-    data = json.loads(path.read_text())
+    data = json.loads(write_synthetic_table(tmp_path, mlp_only, threads=1).read_text())
     data["fingerprint"]["isa"] = "avx512-vnni-bf16" if data["fingerprint"]["isa"] != "avx512-vnni-bf16" else "avx2"
     other = tmp_path / "other.json"
     other.write_text(json.dumps(data))
-    args = ("profile", "--target", "ort-cpu", "--grid", "tiny", "--threads", "1", "--table", other)
+    return other, ("profile", "--target", "ort-cpu", "--grid", "tiny", "--threads", "1", "--table", other)
+
+
+def test_profile_validates_a_named_table_only_with_validate_and_another_cpus_only_forced(tmp_path, monkeypatch, capsys):
+    """``profile --table FILE --validate N`` times FILE's predictions on this machine; a table of
+    another instruction set is refused unless forced, and ``--table`` alone is refused."""
+    from .test_gate import run_cli
+
+    _, args = _table_of_another_isa(tmp_path)
     code, err = run_cli(monkeypatch, capsys, *args)
     assert code == 2 and "--table names a table to validate on this device: give --validate N" in err
     code, err = run_cli(monkeypatch, capsys, *args, "--validate", "1", "--json", tmp_path / "v.json")
     assert code == 2 and "measured on another device (isa: table" in err and not (tmp_path / "v.json").exists()
+
+
+@pytest.mark.slow  # compiles and times one architecture against four anchors (~40 s)
+def test_profile_validates_another_cpus_table_when_forced(tmp_path, monkeypatch, capsys):
+    from .test_gate import run_cli
+
+    other, args = _table_of_another_isa(tmp_path)
+    code, err = run_cli(monkeypatch, capsys, *args, "--validate", "1", "--json", tmp_path / "v.json", "--force")
+    assert code == 0, err
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["table"] == str(other) and report["n"] == 1
 
 
 @pytest.mark.slow
