@@ -13,6 +13,17 @@ ort-cpu); the unrewritten graph and the artifacts are then timed interleaved in 
     #     --data fashion-mnist --semantic-tokens 4 --finetune-epochs 5 --teacher-logits <stored logits> -o out/st4
 
 Writes benchmarks/results/tokens_proxy.json.
+
+The joint artifact of the precision issue (tokens + pruning + int8 at a tenth of the fp32 proxy's
+latency at batch 32; the budget is relative to the fp32 source, the int8 latency table predicts the
+pruned model, ``passes/prune.py``), three seeds (pruning's saliency batches, distillation and
+fine-tuning differ per seed):
+
+    .venv/bin/python benchmarks/bench_tokens_proxy.py --rows tokens+prune-eta0 --latency 0.1x \
+        --target ort-cpu --precision int8 --seeds 0,1,2 --out benchmarks/results/joint_proxy.json
+
+Each seed's top-1 is the artifact's on all 10 000 test images run by the target runtime (the
+manifest's accuracy section); the table prints every seed and the mean and range over seeds.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from deploycomp.api import CompileOptions, compile  # noqa: E402
 from deploycomp.artifact import read_manifest, write_json  # noqa: E402
+from deploycomp.backends.fingerprint import host_fingerprint  # noqa: E402
 from proxy_common import CACHE, MODEL, ratio_fields, teacher_and_logits, time_against_source  # noqa: E402
 
 
@@ -40,6 +52,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="batch the budget is for (latency table)")
     ap.add_argument("--rows", default="tokens,tokens+prune,tokens+prune-eta0",
                     help="tokens (alone), tokens+prune (NViT, eta 1), tokens+prune-eta0 (latency-blind selection)")
+    ap.add_argument("--target", default="ort-cpu")
+    ap.add_argument("--precision", default="fp32", help="the artifacts' precision (int8: the joint artifact)")
+    ap.add_argument("--seeds", default="0", help="compile seeds, comma-separated (one artifact per row and seed)")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tokens_proxy.json")
     args = ap.parse_args()
@@ -50,38 +65,63 @@ def main() -> None:
 
     tokens = SemanticTokenConfig(args.tokens)
     artifacts = {}
-    for row in args.rows.split(","):
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for row, seed in ((r, s) for r in args.rows.split(",") for s in seeds):
         suffix = "" if row == "tokens" else f"-{args.latency}-b{args.batch}"
-        out = work / f"{row.removesuffix('-eta0')}-st{args.tokens}-e{args.epochs}{suffix}{'-eta0' if row.endswith('eta0') else ''}"
+        variant = "".join([f"-{args.target}" if args.target != "ort-cpu" else "",
+                           f"-{args.precision}" if args.precision != "fp32" else "", f"-s{seed}" if seed else ""])
+        out = work / f"{row.removesuffix('-eta0')}-st{args.tokens}-e{args.epochs}{suffix}{'-eta0' if row.endswith('eta0') else ''}{variant}"
+        common = dict(target=args.target, precision=args.precision, weights=str(weights), data="fashion-mnist",
+                      semantic_tokens=tokens, seed=seed)
         if row == "tokens":
-            options = CompileOptions(weights=str(weights), data="fashion-mnist", semantic_tokens=tokens,
-                                     token_finetune_epochs=args.epochs, token_teacher_logits=str(logits),
-                                     measure_rounds=0, seed=0)
+            options = CompileOptions(**common, token_finetune_epochs=args.epochs, token_teacher_logits=str(logits),
+                                     measure_rounds=0)
         else:
             prune = PruneConfig(latency=args.latency, eta=0.0 if row.endswith("eta0") else 1.0, steps=5,
                                 saliency_batches=16, batch_size=64, kd_steps=50,
-                                finetune_epochs=args.epochs, teacher_logits=str(logits), budget_rounds=3)
-            options = CompileOptions(weights=str(weights), data="fashion-mnist", semantic_tokens=tokens, prune=prune,
-                                     latency_batch=args.batch, measure_rounds=5, seed=0)
+                                finetune_epochs=args.epochs, teacher_logits=str(logits), budget_rounds=3, seed=seed)
+            options = CompileOptions(**common, prune=prune, latency_batch=args.batch, measure_rounds=5)
         if (out / "manifest.json").is_file():
             print(f"{row}: reusing {out}", flush=True)
         else:
             print(f"{row}: compiling -> {out}", flush=True)
             compile(MODEL, out, options, progress=lambda msg, n=row: print(f"  {n}: {msg}", flush=True))
-        artifacts[row] = out
+        artifacts[f"{row} seed {seed}" if len(seeds) > 1 else row] = out
 
     rows = measure_all(artifacts, weights, args.batch, args.rounds)
     report = {"model": MODEL, "semantic_tokens": args.tokens, "finetune_epochs": args.epochs,
               "teacher_logits": "top-5, stored", "combined_budget": args.latency, "budget_batch": args.batch,
-              "rounds": args.rounds, "rows": rows}
-    print(f"\n{'row':14} {'GFLOPs':>7} {'b' + str(args.batch) + ' ratio':>10} {'p10-p90':>12} {'b1 ratio':>9} "
+              "target": args.target, "precision": args.precision, "seeds": seeds, "host": host_fingerprint(),
+              "rounds": args.rounds, "rows": rows, "summary": summarize(rows)}
+    print(f"\n{'row':22} {'GFLOPs':>7} {'b' + str(args.batch) + ' ratio':>10} {'p10-p90':>12} {'b1 ratio':>9} "
           f"{'top-1':>6} {'before':>7} {'delta':>6}")
     for r in rows[1:]:
         lo, hi = r[f"ratio_b{args.batch}_p10_p90"]
-        print(f"{r['row']:14} {r['gflops']:7.4f} {r[f'ratio_b{args.batch}']:10.3f} {lo:5.3f}-{hi:5.3f} "
+        print(f"{r['row']:22} {r['gflops']:7.4f} {r[f'ratio_b{args.batch}']:10.3f} {lo:5.3f}-{hi:5.3f} "
               f"{r['ratio_b1']:9.3f} {r['top1']:6.2f} {r['top1_before']:7.2f} {r['delta_pt']:+6.2f}")
+    if len(seeds) > 1:
+        print(f"\n{'row':22} {'seeds':>5} {'top-1 mean':>10} {'delta mean (range)':>24} {'b' + str(args.batch) + ' ratio mean':>15}")
+        for name, s in report["summary"].items():
+            print(f"{name:22} {s['n']:5d} {s['top1_mean']:10.2f} {s['delta_pt_mean']:+7.2f} ({s['delta_pt_min']:+.2f} to "
+                  f"{s['delta_pt_max']:+.2f}) {s[f'ratio_b{args.batch}_mean']:15.3f}")
     write_json(args.out, report)
     print(f"wrote {args.out}")
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per row over its seeds: top-1 and its drop (mean, min, max) and the mean measured ratios."""
+    import numpy as np
+
+    out = {}
+    for name in dict.fromkeys(r["row"].split(" seed ")[0] for r in rows[1:]):
+        group = [r for r in rows[1:] if r["row"].split(" seed ")[0] == name]
+        delta = [r["delta_pt"] for r in group]
+        out[name] = {"n": len(group), "top1_mean": float(np.mean([r["top1"] for r in group])),
+                     "delta_pt_mean": float(np.mean(delta)), "delta_pt_min": float(np.min(delta)),
+                     "delta_pt_max": float(np.max(delta)),
+                     **{k + "_mean": float(np.mean([r[k] for r in group])) for k in group[0] if k.startswith("ratio_b")
+                        and not k.endswith("p90")}}
+    return out
 
 
 def measure_all(artifacts: dict[str, Path], weights: Path, batch: int, rounds: int) -> list[dict]:

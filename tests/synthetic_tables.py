@@ -61,13 +61,17 @@ def flops_like(part: str, point: tuple[int, ...]) -> float:
 
 def swin_flops_like(part: str, point: tuple[int, ...]) -> float:
     """The Swin parts (``swin-micro`` grid), each multilinear in its keys: windowed attention in
-    proportion to windows x window tokens x EMB x H·(QK+V), plus 0.01 ms for the shift; the MLP,
+    proportion to windows x window tokens x EMB x H·(QK+V), plus 0.01 ms for the shift; the window
+    cross-attention of semantic tokens to windows x (queries + keys) x EMB; the MLP,
     patch merging and head in proportion to their multiply-adds. Every width of every stage costs,
     and so does each patch merging."""
     kind = part_kind(part)
     if kind == "window_attention":
         w, t, e, h, qk, v, shift = point
         return 0.02 + 4e-6 * w * t * e * h * (qk + v) + 0.01 * shift
+    if kind == "window_cross_attention":  # at the stage's widest heads; the predictor scales it
+        w, q, t, e = point
+        return 0.03 + 1e-6 * w * (q + t) * e
     if kind == "mlp":
         t, e, m = point
         return 0.02 + 2e-6 * t * e * m

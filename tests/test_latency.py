@@ -374,6 +374,66 @@ def test_predictor_sums_the_swin_parts_per_stage(backend):
     assert "\n" not in str(err.value)
 
 
+def test_predictor_reads_the_swin_semantic_token_design(backend):
+    """Semantic tokens per window in stage 0 of the tiny Swin (four 7x7 windows, M = 4): the
+    generator's M queries over 49 then 53 keys per window, read from the window cross-attention part
+    at the stage's widest heads (2 x 16 / 16) scaled by the block's own heads through the window
+    attention, the MLP on 4 x 4 tokens; the 4x4 semantic grid merges to 2x2 and stage 1 runs there in
+    one 2x2 window (tokens 4), as does the head. The sum is the formula's, written out by hand."""
+    from deploycomp.tokens.stvit_swin import SwinTokenConfig, swin_token_arch
+
+    from .synthetic_tables import swin_flops_like, synthetic_table
+
+    pred = LatencyPredictor(synthetic_table(swin_flops_like, grid="swin-micro"))
+    view = swin_token_arch(_swin_micro_arch(), SwinTokenConfig(tokens=4, stage=0))
+    s0, s1 = view.stages
+    assert [(b.queries, b.tokens) for b in s0.blocks] == [(4, 49), (4, 53)] and s0.out_resolution == 4
+    assert (s1.resolution, s1.window, s1.windows, s1.shifts) == (2, 2, 1, (False, False))
+    att = lambda w, t, e, h, qk, v: 0.02 + 4e-6 * w * t * e * h * (qk + v)  # noqa: E731
+    cross = lambda q, t, e, h, qk, v: ((0.03 + 1e-6 * 4 * (q + t) * e)  # noqa: E731
+                                       * att(4, 49, e, h, qk, v) / att(4, 49, e, 2, 16, 16))
+    mlp = lambda t, e, m: 0.02 + 2e-6 * t * e * m  # noqa: E731
+    want = (0.05 + 1e-3 * 28                                                      # stem
+            + cross(4, 49, 28, 2, 12, 10) + mlp(16, 28, 80) + cross(4, 53, 28, 1, 8, 16) + mlp(16, 28, 96)
+            + 0.01 + 1e-6 * 16 * 28 * 56                                          # patch merging of the 4x4 grid
+            + att(1, 4, 56, 3, 12, 8) + mlp(4, 56, 160) + att(1, 4, 56, 2, 16, 12) + mlp(4, 56, 200)
+            + 0.01 + 1e-5 * 4 * 56)                                               # head on 2x2
+    p = pred.predict(view)
+    assert p.total_ms == pytest.approx(want, abs=1e-4)
+    assert p.outside_grid == []
+    assert p.total_ms < pred.predict(_swin_micro_arch()).total_ms
+    # with the recovery the stage hands on its full grid: the last block's 49 queries over the 4
+    dense = swin_token_arch(_swin_micro_arch(), SwinTokenConfig(tokens=4, stage=0, dense=True))
+    assert [(b.queries, b.tokens) for b in dense.stages[0].blocks] == [(4, 49), (49, 4)]
+    assert dense.stages[1] == _swin_micro_arch().stages[1]
+    assert pred.predict(dense).outside_grid == []
+    # a token stage the grid did not profile: one line naming the part
+    with pytest.raises(DeployCompError, match="no window_cross_attention.1 part") as err:
+        pred.predict(swin_token_arch(_swin_micro_arch(), SwinTokenConfig(tokens=4, stage=1)))
+    assert "\n" not in str(err.value)
+
+
+def test_window_cross_attention_part_runs_both_ways(backend):
+    """The micro-graph of a semantic block per window: M queries over more keys (generator) and the
+    recovery's w² queries over M keys, each the first rows of its window; output shapes as the
+    design's, and it is the same op pattern as the DeiT generator part folded per window."""
+    import onnxruntime as ort
+
+    from deploycomp.latency.micrographs import window_cross_attention_part
+
+    for queries, keys in ((4, 53), (49, 4)):
+        model = window_cross_attention_part(4, queries, keys, 32, 2, 8, 8)
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).standard_normal((3, 4, max(queries, keys), 32)).astype(np.float32)
+        (y,) = sess.run(None, {"x": x})
+        assert y.shape == (3, 4, queries, 32)
+        # a change in window 1 of image 0 reaches only that window
+        x2 = x.copy()
+        x2[0, 1] += 1.0
+        (y2,) = sess.run(None, {"x": x2})
+        assert np.array_equal(y2[1:], y[1:]) and np.array_equal(y2[0, [0, 2, 3]], y[0, [0, 2, 3]])
+
+
 def test_profile_swin_parts_resumes_per_part(tmp_path, backend, monkeypatch):
     """A tiny Swin grid profiled for real: every part kind is measured and runs (inputs shaped per
     part), and a grid that gained a stage's part re-profiles only that part."""
@@ -381,7 +441,10 @@ def test_profile_swin_parts_resumes_per_part(tmp_path, backend, monkeypatch):
 
     protocol = {"warmup": 0, "repeats": 1, "passes": 1}
     full = {**profiler.GRIDS["swin-micro"]}
-    small = {part: {k: v[:1] if k not in ("shift",) else v for k, v in keys.items()} for part, keys in full.items()}
+    # widths at their smallest, token counts at their largest (a stage's own grid; the smaller ones are
+    # the semantic-token design's)
+    small = {part: {k: v if k == "shift" else v[-1:] if k in ("tokens", "windows", "queries") else v[:1]
+                    for k, v in keys.items()} for part, keys in full.items()}
     partial = {k: v for k, v in small.items() if k != "patch_merging.0"}
     monkeypatch.setitem(profiler.GRIDS, "swin-micro", partial)
     old = profile(backend, tmp_path, grid="swin-micro", protocol=protocol)
@@ -391,7 +454,8 @@ def test_profile_swin_parts_resumes_per_part(tmp_path, backend, monkeypatch):
     new = profile(backend, tmp_path, grid="swin-micro", protocol=protocol,
                   progress=lambda done, total: progress.append((done, total)))
     assert new.complete and progress[0] == (progress[-1][1] - 1, progress[-1][1])
-    assert {p.split(".")[0] for p in new.parts} == {"window_attention", "mlp", "patch_merging", "swin_stem", "swin_head"}
+    assert {p.split(".")[0] for p in new.parts} == {"window_attention", "mlp", "patch_merging", "swin_stem", "swin_head",
+                                                    "window_cross_attention"}
     assert len(new.points("window_attention.0")) == 2  # unshifted and shifted
     for part, points in old.entries.items():
         assert new.entries[part] == points

@@ -174,6 +174,46 @@ def test_semantic_tokens_stay_in_their_window():
     assert changed[2:4, 4:6].all() and changed.sum() == 4
 
 
+def swin_arch_of(swin: torch.nn.Module):
+    """The latency model's view of a timm Swin as built (per stage its width, grid and window, per
+    block heads, head dims and MLP width)."""
+    from deploycomp.latency.arch import BlockArch, SwinArch, SwinStage
+
+    stages = []
+    for stage in swin.layers:
+        first = stage.blocks[0]
+        blocks = tuple(BlockArch(b.attn.num_heads, b.attn.qkv.out_features // 3 // b.attn.num_heads,
+                                 b.attn.qkv.out_features // 3 // b.attn.num_heads, b.mlp.fc1.out_features,
+                                 b.window_size[0] * b.window_size[1]) for b in stage.blocks)
+        stages.append(SwinStage(first.norm1.normalized_shape[0], first.input_resolution[0], first.window_size[0], blocks))
+    return SwinArch(tuple(stages), img_size=64, patch=4, num_classes=10)
+
+
+@pytest.mark.parametrize("tokens,stage,dense,depths", [(4, 0, False, (2, 2)), (9, 0, False, (2, 2)), (4, 1, False, (2, 3)),
+                                                       (4, 0, True, (2, 2)), (4, 1, True, (2, 3))])
+def test_latency_view_is_the_design_by_its_matmul_flops(tokens, stage, dense, depths):
+    """``swin_token_arch`` (what the latency table is read at) describes the model that runs: its
+    matmul FLOPs (attention per window over its queries and keys, MLPs on the tokens they see,
+    patch merging of the grid the stage hands on, windows of later stages on that grid, padded
+    where it does not divide: 9 tokens hand on a 12x12 grid, stage 1 runs 6x6 in four padded 4x4
+    windows) equal torch's count of the design's forward pass, as the unmodified view equals timm's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from deploycomp.tokens.stvit_swin import swin_token_arch
+
+    def counted(module) -> int:
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            module(torch.randn(1, 3, 64, 64))
+        return fc.get_total_flops()
+
+    swin = tiny_swin(depths=depths)
+    arch = swin_arch_of(swin)
+    assert arch.flops() == counted(swin)
+    config = SwinTokenConfig(tokens, stage=stage, dense=dense)
+    view = swin_token_arch(arch, config)
+    assert view.flops() == counted(SemanticTokenSwin(swin, config).eval()) < arch.flops()
+
+
 def test_the_model_keeps_the_parameter_names():
     swin = tiny_swin()
     names = [n for n, _ in swin.named_parameters()]

@@ -92,22 +92,37 @@ def random_arch(rng: np.random.Generator, grid: dict, depth: int = 12, reduce_to
 @dataclass(frozen=True)
 class SwinStage:
     """One Swin stage: ``resolution`` x ``resolution`` tokens of width ``emb`` in windows of
-    ``window`` x ``window``; each block's ``tokens`` is the window's (window²), and ``shifts[i]``
-    says whether block i shifts its windows (timm: odd blocks, when the stage has several windows)."""
+    ``window`` x ``window`` (a grid that does not divide into windows is padded, as timm pads it);
+    each block's ``tokens`` is the window's (window²), and ``shifts[i]`` says whether block i shifts
+    its windows (timm: odd blocks, when the stage has several windows).
+
+    With semantic tokens per window (``tokens/stvit_swin.swin_token_arch``) a block with ``queries``
+    attends, per window, from that many queries to its ``tokens`` keys (no bias, no shift) and its
+    MLP runs on windows x queries tokens; ``out_resolution`` is then the grid the stage hands on
+    (0: its own)."""
 
     emb: int
     resolution: int
     window: int
     blocks: tuple[BlockArch, ...]
     shifts: tuple[bool, ...] = ()
+    out_resolution: int = 0
 
     @property
     def windows(self) -> int:
-        return (self.resolution // self.window) ** 2
+        return (-(-self.resolution // self.window)) ** 2
 
     @property
     def tokens(self) -> int:
         return self.resolution**2
+
+    @property
+    def out_tokens(self) -> int:
+        return (self.out_resolution or self.resolution) ** 2
+
+    def mlp_tokens(self, b: BlockArch) -> int:
+        """Tokens block ``b``'s MLP runs on: the grid's, or each window's queries."""
+        return self.windows * b.queries if b.queries else self.tokens
 
     def shifted(self, i: int) -> bool:
         return bool(self.shifts[i]) if self.shifts else (i % 2 == 1 and self.windows > 1)
@@ -139,9 +154,9 @@ class SwinArch:
         total = 2.0 * first.tokens * first.emb * self.in_chans * self.patch**2 + 2.0 * last.emb * self.num_classes
         for s, stage in enumerate(self.stages):
             for b in stage.blocks:
-                total += stage.windows * b.attention_flops(stage.emb) + 4.0 * stage.tokens * stage.emb * b.mlp_dim
+                total += stage.windows * b.attention_flops(stage.emb) + 4.0 * stage.mlp_tokens(b) * stage.emb * b.mlp_dim
             if s + 1 < len(self.stages):
-                total += 2.0 * (stage.tokens // 4) * 4 * stage.emb * self.stages[s + 1].emb
+                total += 2.0 * (stage.out_tokens // 4) * 4 * stage.emb * self.stages[s + 1].emb
         return total
 
     def to_dict(self) -> dict:

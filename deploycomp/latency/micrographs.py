@@ -91,16 +91,45 @@ def cross_attention_part(queries: int, tokens: int, emb: int, heads: int, qk_dim
     (``lowering``; None keeps the node for a target that runs the op itself). The pooling that
     makes the first block's centres is not in it (a few Slice/ReduceMax on the patch grid)."""
     g = _Graph(seed)
-    x = "x"
-    p = g.op("Slice", x, g.const(np.array([0], np.int64)), g.const(np.array([queries], np.int64)),
-             g.const(np.array([1], np.int64)))
-    keys = g.layernorm(x, emb)
+    out = _token_cluster_block(g, "x", queries, tokens, emb, heads, qk_dim, v_dim)
+    return _lowered(g.model("x", ["batch", tokens, emb], out, ["batch", queries, emb]), lowering)
+
+
+def window_cross_attention_part(windows: int, queries: int, tokens: int, emb: int, heads: int, qk_dim: int,
+                                v_dim: int, lowering: str | None = "reference", seed: int = 0) -> onnx.ModelProto:
+    """The same block half per window of a Swin stage with semantic tokens (``tokens/stvit_swin.py``):
+    the (batch, windows, rows, emb) input is folded to windows × batch sequences (as the partition
+    leaves them), queries are its first ``queries`` rows and keys its first ``tokens`` (rows is the
+    larger: a generator's M queries over w² or w² + M keys, the semantic blocks' M over M, the
+    recovery's w² over M). No relative-position bias and no shift: the design's semantic attention
+    has neither. The table's ``window_cross_attention`` part."""
+    g = _Graph(seed)
+    rows = max(queries, tokens)
+    folded = g.op("Reshape", "x", g.const(np.array([-1, rows, emb], np.int64)))
+    out = _token_cluster_block(g, folded, queries, tokens, emb, heads, qk_dim, v_dim)
+    out = g.op("Reshape", out, g.const(np.array([-1, windows, queries, emb], np.int64)))
+    return _lowered(g.model("x", ["batch", windows, rows, emb], out, ["batch", windows, queries, emb]), lowering)
+
+
+def _token_cluster_block(g: _Graph, x: str, queries: int, tokens: int, emb: int, heads: int, qk_dim: int,
+                         v_dim: int) -> str:
+    """The first ``queries`` rows of ``x`` attend to its first ``tokens`` rows through a TokenCluster
+    node (pre-norm, projections, the residual on the queries)."""
+    def first(rows: int) -> str:
+        return g.op("Slice", x, g.const(np.array([0], np.int64)), g.const(np.array([rows], np.int64)),
+                    g.const(np.array([1], np.int64)))
+
+    p = first(queries)
+    keys = g.layernorm(first(tokens) if tokens < queries else x, emb)
     q = g.linear(g.layernorm(p, emb), emb, heads * qk_dim)
     k, v = g.linear(keys, emb, heads * qk_dim), g.linear(keys, emb, heads * v_dim)
     ctx = g.name("token_cluster")
     g.nodes.append(helper.make_node(OP_TYPE, [q, k, v], [ctx], domain=DOMAIN, num_heads=heads, scale=qk_dim**-0.5))
-    out = g.op("Add", p, g.linear(ctx, heads * v_dim, emb))
-    model = g.model(x, ["batch", tokens, emb], out, ["batch", queries, emb])
+    return g.op("Add", p, g.linear(ctx, heads * v_dim, emb))
+
+
+def _lowered(model: onnx.ModelProto, lowering: str | None) -> onnx.ModelProto:
+    """``model`` with its TokenCluster nodes lowered as the target runs them (None: kept)."""
     model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
     if lowering is None:
         return model

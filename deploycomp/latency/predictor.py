@@ -18,6 +18,12 @@ A Swin (``SwinArch``) reads a Swin grid's parts, each stage's at that stage's wi
               window_attention.s(windows_s, window tokens, EMB_s, H, QK, V, shifted) + mlp.s(tokens_s, EMB_s, MLP)]
               + sum over merges of patch_merging.s(tokens_s, EMB_s, EMB_s+1) + swin_head(tokens_last, EMB_last)
 
+With semantic tokens per window (``SwinStage.out_resolution``, blocks with ``queries``), a stage's
+generator, semantic and recovery blocks read ``window_cross_attention.s`` (windows, queries, keys,
+EMB_s) at the stage's widest heads, scaled to the block's heads by ``window_attention.s`` as above;
+their MLP runs on windows x queries tokens, and the later stages on the smaller grid the stage hands
+on (their windows clamped to it), each part at its own tokens.
+
 The head part is profiled with the grid's class count (1000 for deit-base). A model whose head
 has another width (a CLIP tower's 512-wide projection, an embedding without a head) gets the
 table's head scaled by FLOPs (:func:`head_scale`) and the prediction says so in ``outside_grid``.
@@ -33,7 +39,7 @@ from scipy.interpolate import RegularGridInterpolator
 from ..errors import DeployCompError
 from .arch import SwinArch, ViTArch, swin_stage_geometry
 from .calibrate import Calibration
-from .table import LatencyTable, cross_reference, part_keys
+from .table import LatencyTable, cross_reference, part_keys, window_cross_reference
 
 
 @dataclass
@@ -152,9 +158,11 @@ class LatencyPredictor:
         check_swin_table(self.table)
         fixed = self.table.fixed
         geometry = [(st.resolution, st.window) for st in arch.stages]
-        if geometry != swin_stage_geometry(fixed):
+        profiled = swin_stage_geometry(fixed)
+        reduced = next((s + 1 for s, st in enumerate(arch.stages) if st.out_resolution), len(geometry))
+        if len(geometry) != len(profiled) or geometry[:reduced] != profiled[:reduced]:
             raise DeployCompError(f"latency table {self.table.path} profiles Swin stages (grid, window) "
-                                  f"{swin_stage_geometry(fixed)}; the architecture has {geometry}")
+                                  f"{profiled}; the architecture has {geometry}")
         outside: list[str] = []
 
         def ms(part: str, point: tuple[int, ...]) -> float:
@@ -164,16 +172,35 @@ class LatencyPredictor:
         attn, mlp, merging = [], [], []
         for s, st in enumerate(arch.stages):
             for i, b in enumerate(st.blocks):
-                attn.append(ms(f"window_attention.{s}", (st.windows, b.tokens, st.emb, b.heads, b.qk_dim, b.v_dim,
-                                                         int(st.shifted(i)))))
-                mlp.append(ms(f"mlp.{s}", (st.tokens, st.emb, b.mlp_dim)))
+                if b.queries:
+                    attn.append(self._window_cross_ms(s, st, b, outside))
+                else:
+                    attn.append(ms(f"window_attention.{s}", (st.windows, b.tokens, st.emb, b.heads, b.qk_dim, b.v_dim,
+                                                             int(st.shifted(i)))))
+                mlp.append(ms(f"mlp.{s}", (st.mlp_tokens(b), st.emb, b.mlp_dim)))
             if s + 1 < len(arch.stages):
-                merging.append(ms(f"patch_merging.{s}", (st.tokens, st.emb, arch.stages[s + 1].emb)))
+                merging.append(ms(f"patch_merging.{s}", (st.out_tokens, st.emb, arch.stages[s + 1].emb)))
         last = arch.stages[-1]
         stem = ms("swin_stem", (arch.emb,))
-        head = self._head_ms("swin_head", last.tokens, last.emb, arch.num_classes, outside)
+        head = self._head_ms("swin_head", last.out_tokens, last.emb, arch.num_classes, outside)
         return Prediction(stem + head + sum(attn) + sum(mlp) + sum(merging), stem, head, attn, mlp,
                           sorted(set(outside)), merging)
+
+    def _window_cross_ms(self, s: int, st, b, outside: list[str]) -> float:
+        """A block of a Swin stage with semantic tokens: per window, ``b.queries`` over ``b.tokens``
+        keys, read at the stage's widest heads and scaled to the block's heads by the stage's
+        window attention over a whole window (unshifted), as ``cross_attention_ms`` does for a DeiT."""
+        part = f"window_cross_attention.{s}"
+        if part not in self.table.parts:
+            raise DeployCompError(f"latency table {self.table.path} has no {part} part (Swin semantic tokens in "
+                                  f"stage {s}): profile a grid with it, e.g. `deploycomp profile --grid swin-t`")
+        full, ref = st.window * st.window, window_cross_reference(self.table.grid, s)
+        own = (st.windows, full, st.emb, b.heads, b.qk_dim, b.v_dim, 0)
+        heads_ratio = (self.part_ms(f"window_attention.{s}", own)
+                       / self.part_ms(f"window_attention.{s}", (st.windows, full, st.emb, *ref, 0)))
+        point = (st.windows, b.queries, b.tokens, st.emb)
+        outside.extend(self._outside(part, point) + self._outside(f"window_attention.{s}", own))
+        return self.part_ms(part, point) * heads_ratio
 
 
 def has_swin_parts(table: LatencyTable) -> bool:

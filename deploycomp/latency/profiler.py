@@ -22,6 +22,7 @@ when the table is complete.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from pathlib import Path
@@ -32,7 +33,8 @@ import numpy as np
 from ..errors import DeployCompError
 from . import micrographs
 from .arch import swin_stage_geometry
-from .table import LatencyTable, cross_reference, load_table, part_kind, save_table, table_path
+from .table import (LatencyTable, cross_reference, load_table, part_kind, save_table, stage_of, table_path,
+                    window_cross_reference)
 
 # The DeiT-B search space: EMB <= 768, H <= 12, QK/V <= 64, MLP <= 3072, tokens <= 197.
 GRIDS: dict[str, dict[str, dict[str, list[int]]]] = {
@@ -68,12 +70,17 @@ GRIDS: dict[str, dict[str, dict[str, list[int]]]] = {
 
 
 def swin_grid(fixed: dict[str, Any], embs: list[list[int]], heads: list[list[int]], head_dims: list[int],
-              mlp_dims: list[list[int]]) -> dict[str, dict[str, list[int]]]:
+              mlp_dims: list[list[int]], semantic: dict[int, list[int]] | None = None) -> dict[str, dict[str, list[int]]]:
     """A Swin grid: per stage s, ``window_attention.s`` and ``mlp.s`` at the stage's own windows and
     tokens (fixed by the input geometry) over its own widths ``embs[s]``, heads ``heads[s]`` and MLP
     widths ``mlp_dims[s]`` (pruning never moves a block to another stage's sizes, so one product
     grid over all stages would profile mostly sizes no model has); ``patch_merging.s`` from stage
-    s's widths to stage s+1's; the stem at stage 0's widths, the head at the last stage's."""
+    s's widths to stage s+1's; the stem at stage 0's widths, the head at the last stage's.
+
+    ``semantic`` (stage -> semantic tokens per window, ``tokens/stvit_swin.py``) adds what that
+    design runs: ``window_cross_attention.s`` (M queries over the window's w², w² + M or M keys, and
+    the recovery's w² over M), the MLP on windows x M tokens, and, for each M, the smaller grids of
+    the later stages (their windows, MLP, patch merging and head at those tokens)."""
     geometry = swin_stage_geometry(fixed)
     grid: dict[str, dict[str, list[int]]] = {"swin_stem": {"emb": embs[0]},
                                               "swin_head": {"tokens": [geometry[-1][0] ** 2], "emb": embs[-1]}}
@@ -85,6 +92,29 @@ def swin_grid(fixed: dict[str, Any], embs: list[list[int]], heads: list[list[int
         grid[f"mlp.{s}"] = {"tokens": [res * res], "emb": embs[s], "mlp_dim": mlp_dims[s]}
         if s + 1 < len(geometry):
             grid[f"patch_merging.{s}"] = {"tokens": [res * res], "emb": embs[s], "out_emb": embs[s + 1]}
+
+    def add(part: str, key: str, *values: int) -> None:
+        grid[part][key] = sorted({*grid[part][key], *values})
+
+    for s, counts in (semantic or {}).items():
+        res, window = geometry[s]
+        full, windows = window * window, (res // window) ** 2
+        grid[f"window_cross_attention.{s}"] = {"windows": [windows], "queries": sorted({*counts, full}),
+                                               "tokens": sorted({*counts, full, *(full + m for m in counts)}),
+                                               "emb": embs[s]}
+        for m in counts:
+            add(f"mlp.{s}", "tokens", windows * m)
+            side = (res // window) * math.isqrt(m)  # the grid the stage hands on
+            for k in range(s + 1, len(geometry)):
+                if side % 2:  # timm pads an odd grid before merging; the micro-graph does not
+                    raise ValueError(f"{m} semantic tokens in stage {s}: a {side}x{side} grid to merge")
+                add(f"patch_merging.{k - 1}", "tokens", side * side)
+                side //= 2
+                win = min(geometry[k][1], side)
+                add(f"window_attention.{k}", "windows", (-(-side // win)) ** 2)
+                add(f"window_attention.{k}", "tokens", win * win)
+                add(f"mlp.{k}", "tokens", side * side)
+            add("swin_head", "tokens", side * side)
     return grid
 
 
@@ -104,9 +134,10 @@ FIXED = {"deit-base": {"img_size": 224, "patch": 16, "in_chans": 3, "num_classes
 GRIDS["swin-t"] = swin_grid(FIXED["swin-t"],
                             embs=[[24, 48, 72, 96]] + [[c // 2, 2 * c // 3, 5 * c // 6, c] for c in (192, 384, 768)],
                             heads=[[1, 2, 3], [1, 2, 4, 6], [1, 4, 8, 12], [1, 8, 16, 24]], head_dims=[8, 16, 32],
-                            mlp_dims=[[c // 2, c, 2 * c, 3 * c, 4 * c] for c in (96, 192, 384, 768)])
+                            mlp_dims=[[c // 2, c, 2 * c, 3 * c, 4 * c] for c in (96, 192, 384, 768)],
+                            semantic={2: [4, 9, 16]})  # STViT-R's stage; 9 per 7x7 window: the benchmark's
 GRIDS["swin-micro"] = swin_grid(FIXED["swin-micro"], embs=[[24, 32], [48, 64]], heads=[[1, 2], [1, 4]],
-                                head_dims=[8, 16], mlp_dims=[[64, 128], [128, 256]])
+                                head_dims=[8, 16], mlp_dims=[[64, 128], [128, 256]], semantic={0: [4]})
 # Eight passes of two: each point's median mixes eight moments of the profile, so a slow minute
 # of the machine moves it less. Validation at batch 1 here: 2 passes x 5 repeats gave 12 % median /
 # 27 % p90 error, 4 x 3 gave 5.6 % / 12 % (one EMB-576 point still 15 % off a re-measurement).
@@ -146,6 +177,9 @@ def build_part(part: str, point: tuple[int, ...], fixed: dict[str, Any], grid: d
         window = _side(tokens)
         return micrographs.window_attention_part(_side(windows) * window, window, emb, heads, qk_dim, v_dim,
                                                  shift * (window // 2))
+    if kind == "window_cross_attention":
+        return micrographs.window_cross_attention_part(*point, *window_cross_reference(grid, stage_of(part)),
+                                                       lowering=lowering)
     if kind == "patch_merging":
         return micrographs.patch_merging_part(_side(point[0]), point[1], point[2])
     if kind == "swin_stem":
@@ -173,6 +207,8 @@ def part_input(part: str, point: tuple[int, ...], fixed: dict[str, Any], batch: 
         shape = (batch, _side(point[0]), _side(point[0]), point[1])
     elif part == "cross_attention":  # (queries, tokens, emb): the input holds the keys
         shape = (batch, point[1], point[2])
+    elif kind == "window_cross_attention":  # (windows, queries, tokens, emb): per window, the larger set
+        shape = (batch, point[0], max(point[1], point[2]), point[3])
     else:
         shape = (batch, point[0], point[1])
     return rng.standard_normal(shape).astype(np.float32)

@@ -43,6 +43,10 @@ PART_KEYS = {
     # the stage's tokens, ``patch_merging.s`` (stage s's grid of ``tokens`` to half its side);
     # stem and head as Swin has them (no cls token, mean pooling)
     "window_attention": ("windows", "tokens", "emb", "heads", "qk_dim", "v_dim", "shift"),
+    # Swin with semantic tokens per window (``tokens/stvit_swin.py``): per window, ``queries`` over
+    # ``tokens`` keys, at the stage's widest heads (``window_cross_reference``); other head shapes
+    # scale by the stage's ``window_attention``
+    "window_cross_attention": ("windows", "queries", "tokens", "emb"),
     "patch_merging": ("tokens", "emb", "out_emb"),
     "swin_stem": ("emb",),
     "swin_head": ("tokens", "emb"),
@@ -54,6 +58,11 @@ def part_kind(part: str) -> str:
     return part.split(".", 1)[0]
 
 
+def stage_of(part: str) -> int:
+    """``window_attention.2`` -> 2: the Swin stage a per-stage part belongs to."""
+    return int(part.split(".", 1)[1])
+
+
 def part_keys(part: str) -> tuple[str, ...]:
     return PART_KEYS[part_kind(part)]
 
@@ -61,6 +70,13 @@ def part_keys(part: str) -> tuple[str, ...]:
 def cross_reference(grid: dict[str, dict[str, list[int]]]) -> tuple[int, int, int]:
     """(heads, QK, V) the cross-attention part is profiled at: the attention grid's largest."""
     att = grid["attention"]
+    return max(att["heads"]), max(att["qk_dim"]), max(att["v_dim"])
+
+
+def window_cross_reference(grid: dict[str, dict[str, list[int]]], stage: int) -> tuple[int, int, int]:
+    """(heads, QK, V) stage ``stage``'s window cross-attention part is profiled at: its window
+    attention's largest."""
+    att = grid[f"window_attention.{stage}"]
     return max(att["heads"]), max(att["qk_dim"]), max(att["v_dim"])
 
 

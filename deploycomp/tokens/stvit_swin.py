@@ -100,6 +100,39 @@ class SwinTokenConfig:
         return replace(self, stage=stage, layer=layer, generator=generator)
 
 
+def swin_token_arch(arch, config: SwinTokenConfig):
+    """The latency model's view (``latency.arch.SwinArch``) of ``arch`` with semantic tokens per
+    window, block for block as ``SemanticTokenSwin`` runs them: the blocks before ``layer`` on the
+    whole window; the generator's M queries over the window's w² keys, then over w² + M; the later
+    blocks' M over M; with ``dense`` the last block's w² queries over the M. Without recovery the
+    stage hands on its semantic grid and each later stage runs on half the previous grid, its window
+    clamped to it and unshifted when one window covers it (``grid_block``)."""
+    from dataclasses import replace
+
+    config = config.resolved(tuple(len(st.blocks) for st in arch.stages))
+    stages = list(arch.stages)
+    st = stages[config.stage]
+    full, m = st.window * st.window, config.tokens
+    blocks = list(st.blocks)
+    for j in range(config.layer, len(blocks)):
+        if config.dense and j == len(blocks) - 1:
+            keys, queries = m, full
+        else:
+            keys = full if j == config.layer else full + m if j < config.layer + config.generator else m
+            queries = m
+        blocks[j] = replace(blocks[j], tokens=keys, queries=queries)
+    side = 0 if config.dense else (st.resolution // st.window) * config.side
+    stages[config.stage] = replace(st, blocks=tuple(blocks), out_resolution=side)
+    for k in range(config.stage + 1, len(stages) if side else 0):
+        side = -(-side // 2)
+        later = stages[k]
+        window = min(later.window, side)
+        shifts = tuple(later.shifted(i) and side > window for i in range(len(later.blocks)))
+        stages[k] = replace(later, resolution=side, window=window, shifts=shifts,
+                            blocks=tuple(replace(b, tokens=window * window) for b in later.blocks))
+    return replace(arch, stages=tuple(stages))
+
+
 def is_swin(module: nn.Module) -> bool:
     from timm.models.swin_transformer import SwinTransformer
 
