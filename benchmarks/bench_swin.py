@@ -6,8 +6,11 @@ Rows per target (ort-cpu, openvino-cpu): deploycomp's unmodified compile; ``--se
 (N tokens per 7x7 window in Swin-T's third stage, the stage STViT-R applies them to); the same with
 ``--dense`` (the recovery step, so the stage outputs its full grid again); ``--latency 0.5x``
 (windowed-attention and per-stage embedding pruning) and the combination. A row the compiler refuses
-(no Swin-T latency table for the target; semantic tokens together with a latency budget, which the
-latency model cannot predict yet) is recorded with its one-line refusal, not left out. Plain ONNX
+(no Swin-T latency table for the target; semantic tokens together with a latency budget, which
+pruning's on-device checks cannot build yet) is recorded with its one-line refusal, not left out.
+Where this host has a ``swin-t`` latency table for the target and batch, each semantic-token row's
+measured speed-up over the unmodified compile is set against the table's prediction of the design
+(``tokens/stvit_swin.swin_token_arch``). Plain ONNX
 Runtime and plain OpenVINO of the same export are the references. Ratios are per round (reference
 time / candidate time): median and p10-p90, as in ``bench_runtimes.py``.
 
@@ -102,12 +105,14 @@ def main() -> None:
             batches[str(batch)] = timed_rows(cands, batch, args.rounds, args.iters, warmup=2, against={
                 "vs_plain_ort": "ort plain", "vs_own_runtime_plain": lambda name: PLAIN[target(name)],
                 "vs_deploycomp_unmodified": lambda name: f"deploycomp {target(name)}, unmodified"})
+    predictions = {target: {b: predicted_speedups(target, int(b), args.tokens, args.threads, rows)
+                            for b, rows in batches.items()} for target in targets}
     result = {"command": shlex.join(sys.argv), "host": {**host_fingerprint(), "threads": args.threads},
               "deploycomp_version": deploycomp.__version__, "seconds": round(time.perf_counter() - t0, 1),
               "model": MODEL, "weights": "random init (speed only)",
               "protocol": {"rounds": args.rounds, "iters_per_round": args.iters, "interleaved": True,
                            "ratios": "per round, reference time / candidate time: median (p10-p90)"},
-              "compiles": compiles, "batches": batches}
+              "compiles": compiles, "batches": batches, "predictions": predictions}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, result)
     lines = ["| batch | candidate | median ms (p10-p90) | vs its runtime's plain | vs deploycomp unmodified |",
@@ -121,8 +126,52 @@ def main() -> None:
     for label, c in compiles.items():
         if "refused" in c:
             lines.append(f"| - | {label} | refused: {c['refused']} | | |")
+    for target, per_batch in predictions.items():
+        for batch, rows in per_batch.items():
+            if "missing" in rows:
+                lines.append(f"| {batch} | {target}: no prediction | {rows['missing']} | | |")
+            for label, r in rows.items():
+                if label != "missing":
+                    lines.append(f"| {batch} | {label} | predicted {r['predicted_speedup']:.2f}x, measured "
+                                 f"{r['measured_speedup']:.2f}x: error {r['error_pct']:+.1f} % | | |")
     print("\n".join(lines))
     print(f"wrote {args.out}")
+
+
+def predicted_speedups(target: str, batch: int, tokens: int, threads: int, rows: dict) -> dict:
+    """The swin-t latency table's speed-up of each semantic-token row over the unmodified Swin-T
+    (the design read block by block, ``swin_token_arch``; unscaled: a ratio of one table's
+    predictions, so the device's drift cancels) next to the measured one (median per round):
+    error = measured / predicted - 1. ``{"missing": ...}`` where this host has no such table."""
+    from timm import create_model
+
+    from deploycomp.latency.arch import swin_arch_of
+    from deploycomp.latency.predictor import LatencyPredictor
+    from deploycomp.latency.profiler import device_fingerprint
+    from deploycomp.latency.table import load_table, table_path
+    from deploycomp.tokens.stvit_swin import swin_token_arch
+
+    backend = get_backend(target, threads=threads, **({"allow_spinning": True} if target.startswith("ort") else {}))
+    fp = device_fingerprint(backend, batch, "fp32")
+    path = table_path(Path(__file__).resolve().parents[1] / "latency_tables", fp, "swin-t")
+    if not path.is_file():
+        return {"missing": f"no table {path}"}
+    predictor = LatencyPredictor(load_table(path, fp))
+    swin = create_model(MODEL, pretrained=False)
+    arch = swin_arch_of(swin)
+    base = predictor.predict(arch, scale=1.0).total_ms
+    out = {}
+    for row, fields in jobs(tokens).items():
+        label = f"deploycomp {target}, {row}"
+        config = fields.get("semantic_tokens")
+        if config is None or "prune" in fields or label not in rows:
+            continue
+        view = swin_token_arch(arch, config.for_model(swin))
+        predicted = base / predictor.predict(view, scale=1.0).total_ms
+        measured = rows[label]["vs_deploycomp_unmodified"]["median"]
+        out[label] = {"predicted_speedup": predicted, "measured_speedup": measured,
+                      "error_pct": 100 * (measured / predicted - 1), "table": str(path)}
+    return out
 
 
 if __name__ == "__main__":

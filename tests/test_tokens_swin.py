@@ -174,21 +174,6 @@ def test_semantic_tokens_stay_in_their_window():
     assert changed[2:4, 4:6].all() and changed.sum() == 4
 
 
-def swin_arch_of(swin: torch.nn.Module):
-    """The latency model's view of a timm Swin as built (per stage its width, grid and window, per
-    block heads, head dims and MLP width)."""
-    from deploycomp.latency.arch import BlockArch, SwinArch, SwinStage
-
-    stages = []
-    for stage in swin.layers:
-        first = stage.blocks[0]
-        blocks = tuple(BlockArch(b.attn.num_heads, b.attn.qkv.out_features // 3 // b.attn.num_heads,
-                                 b.attn.qkv.out_features // 3 // b.attn.num_heads, b.mlp.fc1.out_features,
-                                 b.window_size[0] * b.window_size[1]) for b in stage.blocks)
-        stages.append(SwinStage(first.norm1.normalized_shape[0], first.input_resolution[0], first.window_size[0], blocks))
-    return SwinArch(tuple(stages), img_size=64, patch=4, num_classes=10)
-
-
 @pytest.mark.parametrize("tokens,stage,dense,depths", [(4, 0, False, (2, 2)), (9, 0, False, (2, 2)), (4, 1, False, (2, 3)),
                                                        (4, 0, True, (2, 2)), (4, 1, True, (2, 3))])
 def test_latency_view_is_the_design_by_its_matmul_flops(tokens, stage, dense, depths):
@@ -199,6 +184,7 @@ def test_latency_view_is_the_design_by_its_matmul_flops(tokens, stage, dense, de
     windows) equal torch's count of the design's forward pass, as the unmodified view equals timm's."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from deploycomp.latency.arch import swin_arch_of
     from deploycomp.tokens.stvit_swin import swin_token_arch
 
     def counted(module) -> int:

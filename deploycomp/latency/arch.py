@@ -163,6 +163,24 @@ class SwinArch:
         return asdict(self)
 
 
+def swin_arch_of(swin) -> SwinArch:
+    """The view of a timm SwinTransformer as built (per stage its width, grid and window; per block
+    heads, head dims, MLP width and shift), read off the module's own attributes."""
+    stages = []
+    for stage in swin.layers:
+        first = stage.blocks[0]
+        blocks, shifts = [], []
+        for b in stage.blocks:
+            dim = b.attn.qkv.out_features // 3 // b.attn.num_heads
+            blocks.append(BlockArch(b.attn.num_heads, dim, dim, b.mlp.fc1.out_features, b.window_size[0] * b.window_size[1]))
+            shifts.append(any(b.shift_size))
+        stages.append(SwinStage(first.norm1.normalized_shape[0], first.input_resolution[0], first.window_size[0],
+                                tuple(blocks), tuple(shifts)))
+    embed = swin.patch_embed
+    return SwinArch(tuple(stages), img_size=embed.img_size[0], patch=embed.patch_size[0],
+                    in_chans=embed.proj.in_channels, num_classes=swin.num_classes)
+
+
 def swin_stage_geometry(fixed: dict) -> list[tuple[int, int]]:
     """(resolution, window) of each stage of the Swin a grid is laid out for: the patch grid halves
     at every merge, and a window never exceeds its stage's grid (timm clamps it)."""
