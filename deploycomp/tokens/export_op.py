@@ -49,7 +49,13 @@ def register_schema() -> None:
         outputs=[onnx.defs.OpSchema.FormalParameter("output", T)],
         type_constraints=[(T, ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float types")],
         attributes=[onnx.defs.OpSchema.Attribute("num_heads", onnx.defs.OpSchema.AttrType.INT, "heads"),
-                    onnx.defs.OpSchema.Attribute("scale", onnx.defs.OpSchema.AttrType.FLOAT, "scale of q.k")])
+                    onnx.defs.OpSchema.Attribute("scale", onnx.defs.OpSchema.AttrType.FLOAT, "scale of q.k"),
+                    # what kernels/trt_plugin.py adds for TensorRT's parser: once this schema is
+                    # registered in a process, onnx's checker rejects attributes it does not declare
+                    onnx.defs.OpSchema.Attribute("plugin_namespace", onnx.defs.OpSchema.AttrType.STRING,
+                                                 "TensorRT plugin namespace", required=False),
+                    onnx.defs.OpSchema.Attribute("aot", onnx.defs.OpSchema.AttrType.INT,
+                                                 "1: TensorRT's ahead-of-time plugin", required=False)])
     onnx.defs.register_schema(schema)
 
 
