@@ -418,3 +418,21 @@ def test_max_drop_refuses_an_accuracy_drop_on_real_data(tmp_path, monkeypatch, c
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: fidelity gate failed:"), err
     assert "pt > max 2.5 pt" in lines[0] and list(parent.iterdir()) == []
+
+
+def test_dynamic_int8_quantizes_a_graph_with_ort_multi_head_attention(tmp_path):
+    """ort-cpu lowers TokenCluster to com.microsoft.MultiHeadAttention, whose output type onnx's
+    inference cannot give; the projection after it must still quantize (the int8 latency table's
+    generator micro-graph, and a tokens + int8 compile) and stay close to the float graph."""
+    import onnxruntime as ort
+
+    from deploycomp.backends.ort import dynamic_int8
+    from deploycomp.latency.micrographs import cross_attention_part
+
+    model = cross_attention_part(5, 17, 32, 2, 16, 16, lowering="ort-mha")
+    quantized = onnx.load(str(dynamic_int8(model, tmp_path / "q.onnx")))
+    ops = {n.op_type for n in quantized.graph.node}
+    assert "MultiHeadAttention" in ops and ops & {"MatMulInteger", "DynamicQuantizeMatMul"}
+    x = np.random.default_rng(0).standard_normal((2, 17, 32)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    assert relative_l2(run(quantized), run(model)) < 0.05

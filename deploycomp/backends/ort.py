@@ -195,8 +195,11 @@ def dynamic_int8(model: ModelLike, path: Path, exclude: Sequence[str] = (), prep
         level = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)  # "consider pre-processing": done where it matters
         try:
+            # a tensor whose type onnx's inference cannot find (the output of a com.microsoft op such as
+            # MultiHeadAttention, ort-cpu's TokenCluster lowering) is float: deploycomp quantizes fp32 graphs
             quantize_dynamic(proto, path, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
-                             weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude), reduce_range=reduce_range)
+                             weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude), reduce_range=reduce_range,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         finally:
             logging.getLogger().setLevel(level)
     return Path(path)
