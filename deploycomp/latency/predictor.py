@@ -39,7 +39,7 @@ from scipy.interpolate import RegularGridInterpolator
 from ..errors import DeployCompError
 from .arch import SwinArch, ViTArch, swin_stage_geometry
 from .calibrate import Calibration
-from .table import LatencyTable, cross_reference, part_keys, window_cross_reference
+from .table import LatencyTable, cross_reference, part_keys
 
 
 @dataclass
@@ -194,7 +194,7 @@ class LatencyPredictor:
         if part not in self.table.parts:
             raise DeployCompError(f"latency table {self.table.path} has no {part} part (Swin semantic tokens in "
                                   f"stage {s}): profile a grid with it, e.g. `deploycomp profile --grid swin-t`")
-        full, ref = st.window * st.window, window_cross_reference(self.table.grid, s)
+        full, ref = st.window * st.window, cross_reference(self.table.grid, f"window_attention.{s}")
         own = (st.windows, full, st.emb, b.heads, b.qk_dim, b.v_dim, 0)
         heads_ratio = (self.part_ms(f"window_attention.{s}", own)
                        / self.part_ms(f"window_attention.{s}", (st.windows, full, st.emb, *ref, 0)))

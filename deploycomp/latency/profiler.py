@@ -33,8 +33,7 @@ import numpy as np
 from ..errors import DeployCompError
 from . import micrographs
 from .arch import swin_stage_geometry
-from .table import (LatencyTable, cross_reference, load_table, part_kind, save_table, stage_of, table_path,
-                    window_cross_reference)
+from .table import LatencyTable, cross_reference, load_table, part_kind, save_table, stage_of, table_path
 
 # The DeiT-B search space: EMB <= 768, H <= 12, QK/V <= 64, MLP <= 3072, tokens <= 197.
 GRIDS: dict[str, dict[str, dict[str, list[int]]]] = {
@@ -178,7 +177,7 @@ def build_part(part: str, point: tuple[int, ...], fixed: dict[str, Any], grid: d
         return micrographs.window_attention_part(_side(windows) * window, window, emb, heads, qk_dim, v_dim,
                                                  shift * (window // 2))
     if kind == "window_cross_attention":
-        return micrographs.window_cross_attention_part(*point, *window_cross_reference(grid, stage_of(part)),
+        return micrographs.window_cross_attention_part(*point, *cross_reference(grid, f"window_attention.{stage_of(part)}"),
                                                        lowering=lowering)
     if kind == "patch_merging":
         return micrographs.patch_merging_part(_side(point[0]), point[1], point[2])

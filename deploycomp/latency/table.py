@@ -44,7 +44,7 @@ PART_KEYS = {
     # stem and head as Swin has them (no cls token, mean pooling)
     "window_attention": ("windows", "tokens", "emb", "heads", "qk_dim", "v_dim", "shift"),
     # Swin with semantic tokens per window (``tokens/stvit_swin.py``): per window, ``queries`` over
-    # ``tokens`` keys, at the stage's widest heads (``window_cross_reference``); other head shapes
+    # ``tokens`` keys, at the stage's widest heads (``cross_reference``); other head shapes
     # scale by the stage's ``window_attention``
     "window_cross_attention": ("windows", "queries", "tokens", "emb"),
     "patch_merging": ("tokens", "emb", "out_emb"),
@@ -67,16 +67,10 @@ def part_keys(part: str) -> tuple[str, ...]:
     return PART_KEYS[part_kind(part)]
 
 
-def cross_reference(grid: dict[str, dict[str, list[int]]]) -> tuple[int, int, int]:
-    """(heads, QK, V) the cross-attention part is profiled at: the attention grid's largest."""
-    att = grid["attention"]
-    return max(att["heads"]), max(att["qk_dim"]), max(att["v_dim"])
-
-
-def window_cross_reference(grid: dict[str, dict[str, list[int]]], stage: int) -> tuple[int, int, int]:
-    """(heads, QK, V) stage ``stage``'s window cross-attention part is profiled at: its window
-    attention's largest."""
-    att = grid[f"window_attention.{stage}"]
+def cross_reference(grid: dict[str, dict[str, list[int]]], part: str = "attention") -> tuple[int, int, int]:
+    """(heads, QK, V) a cross-attention part is profiled at: the largest of the self-attention
+    ``part`` it is scaled by (DeiT's ``attention``; a Swin stage's ``window_attention.s``)."""
+    att = grid[part]
     return max(att["heads"]), max(att["qk_dim"]), max(att["v_dim"])
 
 
