@@ -32,8 +32,7 @@ from deploycomp.backends.base import get_backend  # noqa: E402
 from deploycomp.backends.fingerprint import usable_cores  # noqa: E402
 from deploycomp.latency.arch import BlockArch, ViTArch  # noqa: E402
 from deploycomp.latency.predictor import LatencyPredictor  # noqa: E402
-from deploycomp.latency.profiler import device_fingerprint  # noqa: E402
-from deploycomp.latency.table import load_table, table_path  # noqa: E402
+from deploycomp.latency.profiler import find_table  # noqa: E402
 from deploycomp.latency.validate import compile_arch, measure_models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,8 +77,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     backend = get_backend("ort-cpu", threads=args.threads)
-    table = load_table(table_path(ROOT / "latency_tables", device_fingerprint(backend, args.batch, "fp32")),
-                       device_fingerprint(backend, args.batch, "fp32"))
+    table = find_table("ort-cpu", args.batch, "deit-base", ROOT / "latency_tables", threads=args.threads)
     predictor = LatencyPredictor(table)
     archs = candidates(args.ratio * DEIT_S.flops())
     with tempfile.TemporaryDirectory() as tmp:

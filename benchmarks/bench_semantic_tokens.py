@@ -47,20 +47,17 @@ def op_candidates(backend, shapes: list[tuple[int, int, int, int]]) -> list[Cand
 def predicted_ratio(manifest: dict, args) -> dict | None:
     """What this device's latency table predicts for the rewrite (generator blocks: its cross-attention
     part, or FLOPs-scaled self-attention in a table without it)."""
-    from deploycomp.backends.base import get_backend
     from deploycomp.errors import DeployCompError
     from deploycomp.latency.arch import BlockArch, ViTArch
     from deploycomp.latency.predictor import LatencyPredictor
-    from deploycomp.latency.profiler import device_fingerprint
-    from deploycomp.latency.table import load_table, table_path
+    from deploycomp.latency.profiler import find_table
     from deploycomp.tokens.stvit import token_arch
 
     blocks = manifest["structure"]["blocks"]
     arch = ViTArch(blocks[0]["emb"], tuple(BlockArch(b["heads"], b["qk_dim"], b["v_dim"], b["mlp_dim"], b["tokens"])
                                            for b in blocks))
     try:
-        fp = device_fingerprint(get_backend("ort-cpu"), args.batch, "fp32")
-        predictor = LatencyPredictor(load_table(table_path(ROOT / "latency_tables", fp, "deit-base"), fp))
+        predictor = LatencyPredictor(find_table("ort-cpu", args.batch, "deit-base", ROOT / "latency_tables"))
     except DeployCompError as exc:
         return {"error": str(exc)}
     base = predictor.predict(arch).total_ms

@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--targets", default="ort-cpu,openvino-cpu")
     ap.add_argument("--tokens", type=int, default=9, help="semantic tokens per window (a square)")
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--latency-batch", type=int, default=1,
+                    help="the batch the --latency 0.5x rows' budget is for (picks the swin-t table)")
     ap.add_argument("--threads", type=int, default=usable_cores())
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--iters", type=int, default=3)
@@ -82,7 +84,8 @@ def main() -> None:
             for row, fields in jobs(args.tokens).items():
                 label = f"deploycomp {target}, {row}"
                 say(f"compile {label}")
-                options = deploycomp.CompileOptions(target=target, threads=args.threads, measure_rounds=0, seed=0, **fields)
+                options = deploycomp.CompileOptions(target=target, threads=args.threads, measure_rounds=0, seed=0,
+                                                    latency_batch=args.latency_batch, **fields)
                 out = Path(tmp) / f"a{len(compiles)}"
                 start = time.perf_counter()
                 try:
@@ -147,16 +150,14 @@ def predicted_speedups(target: str, batch: int, tokens: int, threads: int, rows:
 
     from deploycomp.latency.arch import swin_arch_of
     from deploycomp.latency.predictor import LatencyPredictor
-    from deploycomp.latency.profiler import device_fingerprint
-    from deploycomp.latency.table import load_table, table_path
+    from deploycomp.latency.profiler import find_table
     from deploycomp.tokens.stvit_swin import swin_token_arch
 
-    backend = get_backend(target, threads=threads, **({"allow_spinning": True} if target.startswith("ort") else {}))
-    fp = device_fingerprint(backend, batch, "fp32")
-    path = table_path(Path(__file__).resolve().parents[1] / "latency_tables", fp, "swin-t")
-    if not path.is_file():
-        return {"missing": f"no table {path}"}
-    predictor = LatencyPredictor(load_table(path, fp))
+    try:
+        table = find_table(target, batch, "swin-t", Path(__file__).resolve().parents[1] / "latency_tables", threads=threads)
+    except DeployCompError as exc:
+        return {"missing": str(exc)}
+    path, predictor = table.path, LatencyPredictor(table)
     swin = create_model(MODEL, pretrained=False)
     arch = swin_arch_of(swin)
     base = predictor.predict(arch, scale=1.0).total_ms

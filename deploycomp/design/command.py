@@ -55,21 +55,6 @@ def _geometry(arch: ViTArch) -> dict[str, int]:
     return {"img_size": arch.img_size, "patch": arch.patch, "in_chans": arch.in_chans, "num_classes": arch.num_classes}
 
 
-def find_table(target: str, batch: int, grid: str, tables: Path, table: Path | None, force: bool, threads: int | None):
-    """The latency table of this device (or the one given), checked against the device unless forced."""
-    from ..backends.base import get_backend
-    from ..latency.profiler import device_fingerprint
-    from ..latency.table import load_table, table_path
-
-    backend = get_backend(target, threads=threads)
-    fp = device_fingerprint(backend, batch, "fp32")
-    path = Path(table) if table else table_path(Path(tables), fp, grid)
-    if not path.is_file():
-        raise DeployCompError(f"no latency table for this device at batch {batch} and grid {grid}: run `deploycomp "
-                              f"profile --target {target} --batch {batch} --grid {grid}` (expected {path})")
-    return load_table(path, None if force else fp, force=force)
-
-
 def run_design(output: Path, *, latency: str, target: str = DEFAULT_TARGET, batch: int = 1, params: str | None = None,
                flops: str | None = None, depth_range: str = "4:12", source: str | None = None,
                weights: str | None = None, reference: str | None = None, semantic_tokens: int | None = None,
@@ -77,7 +62,7 @@ def run_design(output: Path, *, latency: str, target: str = DEFAULT_TARGET, batc
                table: Path | None = None, force: bool = False, name: str | None = None, threads: int | None = None,
                say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     from ..latency.predictor import LatencyPredictor
-    from ..latency.profiler import FIXED, GRIDS, grid_for
+    from ..latency.profiler import FIXED, GRIDS, find_table, grid_for
     from ..pruning.schedule import LatencyBudget
     from . import objective
     from .registry import check_name, design_record, save_design
@@ -123,7 +108,7 @@ def run_design(output: Path, *, latency: str, target: str = DEFAULT_TARGET, batc
     grid = grid or "deit-base"
     if "window" in FIXED.get(grid, {}):
         raise DeployCompError(f"design lays out single-stage ViTs; grid {grid} is a Swin grid")
-    lat_table = find_table(target, batch, grid, tables, table, force, threads)
+    lat_table = find_table(target, batch, grid, tables, table=table, force=force, threads=threads)
     predictor = LatencyPredictor(lat_table)
     if lat_budget.relative:
         if ref_arch is None:

@@ -8,6 +8,7 @@ validate predictions against whole exported models).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -110,7 +111,7 @@ class SwinStage:
 
     @property
     def windows(self) -> int:
-        return (-(-self.resolution // self.window)) ** 2
+        return window_count(self.resolution, self.window)
 
     @property
     def tokens(self) -> int:
@@ -189,6 +190,23 @@ def swin_stage_geometry(fixed: dict) -> list[tuple[int, int]]:
     for _ in fixed["depths"]:
         out.append((res, min(fixed["window"], res)))
         res //= 2
+    return out
+
+
+def window_count(resolution: int, window: int) -> int:
+    """Windows of ``window`` x ``window`` over a ``resolution`` x ``resolution`` grid (padded as timm pads)."""
+    return math.ceil(resolution / window) ** 2
+
+
+def handed_on_geometry(geometry: list[tuple[int, int]], stage: int, side: int) -> list[tuple[int, int]]:
+    """(resolution, window) of the stages after ``stage`` when it hands on a ``side`` x ``side`` grid
+    (semantic tokens per window, ``tokens/stvit_swin.py``): each merge halves the grid (timm pads an
+    odd one) and a stage's window never exceeds its grid. ``geometry`` is the unmodified Swin's
+    (``swin_stage_geometry``)."""
+    out = []
+    for _, window in geometry[stage + 1:]:
+        side = math.ceil(side / 2)
+        out.append((side, min(window, side)))
     return out
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import DeployCompError
 from . import micrographs
-from .arch import swin_stage_geometry
+from .arch import handed_on_geometry, swin_stage_geometry, window_count
 from .table import LatencyTable, cross_reference, load_table, part_kind, save_table, stage_of, table_path
 
 # The DeiT-B search space: EMB <= 768, H <= 12, QK/V <= 64, MLP <= 3072, tokens <= 197.
@@ -84,7 +84,7 @@ def swin_grid(fixed: dict[str, Any], embs: list[list[int]], heads: list[list[int
     grid: dict[str, dict[str, list[int]]] = {"swin_stem": {"emb": embs[0]},
                                               "swin_head": {"tokens": [geometry[-1][0] ** 2], "emb": embs[-1]}}
     for s, (res, window) in enumerate(geometry):
-        windows = (res // window) ** 2
+        windows = window_count(res, window)
         grid[f"window_attention.{s}"] = {"windows": [windows], "tokens": [window * window], "emb": embs[s],
                                          "heads": heads[s], "qk_dim": head_dims, "v_dim": head_dims,
                                          "shift": [0, 1] if windows > 1 else [0]}
@@ -97,20 +97,19 @@ def swin_grid(fixed: dict[str, Any], embs: list[list[int]], heads: list[list[int
 
     for s, counts in (semantic or {}).items():
         res, window = geometry[s]
-        full, windows = window * window, (res // window) ** 2
+        full, windows = window * window, window_count(res, window)
         grid[f"window_cross_attention.{s}"] = {"windows": [windows], "queries": sorted({*counts, full}),
                                                "tokens": sorted({*counts, full, *(full + m for m in counts)}),
                                                "emb": embs[s]}
         for m in counts:
             add(f"mlp.{s}", "tokens", windows * m)
             side = (res // window) * math.isqrt(m)  # the grid the stage hands on
-            for k in range(s + 1, len(geometry)):
+            for k, (later, win) in enumerate(handed_on_geometry(geometry, s, side), start=s + 1):
                 if side % 2:  # timm pads an odd grid before merging; the micro-graph does not
                     raise ValueError(f"{m} semantic tokens in stage {s}: a {side}x{side} grid to merge")
                 add(f"patch_merging.{k - 1}", "tokens", side * side)
-                side //= 2
-                win = min(geometry[k][1], side)
-                add(f"window_attention.{k}", "windows", (-(-side // win)) ** 2)
+                side = later
+                add(f"window_attention.{k}", "windows", window_count(side, win))
                 add(f"window_attention.{k}", "tokens", win * win)
                 add(f"mlp.{k}", "tokens", side * side)
             add("swin_head", "tokens", side * side)
@@ -244,6 +243,21 @@ def device_fingerprint(backend, batch: int, dtype: str) -> dict[str, Any]:
     if dtype == "int8":
         fp["quantizer"] = backend.int8_quantizer
     return fp
+
+
+def find_table(target: str, batch: int, grid: str, tables: Path, *, table: Path | None = None, force: bool = False,
+               threads: int | None = None) -> LatencyTable:
+    """This device's fp32 latency table for ``grid`` (or the file ``table``), checked against the
+    device unless forced; one line naming the profile command where it is missing."""
+    from ..backends.base import get_backend
+
+    backend = get_backend(target, threads=threads)
+    fp = device_fingerprint(backend, batch, "fp32")
+    path = Path(table) if table else table_path(Path(tables), fp, grid)
+    if not path.is_file():
+        raise DeployCompError(f"no latency table for this device at batch {batch} and grid {grid}: run `deploycomp "
+                              f"profile --target {target} --batch {batch} --grid {grid}` (expected {path})")
+    return load_table(path, None if force else fp, force=force)
 
 
 def micrograph_preparer(backend, precision: str, table: LatencyTable, cache: Path | None) -> Prepare | None:

@@ -109,6 +109,8 @@ def swin_token_arch(arch, config: SwinTokenConfig):
     clamped to it and unshifted when one window covers it (``grid_block``)."""
     from dataclasses import replace
 
+    from ..latency.arch import handed_on_geometry
+
     config = config.resolved(tuple(len(st.blocks) for st in arch.stages))
     stages = list(arch.stages)
     st = stages[config.stage]
@@ -123,12 +125,12 @@ def swin_token_arch(arch, config: SwinTokenConfig):
         blocks[j] = replace(blocks[j], tokens=keys, queries=queries)
     side = 0 if config.dense else (st.resolution // st.window) * config.side
     stages[config.stage] = replace(st, blocks=tuple(blocks), out_resolution=side)
-    for k in range(config.stage + 1, len(stages) if side else 0):
-        side = -(-side // 2)
+    geometry = [(later.resolution, later.window) for later in stages]
+    for k, (res, window) in enumerate(handed_on_geometry(geometry, config.stage, side) if side else [],
+                                      start=config.stage + 1):
         later = stages[k]
-        window = min(later.window, side)
-        shifts = tuple(later.shifted(i) and side > window for i in range(len(later.blocks)))
-        stages[k] = replace(later, resolution=side, window=window, shifts=shifts,
+        shifts = tuple(later.shifted(i) and res > window for i in range(len(later.blocks)))
+        stages[k] = replace(later, resolution=res, window=window, shifts=shifts,
                             blocks=tuple(replace(b, tokens=window * window) for b in later.blocks))
     return replace(arch, stages=tuple(stages))
 
