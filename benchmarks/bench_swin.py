@@ -14,7 +14,7 @@ measured speed-up over the unmodified compile is set against the table's predict
 Runtime and plain OpenVINO of the same export are the references. Ratios are per round (reference
 time / candidate time): median and p10-p90, as in ``bench_runtimes.py``.
 
-    .venv/bin/python benchmarks/bench_swin.py                  # ~10 min on 2 cores
+    .venv/bin/python benchmarks/bench_swin.py --latency-batch 8   # ~21 min here (AVX2 EPYC), 14 of them the pruning compile
     .venv/bin/python benchmarks/bench_swin.py --rounds 2 --batches 1 --targets ort-cpu   # check the script
 
 Writes benchmarks/results/swin.json and prints a table.
