@@ -121,10 +121,17 @@ def check_options(source: str, options: CompileOptions) -> None:
         raise DeployCompError("fine-tuning after the token rewrite needs training data (--data)")
     if options.prune is not None and (options.prune.kd_steps or options.prune.finetune_epochs) and not options.data:
         raise DeployCompError("distillation and fine-tuning need training data (--data)")
-    from .frontend import check_compile_request
+    from .frontend import check_compile_request, is_torch_source
 
     check_compile_request(source, options.weights, options.model_kwargs, prune=options.prune is not None,
                           semantic_tokens=options.semantic_tokens or False)
+    if options.prune is not None and is_torch_source(source):
+        # the tables are keyed by the input geometry, which the model built on the meta device gives:
+        # a missing table is refused here, not after the source is built (24 s for a Swin-T)
+        from .frontend import meta_input_shape, meta_module
+
+        meta = meta_module(source, options.model_kwargs)
+        _latency_tables(meta, meta_input_shape(meta), options)
 
 
 def make_backend(options: CompileOptions) -> "Backend":
@@ -211,7 +218,7 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
     if output_kind == "embedding" and stored:
         raise DeployCompError(f"{source} outputs an embedding: its distillation matches the source's embedding, "
                               "stored teacher logits (class probabilities) do not apply")
-    latency_tables = _latency_tables(src, options) if options.prune is not None else None
+    latency_tables = _latency_tables(src.torch_module, src.input_shape, options) if options.prune is not None else None
     choice = None
     if options.precision == "auto":
         from .latency.precision_choice import choose_precision, source_arch
@@ -286,17 +293,18 @@ def _resolve_tokens(src, config: "SemanticTokenConfig") -> "SemanticTokenConfig"
     return config
 
 
-def _latency_tables(src, options: CompileOptions) -> dict[str, tuple[Any, Path]]:
-    """Precision -> (predictor, path) of the target's latency tables for the source's geometry: fp32
-    (what a budget is relative to) and the compile's precision, or with ``--precision auto`` every
-    candidate the target runs and has a table for. The prune pass calibrates them on the device."""
+def _latency_tables(module, input_shape: tuple[int, ...], options: CompileOptions) -> dict[str, tuple[Any, Path]]:
+    """Precision -> (predictor, path) of the target's latency tables for the geometry of ``module``
+    (the source's torch model, or the same built on the meta device): fp32 (what a budget is
+    relative to) and the compile's precision, or with ``--precision auto`` every candidate the target
+    runs and has a table for. The prune pass calibrates them on the device."""
 
     from .latency.predictor import LatencyPredictor
     from .latency.profiler import device_fingerprint, grid_for
     from .latency.table import load_table, table_path
     from .passes.prune import geometry_of
 
-    grid = grid_for(geometry_of(src.torch_module, src.input_shape))
+    grid = grid_for(geometry_of(module, input_shape))
     auto = options.precision == "auto"
     out = {}
     for precision in AUTO_PRECISIONS if auto else dict.fromkeys(("fp32", options.precision)):
@@ -319,7 +327,7 @@ def _latency_tables(src, options: CompileOptions) -> dict[str, tuple[Any, Path]]
                                   f"{precision} and grid {grid}: run `deploycomp profile --target {options.target} --batch "
                                   f"{options.latency_batch} --grid {grid}{flag}` (expected {path}){elsewhere}")
         table = load_table(path, fp)
-        if hasattr(src.torch_module, "layers"):  # Swin: refused here, before any work, by a table without Swin parts
+        if hasattr(module, "layers"):  # Swin: refused here, before any work, by a table without Swin parts
             from .latency.predictor import check_swin_table
 
             check_swin_table(table)

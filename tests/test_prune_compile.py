@@ -196,8 +196,12 @@ def test_swin_compile_latency_is_refused_with_one_error(tmp_path, monkeypatch, c
             "num_heads": (2, 4), "num_classes": 10}
     from deploycomp.passes.cleanup import CleanupPass
 
+    import deploycomp.frontend
+
     write_synthetic_table(tmp_path / "tables", mlp_only)
-    # refused while the job is planned: no pass runs (the predictor would refuse too, but later)
+    # refused while the options are checked, on the model built on the meta device: the source is
+    # not built and no pass runs (the predictor would refuse too, but later)
+    monkeypatch.setattr(deploycomp.frontend, "load_source", lambda *a, **k: pytest.fail("the source was built first"))
     monkeypatch.setattr(CleanupPass, "run", lambda *a, **k: pytest.fail("a pass ran before the refusal"))
     code, err = run_cli(monkeypatch, capsys, "compile", "timm:swin_tiny_patch4_window7_224", *model_args(swin), "--target", "ort-cpu",
                         "--latency", "0.8x", "--prune-groups", "mlp", "--tables", tmp_path / "tables", "--no-measure",
@@ -205,6 +209,39 @@ def test_swin_compile_latency_is_refused_with_one_error(tmp_path, monkeypatch, c
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "has no Swin parts" in lines[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["deit", "swin"])
+def test_missing_latency_table_is_refused_before_the_source_is_built(tmp_path, monkeypatch, family):
+    """The table is keyed by the input geometry, which the model on the meta device gives: a missing
+    table is one error before the source is built (24 s for a Swin-T at 224), nothing written."""
+    import deploycomp.frontend
+    from deploycomp.api import plan_compile
+
+    name, kwargs = {"deit": ("deit_tiny_patch16_224", TINY_DEIT),  # the "tiny" and "swin-micro" grids' geometries
+                    "swin": ("swin_tiny_patch4_window7_224", {"img_size": 56, "depths": (2, 2), "num_heads": (2, 4),
+                                                              "embed_dim": 32, "num_classes": 10})}[family]
+    monkeypatch.setattr(deploycomp.frontend, "load_source", lambda *a, **k: pytest.fail("the source was built first"))
+    with pytest.raises(DeployCompError, match="no latency table"):
+        plan_compile(f"timm:{name}", tmp_path / "out", CompileOptions(
+            target="ort-cpu", prune=PruneConfig("0.5x"), tables=str(tmp_path / "none"), model_kwargs=kwargs))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["deit", "swin"])
+def test_meta_geometry_is_the_built_sources(family):
+    """The early table check keys on the meta module's geometry: it must be the built source's."""
+    from deploycomp.frontend import meta_input_shape, meta_module
+    from deploycomp.frontend.timm_models import timm_input_shape, timm_spec
+    from deploycomp.passes.prune import geometry_of
+
+    from .conftest import TINY, tiny_module
+
+    name, kwargs = TINY[family]
+    meta = meta_module(f"timm:{name}", kwargs)
+    shape = timm_input_shape(timm_spec(name), kwargs)
+    assert meta_input_shape(meta) == shape
+    assert geometry_of(meta, meta_input_shape(meta)) == geometry_of(tiny_module(family), shape)
 
 
 @pytest.fixture(scope="module")

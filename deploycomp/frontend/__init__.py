@@ -37,6 +37,7 @@ class Source:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+TORCH_SOURCE_KINDS = ("timm", "hf", "hf-config", "open_clip")
 SOURCE_FORMS = "timm:<name>, hf:<dir>, hf-config:<config.json>, open_clip:<arch> or a path to an .onnx file"
 
 
@@ -103,8 +104,7 @@ def check_compile_request(spec: str, weights: str | Path | None = None, model_kw
     before torch is imported or anything slow runs."""
     check_source_spec(spec, weights, model_kwargs)
     kind, _, rest = spec.partition(":")
-    torch_source = kind in ("timm", "hf", "hf-config", "open_clip")
-    if torch_source and semantic_tokens and not isinstance(semantic_tokens, bool):
+    if is_torch_source(spec) and semantic_tokens and not isinstance(semantic_tokens, bool):
         grid = config_patch_grid(kind, rest)
         if grid is not None:  # read from the config file: refused before torch and the library are imported
             semantic_tokens.check_grid(grid)
@@ -116,6 +116,18 @@ def check_compile_request(spec: str, weights: str | Path | None = None, model_kw
         if prune and not hasattr(resolved, "tokens_after"):  # a Swin's per-window config
             raise DeployCompError("--latency with Swin semantic tokens is not supported yet: the latency table predicts "
                                   "the design, but pruning's on-device checks cannot rebuild its graph from a pruned Swin")
+
+
+def is_torch_source(spec: str) -> bool:
+    """Whether ``spec`` names a torch model (built by its library) rather than an ONNX file."""
+    return spec.partition(":")[0] in TORCH_SOURCE_KINDS
+
+
+def meta_input_shape(module) -> tuple[int, int, int, int]:
+    """The batch-1 input shape of a timm-structured module (``meta_module``'s), from its patch
+    embedding: what the source's loader would give, without building it."""
+    h, w = module.patch_embed.img_size
+    return 1, int(module.patch_embed.proj.in_channels), int(h), int(w)
 
 
 def config_patch_grid(kind: str, rest: str) -> tuple[int, int] | None:
