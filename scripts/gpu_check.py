@@ -526,7 +526,9 @@ def check_models(rec: Recorder, device: str = "cuda", dtype: str = "bfloat16", b
     timer = timer or graph_ms
     rec.data["env"] = environment(device)
     rec.note("torch-level numbers (bf16, CUDA graphs, random weights), not TensorRT's. Pruned FlexViTs are compared "
-             "with FlexViT of the unpruned DeiT (same implementation), STViT with timm's DeiT it is built on. "
+             "with FlexViT of the unpruned DeiT (same implementation: separate q/k/v projections, attention by "
+             "scaled_dot_product_attention), STViT with timm's DeiT it is built on; 'FlexViT unpruned, written-out "
+             "attention' is the exported form (matmul-softmax-matmul). "
              "For reference: NViT-B reports 1.86x on a V100, STViT +105 % throughput (their setups, not these).")
     plans = load_plans()
     if not plans:
@@ -536,10 +538,12 @@ def check_models(rec: Recorder, device: str = "cuda", dtype: str = "bfloat16", b
         torch.manual_seed(0)
         vit = timm.create_model(name, pretrained=False).eval()
         variants = [("timm DeiT", "timm DeiT", lambda: vit),
-                    ("FlexViT unpruned", "FlexViT unpruned", lambda: FlexViT(unpruned_arch(vit)))]
+                    ("FlexViT unpruned", "timm DeiT", lambda: FlexViT(unpruned_arch(vit), fused_attention=True)),
+                    ("FlexViT unpruned, written-out attention", "FlexViT unpruned",
+                     lambda: FlexViT(unpruned_arch(vit)))]
         for plan in plans.get(name, []):
             variants.append((f"FlexViT {plan['budget']} {plan['method']} plan", "FlexViT unpruned",
-                             lambda plan=plan: FlexViT(arch_from_dict(plan["arch"]))))
+                             lambda plan=plan: FlexViT(arch_from_dict(plan["arch"]), fused_attention=True)))
         variants.append(("STViT 16 tokens", "timm DeiT", lambda: SemanticTokenViT(vit, SemanticTokenConfig(tokens=16))))
         times: dict[tuple[str, int], float] = {}
         for label, baseline, build in variants:

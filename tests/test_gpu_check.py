@@ -106,7 +106,8 @@ def test_model_check_bookkeeping_on_cpu(gpu_check, tmp_path):
     assert gpu_check.check_models(rec, device="cpu", dtype="float32", batches=(1,), timer=cpu_ms,
                                   names=("deit_small_patch16_224",)) == "done"
     rows = {r["variant"]: r for r in rec.data["cases"]}
-    assert sorted(rows) == sorted(["timm DeiT", "FlexViT unpruned", "STViT 16 tokens"] + [
+    assert sorted(rows) == sorted(["timm DeiT", "FlexViT unpruned", "FlexViT unpruned, written-out attention",
+                                   "STViT 16 tokens"] + [
         f"FlexViT {b} {m} plan" for b in ("0.5x", "0.3x") for m in ("magnitude", "uniform")])
     for label, r in rows.items():
         base = rows[r["baseline"]]["ms"]

@@ -97,6 +97,20 @@ def test_cross_attention_micrograph_computes_token_cluster():
     assert np.linalg.norm(wrong - want) / np.linalg.norm(want) > 1e-2  # the comparison can fail
 
 
+def test_fused_attention_flexvit_computes_the_written_out_one():
+    """The GPU check times FlexViTs with scaled_dot_product_attention: the same function as the
+    written-out (exported) form, QK != V per head and a token cut included."""
+    import torch
+
+    torch.manual_seed(0)
+    written, fused = FlexViT(TINY_ARCH).eval(), FlexViT(TINY_ARCH, fused_attention=True).eval()
+    fused.load_state_dict(written.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = written(x), fused(x)
+    assert float((a - b).norm() / a.norm()) < 1e-5
+
+
 def test_micrographs_run_at_any_batch():
     from .conftest import run_ort
 

@@ -244,6 +244,24 @@ def test_meta_geometry_is_the_built_sources(family):
     assert geometry_of(meta, meta_input_shape(meta)) == geometry_of(tiny_module(family), shape)
 
 
+def test_meta_module_is_built_once_per_request(monkeypatch):
+    """The CLI checks the options and the compile checks them again: the meta model of one request
+    is built once, a request with other kwargs gets its own."""
+    import deploycomp.frontend as frontend
+
+    from .conftest import TINY
+
+    built = []
+    real = frontend._build_meta_module
+    monkeypatch.setattr(frontend, "_META_MODULES", {})
+    monkeypatch.setattr(frontend, "_build_meta_module", lambda *a: built.append(a) or real(*a))
+    name, kwargs = TINY["deit"]
+    first = frontend.meta_module(f"timm:{name}", dict(kwargs))
+    assert frontend.meta_module(f"timm:{name}", dict(kwargs)) is first and len(built) == 1
+    other = frontend.meta_module(f"timm:{name}", {**kwargs, "num_classes": 7})
+    assert other is not first and len(built) == 2 and other.head.out_features == 7
+
+
 @pytest.fixture(scope="module")
 def proxy_structure():
     """The proxy's exported structure, for both cases of the next test: ``pruned_flexvit`` exports the

@@ -11,6 +11,7 @@ torch model (pruning, semantic tokens) it gets a verified torch twin built from 
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -155,7 +156,21 @@ def config_patch_grid(kind: str, rest: str) -> tuple[int, int] | None:
 def meta_module(spec: str, model_kwargs: dict | None = None):
     """The torch module a torch source becomes (timm's model; the canonical timm ViT of an hf: or
     open_clip: source), built on the meta device: its structure without memory or weights, and the
-    converters' refusals, in well under a second after the libraries are imported."""
+    converters' refusals, in well under a second after the libraries are imported. The same request
+    is built once per process (the CLI's early checks and the compile's own ask for it again); callers
+    only read it."""
+    key = (spec, json.dumps(model_kwargs or {}, sort_keys=True, default=repr))
+    if key not in _META_MODULES:
+        if len(_META_MODULES) >= 4:
+            _META_MODULES.pop(next(iter(_META_MODULES)))
+        _META_MODULES[key] = _build_meta_module(spec, model_kwargs)
+    return _META_MODULES[key]
+
+
+_META_MODULES: dict[tuple[str, str], Any] = {}
+
+
+def _build_meta_module(spec: str, model_kwargs: dict | None):
     kind, _, rest = spec.partition(":")
     if kind == "timm":
         from .timm_models import meta_model
