@@ -36,7 +36,7 @@ from pathlib import Path  # noqa: E402
 from bench_runtimes import source_model, timed_rows, timing_arguments  # noqa: E402  (benchmarks/ is the script's directory)
 
 import deploycomp  # noqa: E402
-from deploycomp.artifact import read_manifest, write_json  # noqa: E402
+from deploycomp.artifact import model_bytes, read_manifest, write_json  # noqa: E402
 from deploycomp.backends.base import backend_for_manifest, get_backend  # noqa: E402
 from deploycomp.backends.fingerprint import host_fingerprint  # noqa: E402
 from deploycomp.backends.openvino import has_bf16, nncf_int8_ir  # noqa: E402
@@ -60,12 +60,6 @@ def jobs(quick: bool) -> dict[str, list[str]]:
             "--target", "openvino-cpu", "--latency", "0.1x", "--latency-batch", "8", "--semantic-tokens", "16",
             "--precision", "int8"]
     return out
-
-
-def model_bytes(model: Path) -> int:
-    """Bytes of what the runtime loads: an .onnx with any external data, or an IR's .xml + .bin."""
-    files = [model, model.with_suffix(".bin")] if model.suffix == ".xml" else [model, *model.parent.glob(model.name + ".data")]
-    return sum(f.stat().st_size for f in files if f.exists())
 
 
 def compile_in_process(name: str, flags: list[str], out: Path, threads: int) -> dict:
@@ -100,7 +94,7 @@ def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[i
             d = tmp / f"art{len(compiled)}"
             record = compile_in_process(name, flags, d, threads)
             manifest = read_manifest(d)
-            size = model_bytes(d / manifest["files"]["model"])
+            size = manifest["totals"]["artifact_bytes"]
             record.update(bytes=size, bytes_vs_fp32_source=round(size / source_bytes, 3),
                           precision_choice=manifest.get("precision_choice"),
                           float_layers=(manifest.get("quantization") or {}).get("fallback"),
@@ -153,15 +147,18 @@ def main() -> None:
     out = args.out or (Path("/tmp/precision_quick.json") if args.quick else RESULTS / "precision.json")
     say = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    models = [run_model(m.strip(), args.threads, args.rounds, args.iters, [int(b) for b in args.batches.split(",")],
-                        args.quick, say) for m in args.models.split(",")]
     result = {"command": shlex.join(sys.argv), "host": {**host_fingerprint(), "threads": args.threads},
-              "deploycomp_version": deploycomp.__version__, "seconds": round(time.perf_counter() - t0, 1),
+              "deploycomp_version": deploycomp.__version__, "complete": False, "seconds": 0.0,
               "protocol": {"rounds": args.rounds, "iters_per_round": args.iters, "interleaved": True,
                            "ratios": "per round, median (p10-p90)", "int8_calibration": "synthetic (speed only)"},
-              "models": models}
+              "models": []}
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
+    names = [m.strip() for m in args.models.split(",")]
+    for name in names:  # written after each model: a run cut short keeps the models it finished
+        result["models"].append(run_model(name, args.threads, args.rounds, args.iters,
+                                          [int(b) for b in args.batches.split(",")], args.quick, say))
+        result.update(complete=len(result["models"]) == len(names), seconds=round(time.perf_counter() - t0, 1))
+        write_json(out, result)
     print(table(result))
     print(f"wrote {out}")
 

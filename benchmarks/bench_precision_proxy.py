@@ -142,7 +142,8 @@ def main() -> None:
                 m = read_manifest(out)
                 backend = backend_for_manifest(m)
                 q = m.get("quantization", {})
-                extra = {"compile_seconds": round(seconds, 1), "manifest_accuracy": m.get("accuracy"),
+                extra = {"compile_seconds": round(seconds, 1), "peak_rss_mib": m["compile"]["peak_rss_mib"],
+                         "artifact_bytes": m["totals"]["artifact_bytes"], "manifest_accuracy": m.get("accuracy"),
                          "quantization": {k: q.get(k) for k in ("method", "calibration", "samples", "quantized_layers",
                                                                 "fallback", "qat")} if q else None,
                          "parity": m.get("parity")}

@@ -136,7 +136,7 @@ def measure_all(artifacts: dict[str, Path], weights: Path, batch: int, rounds: i
         row = {"row": name, "artifact": str(path), "gflops": m["totals"]["gflops_per_image"], "params": m["totals"]["params"],
                "top1_before": acc["reference_top1"], "top1": acc["artifact_top1"], "delta_pt": acc["delta_pt"],
                "reference": acc["reference"], "structure": m["structure"]["blocks"],
-               "artifact_bytes": sum((path / f).stat().st_size for k, f in m["files"].items() if k not in ("report", "manifest", "plot")),
+               "artifact_bytes": m["totals"].get("artifact_bytes"), "compile": m.get("compile"),
                "precision": m["options"]["precision"], "quantization": (m.get("quantization") or {}).get("method"),
                "semantic_tokens": m.get("semantic_tokens"), "pruning_latency": m.get("pruning", {}).get("latency"),
                "parity": m["parity"]["checks"]}

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/train_proxy.py            # ~45 min on 2 cores, cached afterwards
     torchrun --standalone --nproc_per_node 2 benchmarks/train_proxy.py   # same recipe under DDP
+    python benchmarks/train_proxy.py --device cuda        # same recipe on a GPU (scripts/gpu_check.py)
 
 The run lives in $DEPLOYCOMP_CACHE/proxy-fmnist (default ~/.cache/deploycomp): an interrupted run
 resumes from its last checkpoint, a finished one is reused. The weights are then usable as
@@ -36,8 +37,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=cache_dir())
     parser.add_argument("--epochs", type=int, default=RECIPE.epochs)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = parser.parse_args()
-    config = TrainConfig(**{**RECIPE.__dict__, "epochs": args.epochs})
+    config = TrainConfig(**{**RECIPE.__dict__, "epochs": args.epochs, "device": args.device})
     metrics = train(MODEL, args.out, config, log=lambda line: print(line, flush=True))
     if int(os.environ.get("RANK", "0")) == 0:
         summary = {"command": " ".join(["benchmarks/train_proxy.py", *sys.argv[1:]]), "weights": str(args.out / "model.safetensors"),

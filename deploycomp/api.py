@@ -189,9 +189,10 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
     import copy
 
     from .frontend import load_source, torch_reference
-    from .job import CompileJob
+    from .job import CompileJob, start_compile_meter
     from .passes.base import CompileContext
 
+    started = start_compile_meter()
     options = options or CompileOptions()
     check_options(source, options)
     say = progress or (lambda stage: None)
@@ -276,7 +277,7 @@ def plan_compile(source: str, output: str | Path, options: CompileOptions | None
             ctx.latency_reference = latency_tables["fp32"][0]
         src.meta = {**src.meta, "latency_table": str(table_path)}
     return CompileJob(src, backend, default_passes(options, backend, tokens), output, ctx, before,
-                      options.measure_rounds, options.latency_batch, record)
+                      options.measure_rounds, options.latency_batch, record, started)
 
 
 def compile(source: str, output: str | Path, options: CompileOptions | None = None,
@@ -490,13 +491,14 @@ def train(model: str, out: str | Path, config: "TrainConfig | None" = None, *, d
     from .learn.data import load_data
     from .learn.distill import LiveTeacher, StoredTeacher
     from .learn.distributed import close_world, init_world
-    from .learn.train import METRICS, TrainConfig, fit
+    from .learn.train import METRICS, TrainConfig, fit, train_device
 
     config = config or TrainConfig()
     name = model.removeprefix("timm:")
     spec = timm_spec(name)
     world = init_world()
     try:
+        device = train_device(config.device, world)  # refused before the data and the model are built
         torch.set_num_threads(threads or max(1, usable_cores() // world.size))
         torch.manual_seed(config.seed)
         module = build_timm_model(name, Path(weights) if weights else None, model_kwargs)
@@ -522,7 +524,8 @@ def train(model: str, out: str | Path, config: "TrainConfig | None" = None, *, d
             "deploycomp_version": __version__, **run_info, "model_kwargs": kwargs, "init_weights": weights,
             "test_samples": len(test_set),
             "config": asdict(config), "world_size": world.size, "threads_per_process": torch.get_num_threads(),
-            "host": host_fingerprint(), "finished": result.finished, "test_accuracy": result.test_accuracy,
+            "host": host_fingerprint(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "finished": result.finished, "test_accuracy": result.test_accuracy,
             "train_seconds": result.train_seconds, "wall_seconds_this_call": time.monotonic() - t0,
             "history": result.history,
         }

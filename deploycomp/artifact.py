@@ -75,6 +75,14 @@ def _jsonable(obj: Any):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def model_bytes(model: Path) -> int:
+    """Bytes of what a runtime loads: an .onnx with any external data, or an IR's .xml + .bin (or
+    an engine file alone)."""
+    model = Path(model)
+    files = [model, model.with_suffix(".bin")] if model.suffix == ".xml" else [model, *model.parent.glob(model.name + ".data")]
+    return sum(f.stat().st_size for f in files if f.exists())
+
+
 def read_manifest(artifact: Path) -> dict:
     artifact = Path(artifact)
     path = artifact / MANIFEST if artifact.is_dir() else artifact

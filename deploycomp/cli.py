@@ -330,13 +330,15 @@ def train_cmd(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop (checkpointed) after N steps in this call."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads per process (default: cores / processes)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt if present."),
+    device: str = typer.Option("cpu", "--device", help="cpu, or cuda[:N] for one process on a GPU (torchrun runs on the CPU)."),
 ):
     """Train or fine-tune a model (alone or under torchrun -m deploycomp train ...), with optional distillation."""
     from .api import train as do_train
     from .learn.train import TrainConfig
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                         label_smoothing=label_smoothing, seed=seed, kd_weight=kd_weight, max_steps=max_steps)
+                         label_smoothing=label_smoothing, seed=seed, kd_weight=kd_weight, max_steps=max_steps,
+                         device=device)
     main_rank = os.environ.get("RANK", "0") == "0"
     with _progress() as progress:
         task = progress.add_task("train", total=None, visible=main_rank)

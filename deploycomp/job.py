@@ -7,6 +7,7 @@ hand (their own pass list, their own context) and ``run`` it.
 from __future__ import annotations
 
 import datetime as _dt
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -15,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import __version__
-from .artifact import MANIFEST, atomic_output_dir, write_json
+from .artifact import MANIFEST, atomic_output_dir, model_bytes, write_json
 from .ir.structure import Structure
 from .passes.base import DEFAULT_INVARIANTS, CompileContext, Pass, Pipeline
 
@@ -45,6 +46,7 @@ class CompileJob:
     measure_rounds: int = 5
     latency_batch: int = 1
     record: dict[str, Any] = field(default_factory=dict)  # options and calibration, for the manifest
+    started: float = field(default_factory=time.monotonic)  # when planning began (``start_compile_meter``)
 
     def run(self, progress: Progress | None = None) -> dict[str, Any]:
         from .ir.shapes import matmul_flops, param_count
@@ -76,6 +78,8 @@ class CompileJob:
         with atomic_output_dir(self.output) as staging:
             manifest.update(backend.emit(model, staging))
             artifact = backend.artifact(staging, manifest)
+            if isinstance(artifact, Path):
+                manifest["totals"]["artifact_bytes"] = model_bytes(artifact)
             if ctx.test is not None:
                 say("evaluate")
                 if ctx.output == "embedding":  # no classes: how close the artifact's embeddings stay to the source's
@@ -93,11 +97,39 @@ class CompileJob:
                 manifest["pruning"] = finish_pruning_report(ctx.results["pruning"], ctx.baseline_model, model, artifact,
                                                             structure, manifest, staging, backend, self.latency_batch,
                                                             rounds=max(6 * self.measure_rounds, 10))
+            manifest["compile"] = {"seconds": round(time.monotonic() - self.started, 1), **peak_memory()}
             manifest["files"]["report"] = "report.md"
             manifest["files"]["manifest"] = MANIFEST
             (staging / "report.md").write_text(render_report(manifest), encoding="utf-8")
             write_json(staging / MANIFEST, manifest)
         return manifest
+
+
+def start_compile_meter() -> float:
+    """Open a new peak-memory window for this process and return the start time, so a compile run
+    beside others in one process (a benchmark, a test) reports its own peak. On Linux, writing 5 to
+    ``/proc/self/clear_refs`` resets the resident-set high-water mark (``VmHWM``)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return time.monotonic()
+
+
+def peak_memory() -> dict[str, Any]:
+    """The peak resident memory of this process since ``start_compile_meter`` (``VmHWM``), or, where
+    that cannot be read, the process's lifetime peak (``ru_maxrss``), with the scope it covers."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return {"peak_rss_mib": round(int(line.split()[1]) / 1024, 1), "peak_rss_scope": "compile"}
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
+    return {"peak_rss_mib": round(kib / 1024, 1), "peak_rss_scope": "process"}
 
 
 def measure_artifact(backend: "Backend", artifact, model: ir.Model, fp32_model: ir.Model | None,

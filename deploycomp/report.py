@@ -144,9 +144,14 @@ def render_report(m: dict[str, Any]) -> str:
         f"- source: `{src['model']}` ({src['family']}), weights: {src.get('weights', 'from the ONNX file')}",
         f"- target: {tgt['target']} on {tgt['cpu_model']} ({tgt['cores']} cores, {tgt['threads']} threads), "
         f"{tgt['backend']} {tgt['backend_version']}",
-        f"- params: {m['totals']['params'] / 1e6:.2f} M, matmul GFLOPs/image: {m['totals']['gflops_per_image']:.3f}",
+        f"- params: {m['totals']['params'] / 1e6:.2f} M, matmul GFLOPs/image: {m['totals']['gflops_per_image']:.3f}"
+        + (f", {m['totals']['artifact_bytes'] / 2**20:.2f} MiB as the runtime loads it" if "artifact_bytes" in m["totals"] else ""),
         f"- input `{m['input']['name']}` {m['input']['shape']}, output `{m['output']['name']}` {m['output']['shape']}",
     ]
+    if "compile" in m:
+        cost = m["compile"]
+        lines.append(f"- compile: {cost['seconds']:.0f} s, peak memory {cost['peak_rss_mib']:.0f} MiB"
+                     + ("" if cost["peak_rss_scope"] == "compile" else " (the process's, not this compile's alone)"))
     if "latency" in m:
         lat = m["latency"]
         lines.append(f"- measured latency at batch 1: median {lat['median_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms "

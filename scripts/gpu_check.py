@@ -3,6 +3,7 @@
     PYTHONPATH=. python scripts/gpu_check.py OUT/             # on the GPU machine: checks 1-4, <= 6 min
     PYTHONPATH=. python scripts/gpu_check.py --dry-run OUT/   # on any CPU: checks 1-2 at tiny sizes (CI)
     PYTHONPATH=. python scripts/gpu_check.py --checks 2,3 OUT/   # rerun some checks only
+    DEPLOYCOMP_FASHION_MNIST=out/fmnist PYTHONPATH=. python scripts/gpu_check.py --checks 5 OUT/   # train on the GPU
 
 Writes ``OUT/gpu_check.json`` (everything measured) and ``OUT/gpu_check.md`` (a short summary), and
 ``OUT/checkN.json`` per check as it goes; exit code 0 when every check passed or ran to completion.
@@ -29,6 +30,14 @@ the others down; a check that runs out of time keeps the cases it finished):
    latency tables by ``scripts/make_gpu_plans.py``: global "magnitude" selection and "uniform" width
    scaling) against FlexViT of the unpruned DeiT, and STViT with 16 semantic tokens against
    timm's DeiT, in bf16 with CUDA graphs at batch 1, 64, 256 (median of CUDA-event-timed replays).
+
+5. **Training on the GPU** (``TrainConfig.device``; only when asked, ``--checks 5``): a small DeiT
+   trained 24 steps on the CPU and on the GPU from the same weights on the same batches (TF32 off)
+   must end at the same weights (difference under 1 % of how far they moved); then, when the
+   Fashion-MNIST files are there (``$DEPLOYCOMP_FASHION_MNIST``: the machine has no Debian package,
+   so they travel with the working tree), the proxy DeiT is trained with ``benchmarks/train_proxy.py``'s
+   recipe into ``OUT/proxy-fmnist/`` (``model.safetensors``, ``metrics.json``: the weights come back
+   with ``$OUT``; a run cut short leaves its resumable checkpoint there).
 
 ``--dry-run`` runs checks 1-2 on CPU at tiny sizes: check 1 under ``TRITON_INTERPRET=1``; check 2
 validates the PTX (its ``.version``/``.target``, the entry's parameters against the arguments,
@@ -61,11 +70,13 @@ PLANS_DIR = ROOT / "benchmarks" / "gpu_plans"
 TITLES = {1: "Triton TokenCluster kernel vs torch reference",
           2: "plugin PTX launched as TensorRT would (driver API, no TensorRT)",
           3: "kernel speed vs scaled_dot_product_attention",
-          4: "compiled architectures as torch twins (bf16, CUDA graphs)"}
-TIMEOUT_GPU = {1: 90, 2: 60, 3: 75, 4: 110}
+          4: "compiled architectures as torch twins (bf16, CUDA graphs)",
+          5: "training on the GPU (same weights as the CPU; the proxy DeiT)"}
+TIMEOUT_GPU = {1: 90, 2: 60, 3: 75, 4: 110, 5: 330}
+DEFAULT_CHECKS = (1, 2, 3, 4)  # check 5 trains for minutes: only on request
 TIMEOUT_DRY = {1: 120, 2: 120}
 BUDGET_S = 360  # the whole run, start to finish: each check's timeout is cut to what is left of it
-MEASUREMENTS = {3, 4}  # checks that measure (status "done"), the others pass or fail
+MEASUREMENTS = {3, 4}  # (5 passes or fails on its equivalence; the proxy's training is recorded beside it)  # checks that measure (status "done"), the others pass or fail
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,6 +573,66 @@ def check_models(rec: Recorder, device: str = "cuda", dtype: str = "bfloat16", b
 
 
 # ---------------------------------------------------------------------------------------------
+# Check 5: training on the GPU
+
+
+def trained_weights(device: str, steps: int = 24) -> tuple[dict, dict]:
+    """A 2-block DeiT on 28x28 random images, ``steps`` optimizer steps on ``device`` from fixed
+    weights and batches: (initial, final) state dicts on the CPU."""
+    import torch
+
+    from deploycomp.frontend.timm_models import build_timm_model
+    from deploycomp.learn.data import ImageSet
+    from deploycomp.learn.train import TrainConfig, fit
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (steps * 32, 1, 28, 28), dtype=torch.uint8, generator=g),
+                    torch.randint(0, 10, (steps * 32,), generator=g), (0.286,), (0.353,),
+                    tuple(map(str, range(10))), "random")
+    torch.manual_seed(0)
+    model = build_timm_model("deit_fmnist_patch4_28", None, {"depth": 2, "embed_dim": 48, "num_heads": 3})
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, data, None, TrainConfig(epochs=1, batch_size=32, lr=1e-3, warmup_epochs=0.0, device=device))
+    return init, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def check_training(rec: Recorder, device: str = "cuda", proxy: bool = True) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        rec.data["env"] = environment(device)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    init, on_cpu = trained_weights("cpu")
+    _, on_device = trained_weights(device)
+    moved = sum(float((on_cpu[k] - init[k]).pow(2).sum()) for k in init) ** 0.5
+    apart = sum(float((on_device[k] - on_cpu[k]).pow(2).sum()) for k in init) ** 0.5
+    equal = rec.case(part="same weights as the CPU", device=device, steps=24, moved_l2=moved, apart_l2=apart,
+                     passed=moved > 1e-3 and apart < 0.01 * moved)
+    if not equal["passed"] or not proxy:
+        return "passed" if equal["passed"] else "failed"
+    from deploycomp.learn.data import FASHION_MNIST_DIR
+
+    data_dir = Path(os.environ.get("DEPLOYCOMP_FASHION_MNIST", FASHION_MNIST_DIR))
+    if not (data_dir / "train-images-idx3-ubyte.gz").is_file():
+        rec.note(f"the proxy was not trained: no Fashion-MNIST in {data_dir} (set $DEPLOYCOMP_FASHION_MNIST)")
+        return "passed"
+    from dataclasses import replace
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_proxy import MODEL, RECIPE
+
+    from deploycomp.api import train
+
+    out = rec.path.parent / "proxy-fmnist"
+    metrics = train(MODEL, out, replace(RECIPE, device=device), log=rec.note)
+    rec.case(part="proxy DeiT, train_proxy.py's recipe", device=metrics["device"], epochs=RECIPE.epochs,
+             test_top1=metrics["test_accuracy"], train_seconds=round(metrics["train_seconds"], 1),
+             weights=str(out / "model.safetensors"), passed=metrics["finished"])
+    return "passed" if metrics["finished"] else "failed"
+
+
+# ---------------------------------------------------------------------------------------------
 # The driver: one process per check, each with its timeout
 
 
@@ -576,8 +647,10 @@ def run_worker(check: int, out: Path, dry: bool) -> None:
             status = check_plugin(rec, dry, workdir)
         elif check == 3:
             status = check_speed(rec)
-        else:
+        elif check == 4:
             status = check_models(rec)
+        else:
+            status = check_training(rec)
     except BaseException as exc:
         import traceback
 
@@ -635,6 +708,11 @@ def summary_markdown(report: dict) -> str:
                       "| shape | dtype | batch | Triton | SDPA | SDPA/Triton |", "|---|---|---|---|---|---|"]
             lines += [f"| {r['shape']['name']} | {r['dtype']} | {r['batch']} | {r['triton_ms']:.4f} | {r['sdpa_ms']:.4f} "
                       f"| {r['sdpa_over_triton']:.2f} |" for r in c["cases"]]
+        if c["check"] == 5 and c["cases"]:
+            lines += ["", "Training on the GPU:", ""] + [
+                f"- {r['part']}: " + (f"weights {r['apart_l2']:.3g} apart after moving {r['moved_l2']:.3g} (L2)"
+                                      if "apart_l2" in r else f"test top-1 {r['test_top1']:.2f} % in {r['train_seconds']} s")
+                for r in c["cases"]]
         if c["check"] == 4 and c["cases"]:
             lines += ["", "Architectures, torch twins in bf16 with CUDA graphs (not TensorRT):", "",
                       "| model | variant | batch | ms | images/s | speed-up vs |", "|---|---|---|---|---|---|"]
@@ -650,7 +728,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", nargs="?", type=Path, help="directory for gpu_check.json, gpu_check.md, checkN.json")
     ap.add_argument("--dry-run", action="store_true", help="CPU only: checks 1-2 at tiny sizes (TRITON_INTERPRET=1)")
-    ap.add_argument("--checks", default=None, help="comma-separated subset, e.g. 2,3 (default: 1-4, dry run 1-2)")
+    ap.add_argument("--checks", default=None, help="comma-separated subset, e.g. 2,3 (default: 1-4, dry run 1-2; 5 trains)")
     ap.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for the whole run (default %(default)s)")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--interpret-launches", type=Path, default=None, help=argparse.SUPPRESS)
@@ -665,7 +743,8 @@ def main() -> int:
         run_worker(args.worker, args.out, args.dry_run)
         return 0
     timeouts = TIMEOUT_DRY if args.dry_run else TIMEOUT_GPU
-    checks = sorted(timeouts) if args.checks is None else [int(c) for c in args.checks.split(",")]
+    default = sorted(timeouts) if args.dry_run else list(DEFAULT_CHECKS)
+    checks = default if args.checks is None else [int(c) for c in args.checks.split(",")]
     if any(c not in timeouts for c in checks):
         ap.error(f"--checks: choose from {sorted(timeouts)}" + (" (the dry run has checks 1-2)" if args.dry_run else ""))
     if not args.dry_run:

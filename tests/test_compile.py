@@ -56,6 +56,27 @@ def test_artifact_matches_torch(tmp_path, family):
     assert manifest["deploycomp_version"] == deploycomp.__version__
     assert len(manifest["structure"]["blocks"]) == (2 if family == "deit" else 4)
     assert manifest["latency"]["median_ms"] > 0
+    assert manifest["totals"]["artifact_bytes"] == (out / "model.onnx").stat().st_size
+    cost = manifest["compile"]
+    assert cost["seconds"] > 0 and cost["peak_rss_mib"] > 50 and cost["peak_rss_scope"] == "compile"
+    assert f"peak memory {cost['peak_rss_mib']:.0f} MiB" in (out / "report.md").read_text()
+
+
+def test_compile_peak_memory_is_its_own():
+    """The peak-memory window restarts per compile: an allocation before it does not count, one
+    inside it does (a benchmark compiles many models in one process)."""
+    from deploycomp.job import peak_memory, start_compile_meter
+
+    big = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+    del big
+    start_compile_meter()
+    before = peak_memory()["peak_rss_mib"]
+    big = np.ones(400 * 2**20 // 8)
+    inside = peak_memory()["peak_rss_mib"]
+    del big
+    assert inside - before > 350, (before, inside)
+    start_compile_meter()
+    assert peak_memory()["peak_rss_mib"] < inside - 350
 
 
 @pytest.mark.slow  # a compile each (~1.7 s); weights files reach a compile quickly in test_backends.py (openvino vs torch)

@@ -123,3 +123,13 @@ def test_a_check_past_its_timeout_is_stopped_and_reported(gpu_check, tmp_path):
     result = gpu_check.run_check(1, tmp_path, True, timeout=0.05)
     assert result["status"] == "timeout" and result["seconds"] < 10
     assert "0.05 s timeout" in result["notes"][-1]
+
+
+def test_training_check_on_cpu(gpu_check, tmp_path):
+    """Check 5's equivalence part with the CPU standing in for the GPU: the same weights and batches
+    end at the same weights, and they moved (a trainer that ignored the device would also pass here;
+    what the GPU run adds is the device)."""
+    rec = gpu_check.Recorder(tmp_path / "check5.json", 5, dry=True)
+    assert gpu_check.check_training(rec, device="cpu", proxy=False) == "passed"
+    (row,) = rec.data["cases"]
+    assert row["moved_l2"] > 1e-3 and row["apart_l2"] == 0.0 and row["steps"] == 24

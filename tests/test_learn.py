@@ -63,9 +63,13 @@ def test_a_head_is_named_by_how_many_first_samples_of_the_set_it_holds(fmnist):
     assert train.head(None) is train and train.head(10**6) is train
 
 
-def test_missing_or_corrupt_data_gets_one_clear_error(tmp_path):
+def test_missing_or_corrupt_data_gets_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(DeployCompError, match="dataset-fashion-mnist"):
         load_fashion_mnist("train", root=tmp_path)
+    monkeypatch.setenv("DEPLOYCOMP_FASHION_MNIST", str(tmp_path))  # the directory the loader reads by default
+    with pytest.raises(DeployCompError, match=f"Fashion-MNIST not found in {tmp_path}"):
+        load_fashion_mnist("train")
+    monkeypatch.delenv("DEPLOYCOMP_FASHION_MNIST")
     for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
         with gzip.open(tmp_path / name, "wb") as f:
             f.write(bytes([0, 0, 8, 3]) + (60000).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\0" * 100)
@@ -423,6 +427,11 @@ def test_cli_store_logits_train_evaluate_and_bad_input(tmp_path, monkeypatch, ca
         (("train", PROXY, "-o", tmp_path / "x", "--data", tmp_path / "nodata"), "error: image folder not found"),
         (("store-logits", PROXY, "-o", tmp_path / "y.kd", "--epochs", "1", "--weights", tmp_path / "nope.safetensors"),
          "error: weights file not found"),
+        (("train", PROXY, "-o", tmp_path / "d1", "--device", "tpu"), "error: unknown training device 'tpu'"),
+        (("train", PROXY, "-o", tmp_path / "d2", "--device", "xla"), "error: training runs on cpu or cuda, not 'xla'"),
+        *([(("train", PROXY, "-o", tmp_path / "d3", "--device", "cuda"), "error: --device cuda: this torch sees no CUDA device")]
+          if not torch.cuda.is_available() else []),
     ]:
         code, out, err = cli(*args)
         assert code == 2 and err.strip().startswith(message) and len(err.strip().splitlines()) == 1, err
+    assert not any((tmp_path / d).exists() for d in ("d1", "d2", "d3"))  # refused before the run directory

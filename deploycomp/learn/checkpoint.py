@@ -43,7 +43,7 @@ def save_weights(path: Path, module: torch.nn.Module, metadata: dict[str, str] |
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     try:
         save_file(state, str(tmp), metadata=metadata)
         os.replace(tmp, path)

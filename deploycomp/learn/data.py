@@ -8,6 +8,7 @@ be an exact, seeded integer shift/flip that a teacher pass and a student pass re
 from __future__ import annotations
 
 import gzip
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -87,7 +88,9 @@ def load_fashion_mnist(split: str = "train", root: str | Path | None = None) -> 
     """Fashion-MNIST ``train`` (60 000) or ``test`` (10 000) as 1x28x28 uint8 images."""
     if split not in FASHION_MNIST_FILES:
         raise DeployCompError(f"unknown Fashion-MNIST split '{split}': use train or test")
-    root = Path(root) if root is not None else FASHION_MNIST_DIR
+    # $DEPLOYCOMP_FASHION_MNIST: the four .gz files elsewhere (a machine without the Debian
+    # package, such as a lent GPU machine that receives them with the working tree)
+    root = Path(root if root is not None else os.environ.get("DEPLOYCOMP_FASHION_MNIST", FASHION_MNIST_DIR))
     images_file, labels_file, count = FASHION_MNIST_FILES[split]
     if not (root / images_file).is_file() or not (root / labels_file).is_file():
         raise DeployCompError(

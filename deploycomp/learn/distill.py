@@ -135,9 +135,13 @@ class StoredTeacher:
         if path.stat().st_size != expected:
             raise DeployCompError(f"corrupt teacher logits file {path}: {path.stat().st_size} bytes, expected {expected}")
         self.records = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(h["epochs"], h["num_samples"]))
-        self.path = path
+        self.path, self.device = path, torch.device("cpu")
 
     uses_labels = True
+
+    def to(self, device: torch.device) -> "StoredTeacher":
+        self.device = torch.device(device)
+        return self
 
     @property
     def view(self) -> ViewSpec:
@@ -160,7 +164,7 @@ class StoredTeacher:
         if not np.array_equal(rec["seed"], seeds.numpy()):
             raise DeployCompError(f"teacher logits {self.path} do not match this run's augmentation seeds")
         return dense_targets(torch.from_numpy(rec["prob"].astype(np.float32)),
-                             torch.from_numpy(rec["index"].astype(np.int64)), self.header["num_classes"])
+                             torch.from_numpy(rec["index"].astype(np.int64)), self.header["num_classes"]).to(self.device)
 
 
 def soft_cross_entropy(logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
@@ -194,6 +198,10 @@ class LiveTeacher:
     def __init__(self, module: torch.nn.Module):
         self.module = module.eval()
 
+    def to(self, device: torch.device) -> "LiveTeacher":
+        self.module.to(device)
+        return self
+
     def targets(self, epoch: int, indices: torch.Tensor, seeds: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.module(x).softmax(-1)
@@ -212,6 +220,10 @@ class EmbeddingTeacher:
         if kind not in FEATURE_LOSSES:
             raise DeployCompError(f"unknown feature loss '{kind}': use one of {', '.join(FEATURE_LOSSES)}")
         self.module, self.kind = module.eval(), kind
+
+    def to(self, device: torch.device) -> "EmbeddingTeacher":
+        self.module.to(device)
+        return self
 
     def targets(self, epoch: int, indices: torch.Tensor, seeds: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

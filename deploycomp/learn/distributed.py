@@ -1,6 +1,6 @@
 """torch.distributed set-up: single process by default, DDP when launched by ``torchrun``.
 
-gloo on CPU, nccl when CUDA is present. Data is sharded by taking every world-th sample of each
+gloo: distributed training runs on the CPU (a CUDA device trains in one process). Data is sharded by taking every world-th sample of each
 global batch, so a run on N processes takes the same optimizer steps as one process (the loss is a
 per-sample mean, DDP averages gradients, and the model has no batch statistics).
 """
@@ -44,7 +44,7 @@ def init_world() -> World:
     if size <= 1:
         return World()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend="gloo")
     return World(dist.get_rank(), dist.get_world_size())
 
 

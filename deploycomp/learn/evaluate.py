@@ -25,8 +25,9 @@ def evaluate_module(module: torch.nn.Module, data: ImageSet, batch_size: int = 5
     shard = data.subset(torch.arange(world.rank, len(data), world.size)) if world.size > 1 else data
     was_training = module.training
     module.eval()
+    device = next(module.parameters()).device
     with torch.inference_mode():
-        pred = predictions(module, shard, batch_size)
+        pred = predictions(lambda x: module(x.to(device)).cpu(), shard, batch_size)
     module.train(was_training)
     correct = world.sum(torch.tensor([float((pred == shard.labels).sum()), float(len(shard))]))
     return 100.0 * float(correct[0]) / float(correct[1])
@@ -67,8 +68,10 @@ def module_cosine(module: torch.nn.Module, reference: torch.nn.Module, data: Ima
     shard = data.subset(torch.arange(world.rank, len(data), world.size)) if world.size > 1 else data
     was_training = module.training
     module.eval()
+    device = next(module.parameters()).device
     with torch.inference_mode():
-        total, _, count = cosine_sums(module, reference, shard, batch_size)
+        total, _, count = cosine_sums(lambda x: module(x.to(device)).cpu(), lambda x: reference(x.to(device)).cpu(),
+                                      shard, batch_size)
     module.train(was_training)
     sums = world.sum(torch.tensor([total, float(count)], dtype=torch.float64))
     return float(sums[0]) / float(sums[1])

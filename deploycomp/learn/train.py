@@ -4,7 +4,8 @@ Plain AdamW (timm's parameter groups: no weight decay on norms, biases, embeddin
 linear warm-up then cosine decay (timm's scheduler), seeded shift/flip augmentation, label
 smoothing, and optionally a teacher (stored top-K logits or a live model; for a model that
 outputs an embedding, the live source's embedding under a feature loss, without labels). Runs
-alone or under ``torchrun``; checkpoints atomically every ``save_every_s`` seconds and at each
+alone or under ``torchrun`` (on the CPU), or alone on a CUDA device (``device``: a lent GPU trains
+the proxy in minutes; the weights come back as the same safetensors); checkpoints atomically every ``save_every_s`` seconds and at each
 epoch end, and resumes mid-epoch to the same weights an uninterrupted run reaches.
 """
 
@@ -48,6 +49,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs; the last epoch is always evaluated
     save_every_s: float = 60.0
     max_steps: int | None = None  # stop after this many optimizer steps in this call (tests, time limits)
+    device: str = "cpu"  # where the model trains: cpu, cuda, cuda:N (not part of the recipe: a run may resume elsewhere)
 
     @property
     def view(self) -> ViewSpec:
@@ -68,6 +70,10 @@ class Teacher(Protocol):
 
     def loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
 
+    def to(self, device: torch.device) -> "Teacher":
+        """Return targets on ``device`` (a live teacher runs there)."""
+        ...
+
 
 @dataclass
 class TrainResult:
@@ -81,6 +87,25 @@ class TrainResult:
         if not self.finished:
             return None
         return next((r["test_accuracy"] for r in reversed(self.history) if "test_accuracy" in r), None)
+
+
+def train_device(name: str, world: World = World()) -> torch.device:
+    """The torch device ``name`` names, or one line saying why it cannot train here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeployCompError(f"unknown training device '{name}': use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DeployCompError(f"training runs on cpu or cuda, not '{name}'")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeployCompError(f"--device {name}: this torch sees no CUDA device (torch {torch.__version__}); "
+                                  "train with --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeployCompError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        if world.size > 1:
+            raise DeployCompError("distributed training (torchrun) runs on the CPU; on a GPU train in one process")
+    return device
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -101,6 +126,7 @@ def fit(model: torch.nn.Module, train: ImageSet, test: ImageSet | None, config: 
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
 
+    device = train_device(config.device, world)
     if config.batch_size % world.size:
         raise DeployCompError(f"batch size {config.batch_size} does not split over {world.size} processes")
     steps_per_epoch = len(train) // config.batch_size
@@ -111,6 +137,14 @@ def fit(model: torch.nn.Module, train: ImageSet, test: ImageSet | None, config: 
     # a teacher without labels (EmbeddingTeacher) makes this feature distillation: no label loss,
     # and the test score is the mean cosine to the teacher's embedding instead of top-1
     features = teacher is not None and not getattr(teacher, "uses_labels", True)
+    model.to(device)
+    if teacher is not None:
+        teacher = teacher.to(device)
+
+    def park() -> None:  # callers export and compile the model (and reuse a live teacher) on the CPU
+        model.to("cpu")
+        if teacher is not None:
+            teacher.to(torch.device("cpu"))
 
     optimizer = create_optimizer_v2(model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
     scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=config.min_lr,
@@ -150,21 +184,23 @@ def fit(model: torch.nn.Module, train: ImageSet, test: ImageSet | None, config: 
         order = epoch_order(config.seed, epoch, len(train))
         first = start_step if epoch == start_epoch else 0
         model.train()
-        loss_sum, seen, t_epoch = torch.zeros(()), 0, time.monotonic()
+        loss_sum, seen, t_epoch = torch.zeros((), device=device), 0, time.monotonic()
         for step in range(first, steps_per_epoch):
             if config.max_steps is not None and steps_run >= config.max_steps:
                 result.train_seconds += time.monotonic() - t_epoch
                 checkpoint(epoch, step)
+                park()
                 return result
             t0 = time.monotonic()
             idx = world.shard(order[step * config.batch_size:(step + 1) * config.batch_size])
             seeds = config.view.seeds(epoch, idx)
-            x = train.normalize(config.view.view(train.images[idx], seeds))
+            x = train.normalize(config.view.view(train.images[idx], seeds)).to(device)
+            labels = train.labels[idx].to(device)
             out = net(x)
             if features:  # an embedding model: matched to the teacher's embedding, labels unused
                 loss = teacher.loss(out, teacher.targets(epoch, idx, seeds, x))
             else:
-                loss = F.cross_entropy(out, train.labels[idx], label_smoothing=config.label_smoothing)
+                loss = F.cross_entropy(out, labels, label_smoothing=config.label_smoothing)
                 if teacher is not None and config.kd_weight > 0:
                     kd = teacher.loss(out, teacher.targets(epoch, idx, seeds, x))
                     loss = config.kd_weight * kd + (1.0 - config.kd_weight) * loss
@@ -185,7 +221,7 @@ def fit(model: torch.nn.Module, train: ImageSet, test: ImageSet | None, config: 
                 checkpoint(epoch, step + 1)
                 last_save = time.monotonic()
         row: dict[str, Any] = {"epoch": epoch + 1,
-                               "train_loss": float(world.sum(loss_sum)) / max(1, int(world.sum(torch.tensor(seen)))),
+                               "train_loss": float(world.sum(loss_sum.cpu())) / max(1, int(world.sum(torch.tensor(seen)))),
                                "epoch_seconds": time.monotonic() - t_epoch, "train_seconds": result.train_seconds,
                                "lr": optimizer.param_groups[0]["lr"]}
         if test is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
@@ -198,6 +234,7 @@ def fit(model: torch.nn.Module, train: ImageSet, test: ImageSet | None, config: 
         checkpoint(epoch + 1, 0)
         last_save = time.monotonic()
     result.finished = True
+    park()
     if out_dir is not None and world.is_main:
         save_weights(Path(out_dir) / WEIGHTS, model)
     return result
