@@ -242,3 +242,20 @@ class SimulatedDevice:
         device = self
         monkeypatch.setattr(BackendBase, "time", lambda backend, *a, **k: device.time(backend, *a, **k))
         return self
+
+
+class FlopsDevice(SimulatedDevice):
+    """A device on which a graph takes 0.05 ms plus 1 ms per 10 MFLOPs of its MatMul/Gemm/Conv
+    (``ir.shapes.matmul_flops``): times any graph, one discovery cannot read too (a Swin with
+    semantic tokens from its first stage); the table is calibrated to it like to a real device."""
+
+    def __init__(self):
+        super().__init__(formula=None)
+
+    def device_ms(self, blob: bytes) -> float:
+        import onnx
+        import onnx_ir as ir
+
+        from deploycomp.ir.shapes import matmul_flops
+
+        return 0.05 + matmul_flops(ir.serde.deserialize_model(onnx.load_from_string(blob))) / 1e7

@@ -424,3 +424,50 @@ def run_ort_path(path, x: np.ndarray) -> np.ndarray:
     from .conftest import run_ort
 
     return run_ort(path, x)
+
+
+def test_compile_latency_with_semantic_tokens_per_window(tmp_path, monkeypatch):
+    """``compile --latency 0.07x --semantic-tokens 4`` on a tiny Swin (the tokens alone predict ~0.09x,
+    so the width must give the rest): one budget over both levers
+    (the table predicts the token design, ``window_cross_attention``), the on-device budget check
+    times the pruned design re-exported from torch (the token rewrite cannot act on a graph), and
+    the artifact is the source's design cut to the manifest's kept units in torch, written out
+    independently (``swin_from_timm`` of ``SemanticTokenSwin``) at batch 1 and 3."""
+    from deploycomp.api import CompileOptions, compile
+    from deploycomp.pruning.schedule import PruneConfig
+    from deploycomp.tokens.config import SemanticTokenConfig
+    from deploycomp.tokens.stvit_swin import SemanticTokenSwin, SwinTokenConfig
+
+    from .models import save_weights
+    from .synthetic_tables import FlopsDevice, swin_flops_like, write_synthetic_table
+
+    source = timm_swin()
+    weights = save_weights(source, tmp_path / "w.safetensors")
+    write_synthetic_table(tmp_path / "tables", swin_flops_like, grid="swin-micro")
+    device = FlopsDevice().install(monkeypatch)
+    prune = PruneConfig(latency="0.07x", steps=2, saliency_batches=1, batch_size=4, budget_rounds=1, method="magnitude",
+                        group_sizes={"emb": 8, "heads": 1, "qk": 4, "v": 4, "mlp": 16})
+    manifest = compile("timm:" + SWIN, tmp_path / "out", CompileOptions(
+        target="ort-cpu", model_kwargs=dict(TINY_SWIN), weights=weights, prune=prune, tables=str(tmp_path / "tables"),
+        semantic_tokens=SemanticTokenConfig(4, stage=0), measure_rounds=0, seed=0))
+    p = manifest["pruning"]
+    assert p["rewrites"] == ["semantic_tokens", "lower_token_cluster"]
+    assert p["predicted_ms"] <= p["target_ms"] == pytest.approx(0.07 * p["baseline_predicted_ms"], rel=1e-9)
+    assert p["levers"]["tokens"] > 1.05 and p["levers"]["width"] > 1.0, p["levers"]
+    assert manifest["parity"]["reference"] == "torch (semantic tokens per window)"
+    assert [(b["tokens"], b["sequences"]) for b in manifest["structure"]["blocks"]][:2] == [(4, 4), (4, 4)]
+    # the budget check timed a pruned graph with the semantic tokens, lowered: the pooling's ReduceMax
+    # and no TokenCluster node
+    checks = p["budget_checks"]
+    assert checks and len(device.timed) == len(checks) + 1, checks  # the checks, then the report
+    assert checks[-1]["measured_ratio"] <= 0.07 * 1.02  # the device (FLOPs) judged the design with tokens
+    ops = {n.op_type for n in fresh(device.timed[0]).graph}
+    assert "ReduceMax" in ops and "TokenCluster" not in ops, sorted(ops)
+    _, structure = cleaned(source)
+    plan = PrunePlan({g: np.asarray(u, dtype=np.int64) for g, u in p["kept"].items()})
+    assert any(len(u) < structure_units(g) for g, u in p["kept"].items())
+    design = SemanticTokenSwin(copy.deepcopy(source), SwinTokenConfig(4, stage=0))
+    reference = swin_from_timm(design, structure, plan)
+    for batch in (1, 3):
+        x = images(batch, seed=batch)
+        assert relative_l2(run_ort_path(tmp_path / "out" / "model.onnx", x), torch_out(reference, x)) <= EXACT

@@ -233,6 +233,40 @@ def test_exported_design_is_the_torch_model(how):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stage,dense,depths", [(0, False, (2, 2)), (1, True, (2, 3))])
+def test_the_design_of_a_pruned_swin_is_the_masked_design(stage, dense, depths):
+    """Pruning under one budget with Swin's semantic tokens trains the design with the removed units
+    masked to zero (``PlanMasks``) and then cuts it to its plan (``swin_from_timm``, separate q/k/v
+    of their own widths) for export: both compute the same, on every group (EMB of both stages,
+    heads, QK, V, MLP), on the unchanged and the semantic grid and through the recovery. The design
+    cut to another plan does not (the comparison can fail)."""
+    import copy
+
+    from deploycomp.frontend.export import export_to_onnx
+    from deploycomp.passes.base import CompileContext, Pipeline
+    from deploycomp.passes.cleanup import CleanupPass
+    from deploycomp.passes.discover import DiscoverPass
+    from deploycomp.pruning.masks import PlanMasks
+    from deploycomp.pruning.torch_prune import swin_from_timm
+
+    from .models import random_plan
+
+    source = tiny_swin(depths=depths)
+    ctx = CompileContext(family="swin")
+    model = Pipeline([CleanupPass(), DiscoverPass()])(export_to_onnx(source, (1, 3, 64, 64), 18), ctx)
+    config = SwinTokenConfig(4, stage=stage, layer=0 if dense else None, dense=dense)
+    masked = SemanticTokenSwin(copy.deepcopy(source), config).eval()
+    plan, other = (random_plan(ctx.structure, np.random.default_rng(seed)) for seed in (1, 2))
+    PlanMasks(masked, model, ctx.structure, plan).apply()
+    sliced, control = (swin_from_timm(masked, ctx.structure, p) for p in (plan, other))
+    assert isinstance(sliced, SemanticTokenSwin) and sliced.layers[0].blocks[0].attn.num_heads == 1
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((3, 3, 64, 64), dtype=np.float32))
+    with torch.no_grad():
+        want, got, wrong = masked(x), sliced(x), control(x)
+    assert rel(got, want) < 1e-5 and rel(wrong, want) > 1e-2
+
+
+@pytest.mark.slow
 def test_compile_dense_recovers_the_full_grid(tmp_path):
     """--dense: the stage's last block recovers its grid; the artifact passes the gate (ort-cpu)."""
     weights = tmp_path / "swin.pth"
@@ -278,13 +312,16 @@ def test_refusals_are_one_line_before_anything_is_built(tmp_path, config, kwargs
     assert "\n" not in str(e.value)
 
 
-def test_latency_and_a_deit_token_stage_are_refused():
+def test_latency_without_a_table_and_a_deit_token_stage_are_refused(tmp_path):
+    """--latency with Swin semantic tokens composes (``test_prune_swin.py``); without a table for the
+    model's geometry it is refused in one line before anything is built."""
     from deploycomp.pruning.config import PruneConfig
 
-    options = CompileOptions(model_kwargs=dict(TINY_SWIN), semantic_tokens=SemanticTokenConfig(4),
+    options = CompileOptions(model_kwargs=dict(TINY_SWIN), semantic_tokens=SemanticTokenConfig(4), tables=str(tmp_path),
                              prune=PruneConfig(latency="0.5x"), measure_rounds=0)
-    with pytest.raises(DeployCompError, match="--latency with Swin semantic tokens is not supported yet"):
+    with pytest.raises(DeployCompError, match="no latency grid preset covers") as e:
         check_options(SWIN, options)
+    assert "\n" not in str(e.value)
     deit = {"img_size": 64, "patch_size": 16, "embed_dim": 48, "num_heads": 3, "depth": 4, "num_classes": 10}
     options = CompileOptions(model_kwargs=deit, semantic_tokens=SemanticTokenConfig(4, stage=1), measure_rounds=0)
     with pytest.raises(DeployCompError, match="--token-stage applies to Swin"):

@@ -114,9 +114,6 @@ def check_compile_request(spec: str, weights: str | Path | None = None, model_kw
         meta = meta_module(spec, model_kwargs)
         resolved = semantic_tokens.for_model(meta)
         check_supported(meta, resolved)
-        if prune and not hasattr(resolved, "tokens_after"):  # a Swin's per-window config
-            raise DeployCompError("--latency with Swin semantic tokens is not supported yet: the latency table predicts "
-                                  "the design, but pruning's on-device checks cannot rebuild its graph from a pruned Swin")
 
 
 def is_torch_source(spec: str) -> bool:

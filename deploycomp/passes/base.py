@@ -123,15 +123,27 @@ def build_pass(name: str, **config) -> Pass:
     return _PASSES[name](**config)
 
 
+def graph_opset(model: ir.Model) -> int:
+    """The default-domain opset ``model`` imports (an export of it again uses the same)."""
+    return next((v for k, v in model.opset_imports.items() if k in ("", "ai.onnx")), 18)
+
+
 class Rewrite(Pass):
     """A pass that another pass may apply before it measures latency (pruning with semantic tokens).
 
     Besides ``run`` on the compile's graph it says how it changes the three views pruning keeps:
     the graph alone (a trial copy, weights already in it), the latency model's architecture, and
-    the torch model that is trained."""
+    the torch model that is trained. A rewrite that cannot act on a graph (``exports_design``: Swin's
+    semantic tokens) makes its graph from the torch model of the design instead (``export_design``)."""
+
+    exports_design = False
 
     def rewrite_graph(self, model: ir.Model) -> None:
         """The rewrite alone, on a graph whose weights are already final (no training, no context)."""
+        raise NotImplementedError
+
+    def export_design(self, module, input_shape: tuple[int, ...], opset: int, ctx: "CompileContext") -> ir.Model:
+        """The graph of ``module`` (the design's torch model, as ``wrap_module`` made it) with this rewrite."""
         raise NotImplementedError
 
     def rewrite_arch(self, arch):

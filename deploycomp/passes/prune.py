@@ -39,7 +39,8 @@ from ..pruning.plan import PrunePlan, plan_arch
 from ..pruning.rewrite import prune_graph
 from ..pruning.schedule import LatencyBudget, PruneConfig, prune
 from ..pruning.select import copy_plan, uniform_step
-from .base import CompileContext, Pass, PassResult, Rewrite, objective_of, register_pass
+from ..pruning.torch_prune import swin_from_timm
+from .base import CompileContext, Pass, PassResult, Rewrite, graph_opset, objective_of, register_pass
 
 
 def grid_floors(grid: dict, structure=None) -> dict[str, int]:
@@ -129,6 +130,9 @@ class PrunePass(Pass):
         module = ctx.module
         for r in self.rewrites:
             module = r.wrap_module(module)
+        # a rewrite that exports its graph from the design's torch model (Swin's semantic tokens): trial
+        # graphs and the result come from that model sliced to the plan
+        exporter = next((r for r in self.rewrites if r.exports_design), None)
 
         def predict(plan: PrunePlan, rewritten: bool = True, by=None) -> float:
             arch = plan_arch(structure, plan, **geometry)
@@ -148,11 +152,16 @@ class PrunePass(Pass):
         def measure(plan: PrunePlan) -> float:
             """The plan's graph (current weights, rewrites applied, in the compile's precision) timed
             against the unpruned graph."""
-            trial = ir.serde.deserialize_model(onnx.load_from_string(unpruned))
-            copy_weights_to_graph(module, trial)
-            prune_graph(trial, structure, plan)
+            if exporter is not None:
+                trial = exporter.export_design(swin_from_timm(module, structure, plan), ctx.input_shape,
+                                               graph_opset(model), ctx)
+            else:
+                trial = ir.serde.deserialize_model(onnx.load_from_string(unpruned))
+                copy_weights_to_graph(module, trial)
+                prune_graph(trial, structure, plan)
             for r in self.rewrites:
-                r.rewrite_graph(trial)
+                if r is not exporter:
+                    r.rewrite_graph(trial)
             return time_against_unpruned(ir.to_proto(trial).SerializeToString())
 
         config, absolute = self.config, None
@@ -211,6 +220,8 @@ class PrunePass(Pass):
                         baseline_ms=predict(PrunePlan(), rewritten=False, by=reference), objective=objective_of(ctx))
         copy_weights_to_graph(module, model)
         rewrite = prune_graph(model, structure, outcome.plan)
+        if exporter is not None:  # the design cut to its plan: the model the token pass exports
+            module = swin_from_timm(module, structure, outcome.plan)
         ctx.structure = discover(model, family=structure.family)
         ctx.structure.family = structure.family
         ctx.module = module

@@ -26,7 +26,7 @@ from ..tokens.op import LOWERINGS, lower, token_cluster_nodes
 from ..tokens.rewrite import rewrite_semantic_tokens
 from ..tokens.stvit import SemanticTokenConfig, SemanticTokenViT, token_arch
 from ..tokens.stvit_swin import SemanticTokenSwin, SwinTokenConfig, swin_token_arch
-from .base import CompileContext, PassResult, Rewrite, objective_of, register_pass
+from .base import CompileContext, PassResult, Rewrite, graph_opset, objective_of, register_pass
 
 
 def swin_token_structure(structure: Structure, stvit: SemanticTokenSwin) -> None:
@@ -97,10 +97,26 @@ class SemanticTokensPass(Rewrite):
             return swin_token_arch(arch, self.config)
         return token_arch(arch, self.config)
 
+    @property
+    def exports_design(self) -> bool:  # Swin: the graph is exported from the design's torch model
+        return isinstance(self.config, SwinTokenConfig)
+
     def rewrite_graph(self, model: ir.Model) -> None:
         from ..ir.discover import discover
 
         rewrite_semantic_tokens(model, discover(model), self.config)
+
+    def export_design(self, module: SemanticTokenSwin, input_shape: tuple[int, ...], opset: int,
+                      ctx: CompileContext) -> ir.Model:
+        """The design's torch model exported (its cross-attention as TokenCluster nodes) and cleaned."""
+        from ..frontend.export import export_to_onnx
+        from ..tokens.export_op import cluster_as_op, custom_translation_table
+        from .cleanup import CleanupPass
+
+        module.eval()
+        with cluster_as_op(module):
+            exported = export_to_onnx(module, input_shape, opset, custom_translation_table())
+        return CleanupPass().run(exported, ctx).model
 
     def requires(self, model: ir.Model, ctx: CompileContext) -> None:
         assert ctx.structure is not None, "semantic tokens need the discovered structure"
@@ -134,24 +150,19 @@ class SemanticTokensPass(Rewrite):
         return PassResult(model, modified=True, info=info)
 
     def _run_swin(self, model: ir.Model, ctx: CompileContext) -> PassResult:
-        """Swin: the design's torch model (fine-tuned when asked), exported and cleaned in place of the graph."""
-        from ..frontend.export import export_to_onnx
+        """Swin: the design's torch model (fine-tuned when asked, unless pruning trained it and cut it to
+        its plan), exported and cleaned in place of the graph."""
         from ..learn.distill import finetune_with_distillation
-        from ..tokens.export_op import cluster_as_op, custom_translation_table
-        from .cleanup import CleanupPass
 
+        trained = isinstance(ctx.module, SemanticTokenSwin)  # pruning trained the design and sliced it to its plan
         stvit = self.wrap_module(ctx.module)
         history = []
-        if self.finetune_epochs:
+        if self.finetune_epochs and not trained:
             history = finetune_with_distillation(stvit, ctx.train, ctx.test, ctx.teacher, epochs=self.finetune_epochs,
                                                  lr=self.finetune_lr, seed=self.seed, teacher_logits=self.teacher_logits,
                                                  log=ctx.say, objective=objective_of(ctx)).history
-        stvit.eval()
-        opset = next((v for k, v in model.opset_imports.items() if k in ("", "ai.onnx")), 18)
-        with cluster_as_op(stvit):  # its cross-attention becomes TokenCluster nodes, lowered for the target
-            exported = export_to_onnx(stvit, ctx.input_shape, opset, custom_translation_table())
+        exported = self.export_design(stvit, ctx.input_shape, graph_opset(model), ctx)
         exported.graph.name = model.graph.name
-        exported = CleanupPass().run(exported, ctx).model
         swin_token_structure(ctx.structure, stvit)
         ctx.module = stvit
         ctx.reference, ctx.reference_kind = torch_reference(stvit), "torch (semantic tokens per window)"

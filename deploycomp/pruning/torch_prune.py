@@ -17,6 +17,7 @@ from ..errors import DeployCompError
 from ..ir.structure import Structure
 from ..latency.arch import ViTArch
 from ..latency.flexvit import FlexViT
+from .masks import MaskedLayerNorm
 from .plan import PrunePlan
 
 
@@ -60,7 +61,8 @@ def flexvit_from_timm(module, structure: Structure, plan: PrunePlan, arch: ViTAr
 class SlicedWindowAttention(nn.Module):
     """timm's Swin ``WindowAttention`` cut to a plan's kept units, written out in torch on its own:
     separate q/k/v projections (QK may differ from V per head), the bias table's kept head columns
-    with the same relative-position index, the source's softmax scale, the window mask as timm adds it."""
+    with the same relative-position index, the source's softmax scale, the window mask as timm adds it.
+    ``project`` gives the semantic-token design (``tokens/stvit_swin.py``) its q/k/v from two token sets."""
 
     def __init__(self, src: nn.Module, heads: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, emb: torch.Tensor):
         super().__init__()
@@ -75,6 +77,12 @@ class SlicedWindowAttention(nn.Module):
         self.proj = _linear(src.proj.weight.detach()[emb][:, v_rows], src.proj.bias.detach()[emb])
         self.relative_position_bias_table = nn.Parameter(src.relative_position_bias_table.detach()[:, heads].clone())
         self.register_buffer("relative_position_index", src.relative_position_index.clone(), persistent=False)
+        self.window_size = tuple(src.window_size)
+        self.proj_drop = nn.Identity()
+
+    def project(self, queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q from ``queries``, k and v from ``keys`` (both normed), each (B, tokens, heads·dim)."""
+        return self.q(queries), self.k(keys), self.v(keys)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, n, _ = x.shape
@@ -102,7 +110,7 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return out
 
 
-def _layernorm(src: nn.LayerNorm, keep: torch.Tensor) -> nn.LayerNorm:
+def _layernorm(src: "nn.LayerNorm | MaskedLayerNorm", keep: torch.Tensor) -> nn.LayerNorm:
     out = nn.LayerNorm(len(keep), eps=src.eps)
     with torch.no_grad():
         out.weight.copy_(src.weight[keep])
@@ -115,7 +123,9 @@ def swin_from_timm(module: nn.Module, structure: Structure, plan: PrunePlan) -> 
     heads / QK / V (``SlicedWindowAttention``) and MLP, and per stage the embedding channels — the
     patch embedding, every LayerNorm, and patch merging, whose LayerNorm and reduction read the 2x2
     neighbours' channels concatenated (slot-major: index = slot · C + c), so a channel kept in a
-    stage is kept in all four slots."""
+    stage is kept in all four slots. ``module`` may be one pruning trained (removed units masked to
+    zero, LayerNorms masked) and may be Swin's semantic-token design (``SemanticTokenSwin``, the same
+    children): the copy is then that design, cut to the plan."""
     keep = {g: torch.as_tensor(plan.kept(structure, g)) for g in structure.groups()}
     out = copy.deepcopy(module).eval()
     blocks = [blk for stage in out.layers for blk in stage.blocks]
@@ -128,7 +138,7 @@ def swin_from_timm(module: nn.Module, structure: Structure, plan: PrunePlan) -> 
         new.weight.copy_(conv.weight[emb[0]])
         new.bias.copy_(conv.bias[emb[0]])
         out.patch_embed.proj = new
-        if isinstance(out.patch_embed.norm, nn.LayerNorm):
+        if isinstance(out.patch_embed.norm, (nn.LayerNorm, MaskedLayerNorm)):  # (masked: a model pruning trained)
             out.patch_embed.norm = _layernorm(out.patch_embed.norm, emb[0])
         for s, stage in enumerate(out.layers):
             if s > 0 and not isinstance(stage.downsample, nn.Identity):

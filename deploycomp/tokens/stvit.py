@@ -90,9 +90,9 @@ def cross_attention(block: nn.Module, queries: torch.Tensor, keys: torch.Tensor,
     ``cluster``: the TokenCluster implementation (the reference; the custom op while exporting)."""
     attn = block.attn
     heads = attn.num_heads
-    if hasattr(attn, "project"):  # the torch twin of an ONNX graph (frontend/onnx_twin.py): its own q/k/v layout
-        q, k, v = attn.project(block.norm1(queries), block.norm1(keys))
-        return attn.proj_drop(attn.proj(token_cluster_reference(q, k, v, heads, float(attn.scale))))
+    if hasattr(attn, "project"):  # its own q/k/v layout: the torch twin of an ONNX graph (frontend/onnx_twin.py),
+        q, k, v = attn.project(block.norm1(queries), block.norm1(keys))  # a pruned Swin's (pruning/torch_prune.py)
+        return attn.proj_drop(attn.proj(cluster(q, k, v, heads, float(attn.scale))))
     w, bias = attn.qkv.weight, attn.qkv.bias
     width = w.shape[0] // 3
     wq, wk, wv = w[:width], w[width:2 * width], w[2 * width:]

@@ -243,8 +243,10 @@ def grid_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     hp, wp = h + ph, w + pw
     win = partition(y, window).reshape(-1, window[0] * window[1], c)
     n = win.shape[1]
-    qkv = attn.qkv(win).reshape(win.shape[0], n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    if hasattr(attn, "project"):  # a pruned Swin's attention (QK may differ from V)
+        q, k, v = (t.reshape(win.shape[0], n, attn.num_heads, -1).transpose(1, 2) for t in attn.project(win, win))
+    else:
+        q, k, v = attn.qkv(win).reshape(win.shape[0], n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     scores = (q * attn.scale) @ k.transpose(-2, -1) + bias_for(attn, window).unsqueeze(0)
     if any(shift):
         mask = shift_mask((hp, wp), window, shift).to(scores)
