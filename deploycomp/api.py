@@ -524,8 +524,8 @@ def train(model: str, out: str | Path, config: "TrainConfig | None" = None, *, d
             "deploycomp_version": __version__, **run_info, "model_kwargs": kwargs, "init_weights": weights,
             "test_samples": len(test_set),
             "config": asdict(config), "world_size": world.size, "threads_per_process": torch.get_num_threads(),
-            "host": host_fingerprint(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "finished": result.finished, "test_accuracy": result.test_accuracy,
+            "host": host_fingerprint(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "finished": result.finished, "test_accuracy": result.test_accuracy,
             "train_seconds": result.train_seconds, "wall_seconds_this_call": time.monotonic() - t0,
             "history": result.history,
         }
