@@ -4,7 +4,8 @@ combined with NViT pruning at one latency budget, and the measured speed of both
 The proxy sees 7x7 = 49 patch tokens; 4 semantic tokens is DeiT's 196 -> 16 reduction. The
 generator sits at a third of the depth as in STViT (blocks 3-4 of 6). Each row is a real
 ``deploycomp compile`` (verified against its torch model, scored on all 10 000 test images on
-ort-cpu); the unrewritten graph and the artifacts are then timed interleaved in one run.
+ort-cpu); the unrewritten graph and the artifacts are then timed interleaved in one run, beside
+the same graph in plain ONNX Runtime (``speed_vs_plain_ort_b*``: the base of ``bench_precision_proxy.py``).
 
     .venv/bin/python benchmarks/train_proxy.py           # the teacher, once
     .venv/bin/python benchmarks/bench_tokens_proxy.py    # both rows (resumes per row)
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from deploycomp.api import CompileOptions, compile  # noqa: E402
 from deploycomp.artifact import read_manifest, write_json  # noqa: E402
 from deploycomp.backends.fingerprint import host_fingerprint  # noqa: E402
-from proxy_common import CACHE, MODEL, ratio_fields, teacher_and_logits, time_against_source  # noqa: E402
+from proxy_common import CACHE, MODEL, PLAIN_ORT, ratio_fields, teacher_and_logits, time_against_source  # noqa: E402
 
 
 def main() -> None:
@@ -94,11 +95,12 @@ def main() -> None:
               "target": args.target, "precision": args.precision, "seeds": seeds, "host": host_fingerprint(),
               "rounds": args.rounds, "rows": rows, "summary": summarize(rows)}
     print(f"\n{'row':22} {'GFLOPs':>7} {'b' + str(args.batch) + ' ratio':>10} {'p10-p90':>12} {'b1 ratio':>9} "
-          f"{'top-1':>6} {'before':>7} {'delta':>6}")
+          f"{'vs plain ORT':>12} {'top-1':>6} {'before':>7} {'delta':>6}")
     for r in rows[1:]:
         lo, hi = r[f"ratio_b{args.batch}_p10_p90"]
         print(f"{r['row']:22} {r['gflops']:7.4f} {r[f'ratio_b{args.batch}']:10.3f} {lo:5.3f}-{hi:5.3f} "
-              f"{r['ratio_b1']:9.3f} {r['top1']:6.2f} {r['top1_before']:7.2f} {r['delta_pt']:+6.2f}")
+              f"{r['ratio_b1']:9.3f} {r[f'speed_vs_plain_ort_b{args.batch}']:11.2f}x {r['top1']:6.2f} "
+              f"{r['top1_before']:7.2f} {r['delta_pt']:+6.2f}")
     if len(seeds) > 1:
         print(f"\n{'row':22} {'seeds':>5} {'top-1 mean':>10} {'delta mean (range)':>24} {'b' + str(args.batch) + ' ratio mean':>15}")
         for name, s in report["summary"].items():
@@ -119,13 +121,15 @@ def summarize(rows: list[dict]) -> dict:
         out[name] = {"n": len(group), "top1_mean": float(np.mean([r["top1"] for r in group])),
                      "delta_pt_mean": float(np.mean(delta)), "delta_pt_min": float(np.min(delta)),
                      "delta_pt_max": float(np.max(delta)),
-                     **{k + "_mean": float(np.mean([r[k] for r in group])) for k in group[0] if k.startswith("ratio_b")
-                        and not k.endswith("p90")}}
+                     **{k + "_mean": float(np.mean([r[k] for r in group])) for k in group[0]
+                        if k.startswith(("ratio_b", "speed_vs_plain_ort_b")) and not k.endswith("p90")}}
     return out
 
 
 def measure_all(artifacts: dict[str, Path], weights: Path, batch: int, rounds: int) -> list[dict]:
     """The source graph and every artifact, interleaved, at ``batch`` and at batch 1."""
+    import numpy as np
+
     from deploycomp.bench.harness import stats
 
     timing, base = time_against_source(artifacts, weights, batch, rounds)
@@ -142,6 +146,8 @@ def measure_all(artifacts: dict[str, Path], weights: Path, batch: int, rounds: i
                "parity": m["parity"]["checks"]}
         for b in timing:
             row.update(ratio_fields(timing[b][name], base[b], b))
+            # speed vs plain ORT fp32 (medians), the base of bench_precision_proxy.py's plot
+            row[f"speed_vs_plain_ort_b{b}"] = float(np.median(timing[b][PLAIN_ORT]) / np.median(timing[b][name]))
         rows.append(row)
     return rows
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 CACHE = Path.home() / ".cache" / "deploycomp"
+PLAIN_ORT = "plain ORT fp32"
 MODEL = "timm:deit_fmnist_patch4_28"
 
 
@@ -31,11 +32,13 @@ def teacher_and_logits(epochs: int) -> tuple[Path, Path]:
 def time_against_source(artifacts: dict[str, Path], weights: Path, batch: int, rounds: int,
                         source: str = "source") -> tuple[dict[int, dict[str, list[float]]], dict[int, float]]:
     """Per-call times of the source graph (named ``source``) and every artifact, interleaved, at
-    ``batch`` and at batch 1, with the backend and runtime options of the artifacts; and the source medians."""
+    ``batch`` and at batch 1, with the backend and runtime options of the artifacts; and the source medians.
+    The same graph in plain ONNX Runtime (default session, spinning on: ``PLAIN_ORT``) runs beside
+    them, the common base of every proxy benchmark's speed (``bench_precision_proxy.py``'s too)."""
     import onnx_ir as ir
 
     from deploycomp.artifact import read_manifest
-    from deploycomp.backends.base import backend_for_manifest
+    from deploycomp.backends.base import backend_for_manifest, get_backend
     from deploycomp.bench.harness import measure_interleaved
     from deploycomp.frontend import load_source
     from deploycomp.passes.base import CompileContext, Pipeline
@@ -44,8 +47,10 @@ def time_against_source(artifacts: dict[str, Path], weights: Path, batch: int, r
     backend = backend_for_manifest(read_manifest(next(iter(artifacts.values()))))
     shape = (1, 1, 28, 28)
     src = load_source(MODEL, weights)
+    plain = ir.serde.serialize_model(src.model).SerializeToString()  # the export as is (cleanup edits in place)
     graph = ir.serde.serialize_model(Pipeline([CleanupPass()])(src.model, CompileContext())).SerializeToString()
-    cands = [backend.candidate(source, graph, shape)]
+    cands = [backend.candidate(source, graph, shape),
+             get_backend("ort-cpu", allow_spinning=True).candidate(PLAIN_ORT, plain, shape)]
     cands += [backend.candidate(n, backend.artifact(p, read_manifest(p)), shape) for n, p in artifacts.items()]
     timing = {b: measure_interleaved(cands, batch=b, rounds=rounds, iters=3, warmup=2) for b in (batch, 1)}
     return timing, {b: float(np.median(timing[b][source])) for b in timing}
