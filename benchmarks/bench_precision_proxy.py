@@ -22,7 +22,9 @@ Every row's artifact (the first seed's) is then timed interleaved with plain ONN
 OpenVINO fp32 at batch 32 and 1 (speed = plain ORT time / row time per round, median and p10-p90).
 
 Writes benchmarks/results/precision_proxy.json, a Pareto plot precision_proxy.png (top-1 against
-speed) and prints a table (mean and range over seeds).
+speed) and prints a table (mean and range over seeds). ``--joint joint_proxy.json`` (repeatable)
+adds the rows with semantic tokens and pruning that ``bench_tokens_proxy.py`` measured, each in its
+own interleaved run against the same plain ONNX Runtime; ``--replot --joint ...`` redraws only.
 """
 
 from __future__ import annotations
@@ -70,10 +72,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (3 calls each)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "precision_proxy.json")
     ap.add_argument("--replot", action="store_true", help="only redraw the plot from --out's JSON")
+    ap.add_argument("--joint", type=Path, action="append", default=[],
+                    help="a bench_tokens_proxy.py JSON (tokens + pruning [+ precision]) to plot beside the rows "
+                         "without them (repeatable; read with --replot too)")
     args = ap.parse_args()
+    joint = joint_points(args.joint)
     if args.replot:
         result = json.loads(args.out.read_text())
-        plot(result["summary"], result["fp32_top1"], args.out.with_suffix(".png"))
+        plot(result["summary"], result["fp32_top1"], args.out.with_suffix(".png"), joint)
         return
 
     import torch
@@ -176,13 +182,34 @@ def main() -> None:
                           "protocol": {"rounds": args.rounds, "iters_per_round": 3, "interleaved": True,
                                        "ratios": "per round, median (p10-p90)"},
                           "summary": summary, "timing": timing, "rows": rows})
-    plot(summary, fp32_top1, args.out.with_suffix(".png"))
+    plot(summary, fp32_top1, args.out.with_suffix(".png"), joint)
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
-def plot(summary: dict, fp32_top1: float, path: Path) -> None:
-    """Top-1 (mean over seeds) against measured speed at batch 32 (median, p10-p90 bar), one point
-    per row; the y axis spans the issue's accuracy budget (fp32 - 1 pt) so 0.1 pt looks its size."""
+def joint_points(paths: list[Path]) -> list[dict]:
+    """One point per row of each ``bench_tokens_proxy.py`` JSON: its mean top-1 change over seeds
+    (and range) and its mean speed vs plain ORT fp32 at batch 32 (and range over seeds), each
+    measured in that JSON's own interleaved run against the same plain ORT."""
+    points = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for name, s in data["summary"].items():
+            if "speed_vs_plain_ort_b32_mean" not in s:
+                sys.exit(f"{path}: no speed against plain ONNX Runtime at batch 32 (a run before it was timed)")
+            group = [r for r in data["rows"][1:] if r["row"].split(" seed ")[0] == name]
+            speed = [r["speed_vs_plain_ort_b32"] for r in group]
+            points.append({"label": f"deploycomp {data['target']} {data['precision']} + {data['semantic_tokens']} tokens "
+                                    f"+ pruning at {data['combined_budget']} ({s['n']} seeds)",
+                           "delta": s["delta_pt_mean"], "delta_range": (s["delta_pt_min"], s["delta_pt_max"]),
+                           "speed": float(np.mean(speed)), "speed_range": (min(speed), max(speed))})
+    return points
+
+
+def plot(summary: dict, fp32_top1: float, path: Path, joint: list[dict] = ()) -> None:
+    """Top-1 change against the fp32 proxy (mean over seeds) against measured speed at batch 32
+    (median, p10-p90 bar), one point per row; ``joint`` points (tokens + pruning, from their own
+    runs: bars span their seeds) beside them, on a log speed axis. Without them the y axis spans
+    the issue's accuracy budget (fp32 - 1 pt) so 0.1 pt looks its size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,17 +220,32 @@ def plot(summary: dict, fp32_top1: float, path: Path) -> None:
     colors = plt.get_cmap("tab10").colors
     for i, (name, s) in enumerate(rows):
         sp = s["speed"]["32"]
-        x, y = sp["median"], s["top1_mean"]
+        x, y = sp["median"], s["delta_pt_mean"]
         peer = name.startswith(("peer", "plain"))
         ax.errorbar(x, y, xerr=[[x - sp["p10"]], [sp["p90"] - x]], fmt="s" if peer else "o", capsize=2, lw=0.8,
                     ms=7, color=colors[i % len(colors)], label=name + (f" ({s['n']} seeds)" if s["n"] > 1 else ""))
-    ax.axhline(fp32_top1, color="#cc4444", lw=0.8, ls="--", label=f"fp32 torch {fp32_top1:.2f} %")
-    ax.axhline(fp32_top1 - 0.3, color="#cc4444", lw=0.6, ls=":", label="fp32 - 0.3 pt (int8 target)")
-    ax.set_ylim(fp32_top1 - 1.0, fp32_top1 + 0.6)
-    ax.set_xlabel("speed vs plain ONNX Runtime fp32 at batch 32 (median of rounds, p10-p90)")
-    ax.set_ylabel("top-1 on 10 000 test images (%, mean of seeds)")
-    ax.set_title("Proxy DeiT (Fashion-MNIST): precision on this CPU (squares: peers, plain runtimes)")
-    ax.legend(loc="lower right", fontsize=7)
+    for j, p in enumerate(joint):
+        x, y = p["speed"], p["delta"]
+        ax.errorbar(x, y, xerr=[[x - p["speed_range"][0]], [p["speed_range"][1] - x]],
+                    yerr=[[y - p["delta_range"][0]], [p["delta_range"][1] - y]], fmt="D", capsize=2, lw=0.8, ms=7,
+                    color=colors[(len(rows) + j) % len(colors)], label=p["label"])
+    ax.axhline(0.0, color="#cc4444", lw=0.8, ls="--", label=f"fp32 torch ({fp32_top1:.2f} %)")
+    ax.axhline(-0.3, color="#cc4444", lw=0.6, ls=":", label="-0.3 pt (int8 target)")
+    if joint:
+        ax.axhline(-1.0, color="#cc4444", lw=0.6, ls="-.", label="-1.0 pt (joint target at 0.1x)")
+        ax.set_xscale("log")
+        ticks = [t for t in (1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30) if t <= 1.3 * max(p["speed_range"][1] for p in joint)]
+        ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+        ax.minorticks_off()
+        low = min([-1.2] + [p["delta_range"][0] - 0.2 for p in joint])
+        ax.set_ylim(low, 0.6)
+    else:
+        ax.set_ylim(-1.0, 0.6)
+    ax.set_xlabel("speed vs plain ONNX Runtime fp32, batch 32 (median, p10-p90; diamonds: range over seeds)", fontsize=9)
+    ax.set_ylabel("top-1 change vs the fp32 proxy on 10 000 test images (pt, mean of seeds)")
+    ax.set_title("Proxy DeiT (Fashion-MNIST) on this CPU: precision, tokens, pruning (squares: peers, plain runtimes)",
+                 fontsize=9)
+    ax.legend(loc="lower left", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
