@@ -199,7 +199,7 @@ def joint_points(paths: list[Path]) -> list[dict]:
             group = [r for r in data["rows"][1:] if r["row"].split(" seed ")[0] == name]
             speed = [r["speed_vs_plain_ort_b32"] for r in group]
             points.append({"label": f"deploycomp {data['target']} {data['precision']} + {data['semantic_tokens']} tokens "
-                                    f"+ pruning at {data['combined_budget']} ({s['n']} seeds)",
+                                    f"+ pruning at {data['combined_budget']} ({s['n']} seed{'s' if s['n'] > 1 else ''})",
                            "delta": s["delta_pt_mean"], "delta_range": (s["delta_pt_min"], s["delta_pt_max"]),
                            "speed": float(np.mean(speed)), "speed_range": (min(speed), max(speed))})
     return points
