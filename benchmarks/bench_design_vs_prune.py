@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=None)
     ap.add_argument("--table", type=Path, default=TABLE, help="the proxy-fmnist latency table at --batch")
     ap.add_argument("--quick", action="store_true", help="smoke run: 256 images, 1 epoch, 1 seed, 0.5x, temp dir")
+    ap.add_argument("--train-only", action="store_true",
+                    help="build, train and score the missing units, then stop before timing (time later on a quiet machine)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/design_vs_prune.json)")
     ap.add_argument("--work", type=Path, default=None, help="work directory (default ~/.cache/deploycomp/design-bench; "
                                                             "--quick: a new temporary directory)")
@@ -120,6 +122,9 @@ def main() -> None:
                     write_json(done, result)
                 results.append(result)
                 artifacts[key] = Path(result["artifact"])
+    if args.train_only:
+        print(f"--train-only: {len(results)} units trained and scored in {work}; run again without it to time them")
+        return
 
     timing, base = time_against_source(artifacts, weights, args.batch, args.rounds, source="unpruned")
     for r in results:

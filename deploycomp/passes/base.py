@@ -134,7 +134,8 @@ class Rewrite(Pass):
     Besides ``run`` on the compile's graph it says how it changes the three views pruning keeps:
     the graph alone (a trial copy, weights already in it), the latency model's architecture, and
     the torch model that is trained. A rewrite that cannot act on a graph (``exports_design``: Swin's
-    semantic tokens) makes its graph from the torch model of the design instead (``export_design``)."""
+    semantic tokens) makes its graph from the torch model of the design instead (``export_design``),
+    and says how that model is cut to a pruning plan (``cut_design``)."""
 
     exports_design = False
 
@@ -144,6 +145,10 @@ class Rewrite(Pass):
 
     def export_design(self, module, input_shape: tuple[int, ...], opset: int, ctx: "CompileContext") -> ir.Model:
         """The graph of ``module`` (the design's torch model, as ``wrap_module`` made it) with this rewrite."""
+        raise NotImplementedError
+
+    def cut_design(self, module, structure, plan):
+        """``module`` (the design's torch model) with the units that ``plan`` drops removed."""
         raise NotImplementedError
 
     def rewrite_arch(self, arch):

@@ -39,7 +39,6 @@ from ..pruning.plan import PrunePlan, plan_arch
 from ..pruning.rewrite import prune_graph
 from ..pruning.schedule import LatencyBudget, PruneConfig, prune
 from ..pruning.select import copy_plan, uniform_step
-from ..pruning.torch_prune import swin_from_timm
 from .base import CompileContext, Pass, PassResult, Rewrite, graph_opset, objective_of, register_pass
 
 
@@ -153,7 +152,7 @@ class PrunePass(Pass):
             """The plan's graph (current weights, rewrites applied, in the compile's precision) timed
             against the unpruned graph."""
             if exporter is not None:
-                trial = exporter.export_design(swin_from_timm(module, structure, plan), ctx.input_shape,
+                trial = exporter.export_design(exporter.cut_design(module, structure, plan), ctx.input_shape,
                                                graph_opset(model), ctx)
             else:
                 trial = ir.serde.deserialize_model(onnx.load_from_string(unpruned))
@@ -221,7 +220,7 @@ class PrunePass(Pass):
         copy_weights_to_graph(module, model)
         rewrite = prune_graph(model, structure, outcome.plan)
         if exporter is not None:  # the design cut to its plan: the model the token pass exports
-            module = swin_from_timm(module, structure, outcome.plan)
+            module = exporter.cut_design(module, structure, outcome.plan)
         ctx.structure = discover(model, family=structure.family)
         ctx.structure.family = structure.family
         ctx.module = module

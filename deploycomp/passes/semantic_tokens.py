@@ -118,6 +118,13 @@ class SemanticTokensPass(Rewrite):
             exported = export_to_onnx(module, input_shape, opset, custom_translation_table())
         return CleanupPass().run(exported, ctx).model
 
+    def cut_design(self, module: SemanticTokenSwin, structure, plan) -> SemanticTokenSwin:
+        """The design cut in torch (separate q/k/v, sliced position-bias tables): what pruning's
+        trials time and what this pass then exports."""
+        from ..pruning.torch_prune import swin_from_timm
+
+        return swin_from_timm(module, structure, plan)
+
     def requires(self, model: ir.Model, ctx: CompileContext) -> None:
         assert ctx.structure is not None, "semantic tokens need the discovered structure"
         assert ctx.module is not None, "semantic tokens rewrite the torch model too: the source must be a torch model"
