@@ -43,9 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from deploycomp.api import CompileOptions, compile  # noqa: E402
 from deploycomp.artifact import read_manifest, write_json  # noqa: E402
-from proxy_common import CACHE, MODEL  # noqa: E402
-
-SHAPE = (1, 1, 28, 28)
+from proxy_common import CACHE, MODEL, SHAPE, peer_candidates  # noqa: E402
 
 
 def predictions(run, data, batch_size: int = 500) -> np.ndarray:
@@ -55,13 +53,6 @@ def predictions(run, data, batch_size: int = 500) -> np.ndarray:
         x = data.normalize(data.images[start:start + batch_size]).numpy()
         out.append(np.asarray(run(x)).argmax(-1))
     return np.concatenate(out)
-
-
-def calibration_images(train, samples: int) -> list[np.ndarray]:
-    """The first ``samples`` training images, normalized, one per batch: what deploycomp's int8
-    calibrates on with ``--data`` (``passes/quantize.calibration_inputs``)."""
-    images = train.normalize(train.head(samples).images).numpy()
-    return [images[i:i + 1] for i in range(len(images))]
 
 
 def main() -> None:
@@ -88,8 +79,6 @@ def main() -> None:
 
     from deploycomp.backends.base import backend_for_manifest, get_backend
     from deploycomp.backends.fingerprint import host_fingerprint
-    from deploycomp.backends.openvino import nncf_int8_ir
-    from deploycomp.backends.ort import dynamic_int8
     from deploycomp.frontend.export import export_to_onnx
     from deploycomp.frontend.timm_models import build_timm_model
     from deploycomp.learn.data import load_fashion_mnist
@@ -97,7 +86,7 @@ def main() -> None:
     weights = CACHE / "proxy-fmnist" / "model.safetensors"
     if not weights.is_file():
         sys.exit(f"{weights} not found: run benchmarks/train_proxy.py first")
-    train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
+    test = load_fashion_mnist("test")
     module = build_timm_model(MODEL.removeprefix("timm:"), weights).eval()
     with torch.inference_mode():
         fp32 = predictions(lambda x: module(torch.from_numpy(x)).numpy(), test)
@@ -116,19 +105,14 @@ def main() -> None:
 
     rows, candidates = [], []
     seeds = [int(s) for s in args.seeds.split(",")]
-    ov, ort = get_backend("openvino-cpu"), get_backend("ort-cpu", allow_spinning=True)
+    ort = get_backend("ort-cpu", allow_spinning=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         plain = export_to_onnx(module, SHAPE)
-        candidates += [ort.candidate("plain ORT fp32", plain, SHAPE), ov.candidate("plain OpenVINO fp32", plain, SHAPE)]
-        rows.append(score("plain OpenVINO fp32", None, ov.runner(plain), {}))
-        peer_ort = dynamic_int8(plain, tmp / "peer_ort_int8.onnx", preprocess=True)
-        rows.append(score("peer: ONNX Runtime dynamic int8", None, ort.runner(peer_ort), {}))
-        candidates.append(ort.candidate("peer: ONNX Runtime dynamic int8", peer_ort, SHAPE))
-        ir_path = nncf_int8_ir(module, SHAPE, tmp / "peer_ov_int8.xml", samples=args.samples,
-                               calibration=calibration_images(train, args.samples))
-        rows.append(score("peer: OpenVINO + NNCF int8", None, ov.runner(ir_path), {}))
-        candidates.append(ov.candidate("peer: OpenVINO + NNCF int8", ir_path, SHAPE))
+        candidates.append(ort.candidate("plain ORT fp32", plain, SHAPE))
+        for name, (backend, peer) in peer_candidates(module, plain, tmp, args.samples).items():
+            rows.append(score(name, None, backend.runner(peer), {}))
+            candidates.append(backend.candidate(name, peer, SHAPE))
         # post-training rows are deterministic (fixed calibration images, no sampling): one run each;
         # QAT trains, so it gets every seed
         jobs = {"deploycomp openvino-cpu fp32": (CompileOptions(target="openvino-cpu"), seeds[:1]),

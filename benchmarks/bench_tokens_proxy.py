@@ -5,7 +5,10 @@ The proxy sees 7x7 = 49 patch tokens; 4 semantic tokens is DeiT's 196 -> 16 redu
 generator sits at a third of the depth as in STViT (blocks 3-4 of 6). Each row is a real
 ``deploycomp compile`` (verified against its torch model, scored on all 10 000 test images on
 ort-cpu); the unrewritten graph and the artifacts are then timed interleaved in one run, beside
-the same graph in plain ONNX Runtime (``speed_vs_plain_ort_b*``: the base of ``bench_precision_proxy.py``).
+the same graph in plain ONNX Runtime (``speed_vs_plain_ort_b*``: the base of ``bench_precision_proxy.py``)
+and what a user would pick instead (``proxy_common.PEERS``: plain OpenVINO fp32, ONNX Runtime dynamic
+int8, OpenVINO + NNCF int8, each built with its runtime's own tools; ``peers`` in the JSON and
+``speed_vs_nncf_int8_b*`` per row), all in the same interleaved run.
 
     .venv/bin/python benchmarks/train_proxy.py           # the teacher, once
     .venv/bin/python benchmarks/bench_tokens_proxy.py    # both rows (resumes per row)
@@ -39,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from deploycomp.api import CompileOptions, compile  # noqa: E402
 from deploycomp.artifact import read_manifest, write_json  # noqa: E402
 from deploycomp.backends.fingerprint import host_fingerprint  # noqa: E402
-from proxy_common import CACHE, MODEL, PLAIN_ORT, ratio_fields, teacher_and_logits, time_against_source  # noqa: E402
+from proxy_common import CACHE, MODEL, PEERS, PLAIN_ORT, ratio_fields, teacher_and_logits, time_against_source  # noqa: E402
 
 
 def main() -> None:
@@ -89,18 +92,22 @@ def main() -> None:
             compile(MODEL, out, options, progress=lambda msg, n=row: print(f"  {n}: {msg}", flush=True))
         artifacts[f"{row} seed {seed}" if len(seeds) > 1 else row] = out
 
-    rows = measure_all(artifacts, weights, args.batch, args.rounds)
+    rows, peers = measure_all(artifacts, weights, args.batch, args.rounds)
     report = {"model": MODEL, "semantic_tokens": args.tokens, "finetune_epochs": args.epochs,
               "teacher_logits": "top-5, stored", "combined_budget": args.latency, "budget_batch": args.batch,
               "target": args.target, "precision": args.precision, "seeds": seeds, "host": host_fingerprint(),
-              "rounds": args.rounds, "rows": rows, "summary": summarize(rows)}
-    print(f"\n{'row':22} {'GFLOPs':>7} {'b' + str(args.batch) + ' ratio':>10} {'p10-p90':>12} {'b1 ratio':>9} "
-          f"{'vs plain ORT':>12} {'top-1':>6} {'before':>7} {'delta':>6}")
+              "rounds": args.rounds, "peers": peers, "rows": rows, "summary": summarize(rows)}
+    b = args.batch
+    print(f"\n{'row':22} {'GFLOPs':>7} {f'b{b} ratio':>10} {'p10-p90':>12} {'b1 ratio':>9} "
+          f"{'vs plain ORT':>12} {'vs NNCF int8':>12} {'top-1':>6} {'before':>7} {'delta':>6}")
     for r in rows[1:]:
-        lo, hi = r[f"ratio_b{args.batch}_p10_p90"]
-        print(f"{r['row']:22} {r['gflops']:7.4f} {r[f'ratio_b{args.batch}']:10.3f} {lo:5.3f}-{hi:5.3f} "
-              f"{r['ratio_b1']:9.3f} {r[f'speed_vs_plain_ort_b{args.batch}']:11.2f}x {r['top1']:6.2f} "
-              f"{r['top1_before']:7.2f} {r['delta_pt']:+6.2f}")
+        lo, hi = r[f"ratio_b{b}_p10_p90"]
+        print(f"{r['row']:22} {r['gflops']:7.4f} {r[f'ratio_b{b}']:10.3f} {lo:5.3f}-{hi:5.3f} "
+              f"{r['ratio_b1']:9.3f} {r[f'speed_vs_plain_ort_b{b}']:11.2f}x {r[f'speed_vs_nncf_int8_b{b}']:11.2f}x "
+              f"{r['top1']:6.2f} {r['top1_before']:7.2f} {r['delta_pt']:+6.2f}")
+    for name, p in peers.items():
+        print(f"{name:38} b{b} {p[f'ratio_b{b}']:.3f} of the source, {p[f'speed_vs_plain_ort_b{b}']:.2f}x plain ORT "
+              f"(b1 {p['speed_vs_plain_ort_b1']:.2f}x)")
     if len(seeds) > 1:
         print(f"\n{'row':22} {'seeds':>5} {'top-1 mean':>10} {'delta mean (range)':>24} {'b' + str(args.batch) + ' ratio mean':>15}")
         for name, s in report["summary"].items():
@@ -122,17 +129,25 @@ def summarize(rows: list[dict]) -> dict:
                      "delta_pt_mean": float(np.mean(delta)), "delta_pt_min": float(np.min(delta)),
                      "delta_pt_max": float(np.max(delta)),
                      **{k + "_mean": float(np.mean([r[k] for r in group])) for k in group[0]
-                        if k.startswith(("ratio_b", "speed_vs_plain_ort_b")) and not k.endswith("p90")}}
+                        if k.startswith(("ratio_b", "speed_vs_plain_ort_b", "speed_vs_nncf_int8_b")) and not k.endswith("p90")}}
     return out
 
 
-def measure_all(artifacts: dict[str, Path], weights: Path, batch: int, rounds: int) -> list[dict]:
-    """The source graph and every artifact, interleaved, at ``batch`` and at batch 1."""
+def measure_all(artifacts: dict[str, Path], weights: Path, batch: int, rounds: int) -> tuple[list[dict], dict]:
+    """The source graph, every artifact and the peers, interleaved, at ``batch`` and at batch 1: the
+    artifacts' rows and the peers' speeds."""
     import numpy as np
 
     from deploycomp.bench.harness import stats
 
-    timing, base = time_against_source(artifacts, weights, batch, rounds)
+    timing, base = time_against_source(artifacts, weights, batch, rounds, peers=True)
+
+    def speed_vs(name: str, over: str, b: int) -> float:  # median time of ``over`` / median time of ``name``
+        return float(np.median(timing[b][over]) / np.median(timing[b][name]))
+
+    peers = {name: {k: v for b in timing for k, v in (*ratio_fields(timing[b][name], base[b], b).items(),
+                                                       (f"speed_vs_plain_ort_b{b}", speed_vs(name, PLAIN_ORT, b)))}
+             for name in PEERS}
     rows = [{"row": "source", **{f"b{b}": stats(timing[b]["source"]) for b in timing}}]
     for name, path in artifacts.items():
         m = read_manifest(path)
@@ -146,10 +161,11 @@ def measure_all(artifacts: dict[str, Path], weights: Path, batch: int, rounds: i
                "parity": m["parity"]["checks"]}
         for b in timing:
             row.update(ratio_fields(timing[b][name], base[b], b))
-            # speed vs plain ORT fp32 (medians), the base of bench_precision_proxy.py's plot
-            row[f"speed_vs_plain_ort_b{b}"] = float(np.median(timing[b][PLAIN_ORT]) / np.median(timing[b][name]))
+            # speed vs plain ORT fp32 (medians), the base of bench_precision_proxy.py's plot, and vs the best peer
+            row[f"speed_vs_plain_ort_b{b}"] = speed_vs(name, PLAIN_ORT, b)
+            row[f"speed_vs_nncf_int8_b{b}"] = speed_vs(name, PEERS[-1], b)
         rows.append(row)
-    return rows
+    return rows, peers
 
 
 if __name__ == "__main__":

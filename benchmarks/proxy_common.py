@@ -11,6 +11,9 @@ import numpy as np
 CACHE = Path.home() / ".cache" / "deploycomp"
 PLAIN_ORT = "plain ORT fp32"
 MODEL = "timm:deit_fmnist_patch4_28"
+SHAPE = (1, 1, 28, 28)
+# what a user would pick instead of deploycomp, built with each runtime's own tools from the fp32 proxy
+PEERS = ("plain OpenVINO fp32", "peer: ONNX Runtime dynamic int8", "peer: OpenVINO + NNCF int8")
 
 
 def teacher_and_logits(epochs: int) -> tuple[Path, Path]:
@@ -29,12 +32,40 @@ def teacher_and_logits(epochs: int) -> tuple[Path, Path]:
     return weights, logits
 
 
+def calibration_images(train, samples: int) -> list[np.ndarray]:
+    """The first ``samples`` training images, normalized, one per batch: what deploycomp's int8
+    calibrates on with ``--data`` (``passes/quantize.calibration_inputs``)."""
+    images = train.normalize(train.head(samples).images).numpy()
+    return [images[i:i + 1] for i in range(len(images))]
+
+
+def peer_candidates(module, plain, work: Path, samples: int = 128) -> dict[str, tuple]:
+    """The peers (``PEERS``) of the fp32 proxy ``module`` (``plain``: its ONNX export), name ->
+    (backend, model to run): plain OpenVINO fp32 of the export; ONNX Runtime dynamic int8 of the export
+    (``quant_pre_process`` first); OpenVINO + NNCF int8 from the torch model as OpenVINO's guide builds
+    it, calibrated on the first ``samples`` training images (as deploycomp's int8 with ``--data``).
+    Files are written under ``work``."""
+    from deploycomp.backends.base import get_backend
+    from deploycomp.backends.openvino import nncf_int8_ir
+    from deploycomp.backends.ort import dynamic_int8
+    from deploycomp.learn.data import load_fashion_mnist
+
+    ov, ort = get_backend("openvino-cpu"), get_backend("ort-cpu", allow_spinning=True)
+    ort_int8 = dynamic_int8(plain, work / "peer_ort_int8.onnx", preprocess=True)
+    nncf_int8 = nncf_int8_ir(module, SHAPE, work / "peer_ov_int8.xml", samples=samples,
+                             calibration=calibration_images(load_fashion_mnist("train"), samples))
+    return dict(zip(PEERS, ((ov, plain), (ort, ort_int8), (ov, nncf_int8))))
+
+
 def time_against_source(artifacts: dict[str, Path], weights: Path, batch: int, rounds: int,
-                        source: str = "source") -> tuple[dict[int, dict[str, list[float]]], dict[int, float]]:
+                        source: str = "source", peers: bool = False) -> tuple[dict[int, dict[str, list[float]]], dict[int, float]]:
     """Per-call times of the source graph (named ``source``) and every artifact, interleaved, at
     ``batch`` and at batch 1, with the backend and runtime options of the artifacts; and the source medians.
     The same graph in plain ONNX Runtime (default session, spinning on: ``PLAIN_ORT``) runs beside
-    them, the common base of every proxy benchmark's speed (``bench_precision_proxy.py``'s too)."""
+    them, the common base of every proxy benchmark's speed (``bench_precision_proxy.py``'s too);
+    with ``peers``, so do the ``PEERS`` (``peer_candidates``), in the same interleaved run."""
+    import tempfile
+
     import onnx_ir as ir
 
     from deploycomp.artifact import read_manifest
@@ -44,15 +75,21 @@ def time_against_source(artifacts: dict[str, Path], weights: Path, batch: int, r
     from deploycomp.passes.base import CompileContext, Pipeline
     from deploycomp.passes.cleanup import CleanupPass
 
+    from deploycomp.frontend.timm_models import build_timm_model
+
     backend = backend_for_manifest(read_manifest(next(iter(artifacts.values()))))
-    shape = (1, 1, 28, 28)
+    shape = SHAPE
     src = load_source(MODEL, weights)
     plain = ir.serde.serialize_model(src.model).SerializeToString()  # the export as is (cleanup edits in place)
     graph = ir.serde.serialize_model(Pipeline([CleanupPass()])(src.model, CompileContext())).SerializeToString()
     cands = [backend.candidate(source, graph, shape),
              get_backend("ort-cpu", allow_spinning=True).candidate(PLAIN_ORT, plain, shape)]
     cands += [backend.candidate(n, backend.artifact(p, read_manifest(p)), shape) for n, p in artifacts.items()]
-    timing = {b: measure_interleaved(cands, batch=b, rounds=rounds, iters=3, warmup=2) for b in (batch, 1)}
+    with tempfile.TemporaryDirectory() as tmp:
+        if peers:
+            module = build_timm_model(MODEL.removeprefix("timm:"), weights).eval()
+            cands += [b.candidate(n, m, shape) for n, (b, m) in peer_candidates(module, plain, Path(tmp)).items()]
+        timing = {b: measure_interleaved(cands, batch=b, rounds=rounds, iters=3, warmup=2) for b in (batch, 1)}
     return timing, {b: float(np.median(timing[b][source])) for b in timing}
 
 
