@@ -6,6 +6,8 @@ top-5 teacher logits of the trained proxy, for every seed (default 0, 1, 2):
 
 - ``nvit-eta1`` / ``nvit-eta0``: ``deploycomp compile --latency`` (NViT, Hessian importance, latency
   regularization eta 1 / latency-blind eta 0), then ``--epochs`` epochs of recovery fine-tuning;
+- ``nvit-ratio``: the same compile with ``--selection ratio`` (chunks ranked by importance share per
+  latency share, the knapsack greedy: the fix ``benchmarks/analyze_selection.py`` points to);
 - ``uniform``: the same compile with ``--prune-method uniform`` (uniform width scaling of the trained
   model) and the same fine-tuning;
 - ``deepmad``: ``deploycomp design`` (no data), trained from scratch for ``--epochs`` epochs;
@@ -53,7 +55,7 @@ from deploycomp.api import CompileOptions, compile  # noqa: E402
 from deploycomp.artifact import read_manifest, write_json  # noqa: E402
 from proxy_common import CACHE, MODEL, ratio_fields, time_against_source  # noqa: E402
 
-ROWS = ("nvit-eta1", "nvit-eta0", "uniform", "deepmad", "tinyvit-scale", "torch-pruning")
+ROWS = ("nvit-eta1", "nvit-eta0", "nvit-ratio", "uniform", "deepmad", "tinyvit-scale", "torch-pruning")
 TABLE = ROOT / "latency_tables" / "ort-cpu" / "amd-epyc-avx512-vnni-bf16-2c-t2-b32-fp32-onnxruntime1.32.0-proxy-fmnist.json"
 TORCH_PRUNING_FIX = ("timm Attention keeps num_heads, head_dim and attn_dim after Torch-Pruning removes heads from qkv; "
                      "they are reset from the pruned qkv width (num_heads from the pruner, head_dim unchanged)")
@@ -199,12 +201,13 @@ def compile_result(unit: Path, model: str, weights: Path | None, args, seed: int
     return out
 
 
-def run_nvit(eta: float, method: str = "hessian"):
+def run_nvit(eta: float, method: str = "hessian", selection: str = "additive"):
     def run(unit, weights, logits, budget, seed, args):
         from deploycomp.pruning.schedule import PruneConfig
 
         steps, kd = (2, 0) if args.quick else (5, 50)
-        config = PruneConfig(latency=budget, method=method, eta=eta, steps=steps, saliency_batches=2 if args.quick else 16,
+        config = PruneConfig(latency=budget, method=method, eta=eta, selection=selection, steps=steps,
+                             saliency_batches=2 if args.quick else 16,
                              batch_size=64, kd_steps=kd, finetune_epochs=args.epochs, teacher_logits=str(logits),
                              budget_rounds=0, seed=seed)
         return compile_result(unit, MODEL, weights, args, seed, prune=config)
@@ -322,7 +325,8 @@ def run_torch_pruning(unit, weights, logits, budget, seed, args):
     return out
 
 
-RUNNERS = {"nvit-eta1": run_nvit(1.0), "nvit-eta0": run_nvit(0.0), "uniform": run_nvit(1.0, "uniform"),
+RUNNERS = {"nvit-eta1": run_nvit(1.0), "nvit-eta0": run_nvit(0.0), "nvit-ratio": run_nvit(1.0, selection="ratio"),
+           "uniform": run_nvit(1.0, "uniform"),
            "deepmad": run_design(scale=False), "tinyvit-scale": run_design(scale=True),
            "torch-pruning": run_torch_pruning}
 

@@ -31,6 +31,8 @@ def test_budget_parsing():
             LatencyBudget.parse(bad)
     with pytest.raises(DeployCompError, match="unknown pruning method"):
         PruneConfig(method="random")
+    with pytest.raises(DeployCompError, match="unknown selection rule"):
+        PruneConfig(selection="largest")
 
 
 def test_next_chunk_aligns_then_removes_least_important():
@@ -60,6 +62,33 @@ def test_selection_is_latency_aware():
     assert aware.removals[0].group.endswith(".heads") and aware.predicted_ms <= 3.0
     blind = select_step(structure, full, importance, predict, target_ms=3.0, eta=0.0)
     assert blind.removals[0].group.endswith(".mlp") and blind.predicted_ms <= 3.0
+
+
+def test_ratio_selection_prefers_importance_per_latency():
+    """A head saves 6x the latency of an MLP chunk but costs 10^5 times its importance. The additive
+    score with eta = 1 takes the head (its latency share dwarfs both importance shares: the proxy's
+    finding, benchmarks/analyze_selection.py); the ratio rule takes MLP chunks until the target."""
+    import timm
+
+    module = timm.create_model("deit_tiny_patch16_224", pretrained=False, **TINY_DEIT)
+    _, structure = cleaned_module(module)
+    importance = {g: np.ones(structure.graph.nodes[g]["units"]) for g in structure.groups()}
+    for g in structure.groups("mlp"):
+        importance[g] = np.full(structure.graph.nodes[g]["units"], 1e-6)
+
+    def predict(plan: PrunePlan) -> float:  # 1 ms per head, 0.01 ms per MLP channel
+        return float(sum(len(plan.kept(structure, g)) for g in structure.groups("heads"))
+                     + 0.01 * sum(len(plan.kept(structure, g)) for g in structure.groups("mlp")))
+
+    full = PrunePlan()
+    target = predict(full) - 0.5
+    additive = select_step(structure, full, importance, predict, target_ms=target, eta=1.0)
+    assert additive.removals[0].group.endswith(".heads")
+    ratio = select_step(structure, full, importance, predict, target_ms=target, eta=1.0, rule="ratio")
+    assert {r.group.rsplit(".", 1)[1] for r in ratio.removals} == {"mlp"} and ratio.predicted_ms <= target
+    assert len(ratio.removals) == 4  # 0.16 ms per 16-channel chunk: the fewest chunks that reach the target
+    with pytest.raises(DeployCompError, match="unknown selection rule"):
+        select_step(structure, full, importance, predict, target_ms=target, eta=1.0, rule="largest")
 
 
 def cleaned_module(module):

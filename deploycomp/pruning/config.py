@@ -23,6 +23,7 @@ NVIT_DIVISORS: dict[str, float | None] = {"emb": None, "heads": 12.0, "qk": 2.0,
 # goes from 1 to 0: already one scale for every kind.
 UNIT_DIVISORS: dict[str, float | None] = {"emb": 1.0, "heads": 1.0, "qk": 1.0, "v": 1.0, "mlp": 1.0}
 SALIENCY_NORMS = {"nvit": NVIT_DIVISORS, "none": UNIT_DIVISORS}
+SELECTIONS = ("additive", "ratio")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class PruneConfig:
     latency: str = "0.5x"
     method: str = "hessian"
     eta: float = 1.0  # weight of the latency share against the importance share (0: latency-blind)
+    # how chunks are ranked: additive (NViT's importance share - eta x latency share) or ratio (importance
+    # share per latency share: the knapsack greedy; eta unused). See pruning/select.py and ARCHITECTURE.md.
+    selection: str = "additive"
     # Per-kind divisors before squaring: none (the plain Fisher estimate; default) or nvit (upstream's
     # DeiT-B constants: on the proxy they pushed every block to one head, -12.6 pt vs -1.7 pt).
     saliency_norm: str = "none"
@@ -78,6 +82,8 @@ class PruneConfig:
         if self.method not in METHODS:
             raise DeployCompError(f"unknown pruning method '{self.method}': use one of {', '.join(METHODS)}")
         LatencyBudget.parse(self.latency)
+        if self.selection not in SELECTIONS:
+            raise DeployCompError(f"unknown selection rule '{self.selection}': use {' or '.join(SELECTIONS)}")
         if self.saliency_norm not in SALIENCY_NORMS:
             raise DeployCompError(f"unknown saliency normalization '{self.saliency_norm}': use {', '.join(SALIENCY_NORMS)}")
         bad = set(self.kinds) - set(DEFAULT_GROUP_SIZES)

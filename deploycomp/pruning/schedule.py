@@ -156,7 +156,8 @@ def prune(module: torch.nn.Module, model: ir.Model, structure: Structure, predic
                                   best_effort=on_device)
         else:
             chosen = select_step(structure, out.plan, importance, predict, step_target, config.eta,
-                                 config.group_sizes, set(config.kinds), floors, best_effort=on_device)
+                                 config.group_sizes, set(config.kinds), floors, best_effort=on_device,
+                                 rule=config.selection)
         out.plan, out.predicted_ms = chosen.plan, chosen.predicted_ms
         out.masks = PlanMasks(module, model, structure, out.plan)
         out.masks.apply()

@@ -11,6 +11,13 @@ Both terms are taken as shares — the chunk's part of the total importance stil
 of the current predicted latency — so that η is unit-free: η = 1 trades 1 % of importance for 1 %
 of latency whatever the loss scale or the device (NViT's raw η = 5e-4 is tied to its ImageNet loss
 scale and V100 table). η = 0 is saliency-only selection, blind to latency.
+
+``rule="ratio"`` ranks chunks by importance share per latency share instead (lowest first): the
+greedy of the knapsack "save the latency, lose the least importance" (HALP's problem), which the
+additive score only matches at the η where every chunk it removes has ``I < η·ΔLat``. Past that
+point the additive score prefers the chunk that saves the *most* latency even when it costs more
+importance per millisecond, which is how η = 1 spends a budget on whole heads
+(``benchmarks/analyze_selection.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import numpy as np
 
 from ..errors import DeployCompError
 from ..ir.structure import Structure
-from .config import DEFAULT_GROUP_SIZES
+from .config import DEFAULT_GROUP_SIZES, SELECTIONS
 from .plan import PrunePlan
 
 
@@ -68,12 +75,15 @@ def _without(plan: PrunePlan, group: str, units: np.ndarray) -> PrunePlan:
 def select_step(structure: Structure, plan: PrunePlan, importance: dict[str, np.ndarray], predict: Predict,
                 target_ms: float, eta: float, sizes: dict[str, int] | None = None,
                 groups: set[str] | None = None, floors: dict[str, int] | None = None,
-                best_effort: bool = False) -> StepResult:
+                best_effort: bool = False, rule: str = "additive") -> StepResult:
     """Remove chunks, lowest score first, until the predicted latency is at most ``target_ms``.
     ``floors`` (per kind, or per group: a Swin stage's own grid) keep every group inside the latency
     table's grid, where its predictions were validated (extrapolated below it, the DeiT-B table
     overestimated a 112-wide EMB by 23 %).
-    ``best_effort``: stop at the floors instead of failing (targets corrected by a measurement)."""
+    ``best_effort``: stop at the floors instead of failing (targets corrected by a measurement).
+    ``rule``: "additive" (``I − η·ΔLat``, NViT) or "ratio" (``I / ΔLat``, η unused)."""
+    if rule not in SELECTIONS:
+        raise DeployCompError(f"unknown selection rule {rule!r}: use {' or '.join(SELECTIONS)}")
     sizes = {**DEFAULT_GROUP_SIZES, **(sizes or {})}
     floors = floors or {}
     plan = copy_plan(structure, plan)
@@ -92,7 +102,10 @@ def select_step(structure: Structure, plan: PrunePlan, importance: dict[str, np.
             saved = result.predicted_ms - predict(trial)
             share_i = float(importance[g][chunk].sum()) / total_importance
             share_l = saved / result.predicted_ms
-            score = share_i - eta * share_l
+            if rule == "ratio":  # a chunk that saves nothing is the last resort
+                score = share_i / share_l if share_l > 0 else float("inf")
+            else:
+                score = share_i - eta * share_l
             if best is None or score < best[0].score:
                 best = (Removal(g, chunk.tolist(), share_i, share_l, score), trial)
         if best is None:
