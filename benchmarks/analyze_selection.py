@@ -10,11 +10,13 @@ unpruned proxy and reports:
 - the removal order: the latency share and importance share of its chunks.
 
 Rules: the additive score ``I − η·ΔLat`` (shares; η = 0, 0.5, 1, 2) and ``ratio`` (``I / ΔLat``,
-the knapsack greedy). The table is the proxy's ort-cpu table at batch 32 on this host's CPU family.
+the knapsack greedy). The table is the proxy's fp32 table at batch 32 of ``--target`` on this host
+(default openvino-cpu, the compiler's default target, as in ``bench_design_vs_prune.py``), as profiled
+(a compile scales it to the device first: ``latency_calibration`` in its manifest).
 
     .venv/bin/python benchmarks/analyze_selection.py        # ~1 min on 2 cores
 
-Writes benchmarks/results/selection_analysis.json and prints a table.
+Writes benchmarks/results/selection_analysis_<target>.json and prints a table.
 """
 
 from __future__ import annotations
@@ -29,9 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deploycomp.artifact import write_json  # noqa: E402
-from proxy_common import CACHE, MODEL, SHAPE  # noqa: E402
+from proxy_common import CACHE, MODEL, SHAPE, proxy_table  # noqa: E402
 
-TABLE = ROOT / "latency_tables" / "ort-cpu" / "amd-epyc-avx512-vnni-bf16-2c-t2-b32-fp32-onnxruntime1.32.0-proxy-fmnist.json"
 RULES = (("additive", 0.0), ("additive", 0.5), ("additive", 1.0), ("additive", 2.0), ("ratio", None))
 
 
@@ -57,9 +58,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="0.5,0.3")
     ap.add_argument("--seeds", default="0,1,2", help="saliency batch seeds")
-    ap.add_argument("--table", type=Path, default=TABLE)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "selection_analysis.json")
+    ap.add_argument("--target", default="openvino-cpu")
+    ap.add_argument("--table", type=Path, default=None, help="default: the target's proxy table at batch 32 on this host")
+    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/selection_analysis_<target>.json")
     args = ap.parse_args()
+    args.table = args.table or proxy_table(args.target, 32)
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"selection_analysis_{args.target}.json"
 
     weights = CACHE / "proxy-fmnist" / "model.safetensors"
     if not weights.is_file():
@@ -139,10 +143,15 @@ def main() -> None:
             chunk_stats[k] = {
                 "importance_share_median": float(np.median([f["importance_share"] for f in c])),
                 "latency_share_median": float(np.median([f["latency_share"] for f in c])),
-                "ratio_median": float(np.median([f["importance_share"] / max(f["latency_share"], 1e-12) for f in c]))}
+                # the table can predict a removal to be slower (a non-monotonic part): no ratio for those
+                "saves_nothing": sum(f["latency_share"] <= 0 for f in c), "chunks": len(c),
+                "ratio_median": float(np.median([f["importance_share"] / f["latency_share"] for f in c
+                                                 if f["latency_share"] > 0] or [np.nan]))}
             print(f"  {k:5} importance {chunk_stats[k]['importance_share_median']:.2e}  latency "
-                  f"{chunk_stats[k]['latency_share_median']:.2e}  ratio {chunk_stats[k]['ratio_median']:.3f}")
-    write_json(args.out, {"first_chunks": chunk_stats, "model": MODEL, "weights": str(weights), "table": str(args.table.relative_to(ROOT)),
+                  f"{chunk_stats[k]['latency_share_median']:.2e}  ratio {chunk_stats[k]['ratio_median']:.3f} "
+                  f"({chunk_stats[k]['saves_nothing']} of {len(c)} chunks predicted to save nothing)")
+    write_json(args.out, {"first_chunks": chunk_stats, "model": MODEL, "weights": str(weights), "target": args.target,
+                          "table": str(args.table.resolve().relative_to(ROOT)),
                           "saliency": "Hessian (Fisher) importance, 16 batches of 64 training images, no divisors",
                           "full_predicted_ms": full_ms, "summary": summary, "runs": runs})
     print(f"wrote {args.out}")

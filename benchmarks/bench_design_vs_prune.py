@@ -1,6 +1,8 @@
 """Design, scale or prune? The proxy DeiT at equal latency, every method in one harness (issue 18).
 
-Budgets: 0.5x and 0.3x of the proxy's predicted latency at batch 32 (the proxy-fmnist table).
+Budgets: 0.5x and 0.3x of the proxy's predicted latency at batch 32 on ``--target`` (default
+openvino-cpu, the compiler's default target): every row is judged by that target's proxy-fmnist
+table and compiled for that target.
 Rows, each trained for the same number of epochs (``--epochs``, default 5) with the same stored
 top-5 teacher logits of the trained proxy, for every seed (default 0, 1, 2):
 
@@ -53,10 +55,9 @@ sys.path.insert(0, str(ROOT))
 
 from deploycomp.api import CompileOptions, compile  # noqa: E402
 from deploycomp.artifact import read_manifest, write_json  # noqa: E402
-from proxy_common import CACHE, MODEL, ratio_fields, time_against_source  # noqa: E402
+from proxy_common import CACHE, MODEL, proxy_table, ratio_fields, time_against_source  # noqa: E402
 
 ROWS = ("nvit-eta1", "nvit-eta0", "nvit-ratio", "uniform", "deepmad", "tinyvit-scale", "torch-pruning")
-TABLE = ROOT / "latency_tables" / "ort-cpu" / "amd-epyc-avx512-vnni-bf16-2c-t2-b32-fp32-onnxruntime1.32.0-proxy-fmnist.json"
 TORCH_PRUNING_FIX = ("timm Attention keeps num_heads, head_dim and attn_dim after Torch-Pruning removes heads from qkv; "
                      "they are reset from the pruned qkv width (num_heads from the pruner, head_dim unchanged)")
 
@@ -71,7 +72,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds")
     ap.add_argument("--train-samples", type=int, default=None)
     ap.add_argument("--eval-samples", type=int, default=None)
-    ap.add_argument("--table", type=Path, default=TABLE, help="the proxy-fmnist latency table at --batch")
+    ap.add_argument("--target", default="openvino-cpu", help="the target every row is compiled for and timed on")
+    ap.add_argument("--table", type=Path, default=None,
+                    help="the proxy-fmnist latency table at --batch (default: the target's on this host)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 256 images, 1 epoch, 1 seed, 0.5x, temp dir")
     ap.add_argument("--train-only", action="store_true",
                     help="build, train and score the missing units, then stop before timing (time later on a quiet machine)")
@@ -90,6 +93,10 @@ def main() -> None:
         args.out = args.out or ROOT / "benchmarks" / "results" / "design_vs_prune.json"
         work = args.work or CACHE / "design-bench"
     work.mkdir(parents=True, exist_ok=True)
+    args.table = args.table or proxy_table(args.target, args.batch)
+    if not args.table.is_file():
+        sys.exit(f"no proxy latency table {args.table}: run `deploycomp profile --target {args.target} --batch "
+                 f"{args.batch} --grid proxy-fmnist`")
     import os
 
     os.environ.setdefault("DEPLOYCOMP_DESIGNS", str(work / "designs"))
@@ -134,7 +141,8 @@ def main() -> None:
         for b in timing:
             r.update(ratio_fields(timing[b][key], base[b], b))
     report = {
-        "model": MODEL, "budgets": args.budgets.split(","), "budget_batch": args.batch, "seeds": seeds,
+        "model": MODEL, "target": args.target, "table": str(args.table), "budgets": args.budgets.split(","),
+        "budget_batch": args.batch, "seeds": seeds,
         "epochs_per_row": args.epochs, "teacher_logits": "top-5, stored, one file per seed",
         "train_samples": args.train_samples or "all", "eval_samples": args.eval_samples or "all",
         "rounds": args.rounds, "quick": args.quick,
@@ -187,7 +195,8 @@ def teacher_logits(work: Path, weights: Path, epochs: int, seed: int, train_samp
 def compile_result(unit: Path, model: str, weights: Path | None, args, seed: int, prune=None) -> dict:
     """Compile (verified), score on the test set; return the artifact's numbers."""
     art = unit / "artifact"
-    compile(model, art, CompileOptions(weights=str(weights) if weights else None, data="fashion-mnist", prune=prune,
+    compile(model, art, CompileOptions(target=args.target, weights=str(weights) if weights else None, data="fashion-mnist",
+                                       prune=prune,
                                        latency_batch=args.batch, measure_rounds=0, seed=seed,
                                        eval_samples=args.eval_samples, train_samples=args.train_samples),
             progress=lambda msg: print(f"  {unit.name}: {msg}", flush=True))
@@ -376,7 +385,7 @@ def plot(report: dict, path: Path) -> None:
             x, y = e[f"ratio_b{b}"], e["top1"]
             ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt=markers[e["budget"]], color=f"C{i}",
                         capsize=3, label=f"{row} ({e['budget']})")
-    ax.set_xlabel(f"measured latency, fraction of the proxy (batch {b}, ort-cpu)")
+    ax.set_xlabel(f"measured latency, fraction of the proxy (batch {b}, {report['target']})")
     ax.set_ylabel("top-1 on Fashion-MNIST test (%)")
     ax.set_title(f"design vs scaling vs pruning, {report['epochs_per_row']} epochs, seeds {report['seeds']}")
     ax.grid(alpha=0.3)

@@ -32,6 +32,17 @@ def teacher_and_logits(epochs: int) -> tuple[Path, Path]:
     return weights, logits
 
 
+def proxy_table(target: str, batch: int, root: Path = Path(__file__).resolve().parents[1] / "latency_tables") -> Path:
+    """The path of the proxy's fp32 latency table for ``target`` at ``batch`` on this host: the table a
+    ``deploycomp compile --target`` of the proxy would read (``api._latency_tables``)."""
+    from deploycomp.backends.base import get_backend
+    from deploycomp.latency.profiler import device_fingerprint, grid_for
+    from deploycomp.latency.table import table_path
+
+    geometry = {"img_size": SHAPE[-1], "patch": 4, "in_chans": SHAPE[1], "num_classes": 10}
+    return table_path(root, device_fingerprint(get_backend(target), batch, "fp32"), grid_for(geometry))
+
+
 def calibration_images(train, samples: int) -> list[np.ndarray]:
     """The first ``samples`` training images, normalized, one per batch: what deploycomp's int8
     calibrates on with ``--data`` (``passes/quantize.calibration_inputs``)."""
