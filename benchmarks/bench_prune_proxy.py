@@ -60,7 +60,8 @@ def main() -> None:
     artifacts = {}
     for name in args.methods.split(","):
         method, eta = METHODS[name]
-        config = PruneConfig(latency=args.latency, method=method, eta=eta, steps=args.steps, saliency_batches=16,
+        config = PruneConfig(latency=args.latency, method=method, selection="additive", eta=eta, steps=args.steps,
+                             saliency_batches=16,
                              batch_size=64, kd_steps=args.kd_steps, finetune_epochs=args.epochs,
                              teacher_logits=str(logits), budget_rounds=args.budget_rounds)
         out = work / f"{name}-{args.latency}-b{args.batch}-e{args.epochs}"

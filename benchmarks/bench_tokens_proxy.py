@@ -81,7 +81,8 @@ def main() -> None:
             options = CompileOptions(**common, token_finetune_epochs=args.epochs, token_teacher_logits=str(logits),
                                      measure_rounds=0)
         else:
-            prune = PruneConfig(latency=args.latency, eta=0.0 if row.endswith("eta0") else 1.0, steps=5,
+            prune = PruneConfig(latency=args.latency, selection="additive", eta=0.0 if row.endswith("eta0") else 1.0,
+                                steps=5,
                                 saliency_batches=16, batch_size=64, kd_steps=50,
                                 finetune_epochs=args.epochs, teacher_logits=str(logits), budget_rounds=3, seed=seed)
             options = CompileOptions(**common, prune=prune, latency_batch=args.batch, measure_rounds=5)

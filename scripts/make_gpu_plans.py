@@ -78,7 +78,7 @@ def make_plans(model_name: str, ratios, table_path: Path) -> list[dict]:
     plans = []
     for method, ratio in ((m, r) for m in METHODS for r in ratios):
         if method == "magnitude":
-            result = select_step(structure, full, importance, predict, ratio * base_ms, eta=1.0,
+            result = select_step(structure, full, importance, predict, ratio * base_ms, eta=1.0, rule="additive",
                                  floors=grid_floors(table.grid))
         else:
             result = uniform_step(structure, full, importance, predict, ratio * base_ms, floors=grid_floors(table.grid))

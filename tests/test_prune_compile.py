@@ -58,9 +58,9 @@ def test_selection_is_latency_aware():
         return float(sum(len(plan.kept(structure, g)) for g in structure.groups("heads")))
 
     full = PrunePlan()
-    aware = select_step(structure, full, importance, predict, target_ms=3.0, eta=1.0)
+    aware = select_step(structure, full, importance, predict, target_ms=3.0, eta=1.0, rule="additive")
     assert aware.removals[0].group.endswith(".heads") and aware.predicted_ms <= 3.0
-    blind = select_step(structure, full, importance, predict, target_ms=3.0, eta=0.0)
+    blind = select_step(structure, full, importance, predict, target_ms=3.0, eta=0.0, rule="additive")
     assert blind.removals[0].group.endswith(".mlp") and blind.predicted_ms <= 3.0
 
 
@@ -82,7 +82,7 @@ def test_ratio_selection_prefers_importance_per_latency():
 
     full = PrunePlan()
     target = predict(full) - 0.5
-    additive = select_step(structure, full, importance, predict, target_ms=target, eta=1.0)
+    additive = select_step(structure, full, importance, predict, target_ms=target, eta=1.0, rule="additive")
     assert additive.removals[0].group.endswith(".heads")
     ratio = select_step(structure, full, importance, predict, target_ms=target, eta=1.0, rule="ratio")
     assert {r.group.rsplit(".", 1)[1] for r in ratio.removals} == {"mlp"} and ratio.predicted_ms <= target

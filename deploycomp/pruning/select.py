@@ -12,12 +12,13 @@ of the current predicted latency — so that η is unit-free: η = 1 trades 1 % 
 of latency whatever the loss scale or the device (NViT's raw η = 5e-4 is tied to its ImageNet loss
 scale and V100 table). η = 0 is saliency-only selection, blind to latency.
 
-``rule="ratio"`` ranks chunks by importance share per latency share instead (lowest first): the
-greedy of the knapsack "save the latency, lose the least importance" (HALP's problem), which the
-additive score only matches at the η where every chunk it removes has ``I < η·ΔLat``. Past that
-point the additive score prefers the chunk that saves the *most* latency even when it costs more
-importance per millisecond, which is how η = 1 spends a budget on whole heads
-(``benchmarks/analyze_selection.py``).
+``rule="ratio"`` (the default of ``PruneConfig``) ranks chunks by importance share per latency share
+instead (lowest first): the greedy of the knapsack "save the latency, lose the least importance"
+(HALP's problem). Whenever chunks have ``I < η·ΔLat`` the additive score prefers the one that
+saves the *most* latency even when it costs more importance per millisecond; on the proxy every
+chunk's importance share is far below its latency share, so η = 1 spent its budget on heads
+(ort-cpu table) or cut EMB from 96 to 16 (openvino-cpu table) and lost 6.7 pt to the ratio rule at
+0.3x (``benchmarks/analyze_selection.py``, docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def _without(plan: PrunePlan, group: str, units: np.ndarray) -> PrunePlan:
 def select_step(structure: Structure, plan: PrunePlan, importance: dict[str, np.ndarray], predict: Predict,
                 target_ms: float, eta: float, sizes: dict[str, int] | None = None,
                 groups: set[str] | None = None, floors: dict[str, int] | None = None,
-                best_effort: bool = False, rule: str = "additive") -> StepResult:
+                best_effort: bool = False, *, rule: str) -> StepResult:
     """Remove chunks, lowest score first, until the predicted latency is at most ``target_ms``.
     ``floors`` (per kind, or per group: a Swin stage's own grid) keep every group inside the latency
     table's grid, where its predictions were validated (extrapolated below it, the DeiT-B table
