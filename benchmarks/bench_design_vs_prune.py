@@ -55,7 +55,8 @@ sys.path.insert(0, str(ROOT))
 
 from deploycomp.api import CompileOptions, compile  # noqa: E402
 from deploycomp.artifact import read_manifest, write_json  # noqa: E402
-from proxy_common import CACHE, MODEL, proxy_table, ratio_fields, time_against_source  # noqa: E402
+from proxy_common import (CACHE, MODEL, PEERS, PLAIN_ORT, peer_speeds, proxy_table, ratio_fields,  # noqa: E402
+                          speed_vs, time_against_source)
 
 ROWS = ("nvit-eta1", "nvit-eta0", "nvit-ratio", "uniform", "deepmad", "tinyvit-scale", "torch-pruning")
 TORCH_PRUNING_FIX = ("timm Attention keeps num_heads, head_dim and attn_dim after Torch-Pruning removes heads from qkv; "
@@ -135,11 +136,13 @@ def main() -> None:
         print(f"--train-only: {len(results)} units trained and scored in {work}; run again without it to time them")
         return
 
-    timing, base = time_against_source(artifacts, weights, args.batch, args.rounds, source="unpruned")
+    timing, base = time_against_source(artifacts, weights, args.batch, args.rounds, source="unpruned", peers=True)
     for r in results:
         key = f"{r['row']}-{r['budget']}-s{r['seed']}"
         for b in timing:
             r.update(ratio_fields(timing[b][key], base[b], b))
+            r[f"speed_vs_plain_ort_b{b}"] = speed_vs(timing, key, PLAIN_ORT, b)
+            r[f"speed_vs_nncf_int8_b{b}"] = speed_vs(timing, key, PEERS[-1], b)
     report = {
         "model": MODEL, "target": args.target, "table": str(args.table), "budgets": args.budgets.split(","),
         "budget_batch": args.batch, "seeds": seeds,
@@ -151,7 +154,7 @@ def main() -> None:
                     "tinyvit-scale": "from the sliced proxy weights: lr 5e-4, 0.2 warm-up epochs (the fine-tuning recipe)",
                     "torch-pruning": ("GroupTaylorImportance with head pruning, one shot at the smallest ratio meeting the "
                                       f"table's budget, then lr 5e-4 fine-tuning; hand fix: {TORCH_PRUNING_FIX}")},
-        "unpruned": {f"b{b}_median_ms": base[b] for b in base},
+        "unpruned": {f"b{b}_median_ms": base[b] for b in base}, "peers": peer_speeds(timing, base),
         "runs": results, "summary": summarize(results, args.batch),
     }
     print_table(report)
@@ -349,7 +352,8 @@ def summarize(results: list[dict], batch: int) -> list[dict]:
             if not runs:
                 continue
             entry = {"budget": budget, "row": row, "seeds": [r["seed"] for r in runs]}
-            for field in ("top1", f"ratio_b{batch}", "ratio_b1", "predicted_ratio"):
+            for field in ("top1", f"ratio_b{batch}", "ratio_b1", "predicted_ratio", f"speed_vs_plain_ort_b{batch}",
+                          f"speed_vs_nncf_int8_b{batch}"):
                 vals = np.asarray([r[field] for r in runs if r.get(field) is not None], dtype=float)
                 if vals.size:
                     entry[field] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if vals.size > 1 else 0.0,
@@ -361,13 +365,17 @@ def summarize(results: list[dict], batch: int) -> list[dict]:
 def print_table(report: dict) -> None:
     b = report["budget_batch"]
     print(f"\nproxy DeiT, {report['epochs_per_row']} epochs per row, seeds {report['seeds']} (mean +- std)")
-    print(f"{'budget':>6} {'row':15} {'top-1':>14} {'meas b' + str(b):>14} {'meas b1':>14} {'pred':>6}")
+    print(f"{'budget':>6} {'row':15} {'top-1':>14} {'meas b' + str(b):>14} {'meas b1':>14} {'pred':>6} "
+          f"{'vs plain ORT':>14} {'vs NNCF int8':>14}")
     for e in report["summary"]:
         def f(k, fmt):
             v = e.get(k)
             return f"{v['mean']:{fmt}} +- {v['std']:{fmt}}" if v else "-"
         print(f"{e['budget']:>6} {e['row']:15} {f('top1', '.2f'):>14} {f(f'ratio_b{b}', '.3f'):>14} "
-              f"{f('ratio_b1', '.3f'):>14} {e['predicted_ratio']['mean'] if 'predicted_ratio' in e else float('nan'):6.3f}")
+              f"{f('ratio_b1', '.3f'):>14} {e['predicted_ratio']['mean'] if 'predicted_ratio' in e else float('nan'):6.3f} "
+              f"{f(f'speed_vs_plain_ort_b{b}', '.2f'):>14} {f(f'speed_vs_nncf_int8_b{b}', '.2f'):>14}")
+    for name, p in report.get("peers", {}).items():
+        print(f"{name:38} b{b} {p[f'ratio_b{b}']:.3f} of the unpruned proxy, {p[f'speed_vs_plain_ort_b{b}']:.2f}x plain ORT")
 
 
 def plot(report: dict, path: Path) -> None:

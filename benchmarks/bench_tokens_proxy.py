@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 from deploycomp.api import CompileOptions, compile  # noqa: E402
 from deploycomp.artifact import read_manifest, write_json  # noqa: E402
 from deploycomp.backends.fingerprint import host_fingerprint  # noqa: E402
-from proxy_common import CACHE, MODEL, PEERS, PLAIN_ORT, ratio_fields, teacher_and_logits, time_against_source  # noqa: E402
+from proxy_common import (CACHE, MODEL, PEERS, PLAIN_ORT, peer_speeds, ratio_fields, speed_vs,  # noqa: E402
+                          teacher_and_logits, time_against_source)
 
 
 def main() -> None:
@@ -137,18 +138,10 @@ def summarize(rows: list[dict]) -> dict:
 def measure_all(artifacts: dict[str, Path], weights: Path, batch: int, rounds: int) -> tuple[list[dict], dict]:
     """The source graph, every artifact and the peers, interleaved, at ``batch`` and at batch 1: the
     artifacts' rows and the peers' speeds."""
-    import numpy as np
-
     from deploycomp.bench.harness import stats
 
     timing, base = time_against_source(artifacts, weights, batch, rounds, peers=True)
-
-    def speed_vs(name: str, over: str, b: int) -> float:  # median time of ``over`` / median time of ``name``
-        return float(np.median(timing[b][over]) / np.median(timing[b][name]))
-
-    peers = {name: {k: v for b in timing for k, v in (*ratio_fields(timing[b][name], base[b], b).items(),
-                                                       (f"speed_vs_plain_ort_b{b}", speed_vs(name, PLAIN_ORT, b)))}
-             for name in PEERS}
+    peers = peer_speeds(timing, base)
     rows = [{"row": "source", **{f"b{b}": stats(timing[b]["source"]) for b in timing}}]
     for name, path in artifacts.items():
         m = read_manifest(path)
@@ -163,8 +156,8 @@ def measure_all(artifacts: dict[str, Path], weights: Path, batch: int, rounds: i
         for b in timing:
             row.update(ratio_fields(timing[b][name], base[b], b))
             # speed vs plain ORT fp32 (medians), the base of bench_precision_proxy.py's plot, and vs the best peer
-            row[f"speed_vs_plain_ort_b{b}"] = speed_vs(name, PLAIN_ORT, b)
-            row[f"speed_vs_nncf_int8_b{b}"] = speed_vs(name, PEERS[-1], b)
+            row[f"speed_vs_plain_ort_b{b}"] = speed_vs(timing, name, PLAIN_ORT, b)
+            row[f"speed_vs_nncf_int8_b{b}"] = speed_vs(timing, name, PEERS[-1], b)
         rows.append(row)
     return rows, peers
 

@@ -104,6 +104,19 @@ def time_against_source(artifacts: dict[str, Path], weights: Path, batch: int, r
     return timing, {b: float(np.median(timing[b][source])) for b in timing}
 
 
+def speed_vs(timing: dict[int, dict[str, list[float]]], name: str, over: str, b: int) -> float:
+    """How many times faster ``name`` ran than ``over`` at batch ``b`` (median / median, one run)."""
+    return float(np.median(timing[b][over]) / np.median(timing[b][name]))
+
+
+def peer_speeds(timing: dict[int, dict[str, list[float]]], base: dict[int, float]) -> dict[str, dict]:
+    """Each peer (``PEERS``) timed by ``time_against_source(peers=True)``: its ratio to the source
+    and its speed against plain ORT fp32, at every batch."""
+    return {name: {k: v for b in timing for k, v in (*ratio_fields(timing[b][name], base[b], b).items(),
+                                                       (f"speed_vs_plain_ort_b{b}", speed_vs(timing, name, PLAIN_ORT, b)))}
+            for name in PEERS}
+
+
 def ratio_fields(times: list[float], base_median: float, batch: int) -> dict:
     """Stats of one artifact at ``batch`` and its ratio to the source (median, and p10/p90 over the
     source median as the spread)."""
