@@ -7,7 +7,8 @@ unpruned proxy and reports:
 - the importance it removes, as a share of the model's total (the first-order loss it costs; the
   quantity every rule trades against latency);
 - what it removes per kind (heads, QK/V dims, MLP, EMB), as a fraction of each kind's units;
-- the removal order: the latency share and importance share of its chunks.
+- how many units of each group it keeps;
+- every group's first chunk from the unpruned model: its importance share against its latency share.
 
 Rules: the additive score ``I − η·ΔLat`` (shares; η = 0, 0.5, 1, 2) and ``ratio`` (``I / ΔLat``,
 the knapsack greedy). The table is the proxy's fp32 table at batch 32 of ``--target`` on this host
@@ -114,9 +115,7 @@ def main() -> None:
                     "importance_removed_share": removed_importance / total,
                     "removed_fraction_per_kind": per_kind,
                     "chunks_per_kind": {k: sum(kinds[r.group] == k for r in step.removals) for k in per_kind},
-                    "kept": {g: int(len(v)) for g, v in kept.items()},
-                    "removals": [{"group": r.group, "units": len(r.units), "importance_share": r.importance_share,
-                                  "latency_share": r.latency_share} for r in step.removals]})
+                    "kept": {g: int(len(v)) for g, v in kept.items()}})
     summary = []
     for budget in dict.fromkeys(r["budget"] for r in runs):
         for rule, eta in RULES:
