@@ -12,7 +12,7 @@ int8, OpenVINO + NNCF int8, each built with its runtime's own tools; ``peers`` i
 
     .venv/bin/python benchmarks/train_proxy.py           # the teacher, once
     .venv/bin/python benchmarks/bench_tokens_proxy.py    # both rows (resumes per row)
-    # CLI of the first row (the combined rows add --latency 0.3x --latency-batch 32 [--eta 0]):
+    # CLI of the first row (the combined rows add --latency 0.3x --latency-batch 32 --selection additive [--eta 0]):
     #   deploycomp compile timm:deit_fmnist_patch4_28 --weights ~/.cache/deploycomp/proxy-fmnist/model.safetensors \
     #     --data fashion-mnist --semantic-tokens 4 --finetune-epochs 5 --teacher-logits <stored logits> -o out/st4
 

@@ -82,7 +82,7 @@ def compile_cmd(
     latency_batch: int = typer.Option(1, "--latency-batch", help="Batch size the budget is for (selects the latency table)."),
     prune_method: str = typer.Option("hessian", "--prune-method", help="hessian (NViT), magnitude (L1 baseline) or uniform (width scaling baseline)."),
     selection: str = typer.Option("ratio", "--selection", help="How pruning ranks chunks: ratio (importance share per latency share, the knapsack greedy) or additive (NViT: importance share - eta x latency share)."),
-    eta: float = typer.Option(1.0, "--eta", help="--selection additive: importance share minus eta x latency share (0: latency-blind)."),
+    eta: Optional[float] = typer.Option(None, "--eta", help="With --selection additive: importance share minus eta x latency share (default 1; 0: latency-blind)."),
     saliency_norm: str = typer.Option("none", "--saliency-norm", help="Per-kind saliency divisors: none (plain Fisher estimate) or nvit (upstream's DeiT-B constants)."),
     calib_batch: int = typer.Option(32, "--calib-batch", help="Batch size of the calibration and distillation batches."),
     budget_rounds: int = typer.Option(3, "--budget-rounds", help="Check a relative budget on the device up to N times, pruning on while the measured ratio is over it (0: trust the table)."),
@@ -114,8 +114,11 @@ def compile_cmd(
     from .tokens.config import SemanticTokenConfig
 
     prune = None
+    if eta is not None and selection != "additive":
+        raise DeployCompError(f"--eta weighs NViT's additive score; --selection {selection} does not use it: "
+                              "give --selection additive too")
     if latency is not None:
-        prune = PruneConfig(latency=latency, method=prune_method, eta=eta, selection=selection, saliency_norm=saliency_norm, steps=prune_steps,
+        prune = PruneConfig(latency=latency, method=prune_method, eta=1.0 if eta is None else eta, selection=selection, saliency_norm=saliency_norm, steps=prune_steps,
                             kinds=tuple(k.strip() for k in prune_groups.split(",") if k.strip()),
                             saliency_batches=saliency_batches, batch_size=calib_batch, kd_steps=kd_steps, finetune_epochs=finetune_epochs,
                             teacher_logits=str(teacher_logits) if teacher_logits else None, budget_rounds=budget_rounds)

@@ -91,6 +91,10 @@ BAD = {
     "wrong keys safetensors": (["--weights", "{d}/wrong_keys.safetensors"], "missing keys .*unexpected keys"),
     "wrong shapes safetensors": (["--weights", "{d}/wrong_shapes.safetensors"],
                                  r"shape mismatch head.weight \(10, 192\) vs \(1000, 192\)"),
+    "eta without the additive score": (["--latency", "0.5x", "--eta", "0"],
+                                       "--eta weighs NViT's additive score; --selection ratio does not use it"),
+    "unknown selection rule": (["--latency", "0.5x", "--selection", "largest"],
+                               "unknown selection rule 'largest': use additive or ratio"),
     "unknown target": (["--target", "tpu-v9"], "unknown target 'tpu-v9': available targets are openvino-cpu, ort-cpu, ort-cuda, ort-trt, tensorrt"),
 }
 
