@@ -14,6 +14,15 @@ def structure_markdown(blocks: list[dict]) -> str:
     return "\n".join([head, rule, *rows])
 
 
+def selection_text(cfg: dict) -> str:
+    """How pruning ranked chunks (manifests before the ratio rule have no ``selection``: additive)."""
+    if cfg["method"] == "uniform":
+        return "one width ratio for every block"
+    if cfg.get("selection", "additive") == "additive":
+        return f"NViT's additive score, eta {cfg['eta']:g}"
+    return "importance per latency (ratio)"
+
+
 def pruning_markdown(p: dict[str, Any] | None) -> list[str]:
     """NViT's parameter-redistribution view: per-block dims before -> after, and the latency check."""
     if not p:
@@ -23,7 +32,7 @@ def pruning_markdown(p: dict[str, Any] | None) -> list[str]:
     lines = [
         "## Pruning",
         "",
-        f"- method {cfg['method']} (eta {cfg['eta']:g}), budget {cfg['latency']} of the predicted "
+        f"- method {cfg['method']} ({selection_text(cfg)}), budget {cfg['latency']} of the predicted "
         f"{p['baseline_predicted_ms']:.3f} ms = {p['target_ms']:.3f} ms at batch {lat['batch']}; {cfg['steps']} steps, "
         f"{cfg['kd_steps']} distillation steps each, {cfg['finetune_epochs']} fine-tuning epochs",
         f"- latency at batch {lat['batch']}: predicted {p['predicted_ms']:.3f} ms ({lat['predicted_ratio']:.3f}x), "

@@ -142,7 +142,9 @@ def test_budget_is_met_with_the_known_answer(tmp_path, tiny_tables, monkeypatch,
     assert p["latency"]["measured_ratio"] == pytest.approx((0.64 + KNOWN_S * ALPHA) / BASELINE_MS, rel=1e-9)
     assert len(device.timed) == 1  # the report's measurement only: budget_rounds 0 trusts the table
     assert (tmp_path / "out" / "pruning.png").stat().st_size > 1000
-    assert "## Pruning" in (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Pruning" in report and f"method {method} (importance per latency (ratio))" in report
+    assert p["config"]["selection"] == "ratio"  # the default
 
 
 @pytest.mark.slow  # a second pruning method on the same budget (~2.7 s)
@@ -155,6 +157,7 @@ def test_uniform_scaling_known_answer(tmp_path, tiny_tables, monkeypatch):
         [(1, 16, 16, 80)] * 2
     assert manifest["pruning"]["emb"] == [32, 32]  # round(32 r / 8) x 8 = 24 would leave the grid
     assert manifest["pruning"]["predicted_ms"] == pytest.approx(0.64 + 160 * ALPHA, rel=1e-9)
+    assert "method uniform (one width ratio for every block)" in (tmp_path / "out" / "report.md").read_text()
 
 
 @pytest.mark.slow  # on-device checks are quick in test_budget_is_checked_on_the_device (~2.8 s)
