@@ -38,8 +38,6 @@ RULES = (("additive", 0.0), ("additive", 0.5), ("additive", 1.0), ("additive", 2
 
 
 def main() -> None:
-    import torch.nn.functional as F
-
     from deploycomp.frontend import load_source
     from deploycomp.frontend.timm_models import build_timm_model
     from deploycomp.ir.discover import discover
@@ -49,11 +47,9 @@ def main() -> None:
     from deploycomp.passes.base import CompileContext, Pipeline
     from deploycomp.passes.cleanup import CleanupPass
     from deploycomp.passes.prune import geometry_of, grid_floors
+    from deploycomp.pruning.config import DEFAULT_GROUP_SIZES, PruneConfig
     from deploycomp.pruning.plan import PrunePlan, plan_arch
-    from deploycomp.pruning.config import UNIT_DIVISORS
-    from deploycomp.pruning.saliency import compute_saliency
-    from deploycomp.pruning.schedule import calibration_batches
-    from deploycomp.pruning.config import DEFAULT_GROUP_SIZES
+    from deploycomp.pruning.schedule import calibration_batches, unit_importance
     from deploycomp.pruning.select import next_chunk, select_step
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -84,10 +80,11 @@ def main() -> None:
     full_ms = predict(PrunePlan())
     runs, first_chunks = [], []
     for seed in (int(s) for s in args.seeds.split(",")):
-        # the compile's defaults: 16 batches of 64 training images, no per-kind divisors
-        importance = compute_saliency(module, structure, model,
-                                      calibration_batches(module, train, SHAPE, 16, 64, seed), F.cross_entropy,
-                                      UNIT_DIVISORS)
+        # as the proxy benchmarks' compiles score units: Hessian importance, 16 batches of 64 training images
+        config = PruneConfig(saliency_batches=16, batch_size=64)
+        importance = unit_importance(config, module, structure, model,
+                                     calibration_batches(module, train, SHAPE, config.saliency_batches,
+                                                         config.batch_size, seed))
         total = sum(float(v.sum()) for v in importance.values())
         # every group's first chunk from the unpruned model: its importance share against its latency share
         for g in structure.groups():

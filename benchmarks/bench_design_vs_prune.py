@@ -27,8 +27,9 @@ top-5 teacher logits of the trained proxy, for every seed (default 0, 1, 2):
 Every row is judged by the target's latency table as profiled (no on-device calibration or budget
 checks, so that ``--train-only`` times nothing and may run beside other work; seed 0's pruning rows
 of 2026-12-04 still ran the compile's calibration and are to be re-run). Every result is compiled by
-deploycomp (verified against its torch model), scored on the test images by the target's runtime, and all artifacts are timed interleaved against the unpruned source at
-batch 32 and 1 (``benchmarks/proxy_common.py``). Output: a table, ``design_vs_prune.json`` (per
+deploycomp (verified against its torch model), scored on the test images by the target's runtime,
+and all artifacts are timed interleaved against the unpruned source and the peers at batch 32 and 1
+(``benchmarks/proxy_common.py``). Output: a table, ``design_vs_prune.json`` (per
 seed and mean +- std over seeds) and a Pareto plot of top-1 vs measured latency ratio.
 
     .venv/bin/pip install -e '.[bench]'                 # torch-pruning
@@ -57,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from deploycomp.api import CompileOptions, compile  # noqa: E402
 from deploycomp.artifact import read_manifest, write_json  # noqa: E402
-from proxy_common import (CACHE, MODEL, PEERS, PLAIN_ORT, peer_speeds, proxy_table, ratio_fields,  # noqa: E402
+from proxy_common import (CACHE, MODEL, PEER_NNCF_INT8, PLAIN_ORT, peer_speeds, proxy_table, ratio_fields,  # noqa: E402
                           speed_vs, time_against_source)
 
 ROWS = ("nvit-eta1", "nvit-eta0", "nvit-ratio", "uniform", "deepmad", "tinyvit-scale", "torch-pruning")
@@ -144,7 +145,7 @@ def main() -> None:
         for b in timing:
             r.update(ratio_fields(timing[b][key], base[b], b))
             r[f"speed_vs_plain_ort_b{b}"] = speed_vs(timing, key, PLAIN_ORT, b)
-            r[f"speed_vs_nncf_int8_b{b}"] = speed_vs(timing, key, PEERS[-1], b)
+            r[f"speed_vs_nncf_int8_b{b}"] = speed_vs(timing, key, PEER_NNCF_INT8, b)
     report = {
         "model": MODEL, "target": args.target, "table": str(args.table), "budgets": args.budgets.split(","),
         "budget_batch": args.batch, "seeds": seeds,

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from deploycomp.api import CompileOptions, compile  # noqa: E402
 from deploycomp.artifact import read_manifest, write_json  # noqa: E402
 from deploycomp.backends.fingerprint import host_fingerprint  # noqa: E402
-from proxy_common import (CACHE, MODEL, PEERS, PLAIN_ORT, peer_speeds, ratio_fields, speed_vs,  # noqa: E402
+from proxy_common import (CACHE, MODEL, PEER_NNCF_INT8, PLAIN_ORT, peer_speeds, ratio_fields, speed_vs,  # noqa: E402
                           teacher_and_logits, time_against_source)
 
 
@@ -157,7 +157,7 @@ def measure_all(artifacts: dict[str, Path], weights: Path, batch: int, rounds: i
             row.update(ratio_fields(timing[b][name], base[b], b))
             # speed vs plain ORT fp32 (medians), the base of bench_precision_proxy.py's plot, and vs the best peer
             row[f"speed_vs_plain_ort_b{b}"] = speed_vs(timing, name, PLAIN_ORT, b)
-            row[f"speed_vs_nncf_int8_b{b}"] = speed_vs(timing, name, PEERS[-1], b)
+            row[f"speed_vs_nncf_int8_b{b}"] = speed_vs(timing, name, PEER_NNCF_INT8, b)
         rows.append(row)
     return rows, peers
 

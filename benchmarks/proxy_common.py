@@ -13,7 +13,8 @@ PLAIN_ORT = "plain ORT fp32"
 MODEL = "timm:deit_fmnist_patch4_28"
 SHAPE = (1, 1, 28, 28)
 # what a user would pick instead of deploycomp, built with each runtime's own tools from the fp32 proxy
-PEERS = ("plain OpenVINO fp32", "peer: ONNX Runtime dynamic int8", "peer: OpenVINO + NNCF int8")
+PLAIN_OV, PEER_ORT_INT8, PEER_NNCF_INT8 = "plain OpenVINO fp32", "peer: ONNX Runtime dynamic int8", "peer: OpenVINO + NNCF int8"
+PEERS = (PLAIN_OV, PEER_ORT_INT8, PEER_NNCF_INT8)
 
 
 def teacher_and_logits(epochs: int) -> tuple[Path, Path]:
@@ -36,10 +37,13 @@ def proxy_table(target: str, batch: int, root: Path = Path(__file__).resolve().p
     """The path of the proxy's fp32 latency table for ``target`` at ``batch`` on this host: the table a
     ``deploycomp compile --target`` of the proxy would read (``api._latency_tables``)."""
     from deploycomp.backends.base import get_backend
+    from deploycomp.frontend import meta_module
+    from deploycomp.frontend import proxy  # noqa: F401  (registers the proxy with timm)
     from deploycomp.latency.profiler import device_fingerprint, grid_for
     from deploycomp.latency.table import table_path
+    from deploycomp.passes.prune import geometry_of
 
-    geometry = {"img_size": SHAPE[-1], "patch": 4, "in_chans": SHAPE[1], "num_classes": 10}
+    geometry = geometry_of(meta_module(MODEL), SHAPE)
     return table_path(root, device_fingerprint(get_backend(target), batch, "fp32"), grid_for(geometry))
 
 
@@ -65,7 +69,7 @@ def peer_candidates(module, plain, work: Path, samples: int = 128) -> dict[str, 
     ort_int8 = dynamic_int8(plain, work / "peer_ort_int8.onnx", preprocess=True)
     nncf_int8 = nncf_int8_ir(module, SHAPE, work / "peer_ov_int8.xml", samples=samples,
                              calibration=calibration_images(load_fashion_mnist("train"), samples))
-    return dict(zip(PEERS, ((ov, plain), (ort, ort_int8), (ov, nncf_int8))))
+    return {PLAIN_OV: (ov, plain), PEER_ORT_INT8: (ort, ort_int8), PEER_NNCF_INT8: (ov, nncf_int8)}
 
 
 def time_against_source(artifacts: dict[str, Path], weights: Path, batch: int, rounds: int,
@@ -83,10 +87,9 @@ def time_against_source(artifacts: dict[str, Path], weights: Path, batch: int, r
     from deploycomp.backends.base import backend_for_manifest, get_backend
     from deploycomp.bench.harness import measure_interleaved
     from deploycomp.frontend import load_source
+    from deploycomp.frontend.timm_models import build_timm_model
     from deploycomp.passes.base import CompileContext, Pipeline
     from deploycomp.passes.cleanup import CleanupPass
-
-    from deploycomp.frontend.timm_models import build_timm_model
 
     backend = backend_for_manifest(read_manifest(next(iter(artifacts.values()))))
     shape = SHAPE
