@@ -74,7 +74,7 @@ def compile_cmd(
     tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max relative L2 error of the logits vs the reference (default 1e-4 fp32, 5e-3 fp16, 2e-2 bf16)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the verification inputs (default: fresh)."),
     model_arg: list[str] = typer.Option([], "--model-arg", help="timm constructor override KEY=VALUE (repeatable), e.g. depth=6."),
-    no_measure: bool = typer.Option(False, "--no-measure", help="Skip measuring the artifact's latency."),
+    no_measure: bool = typer.Option(False, "--no-measure", help="Skip measuring the artifact's latency (with --latency: and the pruned-vs-unpruned timing; the report gives the predicted ratio)."),
     data: Optional[str] = typer.Option(None, "--data", help="Labelled data for top-1 before/after on the target: fashion-mnist or an image folder (DIR/<class>/<img>, or DIR/val/...)."),
     eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help="Evaluate on the first N test samples only (default: all)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Do not print the report."),
@@ -143,7 +143,7 @@ def compile_cmd(
                              max_drop=max_drop, max_float_layers=max_float_layers, output=output_kind,
                              feature_loss=feature_loss)
     check_options(model, options)  # before the progress bar: a refusal is one line
-    stages = [s for s in COMPILE_STAGES if (s != "ort_fusion" or fuse) and (s != "measure" or not no_measure)
+    stages = [s for s in COMPILE_STAGES if (s != "ort_fusion" or fuse) and (not s.startswith("measure") or not no_measure)
               and (s != "evaluate" or data) and ("prune" not in s and "pruned" not in s and "latency table" not in s or latency)
               and ("token" not in s or semantic_tokens) and (s != "precision" or precision not in ("fp32", "int8")) and (s != "quantize" or precision in ("int8", "auto"))]
     with _progress() as progress:

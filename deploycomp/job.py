@@ -93,10 +93,11 @@ class CompileJob:
             if "pruning" in ctx.results:
                 from .pruning.report import finish_pruning_report
 
-                say("measure pruned vs unpruned")
+                rounds = max(6 * self.measure_rounds, 10) if self.measure_rounds else 0  # 0: measure nothing
+                say("measure pruned vs unpruned" if rounds else "pruning report (not measured)")
                 manifest["pruning"] = finish_pruning_report(ctx.results["pruning"], ctx.baseline_model, model, artifact,
                                                             structure, manifest, staging, backend, self.latency_batch,
-                                                            rounds=max(6 * self.measure_rounds, 10))
+                                                            rounds=rounds)
             manifest["compile"] = {"seconds": round(time.monotonic() - self.started, 1), **peak_memory()}
             manifest["files"]["report"] = "report.md"
             manifest["files"]["manifest"] = MANIFEST

@@ -116,11 +116,11 @@ def mlp_dims(manifest) -> list[int]:
     return [b["mlp_dim"] for b in manifest["structure"]["blocks"]]
 
 
-def compile_tiny(tmp_path, tables, **prune):
+def compile_tiny(tmp_path, tables, *, measure_rounds=1, calibrate_rounds=4, **prune):
     config = PruneConfig(**{"steps": 2, "saliency_batches": 2, "batch_size": 8, "group_sizes": SIZES,
                             "budget_rounds": 0, **prune})
     options = CompileOptions(target="ort-cpu", model_kwargs=dict(TINY_DEIT), prune=config, tables=str(tables),
-                             measure_rounds=0, seed=0)
+                             measure_rounds=measure_rounds, calibrate_rounds=calibrate_rounds, seed=0)
     return compile(DEIT, tmp_path / "out", options)
 
 
@@ -145,6 +145,21 @@ def test_budget_is_met_with_the_known_answer(tmp_path, tiny_tables, monkeypatch,
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## Pruning" in report and f"method {method} (importance per latency (ratio))" in report
     assert p["config"]["selection"] == "ratio"  # the default
+
+
+def test_no_measure_times_nothing(tmp_path, tiny_tables, monkeypatch):
+    """``--no-measure`` with the table trusted (no calibration, no budget checks): the compile times
+    nothing at all, so it may run beside other work; the report says the latency was predicted only."""
+    from deploycomp.backends.base import BackendBase
+
+    def refuse(*a, **k):
+        raise AssertionError("timed although the compile was asked to measure nothing")
+
+    monkeypatch.setattr(BackendBase, "time", refuse)
+    manifest = compile_tiny(tmp_path, tiny_tables, latency="0.74x", kinds=("mlp",), measure_rounds=0, calibrate_rounds=0)
+    lat = manifest["pruning"]["latency"]
+    assert "measured_ratio" not in lat and lat["predicted_ratio"] < 0.74 and "latency" not in manifest
+    assert "not measured" in (tmp_path / "out" / "report.md").read_text()
 
 
 @pytest.mark.slow  # a second pruning method on the same budget (~2.7 s)
@@ -327,7 +342,7 @@ def test_compile_with_data_distills_and_finetunes(tmp_path, monkeypatch, kd_step
     manifest = compile("timm:deit_fmnist_patch4_28", tmp_path / "out", options)
     p = manifest["pruning"]
     assert p["predicted_ms"] <= p["target_ms"]
-    assert len(p["budget_checks"]) == prune.steps and len(device.timed) == prune.steps + 1  # + the report
+    assert len(p["budget_checks"]) == prune.steps and len(device.timed) == prune.steps  # no report timing: measure_rounds 0
     if kd_steps:
         assert all(s["distill_seconds"] > 0 for s in p["steps"])
     else:

@@ -392,7 +392,7 @@ def test_compile_latency_prunes_a_swin_to_the_budget(tmp_path, monkeypatch):
                         group_sizes={"emb": 8, "heads": 1, "qk": 4, "v": 4, "mlp": 16})
     manifest = compile("timm:" + SWIN, tmp_path / "out", CompileOptions(
         target="ort-cpu", model_kwargs=dict(TINY_SWIN), weights=weights, prune=prune, tables=str(tmp_path / "tables"),
-        measure_rounds=0, seed=0))
+        measure_rounds=1, seed=0))
     p = manifest["pruning"]
     assert p["predicted_ms"] <= p["target_ms"] == pytest.approx(0.5 * p["baseline_predicted_ms"], rel=1e-9)
     assert p["latency"]["measured_ratio"] <= 0.5 * 1.02  # the simulated device times the artifact
@@ -459,7 +459,7 @@ def test_compile_latency_with_semantic_tokens_per_window(tmp_path, monkeypatch):
     # the budget check timed a pruned graph with the semantic tokens, lowered: the pooling's ReduceMax
     # and no TokenCluster node
     checks = p["budget_checks"]
-    assert checks and len(device.timed) == len(checks) + 1, checks  # the checks, then the report
+    assert checks and len(device.timed) == len(checks), checks  # the checks (measure_rounds 0: no report timing)
     assert checks[-1]["measured_ratio"] <= 0.07 * 1.02  # the device (FLOPs) judged the design with tokens
     ops = {n.op_type for n in fresh(device.timed[0]).graph}
     assert "ReduceMax" in ops and "TokenCluster" not in ops, sorted(ops)

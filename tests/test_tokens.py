@@ -152,7 +152,7 @@ def test_semantic_tokens_with_pruning_share_one_budget(tmp_path, monkeypatch):
     tiny = {**TINY, "embed_dim": 32, "num_heads": 2}
     prune = PruneConfig(latency="0.9x", steps=2, saliency_batches=2, batch_size=8, budget_rounds=1, kinds=("mlp",),
                         group_sizes={"emb": 8, "heads": 1, "qk": 4, "v": 4, "mlp": 16})
-    options = CompileOptions(target="ort-cpu", model_kwargs=tiny, prune=prune, tables=str(tmp_path / "tables"), measure_rounds=0, seed=0,
+    options = CompileOptions(target="ort-cpu", model_kwargs=tiny, prune=prune, tables=str(tmp_path / "tables"), measure_rounds=1, seed=0,
                              semantic_tokens=SemanticTokenConfig(4, layer=1))
     manifest = compile("timm:deit_tiny_patch16_224", tmp_path / "out", options)
     p = manifest["pruning"]

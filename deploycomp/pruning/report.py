@@ -45,16 +45,20 @@ def plot_blocks(rows: list[dict], emb: tuple[int, int], path: Path) -> None:
 
 def finish_pruning_report(section: dict[str, Any], unpruned: ir.Model, pruned: ir.Model, artifact, structure: Structure,
                           manifest: dict[str, Any], staging: Path, backend, batch: int, rounds: int) -> dict[str, Any]:
-    """Measure (the unpruned graph against the emitted ``artifact``, interleaved on ``backend``),
-    tabulate and plot; returns the manifest's ``pruning`` section (the plot is written to ``staging``)."""
+    """Measure (the unpruned graph against the emitted ``artifact``, interleaved on ``backend``, for
+    ``rounds``; 0 times nothing: the compile was asked not to measure), tabulate and plot; returns the
+    manifest's ``pruning`` section (the plot is written to ``staging``)."""
     info = dict(section)
-    shape = tuple(d if isinstance(d, int) else 1 for d in manifest["input"]["shape"])
-    from ..backends.base import fp32_backend, time_against
+    latency: dict[str, Any] = {"batch": batch, "predicted_ratio": info["predicted_ms"] / info["baseline_predicted_ms"]}
+    if rounds:
+        from ..backends.base import fp32_backend, time_against
 
-    # the unpruned source as the user holds it (fp32), the artifact as it runs (a runtime precision too)
-    measured = time_against(backend, fp32_backend(backend), {"unpruned": unpruned, "pruned": artifact}, "unpruned",
-                            shape, batch, rounds)
-    ratio = measured["pruned"]["median_ms"] / measured["unpruned"]["median_ms"]
+        shape = tuple(d if isinstance(d, int) else 1 for d in manifest["input"]["shape"])
+        # the unpruned source as the user holds it (fp32), the artifact as it runs (a runtime precision too)
+        measured = time_against(backend, fp32_backend(backend), {"unpruned": unpruned, "pruned": artifact}, "unpruned",
+                                shape, batch, rounds)
+        latency.update(unpruned=measured["unpruned"], pruned=measured["pruned"],
+                       measured_ratio=measured["pruned"]["median_ms"] / measured["unpruned"]["median_ms"])
     original = info.pop("original")
     rows = block_rows(original, structure)
     info.update({
@@ -62,9 +66,7 @@ def finish_pruning_report(section: dict[str, Any], unpruned: ir.Model, pruned: i
         "emb": [original[0]["emb"], structure.blocks[0].emb],
         "params": [param_count(unpruned), param_count(pruned)],
         "gflops_per_image": [matmul_flops(unpruned) / 1e9, matmul_flops(pruned) / 1e9],
-        "latency": {"batch": batch, "unpruned": measured["unpruned"], "pruned": measured["pruned"],
-                    "measured_ratio": ratio,
-                    "predicted_ratio": info["predicted_ms"] / info["baseline_predicted_ms"]},
+        "latency": latency,
     })
     plot_blocks(rows, tuple(info["emb"]), staging / PLOT)
     manifest["files"]["plot"] = PLOT
