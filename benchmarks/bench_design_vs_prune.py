@@ -25,8 +25,9 @@ top-5 teacher logits of the trained proxy, for every seed (default 0, 1, 2):
   the width), which are reset from the pruned ``qkv``.
 
 Every row is judged by the target's latency table as profiled (no on-device calibration or budget
-checks, so that ``--train-only`` times nothing and may run beside other work; seed 0's pruning rows
-of 2026-12-04 still ran the compile's calibration and are to be re-run). Every result is compiled by
+checks, so that ``--train-only`` times nothing and may run beside other work; a unit whose compile
+still scaled the table on the device, as the pruning rows of 2026-12-04 did, is marked
+``calibrated_on_device`` in the JSON). Every result is compiled by
 deploycomp (verified against its torch model), scored on the test images by the target's runtime,
 and all artifacts are timed interleaved against the unpruned source and the peers at batch 32 and 1
 (``benchmarks/proxy_common.py``). Output: a table, ``design_vs_prune.json`` (per
@@ -36,6 +37,9 @@ seed and mean +- std over seeds) and a Pareto plot of top-1 vs measured latency 
     .venv/bin/python benchmarks/train_proxy.py            # the teacher, once
     .venv/bin/python benchmarks/bench_design_vs_prune.py  # hours on 2 cores; resumes per (budget, row, seed)
     .venv/bin/python benchmarks/bench_design_vs_prune.py --quick   # end-to-end smoke run, minutes, tiny data
+
+``--train-only`` trains the missing units and times nothing (it may run beside other work);
+``--time-only`` trains nothing and times the units already trained, listing the missing ones in the JSON.
 
 ``--quick`` trains on 256 images for 1 epoch, one seed, the 0.5x budget only, writes to a temporary
 directory (never to benchmarks/results) and trains a throwaway teacher if the real one is missing:
@@ -82,6 +86,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: 256 images, 1 epoch, 1 seed, 0.5x, temp dir")
     ap.add_argument("--train-only", action="store_true",
                     help="build, train and score the missing units, then stop before timing (time later on a quiet machine)")
+    ap.add_argument("--time-only", action="store_true",
+                    help="train nothing: time the units already trained among --budgets x --rows x --seeds; the JSON "
+                         "lists the missing ones")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/design_vs_prune.json)")
     ap.add_argument("--work", type=Path, default=None, help="work directory (default ~/.cache/deploycomp/design-bench; "
                                                             "--quick: a new temporary directory)")
@@ -115,11 +122,13 @@ def main() -> None:
         except ImportError:
             sys.exit("the torch-pruning row needs Torch-Pruning: pip install -e '.[bench]'")
 
+    if args.train_only and args.time_only:
+        sys.exit("--train-only and --time-only exclude each other")
     weights = teacher(work, args)
-    results, artifacts = [], {}
+    results, artifacts, missing = [], {}, []
     for budget in args.budgets.split(","):
         for seed in seeds:
-            logits = teacher_logits(work, weights, args.epochs, seed, args.train_samples)
+            logits = None if args.time_only else teacher_logits(work, weights, args.epochs, seed, args.train_samples)
             for row in rows:
                 key = f"{row}-{budget}-s{seed}"
                 unit = work / key
@@ -127,17 +136,26 @@ def main() -> None:
                 if done.is_file():
                     print(f"{key}: reusing {unit}", flush=True)
                     result = json.loads(done.read_text())
+                elif args.time_only:
+                    missing.append(key)
+                    continue
                 else:
                     print(f"{key}: running", flush=True)
                     t0 = time.monotonic()
                     result = RUNNERS[row](unit, weights, logits, budget, seed, args)
                     result.update(row=row, budget=budget, seed=seed, wall_seconds=time.monotonic() - t0)
                     write_json(done, result)
+                # units of 2026-12-04 whose compile still scaled the table by on-device timing: marked, not mixed silently
+                result["calibrated_on_device"] = "latency_calibration" in read_manifest(Path(result["artifact"]))
                 results.append(result)
                 artifacts[key] = Path(result["artifact"])
     if args.train_only:
         print(f"--train-only: {len(results)} units trained and scored in {work}; run again without it to time them")
         return
+    if missing:
+        print(f"--time-only: {len(missing)} units not trained, left out: {', '.join(missing)}")
+    if not results:
+        sys.exit(f"no trained units in {work}")
 
     timing, base = time_against_source(artifacts, weights, args.batch, args.rounds, source="unpruned", peers=True)
     for r in results:
@@ -158,7 +176,7 @@ def main() -> None:
                     "torch-pruning": ("GroupTaylorImportance with head pruning, one shot at the smallest ratio meeting the "
                                       f"table's budget, then lr 5e-4 fine-tuning; hand fix: {TORCH_PRUNING_FIX}")},
         "unpruned": {f"b{b}_median_ms": base[b] for b in base}, "peers": peer_speeds(timing, base),
-        "runs": results, "summary": summarize(results, args.batch),
+        "runs": results, "summary": summarize(results, args.batch), "missing_units": missing,
     }
     print_table(report)
     write_json(args.out, report)
@@ -356,7 +374,8 @@ def summarize(results: list[dict], batch: int) -> list[dict]:
             runs = [r for r in results if r["budget"] == budget and r["row"] == row]
             if not runs:
                 continue
-            entry = {"budget": budget, "row": row, "seeds": [r["seed"] for r in runs]}
+            entry = {"budget": budget, "row": row, "seeds": [r["seed"] for r in runs],
+                     "calibrated_on_device_seeds": [r["seed"] for r in runs if r.get("calibrated_on_device")]}
             for field in ("top1", f"ratio_b{batch}", "ratio_b1", "predicted_ratio", f"speed_vs_plain_ort_b{batch}",
                           f"speed_vs_nncf_int8_b{batch}"):
                 vals = np.asarray([r[field] for r in runs if r.get(field) is not None], dtype=float)
@@ -376,9 +395,12 @@ def print_table(report: dict) -> None:
         def f(k, fmt):
             v = e.get(k)
             return f"{v['mean']:{fmt}} +- {v['std']:{fmt}}" if v else "-"
-        print(f"{e['budget']:>6} {e['row']:15} {f('top1', '.2f'):>14} {f(f'ratio_b{b}', '.3f'):>14} "
+        mark = "*" if e.get("calibrated_on_device_seeds") else ""
+        print(f"{e['budget']:>6} {e['row'] + mark:15} {f('top1', '.2f'):>14} {f(f'ratio_b{b}', '.3f'):>14} "
               f"{f('ratio_b1', '.3f'):>14} {e['predicted_ratio']['mean'] if 'predicted_ratio' in e else float('nan'):6.3f} "
               f"{f(f'speed_vs_plain_ort_b{b}', '.2f'):>14} {f(f'speed_vs_nncf_int8_b{b}', '.2f'):>14}")
+    if any(e.get("calibrated_on_device_seeds") for e in report["summary"]):
+        print("* a seed's compile scaled the latency table by on-device timing (the bench's protocol before 2026-12-05)")
     for name, p in report.get("peers", {}).items():
         print(f"{name:38} b{b} {p[f'ratio_b{b}']:.3f} of the unpruned proxy, {p[f'speed_vs_plain_ort_b{b}']:.2f}x plain ORT")
 
