@@ -62,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 from deploycomp.api import CompileOptions, compile  # noqa: E402
 from deploycomp.artifact import read_manifest, write_json  # noqa: E402
+from deploycomp.bench.harness import stats  # noqa: E402
 from proxy_common import (CACHE, MODEL, PEER_NNCF_INT8, PLAIN_ORT, peer_speeds, proxy_table, ratio_fields,  # noqa: E402
                           speed_vs, time_against_source)
 
@@ -175,7 +176,7 @@ def main() -> None:
                     "tinyvit-scale": "from the sliced proxy weights: lr 5e-4, 0.2 warm-up epochs (the fine-tuning recipe)",
                     "torch-pruning": ("GroupTaylorImportance with head pruning, one shot at the smallest ratio meeting the "
                                       f"table's budget, then lr 5e-4 fine-tuning; hand fix: {TORCH_PRUNING_FIX}")},
-        "unpruned": {f"b{b}_median_ms": 1e3 * base[b] for b in base}, "peers": peer_speeds(timing, base),
+        "unpruned": {f"b{b}_median_ms": stats(timing[b]["unpruned"])["median_ms"] for b in timing}, "peers": peer_speeds(timing, base),
         "runs": results, "summary": summarize(results, args.batch), "missing_units": missing,
     }
     print_table(report)
