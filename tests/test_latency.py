@@ -127,8 +127,32 @@ def backend():
     return get_backend("ort-cpu", threads=1)
 
 
+def test_block_halves_are_profiled_in_context_the_stem_and_head_alone(tmp_path, backend, monkeypatch):
+    """A chain of copies computes the part applied copy after copy, and the table stores what one
+    more copy adds (the per-call overhead a micro-graph pays at its edges cancels); parts that do
+    not chain are timed alone."""
+    from .conftest import run_ort
+
+    part = micrographs.attention_part(5, 32, 2, 8, 8)
+    x = np.random.default_rng(0).standard_normal((2, 5, 32)).astype(np.float32)
+    twice = run_ort(ir.serde.deserialize_model(part), run_ort(ir.serde.deserialize_model(part), x))
+    chained = micrographs.chained(part, 2)
+    assert sum(n.op_type == "Softmax" for n in chained.graph.node) == 2
+    np.testing.assert_allclose(run_ort(ir.serde.deserialize_model(chained), x), twice, rtol=1e-5, atol=1e-6)
+
+    def fake_time(self, model, x, warmup, repeats):  # 1.0 ms at the edges, 0.25 ms a Softmax/Erf/Conv/Gemm
+        body = sum(n.op_type in ("Softmax", "Erf", "Conv", "Gemm") for n in model.graph.node)
+        return [1.0 + 0.25 * body] * repeats
+
+    monkeypatch.setattr(type(backend), "time_part", fake_time)
+    table = profile(backend, tmp_path, grid="tiny", protocol={"warmup": 0, "repeats": 2, "passes": 1})
+    assert table.protocol["chain"] == 2
+    for kind, ms in (("attention", 0.25), ("mlp", 0.25), ("stem", 1.25), ("head", 1.25)):
+        assert {table.median(kind, p) for p in table.points(kind)} == {ms}, kind
+
+
 def test_profile_resumes_and_refuses_other_devices(tmp_path, backend):
-    protocol = {"warmup": 0, "repeats": 1, "passes": 2}
+    protocol = {"warmup": 1, "repeats": 1, "passes": 2}  # a warm-up: block halves are chained minus alone
     seen = []
 
     class Killed(Exception):

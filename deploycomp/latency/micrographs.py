@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, compose, helper, numpy_helper
 
 from ..tokens.op import DOMAIN, OP_TYPE, VERSION, lower
 
@@ -260,3 +260,14 @@ def swin_head_part(tokens: int, emb: int, num_classes: int = 1000, seed: int = 0
     pooled = g.op("ReduceMean", g.layernorm(x, emb), g.const(np.array([1, 2], np.int64)), keepdims=0)
     out = g.op("Gemm", pooled, g.weight(num_classes, emb), g.weight(num_classes), transB=1)
     return g.model(x, ["batch", side, side, emb], out, ["batch", num_classes])
+
+
+def chained(model: onnx.ModelProto, copies: int) -> onnx.ModelProto:
+    """``copies`` copies of a part whose output has its input's shape (a block's attention or MLP
+    half), each feeding the next (``onnx.compose``, names prefixed per copy): the profiler's
+    in-context measure of the part (``profiler.time_part``)."""
+    out = compose.add_prefix(model, "c0_")
+    for i in range(1, copies):
+        nxt = compose.add_prefix(model, f"c{i}_")
+        out = compose.merge_models(out, nxt, io_map=[(out.graph.output[0].name, nxt.graph.input[0].name)])
+    return out

@@ -139,7 +139,10 @@ GRIDS["swin-micro"] = swin_grid(FIXED["swin-micro"], embs=[[24, 32], [48, 64]], 
 # Eight passes of two: each point's median mixes eight moments of the profile, so a slow minute
 # of the machine moves it less. Validation at batch 1 here: 2 passes x 5 repeats gave 12 % median /
 # 27 % p90 error, 4 x 3 gave 5.6 % / 12 % (one EMB-576 point still 15 % off a re-measurement).
-DEFAULT_PROTOCOL = {"warmup": 2, "repeats": 2, "passes": 8}
+# ``chain``: a block half is measured as what one more copy of it adds to a chain (see ``time_part``).
+DEFAULT_PROTOCOL = {"warmup": 2, "repeats": 2, "passes": 8, "chain": 2}
+# Part kinds whose output has their input's shape, so copies of them chain.
+CHAINED_KINDS = ("attention", "mlp", "window_attention")
 
 
 def grid_for(geometry: dict[str, int]) -> str:
@@ -218,11 +221,26 @@ Prepare = Callable[[str, tuple[int, ...], Any], Any]
 def time_part(backend, part: str, point, table: LatencyTable, batch: int, warmup: int, repeats: int,
               prepare: Prepare | None = None) -> list[float]:
     """Milliseconds of ``repeats`` runs of one part after ``warmup`` runs, timed by the backend;
-    ``prepare(part, point, model)`` puts the micro-graph in the table's precision."""
+    ``prepare(part, point, model)`` puts the micro-graph in the table's precision.
+
+    A block half (``CHAINED_KINDS``) under a protocol with ``chain`` = n > 1 is measured in context:
+    sample i is (time of n chained copies - time of one copy) / (n - 1). A micro-graph alone also pays
+    what a whole model pays once: the call, its input and output at the graph's edges, the runtime's
+    layout conversions there. Summed over 12 parts that overhead swamped thin models: on openvino-cpu
+    at batch 32 on the proxy, a 6-block EMB-96 model with 8-wide heads and 16-wide MLPs ran in
+    3.7 ms; its parts alone summed to 5.9 ms, their in-context costs to 3.5 ms (the residual Add at a
+    graph's output cost 0.18 ms there, 0.03 ms inside the model). The stem and the head stay
+    measured alone: each sits at one edge of the model anyway."""
     model = build_part(part, point, table.fixed, table.grid, backend.token_cluster_lowering)
     if prepare is not None:
         model = prepare(part, point, model)
-    return backend.time_part(model, part_input(part, point, table.fixed, batch), warmup, repeats)
+    x = part_input(part, point, table.fixed, batch)
+    copies = int(table.protocol.get("chain", 1))
+    if copies < 2 or part_kind(part) not in CHAINED_KINDS:
+        return backend.time_part(model, x, warmup, repeats)
+    alone = backend.time_part(model, x, warmup, repeats)
+    chain = backend.time_part(micrographs.chained(model, copies), x, warmup, repeats)
+    return [max(c - a, 0.0) / (copies - 1) for a, c in zip(alone, chain)]  # a copy cannot cost less than nothing
 
 
 def check_precision(backend, precision: str) -> str:
