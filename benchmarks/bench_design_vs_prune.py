@@ -109,6 +109,7 @@ def main() -> None:
     if not args.table.is_file():
         sys.exit(f"no proxy latency table {args.table}: run `deploycomp profile --target {args.target} --batch "
                  f"{args.batch} --grid proxy-fmnist`")
+    args.tables = tables_root_with(args.table, args, work)
     import os
 
     os.environ.setdefault("DEPLOYCOMP_DESIGNS", str(work / "designs"))
@@ -216,6 +217,21 @@ def teacher_logits(work: Path, weights: Path, epochs: int, seed: int, train_samp
     return path
 
 
+def tables_root_with(table: Path, args, work: Path) -> Path:
+    """A latency-table root where a compile for ``args.target`` at ``args.batch`` finds ``table``:
+    the project's own when ``table`` is this host's, else a copy of ``table`` at the path a compile
+    looks for, under ``work`` (compile picks its table by device fingerprint, so a ``--table`` must
+    reach the pruning rows this way, as it reaches the design rows directly)."""
+    own = ROOT / "latency_tables"
+    if table.resolve() == proxy_table(args.target, args.batch, own).resolve():
+        return own
+    root = work / f"tables-{table.stem}"
+    dest = proxy_table(args.target, args.batch, root)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(table.read_bytes())
+    return root
+
+
 # -- the rows ------------------------------------------------------------------------------------
 def compile_result(unit: Path, model: str, weights: Path | None, args, seed: int, prune=None) -> dict:
     """Compile (verified), score on the test set; return the artifact's numbers."""
@@ -223,7 +239,7 @@ def compile_result(unit: Path, model: str, weights: Path | None, args, seed: int
     # calibrate_rounds=0: no timing while the units train (for hours, beside other work); every row is
     # judged by the same table as profiled, the design rows' judge too, and timed once at the end
     compile(model, art, CompileOptions(target=args.target, weights=str(weights) if weights else None, data="fashion-mnist",
-                                       prune=prune, calibrate_rounds=0,
+                                       prune=prune, calibrate_rounds=0, tables=str(args.tables),
                                        latency_batch=args.batch, measure_rounds=0, seed=seed,
                                        eval_samples=args.eval_samples, train_samples=args.train_samples),
             progress=lambda msg: print(f"  {unit.name}: {msg}", flush=True))
