@@ -15,7 +15,6 @@ Output: a table and ``benchmarks/results/static_batch_openvino-cpu.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

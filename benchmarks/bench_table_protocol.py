@@ -44,14 +44,15 @@ from deploycomp.frontend import proxy  # noqa: E402,F401  (registers the proxy w
 from proxy_common import CACHE, MODEL, proxy_table  # noqa: E402
 
 
-def unit_archs(work: Path) -> dict[str, ViTArch]:
-    """name -> architecture of every compiled unit under ``work`` (from its manifest's structure)."""
+def unit_archs(work: Path, fixed: dict) -> dict[str, ViTArch]:
+    """name -> architecture of every compiled unit under ``work`` (from its manifest's structure),
+    at the table grid's input geometry ``fixed``."""
+    geometry = {k: fixed[k] for k in ("img_size", "patch", "in_chans", "num_classes")}
     out: dict[str, ViTArch] = {}
     for manifest in sorted(work.glob("*/artifact/manifest.json")):
         s = json.loads(manifest.read_text())["structure"]
         blocks = tuple(BlockArch(b["heads"], b["qk_dim"], b["v_dim"], b["mlp_dim"], b["tokens"]) for b in s["blocks"])
-        out[manifest.parent.parent.name] = ViTArch(s["stage_embs"][0], blocks, img_size=28, patch=4, in_chans=1,
-                                                   num_classes=10)
+        out[manifest.parent.parent.name] = ViTArch(s["stage_embs"][0], blocks, **geometry)
     return out
 
 
@@ -87,13 +88,10 @@ def main() -> None:
         raise SystemExit("--alone must be a table profiled with parts alone, --context one profiled in context")
     predictors = {k: LatencyPredictor(t) for k, t in tables.items()}
 
-    archs: dict[str, ViTArch] = {}
-    seen: set[str] = set()
-    for name, arch in unit_archs(args.work).items():
-        key = json.dumps(arch.to_dict(), sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            archs[name] = arch
+    distinct: dict[str, tuple[str, ViTArch]] = {}  # one unit per architecture (seeds often repeat one)
+    for name, arch in unit_archs(args.work, tables["context"].fixed).items():
+        distinct.setdefault(json.dumps(arch.to_dict(), sort_keys=True), (name, arch))
+    archs: dict[str, ViTArch] = dict(distinct.values())
     for budget in args.budgets.split(","):
         for k, t in tables.items():
             archs[f"design {budget} on the {k} table"] = designed(budget, t.path, args.batch)
@@ -104,6 +102,7 @@ def main() -> None:
                       progress=lambda s: print(f"  {s}", flush=True))
 
     full = full_arch(tables["context"])
+    full_predicted = {k: p.predict(full).total_ms for k, p in predictors.items()}
     full_ms = report["calibration"]["anchors"][0]["measured_ms"]
     assert report["calibration"]["anchors"][0]["anchor"].startswith("the grid's full architecture")
     rows, errs = [], {k: {"ms": [], "ratio": []} for k in tables}
@@ -113,7 +112,8 @@ def main() -> None:
                "measured_spread_ms": [r["measured"]["p10_ms"], r["measured"]["p90_ms"]],
                "measured_ratio": meas / full_ms}
         for k, p in predictors.items():
-            ms, ratio = p.predict(arch).total_ms, p.predict(arch).total_ms / p.predict(full).total_ms
+            ms = p.predict(arch).total_ms
+            ratio = ms / full_predicted[k]
             row[f"{k}_ms"], row[f"{k}_ratio"] = ms, ratio
             row[f"{k}_ms_err_pct"] = (ms / meas - 1) * 100
             row[f"{k}_ratio_err_pct"] = (ratio / row["measured_ratio"] - 1) * 100
@@ -123,7 +123,7 @@ def main() -> None:
     summary = {k: {"median_abs_ms_err_pct": float(np.median(e["ms"])), "max_abs_ms_err_pct": float(np.max(e["ms"])),
                    "median_abs_ratio_err_pct": float(np.median(e["ratio"])),
                    "max_abs_ratio_err_pct": float(np.max(e["ratio"])),
-                   "full_predicted_ms": predictors[k].predict(full).total_ms}
+                   "full_predicted_ms": full_predicted[k]}
                for k, e in errs.items()}
 
     print(f"\nunpruned proxy (the grid's full architecture): measured {full_ms:.2f} ms; predicted "
