@@ -105,6 +105,10 @@ def check_options(source: str, options: CompileOptions) -> None:
         raise DeployCompError(f"--max-float-layers must be >= 0, not {options.max_float_layers}")
     if lossy and options.max_float_layers and not options.sensitivity_samples > 0:
         raise DeployCompError("the int8 fallback (--max-float-layers) ranks layers by sensitivity: sensitivity_samples must be > 0")
+    static_batch = options.runtime.get("static_batch")
+    if static_batch is not None and options.prune is not None and options.latency_batch != static_batch:
+        raise DeployCompError(f"--static-batch {static_batch} fixes the artifact's batch: a latency budget is for "
+                              f"that batch, not --latency-batch {options.latency_batch}")
     from .learn.objective import Objective
 
     Objective(options.output or "logits", options.feature_loss)  # known values, or one line
@@ -320,7 +324,8 @@ def _latency_tables(module, input_shape: tuple[int, ...], options: CompileOption
         if not path.is_file():
             if auto and precision != "fp32":
                 continue
-            flag = "" if precision == "fp32" else f" --precision {precision}"
+            flag = ("" if precision == "fp32" else f" --precision {precision}") + \
+                   (" --static-batch" if options.runtime.get("static_batch") else "")
             others = sorted(p.name for p in path.parent.glob(path.name.replace(f"-{fp['isa']}-", "-*-", 1)))
             elsewhere = f"; tables of this CPU model with other instruction sets ({', '.join(others)}) do not " \
                         "predict this one" if others else ""

@@ -68,6 +68,7 @@ def compile_cmd(
     target: str = typer.Option(DEFAULT_TARGET, "--target", help=f"Target backend: {TARGETS_HELP}."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads of the target (default: all cores)."),
     spinning: Optional[bool] = typer.Option(None, "--spinning/--no-spinning", help="ort-* targets: let ONNX Runtime worker threads spin-wait (default: on, measured faster for a lone session; see docs/ARCHITECTURE.md)."),
+    static_batch: Optional[int] = typer.Option(None, "--static-batch", help="openvino-cpu: fix the artifact's input batch to N (the IR's shape; faster than a dynamic batch, most for small models). With --latency the budget is for batch N, judged by a table profiled with --static-batch."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset to export at."),
     fuse: bool = typer.Option(False, "--fuse/--no-fuse", help="Apply ONNX Runtime's transformer fusions (off: not measurably faster on CPU)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32; fp16 (ort-*, tensorrt: the precision pass keeps float32 for norms, softmax and I/O); bf16 (openvino-cpu on a CPU with avx512_bf16/AMX, tensorrt); int8 (openvino-cpu: NNCF post-training quantization to Q/DQ, calibrated on --data or synthetic images, behind a fidelity gate); auto (with --latency: the precision whose latency table needs the least pruning to meet the budget)."),
@@ -79,7 +80,7 @@ def compile_cmd(
     eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help="Evaluate on the first N test samples only (default: all)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Do not print the report."),
     latency: Optional[str] = typer.Option(None, "--latency", help="Prune (NViT) to a latency budget: 0.5x of the unpruned model's predicted latency, or 12ms."),
-    latency_batch: int = typer.Option(1, "--latency-batch", help="Batch size the budget is for (selects the latency table)."),
+    latency_batch: Optional[int] = typer.Option(None, "--latency-batch", help="Batch size the budget is for (selects the latency table; default: --static-batch, else 1)."),
     prune_method: str = typer.Option("hessian", "--prune-method", help="hessian (NViT), magnitude (L1 baseline) or uniform (width scaling baseline)."),
     selection: str = typer.Option("ratio", "--selection", help="How pruning ranks chunks: ratio (importance share per latency share, the knapsack greedy) or additive (NViT: importance share - eta x latency share)."),
     eta: Optional[float] = typer.Option(None, "--eta", help="With --selection additive: importance share minus eta x latency share (default 1; 0: latency-blind)."),
@@ -130,10 +131,10 @@ def compile_cmd(
     if semantic_tokens is not None:
         tokens = SemanticTokenConfig(tokens=semantic_tokens, layer=token_layer, pooling=token_pooling, stage=token_stage, dense=dense)
     options = CompileOptions(target=target, weights=str(weights) if weights else None, opset=opset, threads=threads,
-                             runtime={} if spinning is None else {"allow_spinning": spinning},
+                             runtime={k: v for k, v in (("allow_spinning", spinning), ("static_batch", static_batch)) if v is not None},
                              fuse=fuse, precision=precision, tolerance=tolerance, seed=seed, model_kwargs=_parse_model_args(model_arg),
                              measure_rounds=0 if no_measure else 5, data=data, eval_samples=eval_samples,
-                             prune=prune, latency_batch=latency_batch, tables=str(tables), train_samples=train_samples,
+                             prune=prune, latency_batch=latency_batch or static_batch or 1, tables=str(tables), train_samples=train_samples,
                              calibrate_rounds=calibrate_rounds,
                              semantic_tokens=tokens, token_lowering=token_lowering,
                              token_finetune_epochs=0 if prune or qat else finetune_epochs,
@@ -223,6 +224,7 @@ def profile_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads (default: all cores)."),
     spinning: Optional[bool] = typer.Option(None, "--spinning/--no-spinning", help="ort-* targets: profile with ONNX Runtime's spin-waiting threads (default: on, as artifacts run; match your deployment)."),
     batch: int = typer.Option(1, "--batch", help="Batch size the table is measured at."),
+    static_batch: bool = typer.Option(False, "--static-batch", help="openvino-cpu: time the parts compiled for exactly --batch, as artifacts compiled with --static-batch run (a table of its own)."),
     dtype: str = typer.Option("fp32", "--precision", "--dtype", help="Precision the parts run in: fp32, int8 (quantized as the compiler quantizes for this target), bf16 (openvino-cpu with avx512_bf16/AMX), fp16 (ort-*): one table per precision."),
     grid: str = typer.Option("deit-base", "--grid", help="Grid preset: deit-base (224 px DeiT: EMB<=768, H<=12, QK/V<=64, MLP<=3072, tokens<=197), proxy-fmnist (the 28 px proxy DeiT), swin-t (224 px Swin-T/S, per stage), tiny or swin-micro (tests)."),
     tables: Path = typer.Option(Path("latency_tables"), "--tables", help="Root directory of the latency tables."),
@@ -239,7 +241,7 @@ def profile_cmd(
 
     from .latency.profiler import check_precision
 
-    options = {"threads": threads, "allow_spinning": spinning}
+    options = {"threads": threads, "allow_spinning": spinning, "static_batch": batch if static_batch else None}
     probe = get_backend(target, **options)
     if probe.precisions.get(dtype) == "runtime" and dtype != "fp32":  # the runtime's own option (OpenVINO bf16)
         options["precision"] = dtype
@@ -281,6 +283,7 @@ def design_cmd(
     latency: str = typer.Option(..., "--latency", help="Latency budget: 5ms, or 0.3x of the reference model's predicted latency."),
     target: str = typer.Option(DEFAULT_TARGET, "--target", help="Target whose latency table the budget is judged by."),
     batch: int = typer.Option(1, "--batch", help="Batch size the budget is for (selects the latency table)."),
+    static_batch: bool = typer.Option(False, "--static-batch", help="openvino-cpu: judge by the table profiled with --static-batch (for an artifact compiled with --static-batch)."),
     params: Optional[str] = typer.Option(None, "--params", help="Parameter cap, e.g. 5M or 800k."),
     flops: Optional[str] = typer.Option(None, "--flops", help="FLOPs cap per image (2 x MACs), e.g. 1.2G."),
     depth_range: str = typer.Option("4:12", "--depth-range", help="Blocks the design may have, MIN:MAX."),
@@ -302,7 +305,7 @@ def design_cmd(
     record = run_design(output, latency=latency, target=target, batch=batch, params=params, flops=flops,
                         depth_range=depth_range, source=source, weights=str(weights) if weights else None,
                         reference=reference, semantic_tokens=semantic_tokens, rho=rho, grid=grid, tables=tables,
-                        table=table, force=force, name=name, threads=threads)
+                        table=table, force=force, name=name, threads=threads, static_batch=static_batch)
     p, a = record["predicted"], record["arch"]
     frac = f" ({p['fraction_of_reference']:.3f}x)" if p["fraction_of_reference"] else ""
     console.print(f"[green]timm:{record['name']}[/green]: EMB {a['emb']}, depth {len(a['blocks'])}, "

@@ -135,7 +135,7 @@ def peak_memory() -> dict[str, Any]:
 
 def measure_artifact(backend: "Backend", artifact, model: ir.Model, fp32_model: ir.Model | None,
                      input_shape: tuple[int, ...], rounds: int, precision: str) -> dict[str, Any]:
-    """The artifact's batch-1 latency. At a lossy precision (a graph precision left ``fp32_model``,
+    """The artifact's latency at batch 1 (at its batch if the backend fixes one). At a lossy precision (a graph precision left ``fp32_model``,
     the graph before it; a runtime precision runs ``model`` itself at fp32) it is timed interleaved
     with that fp32 graph, and a precision that measures slower than fp32 on this device is a warning:
     int8 without VNNI is (OpenVINO ran 0.79-0.82x its fp32 on an AVX2 EPYC), and a user who asked
@@ -143,10 +143,11 @@ def measure_artifact(backend: "Backend", artifact, model: ir.Model, fp32_model: 
     from .backends.base import fp32_backend, time_against
 
     reference = fp32_backend(backend)
+    batch = backend.static_batch or 1
     if fp32_model is None and reference is backend:
-        return {"batch": 1, **backend.time({"artifact": artifact}, input_shape, batch=1, rounds=rounds)["artifact"]}
+        return {"batch": batch, **backend.time({"artifact": artifact}, input_shape, batch=batch, rounds=rounds)["artifact"]}
     fp32_graph = model if fp32_model is None else fp32_model
-    times = time_against(backend, reference, {"fp32": fp32_graph, "artifact": artifact}, "fp32", input_shape, 1, rounds)
+    times = time_against(backend, reference, {"fp32": fp32_graph, "artifact": artifact}, "fp32", input_shape, batch, rounds)
     speedup = times["fp32"]["median_ms"] / times["artifact"]["median_ms"]
     if speedup < 1.0:
         import warnings
@@ -157,9 +158,9 @@ def measure_artifact(backend: "Backend", artifact, model: ir.Model, fp32_model: 
         why = ("; this CPU has no VNNI, so its int8 matrix kernels are slower than its fp32 ones"
                if precision == "int8" and int8_dot_saturates() else "")
         warnings.warn(f"the {precision} artifact measured {1 / speedup:.2f}x the latency of the same graph at fp32 "
-                      f"on this device (batch 1, medians of {rounds} interleaved rounds){why}; --precision fp32 "
+                      f"on this device (batch {batch}, medians of {rounds} interleaved rounds){why}; --precision fp32 "
                       "would be faster here", DeployCompWarning, stacklevel=2)
-    return {"batch": 1, **times["artifact"], "fp32": times["fp32"], "speedup_vs_fp32": speedup}
+    return {"batch": batch, **times["artifact"], "fp32": times["fp32"], "speedup_vs_fp32": speedup}
 
 
 def evaluate_compiled(reference, reference_kind: str, artifact_runner, test) -> dict[str, Any]:

@@ -156,7 +156,8 @@ def render_report(m: dict[str, Any]) -> str:
         f"{tgt['backend']} {tgt['backend_version']}",
         f"- params: {m['totals']['params'] / 1e6:.2f} M, matmul GFLOPs/image: {m['totals']['gflops_per_image']:.3f}"
         + (f", {m['totals']['artifact_bytes'] / 2**20:.2f} MiB as the runtime loads it" if "artifact_bytes" in m["totals"] else ""),
-        f"- input `{m['input']['name']}` {m['input']['shape']}, output `{m['output']['name']}` {m['output']['shape']}",
+        f"- input `{m['input']['name']}` {m['input']['shape']}, output `{m['output']['name']}` {m['output']['shape']}"
+        + (f" (the artifact's batch fixed to {tgt['static_batch']})" if tgt.get("static_batch") else ""),
     ]
     if "compile" in m:
         cost = m["compile"]
@@ -164,7 +165,7 @@ def render_report(m: dict[str, Any]) -> str:
                      + ("" if cost["peak_rss_scope"] == "compile" else " (the process's, not this compile's alone)"))
     if "latency" in m:
         lat = m["latency"]
-        lines.append(f"- measured latency at batch 1: median {lat['median_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms "
+        lines.append(f"- measured latency at batch {lat.get('batch', 1)}: median {lat['median_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms "
                      f"({lat['n']} runs)")
         if "speedup_vs_fp32" in lat:
             lines.append(f"- the same graph at fp32, interleaved: median {lat['fp32']['median_ms']:.2f} ms, so the "

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import deploycomp
-from deploycomp.api import plan_compile
+from deploycomp.api import check_options, plan_compile
 from deploycomp.artifact import read_manifest
 from deploycomp.backends.base import Backend, backend_for_manifest, backend_names, get_backend
 from deploycomp.errors import DeployCompError
@@ -86,6 +86,54 @@ def test_openvino_artifact_matches_an_independent_torch_model(tmp_path):
     backend = backend_for_manifest(read_manifest(out))
     assert backend.name == "openvino-cpu" and backend.options() == manifest["runtime_options"]
     assert len(deploycomp.inspect(out).blocks) == 2
+
+
+def test_openvino_static_batch_fixes_the_ir_batch_and_still_runs_any_batch(tmp_path):
+    """--static-batch N: the emitted IR has batch N (OpenVINO itself refuses another batch), the
+    manifest rebuilds a backend that compiles every model for the exact batch it is fed, the
+    artifact is measured at N, and tables profiled static are tables of their own."""
+    import openvino as ov
+
+    from deploycomp.latency.micrographs import mlp_part
+    from deploycomp.latency.profiler import device_fingerprint
+    from deploycomp.latency.table import mismatches, table_path
+
+    out = tmp_path / "out"
+    manifest = deploycomp.compile(f"timm:{TINY['deit'][0]}", out, options(target="openvino-cpu", threads=1,
+                                                                         runtime={"static_batch": 3}))
+    assert manifest["runtime_options"]["static_batch"] == 3 and manifest["latency"]["batch"] == 3
+    assert list(ov.Core().read_model(str(out / "model.xml")).input(0).get_partial_shape().to_shape()) == \
+        [3, *input_shape("deit")[1:]]
+    import onnx
+
+    x5 = np.random.default_rng(3).standard_normal((5, *input_shape("deit")[1:])).astype(np.float32)
+    with pytest.raises(RuntimeError):  # the IR is static: OpenVINO refuses a batch of 5
+        run_openvino_ir(out / "model.xml", x5)
+    backend = backend_for_manifest(read_manifest(out))
+    assert backend.static_batch == 3 and backend.options() == manifest["runtime_options"]
+    run = backend.runner(backend.artifact(out, manifest))
+    onnx_run = get_backend("ort-cpu", threads=1).runner(onnx.load(str(out / "model.onnx")))
+    for x in (x5[:3], x5, x5[:1]):  # its own batch, then others (each compiled for its batch)
+        assert rel_l2(run(x), onnx_run(x)) < 1e-4
+    # a micro-graph (symbolic batch) is compiled static by a static backend, dynamic otherwise
+    part = mlp_part(tokens=5, emb=16, mlp_dim=32)
+    static_request = backend.request(backend.read(part), 2)
+    assert static_request.get_compiled_model().input(0).get_partial_shape().is_static
+    dynamic = get_backend("openvino-cpu", threads=1)
+    assert not dynamic.request(dynamic.read(part), 2).get_compiled_model().input(0).get_partial_shape().is_static
+    # tables: a static one is named apart and does not pass for the dynamic one, nor back
+    fp_static, fp_dynamic = device_fingerprint(backend, 3, "fp32"), device_fingerprint(dynamic, 3, "fp32")
+    assert table_path(tmp_path, fp_static).name.endswith("-static.json")
+    assert table_path(tmp_path, fp_static) != table_path(tmp_path, fp_dynamic)
+    assert mismatches(fp_static, fp_dynamic) == ["static_batch: table 3, device None"]
+    with pytest.raises(DeployCompError, match="a static batch is a positive whole number"):
+        get_backend("openvino-cpu", static_batch=0)
+    from deploycomp.pruning.config import PruneConfig
+
+    with pytest.raises(DeployCompError, match="--static-batch 3 fixes the artifact's batch: a latency budget is for "
+                                              "that batch, not --latency-batch 1"):
+        check_options(f"timm:{TINY['deit'][0]}", options(target="openvino-cpu", runtime={"static_batch": 3},
+                                                         prune=PruneConfig(latency="0.5x")))
 
 
 @pytest.mark.slow  # two compiles (~2.2 s)

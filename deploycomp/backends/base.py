@@ -42,6 +42,8 @@ class Backend(Protocol):
     token_cluster_lowering: ClassVar[str | None]
     # how the quantize pass makes an int8 graph for this target (passes/quantize.py), if it runs int8
     int8_quantizer: ClassVar[str]
+    # the input batch emitted artifacts are fixed to (their measured batch); None: any batch
+    static_batch: int | None
 
     def check_available(self) -> None:
         """Raise DeployCompError saying what is missing if this target cannot run here."""
@@ -85,6 +87,7 @@ class BackendBase:
     # seconds of idle between two candidates of an interleaved measurement: a runtime whose worker
     # threads keep spinning after a run needs it, or it slows the next candidate (see harness)
     interleave_gap_s: float = 0.0
+    static_batch: int | None = None
 
     def time(self, models: Mapping[str, ModelLike], input_shape: tuple[int, ...], batch: int, rounds: int,
              iters: int = 3, backends: Mapping[str, Backend] | None = None) -> dict[str, dict[str, float]]:

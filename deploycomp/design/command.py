@@ -60,7 +60,7 @@ def run_design(output: Path, *, latency: str, target: str = DEFAULT_TARGET, batc
                weights: str | None = None, reference: str | None = None, semantic_tokens: int | None = None,
                rho: float | None = None, grid: str | None = None, tables: Path = Path("latency_tables"),
                table: Path | None = None, force: bool = False, name: str | None = None, threads: int | None = None,
-               say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+               static_batch: bool = False, say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     from ..latency.predictor import LatencyPredictor
     from ..latency.profiler import FIXED, GRIDS, find_table, grid_for
     from ..pruning.schedule import LatencyBudget
@@ -108,7 +108,8 @@ def run_design(output: Path, *, latency: str, target: str = DEFAULT_TARGET, batc
     grid = grid or "deit-base"
     if "window" in FIXED.get(grid, {}):
         raise DeployCompError(f"design lays out single-stage ViTs; grid {grid} is a Swin grid")
-    lat_table = find_table(target, batch, grid, tables, table=table, force=force, threads=threads)
+    lat_table = find_table(target, batch, grid, tables, table=table, force=force, threads=threads,
+                           static_batch=static_batch)
     predictor = LatencyPredictor(lat_table)
     if lat_budget.relative:
         if ref_arch is None:

@@ -264,17 +264,19 @@ def device_fingerprint(backend, batch: int, dtype: str) -> dict[str, Any]:
 
 
 def find_table(target: str, batch: int, grid: str, tables: Path, *, table: Path | None = None, force: bool = False,
-               threads: int | None = None) -> LatencyTable:
+               threads: int | None = None, static_batch: bool = False) -> LatencyTable:
     """This device's fp32 latency table for ``grid`` (or the file ``table``), checked against the
-    device unless forced; one line naming the profile command where it is missing."""
+    device unless forced; one line naming the profile command where it is missing. ``static_batch``:
+    the table of parts compiled for exactly ``batch`` (openvino-cpu)."""
     from ..backends.base import get_backend
 
-    backend = get_backend(target, threads=threads)
+    backend = get_backend(target, threads=threads, static_batch=batch if static_batch else None)
     fp = device_fingerprint(backend, batch, "fp32")
     path = Path(table) if table else table_path(Path(tables), fp, grid)
     if not path.is_file():
+        flag = " --static-batch" if static_batch else ""
         raise DeployCompError(f"no latency table for this device at batch {batch} and grid {grid}: run `deploycomp "
-                              f"profile --target {target} --batch {batch} --grid {grid}` (expected {path})")
+                              f"profile --target {target} --batch {batch} --grid {grid}{flag}` (expected {path})")
     return load_table(path, None if force else fp, force=force)
 
 

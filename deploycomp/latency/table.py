@@ -29,7 +29,7 @@ SCHEMA = "deploycomp.latency_table"
 VERSION = 1
 # Fingerprint fields that must agree for a table to describe this device.
 MATCH_KEYS = ("target", "cpu_model", "isa", "threads", "allow_spinning", "backend", "backend_version", "provider", "batch",
-              "dtype", "quantizer", "performance_hint", "inference_precision")
+              "dtype", "quantizer", "performance_hint", "inference_precision", "static_batch")
 PART_KEYS = {
     "attention": ("tokens", "emb", "heads", "qk_dim", "v_dim"),
     "mlp": ("tokens", "emb", "mlp_dim"),
@@ -138,7 +138,8 @@ def device_slug(fp: dict[str, Any]) -> str:
     cpu = re.sub(r"[^a-z0-9]+", "-", fp["cpu_model"].lower()).strip("-")
     version = re.sub(r"[^A-Za-z0-9.]+", "-", str(fp["backend_version"]))  # OpenVINO's has a '/' in it
     spin = "-spin" if fp.get("allow_spinning") else ""  # ONNX Runtime sessions with spinning workers
-    return f"{cpu}-{fp['isa']}-{fp['cores']}c-t{fp['threads']}-b{fp['batch']}-{fp['dtype']}-{fp['backend']}{version}{spin}"
+    static = "-static" if fp.get("static_batch") else ""  # parts compiled for their exact batch (OpenVINO)
+    return f"{cpu}-{fp['isa']}-{fp['cores']}c-t{fp['threads']}-b{fp['batch']}-{fp['dtype']}-{fp['backend']}{version}{spin}{static}"
 
 
 def table_path(root: Path, fp: dict[str, Any], grid: str = "deit-base") -> Path:
