@@ -1,7 +1,9 @@
 """The two CPU runtimes side by side: plain ONNX Runtime, deploycomp ort-cpu, plain OpenVINO,
 deploycomp openvino-cpu (all fp32), plus on DeiT-S: OpenVINO + NNCF int8 (the peer a user would
 pick), ORT dynamic int8 (its peer), deploycomp ort-cpu and openvino-cpu int8, with 16 semantic
-tokens (fp32, and int8 on both runtimes), and ``--latency 0.5x``.
+tokens (fp32, and int8 on both runtimes), and ``--latency 0.5x``. ``--static-batch`` adds deploycomp
+openvino-cpu ``--static-batch`` (the IR's batch fixed) and, as its fair peer, plain OpenVINO
+reshaped to the timed batch, which a user who fixes the shape would run.
 
 Per model, every candidate is timed interleaved in one run at batch 1 and at batch 8 (224x224,
 random weights: timing does not depend on weight values). "Plain" is the same exported ONNX given
@@ -12,6 +14,8 @@ Ratios are per round (candidate / reference in the same round): median and p10-p
 
     .venv/bin/python benchmarks/bench_runtimes.py                       # DeiT-S, DeiT-B, Swin-T
     .venv/bin/python benchmarks/bench_runtimes.py --models deit_small --rounds 3 --no-rewrites   # quick look
+    .venv/bin/python benchmarks/bench_runtimes.py --models deit_base,swin_tiny --no-rewrites --static-batch \
+        --out benchmarks/results/runtimes_static_batch.json
 
 Writes benchmarks/results/runtimes.json and prints a table.
 """
@@ -45,12 +49,17 @@ from deploycomp.frontend.timm_models import build_timm_model, timm_spec  # noqa:
 
 RESULTS = Path(__file__).parent / "results"
 PLAIN_OF = {"ort-cpu": "ort plain", "openvino-cpu": "openvino plain"}
+PLAIN_STATIC = "openvino plain, static batch"
 
 
-def artifacts_for(name: str, threads: int, workdir: Path, rewrites: bool, say, prune_table: bool) -> dict[str, dict]:
+def artifacts_for(name: str, threads: int, workdir: Path, rewrites: bool, say, prune_table: bool,
+                  static_batch: int | None = None) -> dict[str, dict]:
     """Compile the deploycomp candidates of one model; {label: {"dir", "manifest", "seconds"}}."""
     jobs = {"deploycomp ort-cpu": deploycomp.CompileOptions(target="ort-cpu"),
             "deploycomp openvino-cpu": deploycomp.CompileOptions(target="openvino-cpu")}
+    if static_batch:  # timed at every batch: the backend compiles it for the batch it is fed
+        jobs["deploycomp openvino-cpu, static batch"] = deploycomp.CompileOptions(
+            target="openvino-cpu", runtime={"static_batch": static_batch})
     if rewrites and name.startswith("deit_small"):
         from deploycomp.pruning.schedule import PruneConfig
         from deploycomp.tokens.stvit import SemanticTokenConfig
@@ -114,15 +123,17 @@ def source_model(alias: str):
 
 
 def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[int], rewrites: bool, say,
-              prune_table: bool) -> dict:
+              prune_table: bool, static_batch: bool = False) -> dict:
     name, shape, module, plain = source_model(alias)
     with tempfile.TemporaryDirectory() as tmp:
-        arts = artifacts_for(name, threads, Path(tmp), rewrites, say, prune_table)
+        arts = artifacts_for(name, threads, Path(tmp), rewrites, say, prune_table, max(batches) if static_batch else None)
         refused = {k: v["refused"] for k, v in arts.items() if "refused" in v}
         arts = {k: v for k, v in arts.items() if "refused" not in v}
         ov_plain = get_backend("openvino-cpu", threads=threads)
         cands = [get_backend("ort-cpu", threads=threads, allow_spinning=True).candidate("ort plain", plain, shape),
                  ov_plain.candidate("openvino plain", plain, shape)]
+        if static_batch:
+            cands.append(get_backend("openvino-cpu", threads=threads, static_batch=1).candidate(PLAIN_STATIC, plain, shape))
         if rewrites and name.startswith("deit_small"):
             say(f"quantize {name} with NNCF on OpenVINO (the peer)")
             cands.append(ov_plain.candidate("openvino + NNCF int8 (peer)", nncf_int8_ir(module, shape, Path(tmp) / "ov_nncf_int8.xml"),
@@ -143,19 +154,24 @@ def run_model(alias: str, threads: int, rounds: int, iters: int, batches: list[i
         for batch in batches:
             say(f"time {name} at batch {batch}")
             own_plain = lambda name: PLAIN_OF["openvino-cpu" if "openvino" in name else "ort-cpu"]  # noqa: E731
-            out["batches"][str(batch)] = timed_rows(cands, batch, rounds, iters,
-                                                    {"vs_plain_ort": "ort plain", "vs_own_runtime_plain": own_plain})
+            against = {"vs_plain_ort": "ort plain", "vs_own_runtime_plain": own_plain}
+            if static_batch:
+                against["vs_openvino_plain_static"] = PLAIN_STATIC
+            out["batches"][str(batch)] = timed_rows(cands, batch, rounds, iters, against)
     return out
 
 
 def table(result: dict) -> str:
-    lines = ["| model | batch | candidate | median ms (p10-p90) | vs plain ORT | vs its runtime's plain |", "|---|---|---|---|---|---|"]
+    static = any("vs_openvino_plain_static" in r for m in result["models"] for rows in m["batches"].values()
+                 for r in rows.values())
+    lines = ["| model | batch | candidate | median ms (p10-p90) | vs plain ORT | vs its runtime's plain |"
+             + (" vs plain OpenVINO, static batch |" if static else ""), "|---|---|---|---|---|---|" + ("---|" if static else "")]
     for m in result["models"]:
         for batch, rows in m["batches"].items():
             for label, r in rows.items():
-                a, b = r["vs_plain_ort"], r["vs_own_runtime_plain"]
+                cols = [r["vs_plain_ort"], r["vs_own_runtime_plain"]] + ([r["vs_openvino_plain_static"]] if static else [])
                 lines.append(f"| {m['model']} | {batch} | {label} | {r['median_ms']:.1f} ({r['p10_ms']:.1f}-{r['p90_ms']:.1f}) | "
-                             f"{a['median']:.2f}x ({a['p10']:.2f}-{a['p90']:.2f}) | {b['median']:.2f}x ({b['p10']:.2f}-{b['p90']:.2f}) |")
+                             + " | ".join(f"{c['median']:.2f}x ({c['p10']:.2f}-{c['p90']:.2f})" if c else "-" for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -175,12 +191,14 @@ def main() -> None:
     ap.add_argument("--no-rewrites", action="store_true", help="skip the DeiT-S semantic-token, int8 and pruned artifacts")
     ap.add_argument("--no-prune", action="store_true", help="skip the DeiT-S --latency 0.5x artifact (needs an "
                     "openvino-cpu latency table at batch 1)")
+    ap.add_argument("--static-batch", action="store_true", help="add deploycomp openvino-cpu --static-batch and plain "
+                    "OpenVINO reshaped to the timed batch")
     ap.add_argument("--out", type=Path, default=RESULTS / "runtimes.json")
     args = ap.parse_args()
     say = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     models = [run_model(m.strip(), args.threads, args.rounds, args.iters, [int(b) for b in args.batches.split(",")],
-                        not args.no_rewrites, say, not args.no_prune) for m in args.models.split(",")]
+                        not args.no_rewrites, say, not args.no_prune, args.static_batch) for m in args.models.split(",")]
     result = {"command": " ".join(shlex.quote(a) for a in sys.argv), "host": {**host_fingerprint(), "threads": args.threads},
               "deploycomp_version": deploycomp.__version__, "seconds": round(time.perf_counter() - t0, 1),
               "protocol": {"rounds": args.rounds, "iters_per_round": args.iters, "interleaved": True,

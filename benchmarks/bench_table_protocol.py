@@ -1,4 +1,4 @@
-"""Parts alone or in context? Two latency tables of one device against whole models (issue 18).
+"""Which table protocol predicts the device? Latency tables of one device against whole models (issue 18).
 
 The proxy's openvino-cpu table at batch 32, profiled with every part timed alone, over-predicted thin
 models: the head-to-head's ratio-pruned rows (EMB 96, 8-wide heads, 16-wide MLPs) were predicted at
@@ -11,14 +11,22 @@ interleaved run, whole models (FlexViT, random weights, compiled by deploycomp) 
 - what ``deploycomp design`` lays out for each ``--budgets`` on each table (no data, no calibration);
 - ``--random`` random architectures of the grid (half with fewer tokens after a random block);
 
-and predicts each with both tables as profiled (no calibration). Errors are reported in
-milliseconds and, what a relative budget judges, as the ratio to the unpruned proxy (the grid's
-full architecture, measured in the same run). Output: a table and
-``benchmarks/results/latency_table_protocol_<target>_b<batch>_proxy.json``.
+and predicts each with every table (no calibration), read as the predictor reads it (each part's
+grid made monotone) and as profiled (the medians as measured). Each table's models are compiled
+and timed on the backend its fingerprint names: a table profiled with ``--static-batch`` judges
+artifacts compiled with ``--static-batch`` (their IR's batch fixed, ``backends/openvino.py``), so
+its rows are measured on such artifacts. Errors are reported in milliseconds and, what a relative
+budget judges, as the ratio to the unpruned proxy (the grid's full architecture, measured in the
+same run on the same backend). Output: a table and
+``benchmarks/results/latency_table_protocol_<target>_b<batch>_proxy[_<labels>].json``.
 
-    git show HEAD~1:latency_tables/openvino-cpu/<table>.json > /tmp/alone.json   # the table profiled alone
+    git show c6ce420:latency_tables/openvino-cpu/<table>.json > /tmp/alone.json   # the table profiled alone
     .venv/bin/deploycomp profile --target openvino-cpu --batch 32 --grid proxy-fmnist   # in context
-    .venv/bin/python benchmarks/bench_table_protocol.py --alone /tmp/alone.json
+    .venv/bin/python benchmarks/bench_table_protocol.py --table alone=/tmp/alone.json --table context
+    .venv/bin/deploycomp profile --target openvino-cpu --batch 32 --grid proxy-fmnist --static-batch
+    .venv/bin/python benchmarks/bench_table_protocol.py --table context --table static
+
+(``context`` and ``static``: this host's tables, dynamic and static batch; ``LABEL=PATH``: a file.)
 """
 
 from __future__ import annotations
@@ -66,10 +74,25 @@ def designed(budget: str, table: Path, batch: int) -> ViTArch:
     return arch_from_json(record["arch"])
 
 
+def host_tables(target: str, batch: int) -> dict[str, Path]:
+    """This host's proxy tables by label: ``context`` (dynamic batch) and ``static``."""
+    return {"context": proxy_table(target, batch), "static": proxy_table(target, batch, static_batch=True)}
+
+
+def table_arg(spec: str, target: str, batch: int) -> tuple[str, Path]:
+    label, _, path = spec.partition("=")
+    if path:
+        return label, Path(path)
+    known = host_tables(target, batch)
+    if label not in known:
+        raise SystemExit(f"--table {spec}: give LABEL=PATH, or one of {', '.join(known)} (this host's tables)")
+    return label, known[label]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--alone", type=Path, required=True, help="the table profiled with parts alone (old protocol)")
-    ap.add_argument("--context", type=Path, default=None, help="the table profiled in context (default: this host's)")
+    ap.add_argument("--table", action="append", required=True,
+                    help="LABEL=PATH, or context/static (this host's proxy tables); repeat to compare")
     ap.add_argument("--target", default="openvino-cpu")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--budgets", default="0.3x,0.5x")
@@ -81,68 +104,83 @@ def main() -> None:
 
     from deploycomp.backends.base import get_backend
 
-    backend = get_backend(args.target)
-    context_path = args.context or proxy_table(args.target, args.batch)
-    tables = {"alone": load_table(args.alone, force=True), "context": load_table(context_path, force=True)}
-    if tables["context"].protocol.get("chain", 1) < 2 or tables["alone"].protocol.get("chain", 1) > 1:
-        raise SystemExit("--alone must be a table profiled with parts alone, --context one profiled in context")
+    tables = {label: load_table(path, force=True) for label, path in
+              (table_arg(spec, args.target, args.batch) for spec in args.table)}
     predictors = {k: LatencyPredictor(t) for k, t in tables.items()}
+    as_profiled = {k: LatencyPredictor(t, monotone=False) for k, t in tables.items()}  # the medians as measured
+    first = next(iter(tables.values()))
 
     distinct: dict[str, tuple[str, ViTArch]] = {}  # one unit per architecture (seeds often repeat one)
-    for name, arch in unit_archs(args.work, tables["context"].fixed).items():
+    for name, arch in unit_archs(args.work, first.fixed).items():
         distinct.setdefault(json.dumps(arch.to_dict(), sort_keys=True), (name, arch))
     archs: dict[str, ViTArch] = dict(distinct.values())
     for budget in args.budgets.split(","):
         for k, t in tables.items():
             archs[f"design {budget} on the {k} table"] = designed(budget, t.path, args.batch)
-    for i, arch in enumerate(random_archs_for(tables["context"], args.random, seed=2026)):
+    for i, arch in enumerate(random_archs_for(first, args.random, seed=2026)):
         archs[f"random {i}"] = arch
-    print(f"{len(archs)} architectures; measuring {args.rounds} rounds on {args.target} b{args.batch}", flush=True)
-    report = validate(tables["context"], backend, list(archs.values()), rounds=args.rounds,
-                      progress=lambda s: print(f"  {s}", flush=True))
 
-    full = full_arch(tables["context"])
-    full_predicted = {k: p.predict(full).total_ms for k, p in predictors.items()}
-    full_ms = report["calibration"]["anchors"][0]["measured_ms"]
-    assert report["calibration"]["anchors"][0]["anchor"].startswith("the grid's full architecture")
-    rows, errs = [], {k: {"ms": [], "ratio": []} for k in tables}
-    for (name, arch), r in zip(archs.items(), report["rows"]):
-        meas = r["measured"]["median_ms"]
-        row = {"name": name, "emb": arch.emb, "arch": arch.to_dict(), "measured_ms": meas,
-               "measured_spread_ms": [r["measured"]["p10_ms"], r["measured"]["p90_ms"]],
-               "measured_ratio": meas / full_ms}
-        for k, p in predictors.items():
-            ms = p.predict(arch).total_ms
-            ratio = ms / full_predicted[k]
-            row[f"{k}_ms"], row[f"{k}_ratio"] = ms, ratio
-            row[f"{k}_ms_err_pct"] = (ms / meas - 1) * 100
-            row[f"{k}_ratio_err_pct"] = (ratio / row["measured_ratio"] - 1) * 100
-            errs[k]["ms"].append(abs(row[f"{k}_ms_err_pct"]))
-            errs[k]["ratio"].append(abs(row[f"{k}_ratio_err_pct"]))
+    # one measurement per backend the tables name (dynamic or static batch), each with its full model
+    measured: dict[int | None, dict] = {}
+    for k, t in tables.items():
+        static = t.fingerprint.get("static_batch")
+        if static not in measured:
+            backend = get_backend(args.target, static_batch=static)
+            print(f"{len(archs)} architectures; measuring {args.rounds} rounds on {args.target} b{args.batch}"
+                  f"{' static' if static else ''}", flush=True)
+            measured[static] = validate(t, backend, list(archs.values()), rounds=args.rounds,
+                                        progress=lambda s: print(f"  {s}", flush=True))
+            anchor = measured[static]["calibration"]["anchors"][0]
+            assert anchor["anchor"].startswith("the grid's full architecture")
+
+    full = full_arch(first)
+    rows, errs, summary = [], {k: {"ms": [], "ratio": [], "ms_as_profiled": [], "ratio_as_profiled": []} for k in tables}, {}
+    for i, (name, arch) in enumerate(archs.items()):
+        row = {"name": name, "emb": arch.emb, "arch": arch.to_dict()}
+        for k, t in tables.items():
+            report = measured[t.fingerprint.get("static_batch")]
+            meas = report["rows"][i]["measured"]
+            full_ms = report["calibration"]["anchors"][0]["measured_ms"]
+            ms, full_predicted = predictors[k].predict(arch).total_ms, predictors[k].predict(full).total_ms
+            row[k] = {"measured_ms": meas["median_ms"], "measured_spread_ms": [meas["p10_ms"], meas["p90_ms"]],
+                      "measured_ratio": meas["median_ms"] / full_ms, "predicted_ms": ms,
+                      "predicted_ratio": ms / full_predicted}
+            row[k]["ms_err_pct"] = (ms / meas["median_ms"] - 1) * 100
+            row[k]["ratio_err_pct"] = (row[k]["predicted_ratio"] / row[k]["measured_ratio"] - 1) * 100
+            raw_ms, raw_full = as_profiled[k].predict(arch).total_ms, as_profiled[k].predict(full).total_ms
+            row[k]["as_profiled_ms_err_pct"] = (raw_ms / meas["median_ms"] - 1) * 100
+            row[k]["as_profiled_ratio_err_pct"] = (raw_ms / raw_full / row[k]["measured_ratio"] - 1) * 100
+            for e in ("ms", "ratio"):
+                errs[k][e].append(abs(row[k][f"{e}_err_pct"]))
+                errs[k][f"{e}_as_profiled"].append(abs(row[k][f"as_profiled_{e}_err_pct"]))
+            summary[k] = {"full_measured_ms": full_ms, "full_predicted_ms": full_predicted}
         rows.append(row)
-    summary = {k: {"median_abs_ms_err_pct": float(np.median(e["ms"])), "max_abs_ms_err_pct": float(np.max(e["ms"])),
-                   "median_abs_ratio_err_pct": float(np.median(e["ratio"])),
-                   "max_abs_ratio_err_pct": float(np.max(e["ratio"])),
-                   "full_predicted_ms": full_predicted[k]}
-               for k, e in errs.items()}
+    for k, e in errs.items():
+        for name, errors in e.items():  # ms, ratio: as the predictor reads the table (monotone); *_as_profiled: raw medians
+            summary[k][f"median_abs_{name}_err_pct"] = float(np.median(errors))
+            summary[k][f"max_abs_{name}_err_pct"] = float(np.max(errors))
 
-    print(f"\nunpruned proxy (the grid's full architecture): measured {full_ms:.2f} ms; predicted "
-          + ", ".join(f"{k} {s['full_predicted_ms']:.2f} ms" for k, s in summary.items()))
-    print(f"{'model':<36} {'EMB':>4} {'ms':>6} {'ratio':>6} | {'alone: ratio':>12} {'err':>6} | {'context: ratio':>14} {'err':>6}")
+    print("\nunpruned proxy (the grid's full architecture): " + "; ".join(
+        f"{k}: measured {s['full_measured_ms']:.2f} ms, predicted {s['full_predicted_ms']:.2f} ms" for k, s in summary.items()))
+    print(f"{'model':<36} {'EMB':>4} | " + " | ".join(f"{k + ': ms':>12} {'ratio':>6} {'pred':>6} {'err':>5}" for k in tables))
     for r in rows:
-        print(f"{r['name'][:36]:<36} {r['emb']:>4} {r['measured_ms']:>6.2f} {r['measured_ratio']:>6.3f} | "
-              f"{r['alone_ratio']:>12.3f} {r['alone_ratio_err_pct']:>+5.0f}% | {r['context_ratio']:>14.3f} "
-              f"{r['context_ratio_err_pct']:>+5.0f}%")
+        print(f"{r['name'][:36]:<36} {r['emb']:>4} | " + " | ".join(
+            f"{r[k]['measured_ms']:>12.2f} {r[k]['measured_ratio']:>6.3f} {r[k]['predicted_ratio']:>6.3f} "
+            f"{r[k]['ratio_err_pct']:>+4.0f}%" for k in tables))
     for k, s in summary.items():
-        print(f"{k:>8}: |error| of the ratio median {s['median_abs_ratio_err_pct']:.1f} % max "
-              f"{s['max_abs_ratio_err_pct']:.1f} %; of ms median {s['median_abs_ms_err_pct']:.1f} % max "
-              f"{s['max_abs_ms_err_pct']:.1f} %")
-    out = args.out or ROOT / "benchmarks" / "results" / f"latency_table_protocol_{args.target}_b{args.batch}_proxy.json"
-    write_json(out, {"target": args.target, "batch": args.batch, "fingerprint": report["fingerprint"],
+        for how, tail in (("monotone", ""), ("as profiled", "_as_profiled")):
+            print(f"{k:>8} {how:>11}: |error| of the ratio median {s[f'median_abs_ratio{tail}_err_pct']:.1f} % max "
+                  f"{s[f'max_abs_ratio{tail}_err_pct']:.1f} %; of ms median {s[f'median_abs_ms{tail}_err_pct']:.1f} % max "
+                  f"{s[f'max_abs_ms{tail}_err_pct']:.1f} %")
+    out = args.out or ROOT / "benchmarks" / "results" / \
+        f"latency_table_protocol_{args.target}_b{args.batch}_proxy_{'-'.join(tables)}.json"
+    write_json(out, {"target": args.target, "batch": args.batch,
+                     "fingerprints": {k: t.fingerprint for k, t in tables.items()},
                      "tables": {k: str(t.path) for k, t in tables.items()},
                      "protocols": {k: t.protocol for k, t in tables.items()},
-                     "full_measured_ms": full_ms, "rounds": args.rounds, "summary": summary, "rows": rows,
-                     "calibration_anchors_not_used": report["calibration"]})
+                     "rounds": args.rounds, "summary": summary, "rows": rows,
+                     "calibration_anchors_not_used": {("static" if s else "dynamic"): r["calibration"]
+                                                      for s, r in measured.items()}})
     print(f"wrote {out}")
 
 

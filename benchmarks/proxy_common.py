@@ -33,9 +33,11 @@ def teacher_and_logits(epochs: int) -> tuple[Path, Path]:
     return weights, logits
 
 
-def proxy_table(target: str, batch: int, root: Path = Path(__file__).resolve().parents[1] / "latency_tables") -> Path:
+def proxy_table(target: str, batch: int, root: Path = Path(__file__).resolve().parents[1] / "latency_tables",
+                static_batch: bool = False) -> Path:
     """The path of the proxy's fp32 latency table for ``target`` at ``batch`` on this host: the table a
-    ``deploycomp compile --target`` of the proxy would read (``api._latency_tables``)."""
+    ``deploycomp compile --target`` of the proxy would read (``api._latency_tables``); ``static_batch``:
+    the one a ``--static-batch`` compile reads."""
     from deploycomp.backends.base import get_backend
     from deploycomp.frontend import meta_module
     from deploycomp.frontend import proxy  # noqa: F401  (registers the proxy with timm)
@@ -44,7 +46,8 @@ def proxy_table(target: str, batch: int, root: Path = Path(__file__).resolve().p
     from deploycomp.passes.prune import geometry_of
 
     geometry = geometry_of(meta_module(MODEL), SHAPE)
-    return table_path(root, device_fingerprint(get_backend(target), batch, "fp32"), grid_for(geometry))
+    backend = get_backend(target, static_batch=batch if static_batch else None)
+    return table_path(root, device_fingerprint(backend, batch, "fp32"), grid_for(geometry))
 
 
 def calibration_images(train, samples: int) -> list[np.ndarray]:

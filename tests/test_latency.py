@@ -288,6 +288,29 @@ def test_predictor_sums_interpolated_parts(backend):
         pred.predict(ViTArch(48, arch.blocks))
 
 
+def test_predictor_reads_each_part_monotone_in_every_axis(backend):
+    """A noisy dip in one entry (a wider MLP timed cheaper than a narrower one) is not read as a
+    cheap point: the predictor reads the grid's least-squares monotone fit, axis by axis; a grid
+    monotone as profiled is read as it is, and ``monotone=False`` reads the medians."""
+    from deploycomp.latency.predictor import as_monotone
+
+    t = _synthetic_table(device_fingerprint(backend, 1, "fp32"))  # increasing in every key
+    arch = ViTArch(48, (BlockArch(2, 12, 10, 80, 17),), img_size=64, patch=16, num_classes=10)
+    before = LatencyPredictor(t).predict(arch).total_ms
+    assert before == pytest.approx(LatencyPredictor(t, monotone=False).predict(arch).total_ms, rel=1e-12)
+    lo, hi = (17, 32, 32), (17, 32, 128)  # plant: the wider MLP measured at a third of the narrower's cost
+    t.entries["mlp"][",".join(map(str, hi))]["median_ms"] = t.median("mlp", lo) / 3
+    raw, read = LatencyPredictor(t, monotone=False), LatencyPredictor(t)
+    assert raw.part_ms("mlp", hi) < raw.part_ms("mlp", lo)
+    assert read.part_ms("mlp", hi) >= read.part_ms("mlp", lo) - 1e-12
+    assert read.part_ms("mlp", (17, 32, 80)) > raw.part_ms("mlp", (17, 32, 80))  # no cheap point between them
+    assert read.part_ms("attention", (17, 48, 2, 12, 10)) == raw.part_ms("attention", (17, 48, 2, 12, 10))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        fitted = as_monotone(rng.random((3, 4, 2, 5)))
+        assert all((np.diff(fitted, axis=a) >= -1e-12).all() for a in range(4))
+
+
 def test_predictor_reads_the_cross_attention_part(backend):
     """A generator block costs the cross-attention part at (queries, keys, EMB), times what its own
     heads cost relative to the part's reference heads in self-attention over the same keys; a table

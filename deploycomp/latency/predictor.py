@@ -24,6 +24,15 @@ EMB_s) at the stage's widest heads, scaled to the block's heads by ``window_atte
 their MLP runs on windows x queries tokens, and the later stages on the smaller grid the stage hands
 on (their windows clamped to it), each part at its own tokens.
 
+Each part's grid is read as monotone: no width, token count or head count costs less than a
+smaller one (``as_monotone``: each axis in turn projected by scipy's isotonic regression; one sweep
+leaves every axis monotone, since that projection keeps an order between rows). A part of 0.1-0.5
+ms timed in context is the difference of two noisy times, and a solver that maximises width under
+the table's prediction picks exactly the points the noise made cheap: on the proxy's openvino-cpu
+b32 static table (its parts 0.1-0.6 ms) the projection cut the largest whole-model error from 14.3
+to 9.9 % (21 models, ``benchmarks/bench_table_protocol.py``), while the full-size tables, monotone
+as measured, predict their validation models as before (median and p90 within 0.3 pt).
+
 The head part is profiled with the grid's class count (1000 for deit-base). A model whose head
 has another width (a CLIP tower's 512-wide projection, an embedding without a head) gets the
 table's head scaled by FLOPs (:func:`head_scale`) and the prediction says so in ``outside_grid``.
@@ -58,11 +67,28 @@ class Prediction:
                           [m * scale for m in self.merging_ms])
 
 
+def as_monotone(values: np.ndarray) -> np.ndarray:
+    """``values`` made non-decreasing along every axis: the least-squares monotone fit along each
+    axis in turn (scipy's ``isotonic_regression``). The fit preserves order between rows (rows
+    ``a <= b`` fit to ``fit(a) <= fit(b)``), so an axis made monotone stays so while the next is fitted."""
+    from scipy.optimize import isotonic_regression
+
+    out = np.asarray(values, dtype=float)
+    for axis in range(out.ndim):
+        if out.shape[axis] < 2:
+            continue
+        rows = np.moveaxis(out, axis, -1)
+        fitted = np.stack([isotonic_regression(r).x for r in rows.reshape(-1, rows.shape[-1])])
+        out = np.moveaxis(fitted.reshape(rows.shape), -1, axis)
+    return out
+
+
 class LatencyPredictor:
-    def __init__(self, table: LatencyTable, calibration: Calibration | float = 1.0):
+    def __init__(self, table: LatencyTable, calibration: Calibration | float = 1.0, monotone: bool = True):
         """``calibration``: measured / predicted for whole models timed now (``latency/calibrate.py``),
         one constant or a curve over predicted ms: the device's drift since profiling and what the
-        runtime gains across parts; predictions are scaled by it."""
+        runtime gains across parts; predictions are scaled by it. ``monotone``: read each part's grid
+        as monotone (the module docstring); False reads the medians as profiled."""
         if not table.complete:
             raise DeployCompError(f"latency table {table.path} is incomplete: resume `deploycomp profile` first")
         self.table = table
@@ -77,8 +103,8 @@ class LatencyPredictor:
             for point in table.points(part):
                 idx = tuple(table.grid[part][k].index(v) for k, v in zip(keys, point))
                 values[idx] = table.median(part, point)
-            self._interp[part] = RegularGridInterpolator(axes, values, method="linear", bounds_error=False,
-                                                         fill_value=None)
+            self._interp[part] = RegularGridInterpolator(axes, as_monotone(values) if monotone else values, method="linear",
+                                                         bounds_error=False, fill_value=None)
 
     def part_ms(self, part: str, point) -> float:
         key = (part, tuple(int(v) for v in point))
