@@ -135,7 +135,8 @@ def peak_memory() -> dict[str, Any]:
 
 def measure_artifact(backend: "Backend", artifact, model: ir.Model, fp32_model: ir.Model | None,
                      input_shape: tuple[int, ...], rounds: int, precision: str) -> dict[str, Any]:
-    """The artifact's latency at batch 1 (at its batch if the backend fixes one). At a lossy precision (a graph precision left ``fp32_model``,
+    """The artifact's latency at batch 1, or at the batch the backend fixes (``static_batch``). At a
+    lossy precision (a graph precision left ``fp32_model``,
     the graph before it; a runtime precision runs ``model`` itself at fp32) it is timed interleaved
     with that fp32 graph, and a precision that measures slower than fp32 on this device is a warning:
     int8 without VNNI is (OpenVINO ran 0.79-0.82x its fp32 on an AVX2 EPYC), and a user who asked
